@@ -1,0 +1,101 @@
+"""The control socket: JSON lines over a unix socket, mode 0600.
+
+Request:  ``{"op": "status", "args": {...}}``
+Response: ``{"ok": true, "result": ...}`` or
+          ``{"ok": false, "error": {"class": "NotFoundError", "message": "..."}}``
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import ControlError, NbdsrvError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# One request or response line; status of a big daemon stays far below this.
+MAX_LINE = 16 * 1024 * 1024
+
+
+class ControlServer:
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self._handlers = handlers
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        log.info("control socket %s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                response = await self._answer(line)
+                writer.write(json.dumps(response).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError) as e:
+            log.debug("control client: %s", e)
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                raise ControlError("malformed control request")
+            handler = self._handlers.get(request["op"])
+            if handler is None:
+                raise ControlError(f"unknown control operation '{request['op']}'")
+            args = request.get("args") or {}
+            return {"ok": True, "result": await handler(args)}
+        except NbdsrvError as e:
+            return {"ok": False, "error": {"class": type(e).__name__, "message": str(e)}}
+        except json.JSONDecodeError:
+            return {"ok": False, "error": {"class": "ControlError", "message": "not JSON"}}
+        except Exception as e:
+            log.exception("control operation failed")
+            return {"ok": False, "error": {"class": type(e).__name__, "message": str(e)}}
+
+
+def call(path: str, op: str, args: dict[str, Any] | None = None, timeout: float = 600) -> Any:
+    """Send one request to a daemon and return its result; ControlError on any failure."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+            with sock.makefile("rb") as f:
+                line = f.readline(MAX_LINE)
+    except FileNotFoundError:
+        raise ControlError(f"no daemon at {path} (control socket not found)") from None
+    except ConnectionRefusedError:
+        raise ControlError(f"no daemon at {path} (connection refused)") from None
+    except OSError as e:
+        raise ControlError(f"cannot talk to the daemon at {path}: {e.strerror or e}") from None
+    if not line:
+        raise ControlError(f"the daemon at {path} closed the connection without answering")
+    response = json.loads(line)
+    if not response.get("ok"):
+        raise ControlError(response["error"]["message"])
+    return response["result"]

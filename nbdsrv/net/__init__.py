@@ -1,0 +1,1 @@
+"""asyncio layer: sockets, concurrency, shutdown. The protocol itself lives in nbdsrv.proto."""

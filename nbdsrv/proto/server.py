@@ -1,0 +1,637 @@
+"""The server side of NBD as a state machine with no I/O.
+
+Feed received bytes to :meth:`ServerConnection.receive`; it returns events and queues the
+bytes of every answer it can give by itself (option replies, errors for bad requests).
+Send :meth:`ServerConnection.data_to_send` to the peer after each call.
+
+Phases and what moves between them::
+
+    CLIENT_FLAGS --4 bytes--> OPTIONS --EXPORT_NAME / GO ack--> TRANSMISSION --DISC--> CLOSED
+                                  \\--ABORT ack---------------------------------------> CLOSED
+
+Three tiers of errors, each answered in one place:
+- protocol violation (bad magic, unknown client flags, oversized option): ProtocolError
+  is raised; the caller closes the connection.
+- option error: an NBD_REP_ERR_* reply, then the next option.
+- request error: an NBD errno reply to that request, then the next request.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Protocol
+
+from . import wire
+from .constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
+    IHAVEOPT,
+    MAX_BLOCK_STATUS_EXTENTS,
+    MAX_READ_LENGTH,
+    MAX_STRING_LENGTH,
+    MAXIMUM_BLOCK_SIZE,
+    MINIMUM_BLOCK_SIZE,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    PREFERRED_BLOCK_SIZE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Option,
+    Reply,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+from .contexts import MetaContext, select_contexts
+from .errors import ProtocolError
+from .extents import Extent, normalize_extents
+
+# Longest option payload we buffer; a hostile length beyond this closes the connection.
+MAX_OPTION_LENGTH = 1024 * 1024
+# Error messages stay short: QEMU's client drops chunks with payloads over 1000 bytes.
+MAX_ERROR_MESSAGE = 512
+UINT32_MAX = 0xFFFFFFFF
+INT64_MAX = (1 << 63) - 1
+
+
+class ExportDescription(Protocol):
+    """What the handshake needs to know about an export."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def contexts(self) -> Sequence[str]: ...
+
+
+class ExportCatalog(Protocol):
+    """The exports a connection may choose from; looked up at the moment of each option."""
+
+    def find_export(self, name: str) -> ExportDescription | None: ...
+    def list_exports(self) -> Sequence[ExportDescription]: ...
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The handshake ended; transmission on ``export`` begins."""
+
+    export: ExportDescription
+    contexts: tuple[MetaContext, ...]
+    structured: bool
+    extended: bool
+
+
+@dataclass(frozen=True)
+class Request:
+    """A well-formed request the server must answer with the export's data."""
+
+    cookie: int
+    command: Command
+    flags: CommandFlag
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """The client ended the session politely (NBD_OPT_ABORT or NBD_CMD_DISC)."""
+
+    reason: str
+
+
+Event = Negotiated | Request | Disconnect
+
+
+class Phase(Enum):
+    CLIENT_FLAGS = auto()
+    OPTIONS = auto()
+    TRANSMISSION = auto()
+    CLOSED = auto()
+
+
+class OptionError(Exception):
+    """An option failed: answered with ``reply`` and ``message``; negotiation goes on."""
+
+    def __init__(self, reply: Reply, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.message = message
+
+
+# Flags each command may carry; anything else gets EINVAL (FUA is tolerated everywhere, as
+# existing clients set it on non-writes).
+_ALLOWED_FLAGS: dict[Command, CommandFlag] = {
+    Command.READ: CommandFlag.FUA | CommandFlag.DF,
+    Command.WRITE: CommandFlag.FUA,
+    Command.DISC: CommandFlag.FUA,
+    Command.FLUSH: CommandFlag.FUA,
+    Command.TRIM: CommandFlag.FUA,
+    Command.CACHE: CommandFlag.FUA,
+    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+}
+_WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+
+
+def transmission_flags(*, structured: bool) -> TransmissionFlag:
+    """Flags of every export: read-only, shareable, flush/FUA/cache accepted as no-ops."""
+    flags = (
+        TransmissionFlag.HAS_FLAGS
+        | TransmissionFlag.READ_ONLY
+        | TransmissionFlag.SEND_FLUSH
+        | TransmissionFlag.SEND_FUA
+        | TransmissionFlag.CAN_MULTI_CONN
+        | TransmissionFlag.SEND_CACHE
+    )
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
+    return flags
+
+
+def _short(message: str) -> bytes:
+    return message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
+
+
+class ServerConnection:
+    """One client connection, from greeting to close."""
+
+    def __init__(self, catalog: ExportCatalog) -> None:
+        self._catalog = catalog
+        self._buf = bytearray()
+        self._pos = 0
+        self._out = bytearray()
+        self.phase = Phase.CLIENT_FLAGS
+        self.no_zeroes = False
+        self.structured = False
+        self.extended = False
+        self.export: ExportDescription | None = None
+        self._meta_export: str | None = None
+        self._meta_contexts: tuple[MetaContext, ...] = ()
+        self.contexts: tuple[MetaContext, ...] = ()
+        # Payload of a request we refuse, still to be read and thrown away.
+        self._drain = 0
+        self._drained_reply: bytes = b""
+        self._out += wire.GREETING.pack(
+            NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+        )
+
+    # -- byte plumbing --------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def _available(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _take(self, n: int) -> memoryview:
+        view = memoryview(self._buf)[self._pos : self._pos + n]
+        self._pos += n
+        return view
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Take bytes from the peer; return what happened. Raises ProtocolError."""
+        if self.phase is Phase.CLOSED:
+            return []
+        self._buf += data
+        events: list[Event] = []
+        try:
+            while self._step(events):
+                pass
+        finally:
+            if self._pos:
+                del self._buf[: self._pos]
+                self._pos = 0
+        return events
+
+    def _step(self, events: list[Event]) -> bool:
+        """Handle one message if it is all here; False when more bytes are needed."""
+        if self.phase is Phase.CLOSED:
+            return False
+        if self.phase is Phase.CLIENT_FLAGS:
+            return self._receive_client_flags()
+        if self.phase is Phase.OPTIONS:
+            return self._receive_option(events)
+        return self._receive_request(events)
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def _receive_client_flags(self) -> bool:
+        if self._available() < wire.CLIENT_FLAGS.size:
+            return False
+        (flags,) = wire.CLIENT_FLAGS.unpack(self._take(wire.CLIENT_FLAGS.size))
+        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+        if flags & ~known:
+            raise ProtocolError(f"unknown client flags 0x{flags:x}")
+        self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+        self.phase = Phase.OPTIONS
+        return True
+
+    def _receive_option(self, events: list[Event]) -> bool:
+        if self._available() < wire.OPTION_HEADER.size:
+            return False
+        magic, option, length = wire.OPTION_HEADER.unpack_from(self._buf, self._pos)
+        if magic != IHAVEOPT:
+            raise ProtocolError(f"bad option magic 0x{magic:x}")
+        if length > MAX_OPTION_LENGTH:
+            raise ProtocolError(f"option length {length} over the limit {MAX_OPTION_LENGTH}")
+        if self._available() < wire.OPTION_HEADER.size + length:
+            return False
+        self._pos += wire.OPTION_HEADER.size
+        data = bytes(self._take(length))
+        try:
+            self._handle_option(option, data, events)
+        except OptionError as e:
+            self._option_reply(option, e.reply, _short(e.message))
+        return True
+
+    def _option_reply(self, option: int, reply: Reply, payload: bytes = b"") -> None:
+        self._out += wire.OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
+        self._out += payload
+
+    def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
+        if option == Option.EXPORT_NAME:
+            self._opt_export_name(data, events)
+        elif option == Option.ABORT:
+            self._option_reply(option, Reply.ACK)
+            self.phase = Phase.CLOSED
+            events.append(Disconnect("client sent NBD_OPT_ABORT"))
+        elif option == Option.LIST:
+            self._opt_list(data)
+        elif option == Option.STARTTLS:
+            self._opt_starttls(data)
+        elif option in (Option.INFO, Option.GO):
+            self._opt_info_go(Option(option), data, events)
+        elif option == Option.STRUCTURED_REPLY:
+            self._no_data(option, data)
+            if self.extended:
+                raise OptionError(Reply.ERR_EXT_HEADER_REQD, "extended headers already in use")
+            if self.structured:
+                raise OptionError(Reply.ERR_INVALID, "structured reply already negotiated")
+            self.structured = True
+            self._option_reply(option, Reply.ACK)
+        elif option == Option.EXTENDED_HEADERS:
+            self._no_data(option, data)
+            if self.extended:
+                raise OptionError(Reply.ERR_INVALID, "extended headers already negotiated")
+            self.extended = True
+            self.structured = True
+            self._option_reply(option, Reply.ACK)
+        elif option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            self._opt_meta_context(Option(option), data)
+        else:
+            raise OptionError(Reply.ERR_UNSUP, f"option {option} not supported")
+
+    def _option_name(self, option: int) -> str:
+        try:
+            return f"NBD_OPT_{Option(option).name}"
+        except ValueError:
+            return str(option)
+
+    def _no_data(self, option: int, data: bytes) -> None:
+        if data:
+            raise OptionError(Reply.ERR_INVALID, f"{self._option_name(option)} must not carry data")
+
+    def _find(self, name: str) -> ExportDescription:
+        export = self._catalog.find_export(name)
+        if export is None:
+            raise OptionError(Reply.ERR_UNKNOWN, f"export '{name}' not present")
+        return export
+
+    def _opt_export_name(self, data: bytes, events: list[Event]) -> None:
+        if self.extended:
+            raise ProtocolError("NBD_OPT_EXPORT_NAME after extended headers")
+        name = _decode(data)
+        export = self._catalog.find_export(name) if name is not None else None
+        if export is None:
+            # The spec leaves no way to refuse EXPORT_NAME but hanging up.
+            raise ProtocolError(f"NBD_OPT_EXPORT_NAME: export {name!r} not present")
+        flags = transmission_flags(structured=self.structured)
+        self._out += wire.EXPORT_NAME_REPLY.pack(export.size, flags)
+        if not self.no_zeroes:
+            self._out += wire.EXPORT_NAME_PADDING
+        self._enter_transmission(export, events)
+
+    def _opt_list(self, data: bytes) -> None:
+        self._no_data(Option.LIST, data)
+        for export in self._catalog.list_exports():
+            name = export.name.encode()
+            desc = export.description.encode()
+            self._option_reply(Option.LIST, Reply.SERVER, wire.UINT32.pack(len(name)) + name + desc)
+        self._option_reply(Option.LIST, Reply.ACK)
+
+    def _opt_starttls(self, data: bytes) -> None:
+        self._no_data(Option.STARTTLS, data)
+        raise OptionError(Reply.ERR_POLICY, "TLS not configured")
+
+    def _opt_info_go(self, option: Option, data: bytes, events: list[Event]) -> None:
+        # name_len(4) name info_count(2) info_type(2)*
+        if len(data) < 4:
+            raise OptionError(Reply.ERR_INVALID, f"{self._option_name(option)}: data too short")
+        (name_len,) = wire.UINT32.unpack_from(data, 0)
+        if name_len > len(data) - 6:
+            raise OptionError(Reply.ERR_INVALID, f"{self._option_name(option)}: bad name length")
+        name = _decode(data[4 : 4 + name_len])
+        if name is None:
+            raise OptionError(Reply.ERR_INVALID, "export name is not valid UTF-8")
+        (count,) = wire.UINT16.unpack_from(data, 4 + name_len)
+        if len(data) != 6 + name_len + 2 * count:
+            raise OptionError(
+                Reply.ERR_INVALID, f"{self._option_name(option)}: bad information request count"
+            )
+        requests = {wire.UINT16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(count)}
+        export = self._find(name)
+        flags = transmission_flags(structured=self.structured)
+        self._option_reply(
+            option, Reply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags)
+        )
+        if Info.NAME in requests:
+            self._option_reply(
+                option, Reply.INFO, wire.UINT16.pack(Info.NAME) + export.name.encode()
+            )
+        if Info.DESCRIPTION in requests and export.description:
+            payload = wire.UINT16.pack(Info.DESCRIPTION) + export.description.encode()
+            self._option_reply(option, Reply.INFO, payload)
+        self._option_reply(
+            option,
+            Reply.INFO,
+            wire.INFO_BLOCK_SIZE.pack(
+                Info.BLOCK_SIZE, MINIMUM_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAXIMUM_BLOCK_SIZE
+            ),
+        )
+        self._option_reply(option, Reply.ACK)
+        if option == Option.GO:
+            self._enter_transmission(export, events)
+
+    def _opt_meta_context(self, option: Option, data: bytes) -> None:
+        listing = option == Option.LIST_META_CONTEXT
+        if not listing:
+            # SET replaces the previous selection, even when it fails.
+            self._meta_export = None
+            self._meta_contexts = ()
+        if not self.structured:
+            raise OptionError(
+                Reply.ERR_INVALID,
+                f"{self._option_name(option)} when structured reply is not negotiated",
+            )
+        export_name, queries = _parse_meta_queries(option, data)
+        export = self._find(export_name)
+        selected = select_contexts(export.contexts, queries, listing=listing)
+        for context in selected:
+            context_id = 0 if listing else context.id
+            payload = wire.UINT32.pack(context_id) + context.name.encode()
+            self._option_reply(option, Reply.META_CONTEXT, payload)
+        if not listing:
+            self._meta_export = export.name
+            self._meta_contexts = tuple(selected)
+        self._option_reply(option, Reply.ACK)
+
+    def _enter_transmission(self, export: ExportDescription, events: list[Event]) -> None:
+        self.export = export
+        # Contexts chosen for another export do not carry over (QEMU: nbd_check_meta_export).
+        self.contexts = self._meta_contexts if self._meta_export == export.name else ()
+        self.phase = Phase.TRANSMISSION
+        events.append(Negotiated(export, self.contexts, self.structured, self.extended))
+
+    # -- transmission ---------------------------------------------------------------------
+
+    def _receive_request(self, events: list[Event]) -> bool:
+        if self._drain:
+            n = min(self._drain, self._available())
+            self._pos += n
+            self._drain -= n
+            if self._drain:
+                return False
+            self._out += self._drained_reply
+            self._drained_reply = b""
+            return True
+        header = wire.EXTENDED_REQUEST if self.extended else wire.REQUEST
+        if self._available() < header.size:
+            return False
+        magic, flags, ctype, cookie, offset, length = header.unpack(self._take(header.size))
+        expected = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
+        if magic != expected:
+            raise ProtocolError(f"bad request magic 0x{magic:x}")
+        self._dispatch_request(flags, ctype, cookie, offset, length, events)
+        return True
+
+    def _dispatch_request(
+        self, flags: int, ctype: int, cookie: int, offset: int, length: int, events: list[Event]
+    ) -> None:
+        payload = 0
+        if self.extended:
+            if flags & CommandFlag.PAYLOAD_LEN:
+                payload = length
+        elif ctype == Command.WRITE:
+            payload = length
+        try:
+            command = Command(ctype)
+        except ValueError:
+            self._refuse(cookie, offset, payload, Errno.EINVAL, f"unknown command {ctype}")
+            return
+        request = Request(cookie, command, CommandFlag(flags), offset, length)
+        if command == Command.DISC:
+            self.phase = Phase.CLOSED
+            events.append(Disconnect("client sent NBD_CMD_DISC"))
+            return
+        allowed = _ALLOWED_FLAGS.get(command, CommandFlag(0))
+        if self.extended and command == Command.WRITE:
+            allowed |= CommandFlag.PAYLOAD_LEN
+        bad_flags = flags & ~allowed
+        if command == Command.READ and flags & CommandFlag.DF and not self.structured:
+            bad_flags |= CommandFlag.DF
+        if command in _WRITING:
+            self._refuse(cookie, offset, payload, Errno.EPERM, "export is read-only")
+            return
+        if bad_flags:
+            self._refuse(cookie, offset, payload, Errno.EINVAL, f"invalid flags 0x{bad_flags:x}")
+            return
+        if payload:
+            self._refuse(cookie, offset, payload, Errno.EINVAL, "unexpected payload")
+            return
+        error = self._check_request(request)
+        if error is not None:
+            errno, message = error
+            self._out += self.error_reply(request, errno, message)
+            return
+        if command == Command.FLUSH:
+            self._out += self.ok_reply(request)
+            return
+        events.append(request)
+
+    def _check_request(self, request: Request) -> tuple[Errno, str] | None:
+        assert self.export is not None
+        size = self.export.size
+        command, offset, length = request.command, request.offset, request.length
+        if command == Command.FLUSH:
+            return None
+        if command == Command.BLOCK_STATUS:
+            if not self.contexts:
+                return Errno.EINVAL, "no meta context negotiated"
+            if length == 0:
+                return Errno.EINVAL, "need non-zero length"
+        if offset > size or length > size - offset:
+            return (
+                Errno.EINVAL,
+                f"request [{offset}, +{length}) past the end of the export ({size})",
+            )
+        if command == Command.READ and length > MAX_READ_LENGTH:
+            if request.flags & CommandFlag.DF:
+                return Errno.EOVERFLOW, f"read of {length} bytes too large for DF"
+            return Errno.EINVAL, f"read of {length} bytes over the {MAX_READ_LENGTH} limit"
+        return None
+
+    def _refuse(self, cookie: int, offset: int, payload: int, errno: Errno, message: str) -> None:
+        """Answer with an error once ``payload`` bytes following the header are thrown away."""
+        request = Request(cookie, Command.READ, CommandFlag(0), offset, 0)
+        reply = self.error_reply(request, errno, message)
+        if payload:
+            self._drain = payload
+            self._drained_reply = reply
+        else:
+            self._out += reply
+
+    # -- replies to requests (called by the I/O layer, or internally) -------------------------
+
+    def _chunk(self, request: Request, flags: int, rtype: int, payload_length: int) -> bytes:
+        if self.extended:
+            return wire.EXTENDED_REPLY.pack(
+                EXTENDED_REPLY_MAGIC, flags, rtype, request.cookie, request.offset, payload_length
+            )
+        return wire.STRUCTURED_REPLY.pack(
+            STRUCTURED_REPLY_MAGIC, flags, rtype, request.cookie, payload_length
+        )
+
+    def ok_reply(self, request: Request) -> bytes:
+        """A successful reply without payload."""
+        if self.extended:
+            return self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)
+        return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
+
+    def error_reply(self, request: Request, errno: Errno, message: str) -> bytes:
+        """An error reply: a structured error chunk with a message where negotiated."""
+        if self.structured:
+            text = _short(message)
+            payload = wire.ERROR_CHUNK.pack(errno, len(text)) + text
+            return self._chunk(request, ReplyFlag.DONE, ReplyType.ERROR, len(payload)) + payload
+        return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, request.cookie)
+
+    def read_reply(
+        self, request: Request, segments: Sequence[tuple[int, int, bytes | memoryview | None]]
+    ) -> list[bytes | memoryview]:
+        """Buffers answering a READ; ``segments`` are ``(offset, length, data or None)`` in
+        order, covering the request, ``None`` meaning the range reads as zeroes."""
+        if not self.structured:
+            out: list[bytes | memoryview] = [
+                wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
+            ]
+            out.extend(data if data is not None else bytes(length) for _, length, data in segments)
+            return out
+        if request.flags & CommandFlag.DF or (len(segments) == 1 and segments[0][2] is not None):
+            datas = [data if data is not None else bytes(n) for _, n, data in segments]
+            payload_length = 8 + request.length
+            head = self._chunk(request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, payload_length)
+            return [head + wire.OFFSET_DATA.pack(request.offset), *datas]
+        if not segments:
+            return [self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
+        out = []
+        last = len(segments) - 1
+        for i, (offset, length, data) in enumerate(segments):
+            flags = ReplyFlag.DONE if i == last else 0
+            if data is None:
+                out.append(
+                    self._chunk(request, flags, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.size)
+                    + wire.OFFSET_HOLE.pack(offset, length)
+                )
+            else:
+                head = self._chunk(request, flags, ReplyType.OFFSET_DATA, 8 + length)
+                out.append(head + wire.OFFSET_DATA.pack(offset))
+                out.append(data)
+        return out
+
+    def block_status_reply(
+        self, request: Request, per_context: Sequence[tuple[int, Sequence[Extent]]]
+    ) -> bytes:
+        """One chunk per context, DONE on the last; extents clipped, merged and capped."""
+        req_one = bool(request.flags & CommandFlag.REQ_ONE)
+        limit = 1 if req_one else MAX_BLOCK_STATUS_EXTENTS
+        parts: list[bytes] = []
+        last = len(per_context) - 1
+        for i, (context_id, extents) in enumerate(per_context):
+            flags = ReplyFlag.DONE if i == last else 0
+            if self.extended:
+                items = normalize_extents(
+                    extents, request.length, limit=limit, max_extent=INT64_MAX
+                )
+                payload = wire.BLOCK_STATUS_EXT_HEADER.pack(context_id, len(items)) + b"".join(
+                    wire.EXTENT_EXT.pack(n, f) for n, f in items
+                )
+                rtype = ReplyType.BLOCK_STATUS_EXT
+            else:
+                items = normalize_extents(
+                    extents, request.length, limit=limit, max_extent=UINT32_MAX
+                )
+                payload = wire.BLOCK_STATUS_HEADER.pack(context_id) + b"".join(
+                    wire.EXTENT.pack(n, f) for n, f in items
+                )
+                rtype = ReplyType.BLOCK_STATUS
+            if not items:
+                raise ValueError("block status source returned no extent")
+            parts.append(self._chunk(request, flags, rtype, len(payload)))
+            parts.append(payload)
+        return b"".join(parts)
+
+
+def _decode(data: bytes) -> str | None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\0" in text else text
+
+
+def _parse_meta_queries(option: Option, data: bytes) -> tuple[str, list[str]]:
+    """export_len(4) export query_count(4) {query_len(4) query}*"""
+    what = f"NBD_OPT_{option.name}"
+    pos = 0
+
+    def need(n: int) -> None:
+        if len(data) - pos < n:
+            raise OptionError(Reply.ERR_INVALID, f"{what}: data too short")
+
+    need(4)
+    (export_len,) = wire.UINT32.unpack_from(data, pos)
+    pos += 4
+    need(export_len)
+    export_name = _decode(data[pos : pos + export_len])
+    if export_name is None:
+        raise OptionError(Reply.ERR_INVALID, f"{what}: export name is not valid UTF-8")
+    pos += export_len
+    need(4)
+    (count,) = wire.UINT32.unpack_from(data, pos)
+    pos += 4
+    queries: list[str] = []
+    for _ in range(count):
+        need(4)
+        (query_len,) = wire.UINT32.unpack_from(data, pos)
+        pos += 4
+        need(query_len)
+        query = _decode(data[pos : pos + query_len])
+        pos += query_len
+        # QEMU skips queries it cannot use rather than failing the option.
+        if query is not None and query_len <= MAX_STRING_LENGTH:
+            queries.append(query)
+    if pos != len(data):
+        raise OptionError(Reply.ERR_INVALID, f"{what}: trailing data")
+    return export_name, queries
