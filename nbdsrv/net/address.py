@@ -42,3 +42,22 @@ def parse_address(text: str) -> Address:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return Address("tcp", host=host, port=int(port))
+
+
+def parse_uri(uri: str) -> tuple[Address, str]:
+    """``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH`` → (address, export).
+    TLS schemes are not handled here."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(uri)
+    export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    if parts.scheme == "nbd+unix":
+        sockets = parse_qs(parts.query).get("socket")
+        if not sockets:
+            raise ConfigError(f"bad NBD URI {uri!r}: nbd+unix needs ?socket=PATH")
+        return Address("unix", path=sockets[0]), export
+    if parts.scheme in ("nbd", "nbd+tcp"):
+        if not parts.hostname:
+            raise ConfigError(f"bad NBD URI {uri!r}: no host")
+        return Address("tcp", host=parts.hostname, port=parts.port or 10809), export
+    raise ConfigError(f"unsupported NBD URI {uri!r}: use nbd:// or nbd+unix://")
