@@ -34,7 +34,7 @@ test: deps lint
 	$(VENV)/bin/pytest -q
 
 demo: deps
-	$(PY) -m nbdsrv.demo
+	bash scripts/demo.sh
 
 bench: deps
 	$(PY) bench/run.py
