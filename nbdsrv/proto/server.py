@@ -232,7 +232,8 @@ class ServerConnection:
             return False
         (flags,) = wire.CLIENT_FLAGS.unpack(self._take(wire.CLIENT_FLAGS.size))
         known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
-        if flags & ~known:
+        # ~ on an IntFlag only flips its defined bits; complement the plain int instead.
+        if flags & ~int(known):
             raise ProtocolError(f"unknown client flags 0x{flags:x}")
         self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
         self.phase = Phase.OPTIONS
@@ -448,7 +449,7 @@ class ServerConnection:
         allowed = _ALLOWED_FLAGS.get(command, CommandFlag(0))
         if self.extended and command == Command.WRITE:
             allowed |= CommandFlag.PAYLOAD_LEN
-        bad_flags = flags & ~allowed
+        bad_flags = flags & ~int(allowed)  # int: ~ on an IntFlag keeps only defined bits
         if command == Command.READ and flags & CommandFlag.DF and not self.structured:
             bad_flags |= CommandFlag.DF
         if command in _WRITING:
