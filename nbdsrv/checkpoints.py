@@ -1,0 +1,385 @@
+"""Checkpoint chains: the model, its rules, and the QMP actions that change it.
+
+Chain model (DESIGN.md decision 1): one recording bitmap per disk at a time::
+
+    c1 ──► c2 ──► c3 (recording)        bitmap cN holds the writes between cN and cN+1
+    "changed since c2" = c2 | c3        (OR of the checkpoint's bitmap and every later one)
+
+- create c4: one transaction over all disks — disable c3, add c4 (persistent, enabled).
+- delete c2: one transaction — merge c2 into c1 (enable c1 if c2 was recording), remove c2;
+  "since c1" = c1|c3 stays exact. Deleting the oldest just removes its bitmap.
+
+A checkpoint's bitmap on one disk may lie on several layers of the backing chain (after an
+external snapshot); each piece is a *segment* ``(image file, bitmap name)``. Image file names
+identify layers because node names change when QEMU restarts.
+
+Everything here is pure: no QMP, no files. nbdsrv.vm runs it against QEMU and the store.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from .errors import NbdsrvError, NotFoundError
+
+DEFAULT_GRANULARITY = 64 * 1024
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+class CheckpointError(NbdsrvError):
+    """A checkpoint operation refused before anything changed."""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise CheckpointError(
+            f"bad checkpoint name {name!r}: use 1-128 letters, digits, '.', '_', '+', '-' "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+def check_granularity(granularity: int) -> int:
+    if granularity < 512 or granularity & (granularity - 1) or granularity > 1 << 31:
+        raise CheckpointError(
+            f"bad granularity {granularity}: a power of two between 512 and 2 GiB"
+        )
+    return granularity
+
+
+def generated_name(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return "ckpt-" + now.strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of a checkpoint's bitmap that lives on one layer."""
+
+    file: str
+    bitmap: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    parent: str | None
+    created: str
+    granularity: int
+    # disk id → segments, base layer first, the layer written now last.
+    disks: Mapping[str, tuple[Segment, ...]] = field(default_factory=dict)
+    # Once QEMU lost bits of a checkpoint it stays unusable: the reason is kept.
+    invalid: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "parent": self.parent,
+            "created": self.created,
+            "granularity": self.granularity,
+            "disks": {
+                disk: [{"file": s.file, "bitmap": s.bitmap} for s in segments]
+                for disk, segments in self.disks.items()
+            },
+            "invalid": self.invalid,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Checkpoint":
+        return cls(
+            name=data["name"],
+            parent=data.get("parent"),
+            created=data["created"],
+            granularity=int(data["granularity"]),
+            disks={
+                disk: tuple(Segment(s["file"], s["bitmap"]) for s in segments)
+                for disk, segments in data.get("disks", {}).items()
+            },
+            invalid=data.get("invalid"),
+        )
+
+
+class BitmapState(Protocol):
+    """What QEMU reports of one dirty bitmap (query-named-block-nodes)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def persistent(self) -> bool: ...
+    @property
+    def recording(self) -> bool: ...
+    @property
+    def inconsistent(self) -> bool: ...
+    @property
+    def granularity(self) -> int: ...
+
+
+class LayerState(Protocol):
+    """One image of a disk's backing chain as QEMU holds it now."""
+
+    @property
+    def node_name(self) -> str: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def virtual_size(self) -> int: ...
+    @property
+    def format(self) -> str: ...
+
+    def bitmap(self, name: str) -> BitmapState | None: ...
+
+
+# disk id → layers, top (written now) first.
+ChainState = Mapping[str, Sequence[LayerState]]
+
+
+class CheckpointChain:
+    """The checkpoints of one VM, oldest first."""
+
+    def __init__(self, checkpoints: Sequence[Checkpoint] = ()) -> None:
+        self.checkpoints = list(checkpoints)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.checkpoints)
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    @property
+    def newest(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def find(self, name: str) -> Checkpoint:
+        for checkpoint in self.checkpoints:
+            if checkpoint.name == name:
+                return checkpoint
+        raise NotFoundError(f"no checkpoint '{name}'")
+
+    def has(self, name: str) -> bool:
+        return any(c.name == name for c in self.checkpoints)
+
+    def index(self, name: str) -> int:
+        return self.checkpoints.index(self.find(name))
+
+    def since(self, name: str) -> list[Checkpoint]:
+        """The checkpoints whose bitmaps OR together to "changed since ``name``"."""
+        return self.checkpoints[self.index(name) :]
+
+    def added(self, checkpoint: Checkpoint) -> "CheckpointChain":
+        return CheckpointChain([*self.checkpoints, checkpoint])
+
+    def removed(self, name: str) -> "CheckpointChain":
+        """Without ``name``; its child takes its parent."""
+        gone = self.find(name)
+        out = []
+        for c in self.checkpoints:
+            if c.name == name:
+                continue
+            out.append(replace(c, parent=gone.parent) if c.parent == name else c)
+        return CheckpointChain(out)
+
+    def replaced(self, checkpoint: Checkpoint) -> "CheckpointChain":
+        return CheckpointChain(
+            [checkpoint if c.name == checkpoint.name else c for c in self.checkpoints]
+        )
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [c.to_json() for c in self.checkpoints]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Mapping[str, Any]]) -> "CheckpointChain":
+        return cls([Checkpoint.from_json(d) for d in data])
+
+
+def _find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
+    for layer in layers:
+        if layer.filename == file:
+            return layer
+    return None
+
+
+def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) -> str | None:
+    """Why QEMU's state cannot back ``checkpoint`` (None when it can).
+
+    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent and
+    consistent; the layers have one size; the newest checkpoint records on the top layer.
+    """
+    for disk, segments in checkpoint.disks.items():
+        layers = chain.get(disk)
+        if layers is None:
+            return f"disk {disk} is gone from the VM"
+        sizes = set()
+        for segment in segments:
+            layer = _find_layer(layers, segment.file)
+            if layer is None:
+                return f"disk {disk}: layer {segment.file} is no longer in the backing chain"
+            bitmap = layer.bitmap(segment.bitmap)
+            where = f"disk {disk} ({segment.file})"
+            if bitmap is None:
+                return f"bitmap '{segment.bitmap}' is missing on {where}"
+            if bitmap.inconsistent:
+                return (
+                    f"bitmap '{segment.bitmap}' on {where} is inconsistent "
+                    "(QEMU did not save it cleanly)"
+                )
+            if not bitmap.persistent:
+                return f"bitmap '{segment.bitmap}' on {where} is not persistent"
+            sizes.add(layer.virtual_size)
+        if len(sizes) > 1:
+            return f"disk {disk} changed size since the checkpoint"
+        if newest and segments:
+            top = layers[0]
+            last = segments[-1]
+            if last.file != top.filename:
+                return f"disk {disk}: the top layer {top.filename} holds no part of the bitmap"
+            bitmap = top.bitmap(last.bitmap)
+            if bitmap is not None and not bitmap.recording:
+                return f"bitmap '{last.bitmap}' on disk {disk} stopped recording writes"
+    return None
+
+
+def assess(checkpoints: CheckpointChain, chain: ChainState) -> dict[str, str | None]:
+    """Name → reason it is unusable (None when usable), oldest first.
+
+    "Since C" needs C and every later checkpoint, so one broken checkpoint makes every
+    older one unusable too.
+    """
+    reasons: dict[str, str | None] = {}
+    later_broken: str | None = None
+    items = list(checkpoints)
+    for i in range(len(items) - 1, -1, -1):
+        c = items[i]
+        own = c.invalid or segment_problem(c, chain, newest=i == len(items) - 1)
+        if own is not None:
+            reasons[c.name] = own
+            if later_broken is None:
+                later_broken = c.name
+        elif later_broken is not None:
+            reasons[c.name] = f"later checkpoint '{later_broken}' is invalid"
+        else:
+            reasons[c.name] = None
+    return {c.name: reasons[c.name] for c in items}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+Action = tuple[str, dict[str, Any]]
+
+
+def create_actions(
+    checkpoints: CheckpointChain, chain: ChainState, name: str, granularity: int
+) -> tuple[Checkpoint, list[Action]]:
+    """The new checkpoint and the one transaction that makes it on every disk."""
+    actions: list[Action] = []
+    disks: dict[str, tuple[Segment, ...]] = {}
+    previous = checkpoints.newest
+    for disk, layers in sorted(chain.items()):
+        top = layers[0]
+        if top.format != "qcow2":
+            raise CheckpointError(
+                f"disk {disk} ({top.filename}) is {top.format}: checkpoints need qcow2 images"
+            )
+        if top.bitmap(name) is not None:
+            raise CheckpointError(f"disk {disk} already has a bitmap named '{name}'")
+        if previous is not None:
+            segments = previous.disks.get(disk, ())
+            if segments and segments[-1].file == top.filename:
+                old = top.bitmap(segments[-1].bitmap)
+                # An inconsistent or lost bitmap cannot be disabled; the new chain starts here.
+                if old is not None and old.recording and not old.inconsistent:
+                    actions.append(
+                        (
+                            "block-dirty-bitmap-disable",
+                            {"node": top.node_name, "name": segments[-1].bitmap},
+                        )
+                    )
+        actions.append(
+            (
+                "block-dirty-bitmap-add",
+                {
+                    "node": top.node_name,
+                    "name": name,
+                    "granularity": granularity,
+                    "persistent": True,
+                    "disabled": False,
+                },
+            )
+        )
+        disks[disk] = (Segment(top.filename, name),)
+    checkpoint = Checkpoint(
+        name=name,
+        parent=previous.name if previous else None,
+        created=now_iso(),
+        granularity=granularity,
+        disks=disks,
+    )
+    return checkpoint, actions
+
+
+def delete_actions(checkpoints: CheckpointChain, chain: ChainState, name: str) -> list[Action]:
+    """One transaction: merge ``name`` into its parent on every layer (adding the parent's
+    bitmap where a layer lacks it), re-enable the parent where ``name`` was recording, then
+    remove ``name``. Segments QEMU no longer holds are skipped."""
+    victim = checkpoints.find(name)
+    parent = checkpoints.find(victim.parent) if victim.parent else None
+    actions: list[Action] = []
+    for disk, segments in sorted(victim.disks.items()):
+        layers = chain.get(disk, ())
+        parent_segments = {s.file: s for s in parent.disks.get(disk, ())} if parent else {}
+        for segment in segments:
+            layer = _find_layer(layers, segment.file)
+            bitmap = layer.bitmap(segment.bitmap) if layer is not None else None
+            if layer is None or bitmap is None:
+                continue
+            node = layer.node_name
+            if parent is not None and not bitmap.inconsistent:
+                target = parent_segments.get(segment.file)
+                target_bitmap = layer.bitmap(target.bitmap) if target else None
+                if target is None or target_bitmap is None:
+                    target_name = parent.name
+                    actions.append(
+                        (
+                            "block-dirty-bitmap-add",
+                            {
+                                "node": node,
+                                "name": target_name,
+                                "granularity": parent.granularity,
+                                "persistent": True,
+                                "disabled": not bitmap.recording,
+                            },
+                        )
+                    )
+                else:
+                    target_name = target.bitmap
+                    if bitmap.recording and not target_bitmap.recording:
+                        actions.append(
+                            ("block-dirty-bitmap-enable", {"node": node, "name": target_name})
+                        )
+                actions.append(
+                    (
+                        "block-dirty-bitmap-merge",
+                        {"node": node, "target": target_name, "bitmaps": [segment.bitmap]},
+                    )
+                )
+            actions.append(("block-dirty-bitmap-remove", {"node": node, "name": segment.bitmap}))
+    return actions
+
+
+def merged_parent(checkpoints: CheckpointChain, name: str) -> CheckpointChain:
+    """The chain after deleting ``name``: its parent gains the segments it did not have."""
+    victim = checkpoints.find(name)
+    chain = checkpoints
+    if victim.parent:
+        parent = checkpoints.find(victim.parent)
+        disks = dict(parent.disks)
+        for disk, segments in victim.disks.items():
+            have = {s.file for s in disks.get(disk, ())}
+            extra = tuple(Segment(s.file, parent.name) for s in segments if s.file not in have)
+            if extra:
+                disks[disk] = (*disks.get(disk, ()), *extra)
+        chain = chain.replaced(replace(parent, disks=disks))
+    return chain.removed(name)
