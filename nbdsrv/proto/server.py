@@ -439,6 +439,9 @@ class ServerConnection:
         try:
             command = Command(ctype)
         except ValueError:
+            command = None
+        # RESIZE is named in the spec but not offered: as unknown as any other number.
+        if command is None or command not in _ALLOWED_FLAGS:
             self._refuse(cookie, offset, payload, Errno.EINVAL, f"unknown command {ctype}")
             return
         request = Request(cookie, command, CommandFlag(flags), offset, length)
@@ -539,6 +542,9 @@ class ServerConnection:
             ]
             out.extend(data if data is not None else bytes(length) for _, length, data in segments)
             return out
+        if request.length == 0:
+            # OFFSET_DATA must carry at least one byte, so an empty read is just DONE.
+            return [self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
         if request.flags & CommandFlag.DF or (len(segments) == 1 and segments[0][2] is not None):
             datas = [data if data is not None else bytes(n) for _, n, data in segments]
             payload_length = 8 + request.length
