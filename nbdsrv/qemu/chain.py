@@ -1,0 +1,256 @@
+"""Backing chains and their dirty bitmaps, per disk, as QEMU holds them now.
+
+From `query-block` (which disks there are) and `query-named-block-nodes` with `flat: true`
+(every node, with its bitmaps)::
+
+    disk "disk0"   layers, top first
+      [0] node disk0       /img/top.qcow2   qcow2  rw  bitmaps c2 (recording), c1
+      [1] node #block109   /img/base.qcow2  qcow2  ro  bitmaps c0
+
+Image file names identify layers: node names are made up again at every QEMU start.
+The flat node list carries no edges, so a node's backing layer is the format node whose
+file name is the node's backing file name. Filters that QEMU puts on top of a disk (the
+copy-before-write filter of a running fleecing job, throttle, ...) are skipped: they share
+the file name of the node below them.
+
+Which disks: with `roots` given, exactly those (node names or BlockBackend / qdev names);
+otherwise every `query-block` entry with a medium (id: BlockBackend name, else qdev id);
+and when there is none (qemu-storage-daemon has no named BlockBackends), the format nodes
+named `disk0`, `disk1`, ... that `StorageDaemon` creates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import QEMUError
+from .monitor import Monitor
+
+# Drivers that hold image data in a format of their own (a layer of a chain).
+FORMAT_DRIVERS = frozenset(
+    {"qcow2", "raw", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks"}
+    | {"bochs", "cloop", "dmg"}
+)
+_DISK_NODE = re.compile(r"disk(\d+)")
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    """A named dirty bitmap on one node (QEMU's BlockDirtyInfo)."""
+
+    name: str
+    granularity: int
+    count: int
+    """Dirty bytes."""
+    recording: bool
+    persistent: bool
+    busy: bool
+    inconsistent: bool
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image of a backing chain."""
+
+    node_name: str
+    filename: str
+    """The image file: the layer's stable identity."""
+    format: str
+    virtual_size: int
+    read_only: bool
+    bitmaps: tuple[Bitmap, ...] = ()
+
+    def bitmap(self, name: str) -> Bitmap | None:
+        """The bitmap called `name` on this layer, if any."""
+        for bitmap in self.bitmaps:
+            if bitmap.name == name:
+                return bitmap
+        return None
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A disk and its backing chain, top (the layer written now) first."""
+
+    id: str
+    layers: tuple[Layer, ...]
+    device: str | None = None
+    """BlockBackend name from query-block (full QEMU with -drive), if any."""
+    qdev: str | None = None
+    """qdev id or QOM path from query-block, if any."""
+
+    @property
+    def top(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def base(self) -> Layer:
+        return self.layers[-1]
+
+    def layer(self, filename: str) -> Layer | None:
+        """The layer whose image is `filename`, if any."""
+        return find_layer(self.layers, filename)
+
+
+def find_layer(layers: Iterable[Layer], filename: str) -> Layer | None:
+    """The layer of `layers` whose image is `filename` (same string, else same real path)."""
+    layers = list(layers)
+    for layer in layers:
+        if layer.filename == filename:
+            return layer
+    if filename.startswith("json:"):
+        return None
+    real = os.path.realpath(filename)
+    for layer in layers:
+        if not layer.filename.startswith("json:") and os.path.realpath(layer.filename) == real:
+            return layer
+    return None
+
+
+def node_for_file(disks: Iterable[Disk], filename: str) -> str | None:
+    """The node name now holding image `filename` in any of `disks`, if any."""
+    for disk in disks:
+        layer = disk.layer(filename)
+        if layer is not None:
+            return layer.node_name
+    return None
+
+
+async def discover_disks(monitor: Monitor, roots: Sequence[str] | None = None) -> list[Disk]:
+    """Every disk (or those in `roots`) with its backing chain, from QEMU now."""
+    block = await monitor.execute("query-block")
+    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+    return disks_from(block, nodes, roots)
+
+
+async def discover_chains(
+    monitor: Monitor, roots: Sequence[str] | None = None
+) -> dict[str, tuple[Layer, ...]]:
+    """Disk id → layers, top first (the shape nbdsrv.checkpoints calls ChainState)."""
+    return {disk.id: disk.layers for disk in await discover_disks(monitor, roots)}
+
+
+def disks_from(
+    block: Sequence[Mapping[str, Any]],
+    nodes: Sequence[Mapping[str, Any]],
+    roots: Sequence[str] | None = None,
+) -> list[Disk]:
+    """Disks from the results of `query-block` and `query-named-block-nodes` (flat).
+
+    Raises `QEMUError` for a root that names no node and no device.
+    """
+    by_name = {str(n["node-name"]): n for n in nodes}
+    devices: list[tuple[str, str | None, str | None, str]] = []  # id, device, qdev, node
+    for entry in block:
+        inserted = entry.get("inserted")
+        if not inserted:
+            continue  # an empty drive
+        device = entry.get("device") or None
+        qdev = entry.get("qdev") or None
+        ident = device or qdev or str(inserted["node-name"])
+        devices.append((ident, device, qdev, str(inserted["node-name"])))
+
+    if roots is not None:
+        wanted: list[tuple[str, str | None, str | None, str]] = []
+        for root in roots:
+            if root in by_name:
+                wanted.append((root, None, None, root))
+                continue
+            match = [d for d in devices if root in (d[1], d[2])]
+            if not match:
+                raise QEMUError(f"QEMU has no disk or block node named {root}")
+            wanted.append((root, match[0][1], match[0][2], match[0][3]))
+        devices = wanted
+    elif not devices:
+        numbered = sorted(
+            (int(m.group(1)), name) for name in by_name if (m := _DISK_NODE.fullmatch(name))
+        )
+        devices = [(name, None, None, name) for _, name in numbered]
+
+    disks = []
+    for ident, device, qdev, node_name in devices:
+        node = _below_filters(by_name[node_name], nodes) if node_name in by_name else None
+        if node is None:
+            continue
+        disks.append(Disk(ident, tuple(_layers(node, nodes)), device, qdev))
+    return disks
+
+
+def _is_format(node: Mapping[str, Any]) -> bool:
+    return node.get("drv") in FORMAT_DRIVERS
+
+
+def _below_filters(
+    node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]
+) -> Mapping[str, Any] | None:
+    """The format node under a filter (which reports its child's file name), or `node`."""
+    if _is_format(node):
+        return node
+    for other in nodes:
+        if _is_format(other) and other.get("file") == node.get("file"):
+            return other
+    return None
+
+
+def _backing_names(node: Mapping[str, Any]) -> list[str]:
+    image = node.get("image") or {}
+    names = [node.get("backing_file"), image.get("full-backing-filename")]
+    return [str(n) for n in names if n]
+
+
+def _layers(top: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> list[Layer]:
+    layers = []
+    seen: set[str] = set()
+    node: Mapping[str, Any] | None = top
+    while node is not None and str(node["node-name"]) not in seen:
+        seen.add(str(node["node-name"]))
+        layers.append(_layer(node))
+        node = _backing_of(node, nodes, seen)
+    return layers
+
+
+def _backing_of(
+    node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]], seen: set[str]
+) -> Mapping[str, Any] | None:
+    backing = _backing_names(node)
+    if not backing:
+        return None
+    fmt = (node.get("image") or {}).get("backing-filename-format")
+    candidates = [
+        n
+        for n in nodes
+        if _is_format(n) and n.get("file") in backing and str(n["node-name"]) not in seen
+    ]
+    if fmt:
+        candidates.sort(key=lambda n: n.get("drv") != fmt)
+    return candidates[0] if candidates else None
+
+
+def _layer(node: Mapping[str, Any]) -> Layer:
+    image = node.get("image") or {}
+    bitmaps = tuple(
+        Bitmap(
+            name=str(b["name"]),
+            granularity=int(b["granularity"]),
+            count=int(b["count"]),
+            recording=bool(b.get("recording", False)),
+            persistent=bool(b.get("persistent", False)),
+            busy=bool(b.get("busy", False)),
+            inconsistent=bool(b.get("inconsistent", False)),
+        )
+        # Nameless bitmaps belong to block jobs (copy-before-write): not ours to see.
+        for b in node.get("dirty-bitmaps") or ()
+        if b.get("name")
+    )
+    return Layer(
+        node_name=str(node["node-name"]),
+        filename=str(node.get("file") or image.get("filename") or ""),
+        format=str(node.get("drv")),
+        virtual_size=int(image.get("virtual-size", 0)),
+        read_only=bool(node.get("ro", False)),
+        bitmaps=bitmaps,
+    )
