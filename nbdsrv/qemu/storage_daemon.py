@@ -29,6 +29,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -88,8 +89,8 @@ async def detect_format(path: str | os.PathLike[str], qemu_img: str = "qemu-img"
         raise ImageError(f"{qemu_img} is not installed (package qemu-utils)") from None
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        detail = err.decode(errors="replace").strip().splitlines()
-        raise ImageError(f"cannot read image {path}: {detail[-1] if detail else 'qemu-img failed'}")
+        detail = _one_line(err.decode(errors="replace")) or "qemu-img failed"
+        raise ImageError(f"cannot read image {path}: {detail}")
     try:
         fmt = json.loads(out)["format"]
     except (ValueError, KeyError, TypeError):
@@ -97,6 +98,12 @@ async def detect_format(path: str | os.PathLike[str], qemu_img: str = "qemu-img"
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(f"image {path} is in {fmt} format; only qcow2 and raw are supported")
     return str(fmt)
+
+
+def _one_line(text: str) -> str:
+    """QEMU's multi-line message as one line, without the "program: " prefixes."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(re.sub(r"^qemu-(img|storage-daemon): ", "", line) for line in lines)
 
 
 def _opt(value: str | os.PathLike[str]) -> str:
@@ -323,7 +330,7 @@ class StorageDaemon:
             await self._kill()
             rc = proc.returncode
             status = describe_status(rc) if rc is not None else "did not answer"
-            tail = self.log_tail(5).strip() or (str(error) if error else "no message")
+            tail = _one_line(self.log_tail(5)) or (str(error) if error else "no message")
             raise StorageDaemonError(
                 f"qemu-storage-daemon for {self.vm} {status} while starting: {tail}"
             )
