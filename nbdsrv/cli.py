@@ -4,8 +4,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__, control
@@ -35,6 +37,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     daemon = sub.add_parser("daemon", help="run the server in the foreground")
+    _add_daemon_options(daemon)
+
+    serve = sub.add_parser(
+        "serve", help="serve disk images through a private qemu-storage-daemon (embedded default)"
+    )
+    serve.add_argument("image_paths", nargs="+", metavar="IMAGE", help="disk images, in order")
+    serve.add_argument("--name", metavar="VM", help="VM name (default: first image's file stem)")
+    _add_daemon_options(serve)
+
+    status = sub.add_parser("status", help="VMs, exports and sessions of a running daemon")
+    _add_client_options(status)
+
+    checkpoint = sub.add_parser("checkpoint", help="create, list and delete checkpoints")
+    ckpt = checkpoint.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = ckpt.add_parser("create", help="a checkpoint over all disks of VM, atomically")
+    create.add_argument("vm", metavar="VM")
+    create.add_argument("--name", metavar="NAME", help="default: ckpt-<UTC time>")
+    create.add_argument(
+        "--granularity", metavar="BYTES", type=int, help="bitmap granularity (default 65536)"
+    )
+    _add_client_options(create)
+    listing = ckpt.add_parser("list", help="checkpoints of VM, oldest first")
+    listing.add_argument("vm", metavar="VM")
+    _add_client_options(listing)
+    delete = ckpt.add_parser("delete", help="delete a checkpoint; its changes go to its parent")
+    delete.add_argument("vm", metavar="VM")
+    delete.add_argument("name", metavar="NAME")
+    _add_client_options(delete)
+    return parser
+
+
+def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     daemon.add_argument("--state-dir", metavar="DIR", help="metadata and scratch images")
     daemon.add_argument("--control", metavar="PATH", help="control socket (unix, mode 0600)")
     daemon.add_argument(
@@ -43,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--file", metavar="NAME=PATH", action="append", default=[], help="export a file read-only"
     )
+    daemon.add_argument(
+        "--qmp", metavar="VM=PATH", action="append", default=[], help="QMP socket of a VM"
+    )
+    daemon.add_argument(
+        "--image",
+        metavar="VM=PATH[,PATH...]",
+        action="append",
+        default=[],
+        help="start a private qemu-storage-daemon for these images",
+    )
+    daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-
-    status = sub.add_parser("status", help="VMs, exports and sessions of a running daemon")
-    _add_client_options(status)
-    return parser
 
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
@@ -57,7 +98,21 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         control=args.control or default_control(state_dir),
         listen=[parse_address(a) for a in (args.listen or [DEFAULT_LISTEN])],
         files=[_name_value(f, "--file") for f in args.file],
+        qmp=[_name_value(q, "--qmp") for q in args.qmp],
+        images=_images(args),
+        scratch_dir=args.scratch_dir,
     )
+
+
+def _images(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    images = []
+    for text in args.image:
+        name, paths = _name_value(text, "--image")
+        images.append((name, [os.path.abspath(p) for p in paths.split(",") if p]))
+    if getattr(args, "image_paths", None):
+        name = args.name or Path(args.image_paths[0]).stem
+        images.append((name, [os.path.abspath(p) for p in args.image_paths]))
+    return images
 
 
 def _run_async(coro: Coroutine[Any, Any, None]) -> None:
@@ -95,6 +150,43 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  {session['id']}: VM {session['vm']}, {session.get('state', '')}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    return _cmd_daemon(args)
+
+
+def _client(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
+    return control.call(args.control or default_control(), op, kwargs)
+
+
+def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    elif text:
+        print(text)
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        result = _client(
+            args, "checkpoint-create", vm=args.vm, name=args.name, granularity=args.granularity
+        )
+        parent = f" (parent {result['parent']})" if result["parent"] else ""
+        _emit(args, result, f"checkpoint {result['name']} created{parent}")
+    elif args.action == "list":
+        result = _client(args, "checkpoint-list", vm=args.vm)
+        lines = [
+            f"{c['name']}\t{c['created']}\tparent={c['parent'] or '-'}\t"
+            + ("valid" if c["valid"] else f"INVALID: {c['reason']}")
+            for c in result
+        ]
+        _emit(args, result, "\n".join(lines) or f"VM {args.vm} has no checkpoints")
+    else:
+        result = _client(args, "checkpoint-delete", vm=args.vm, name=args.name)
+        _emit(args, result, f"checkpoint {args.name} deleted")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     status = control.call(args.control or default_control(), "status")
     if args.json:
@@ -108,6 +200,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "daemon": _cmd_daemon,
     "status": _cmd_status,
+    "serve": _cmd_serve,
+    "checkpoint": _cmd_checkpoint,
 }
 
 

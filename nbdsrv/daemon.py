@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .net.address import Address
 from .net.server import NBDServer
 from .sources.file import FileExport
+from .vms import VMRegistry
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ class DaemonConfig:
     control: str
     listen: list[Address]
     files: list[tuple[str, str]] = field(default_factory=list)
+    qmp: list[tuple[str, str]] = field(default_factory=list)
+    images: list[tuple[str, list[str]]] = field(default_factory=list)
+    scratch_dir: str | None = None
 
 
 class Daemon:
@@ -30,7 +34,16 @@ class Daemon:
         self.config = config
         self.catalog = ExportCatalog()
         self.server = NBDServer(self.catalog)
-        self.control = ControlServer(config.control, {"status": self._status})
+        self.vms = VMRegistry(config.state_dir)
+        self.control = ControlServer(
+            config.control,
+            {
+                "status": self._status,
+                "checkpoint-create": self._checkpoint_create,
+                "checkpoint-list": self._checkpoint_list,
+                "checkpoint-delete": self._checkpoint_delete,
+            },
+        )
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -59,6 +72,10 @@ class Daemon:
                 raise ConfigError(f"cannot export {path} as '{name}': {e.strerror or e}") from e
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+        for name, path in self.config.qmp:
+            await self.vms.add_qmp(name, path)
+        for name, images in self.config.images:
+            await self.vms.add_images(name, images)
         for address in self.config.listen:
             try:
                 await self.server.listen(address)
@@ -71,6 +88,7 @@ class Daemon:
         await self.control.stop()
         await self.server.stop()
         self.catalog.close_all()
+        await self.vms.stop()
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         exports = []
@@ -84,7 +102,23 @@ class Daemon:
             "control": self.config.control,
             "listen": [str(address) for address in self.server.addresses],
             "exports": exports,
-            "vms": [],
+            "vms": [await vm.describe() for vm in self.vms.vms.values()],
             "sessions": [],
             "connections": len(self.server.connections),
         }
+
+    async def _checkpoint_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(str(args["vm"]))
+        granularity = args.get("granularity")
+        checkpoint = await vm.create_checkpoint(
+            args.get("name"), int(granularity) if granularity is not None else None
+        )
+        return {"name": checkpoint.name, "parent": checkpoint.parent, "created": checkpoint.created}
+
+    async def _checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.vms.get(str(args["vm"])).list_checkpoints()
+
+    async def _checkpoint_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(str(args["vm"]))
+        await vm.delete_checkpoint(str(args["name"]))
+        return {"deleted": args["name"]}

@@ -1,0 +1,250 @@
+"""A VM as nbdsrv sees it: a QMP monitor, its disks, and its checkpoint chain.
+
+Every operation that changes QEMU follows one pattern, so a daemon killed at any instant
+restarts into a state that agrees with QEMU::
+
+    intent.json  ──►  QMP transaction  ──►  checkpoints.json (last_op = intent id)  ──►  rm intent
+         crash here: QEMU unchanged       crash here: QEMU changed,       crash here: already
+         → roll back (drop intent)        metadata not → finish it         committed → drop intent
+
+At start-up and whenever QMP reconnects, :meth:`VM.reconcile` looks at a left-over intent and
+at what QEMU holds, and finishes or drops it. QMP errors mean QEMU refused the whole
+transaction (nothing changed); a lost connection leaves the intent for the next reconcile.
+"""
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .checkpoints import (
+    DEFAULT_GRANULARITY,
+    ChainState,
+    Checkpoint,
+    CheckpointChain,
+    CheckpointError,
+    assess,
+    check_granularity,
+    check_name,
+    create_actions,
+    delete_actions,
+    generated_name,
+    merged_parent,
+)
+from .faults import crash_point
+from .qemu.chain import discover_chains
+from .qemu.errors import QEMUGoneError, QMPError, QMPTimeoutError
+from .qemu.monitor import Monitor
+from .store import VMStore
+
+log = logging.getLogger(__name__)
+
+
+class VM:
+    """Checkpoints of one VM, kept in step with the QEMU behind ``monitor``."""
+
+    def __init__(
+        self,
+        name: str,
+        monitor: Monitor,
+        store: VMStore,
+        *,
+        roots: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.monitor = monitor
+        self.store = store
+        # The disks' root node names when known (a private QSD), else found from query-block.
+        self.roots = list(roots) if roots is not None else None
+        self.lock = asyncio.Lock()
+        self.live_socket: str | None = None
+        self.failure: str | None = None
+
+    # -- QEMU state ---------------------------------------------------------------------------
+
+    async def chains(self) -> ChainState:
+        """Every disk's backing chain with its bitmaps, as QEMU holds it now."""
+        return await discover_chains(self.monitor, self.roots)
+
+    async def disks(self) -> list[str]:
+        return sorted((await self.chains()).keys())
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _load(self) -> tuple[CheckpointChain, dict[str, Any]]:
+        document = self.store.load_checkpoints()
+        return CheckpointChain.from_json(document.get("checkpoints", [])), document
+
+    def _commit(self, chain: CheckpointChain, op_id: str | None) -> None:
+        self.store.save_checkpoints({"last_op": op_id, "checkpoints": chain.to_json()})
+
+    def _record_problems(self, chain: CheckpointChain, state: ChainState) -> CheckpointChain:
+        """Make every problem QEMU shows sticky: lost bits do not come back."""
+        reasons = assess(chain, state)
+        changed = chain
+        for checkpoint in chain:
+            reason = reasons[checkpoint.name]
+            if reason and checkpoint.invalid is None and not reason.startswith("later checkpoint"):
+                log.warning(
+                    "VM %s: checkpoint %s is invalid: %s", self.name, checkpoint.name, reason
+                )
+                changed = changed.replaced(Checkpoint(**{**checkpoint.__dict__, "invalid": reason}))
+        if changed is not chain:
+            _, document = self._load()
+            self._commit(changed, document.get("last_op"))
+        return changed
+
+    # -- reconciliation ------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Finish or roll back a half-done operation; mark what QEMU lost invalid."""
+        async with self.lock:
+            state = await self.chains()
+            intent = self.store.read_intent()
+            chain, document = self._load()
+            if intent is not None:
+                if document.get("last_op") == intent["id"]:
+                    log.info("VM %s: operation %s was committed", self.name, intent["id"])
+                else:
+                    chain = await self._finish_intent(intent, chain, state)
+                self.store.clear_intent()
+            self._record_problems(chain, state)
+
+    async def _finish_intent(
+        self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    ) -> CheckpointChain:
+        op = intent["op"]
+        if op == "create":
+            checkpoint = Checkpoint.from_json(intent["checkpoint"])
+            present = _segments_present(checkpoint, state)
+            if present and all(present):
+                log.info("VM %s: finishing checkpoint create %s", self.name, checkpoint.name)
+                chain = chain.added(checkpoint)
+                self._commit(chain, intent["id"])
+            else:
+                # A transaction is all or nothing: no bitmap means nothing happened.
+                log.info("VM %s: rolling back checkpoint create %s", self.name, checkpoint.name)
+            return chain
+        if op == "delete":
+            name = intent["name"]
+            if not chain.has(name):
+                return chain
+            present = _segments_present(chain.find(name), state)
+            if not any(present):
+                log.info("VM %s: finishing checkpoint delete %s", self.name, name)
+                chain = merged_parent(chain, name)
+                self._commit(chain, intent["id"])
+            else:
+                log.info("VM %s: rolling back checkpoint delete %s", self.name, name)
+            return chain
+        log.warning("VM %s: dropping unknown intent %r", self.name, op)
+        return chain
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def _transaction(self, what: str, actions: list[tuple[str, dict[str, Any]]]) -> None:
+        try:
+            await self.monitor.transaction(actions)
+        except QMPTimeoutError:
+            raise  # the intent stays: QEMU may still have done it; reconcile decides
+        except QMPError as e:
+            # QEMU refused the transaction as a whole: nothing changed.
+            self.store.clear_intent()
+            raise CheckpointError(f"{what}: QEMU refused: {e.desc}") from e
+        except QEMUGoneError:
+            raise
+
+    async def create_checkpoint(
+        self, name: str | None = None, granularity: int | None = None
+    ) -> Checkpoint:
+        granularity = check_granularity(granularity or DEFAULT_GRANULARITY)
+        name = check_name(name or generated_name())
+        async with self.lock:
+            state = await self.chains()
+            chain, _ = self._load()
+            chain = self._record_problems(chain, state)
+            if chain.has(name):
+                raise CheckpointError(f"VM {self.name} already has a checkpoint '{name}'")
+            if not state:
+                raise CheckpointError(f"VM {self.name} has no disks")
+            checkpoint, actions = create_actions(chain, state, name, granularity)
+            op_id = uuid.uuid4().hex
+            self.store.write_intent(
+                {"id": op_id, "op": "create", "checkpoint": checkpoint.to_json()}
+            )
+            crash_point("checkpoint-create:after-intent")
+            await self._transaction(f"checkpoint create {name}", actions)
+            crash_point("checkpoint-create:after-transaction")
+            self._commit(chain.added(checkpoint), op_id)
+            crash_point("checkpoint-create:after-commit")
+            self.store.clear_intent()
+            log.info("VM %s: checkpoint %s created", self.name, name)
+            return checkpoint
+
+    async def delete_checkpoint(self, name: str) -> None:
+        async with self.lock:
+            state = await self.chains()
+            chain, _ = self._load()
+            chain.find(name)
+            actions = delete_actions(chain, state, name)
+            op_id = uuid.uuid4().hex
+            self.store.write_intent({"id": op_id, "op": "delete", "name": name})
+            crash_point("checkpoint-delete:after-intent")
+            if actions:
+                await self._transaction(f"checkpoint delete {name}", actions)
+            crash_point("checkpoint-delete:after-transaction")
+            self._commit(merged_parent(chain, name), op_id)
+            crash_point("checkpoint-delete:after-commit")
+            self.store.clear_intent()
+            log.info("VM %s: checkpoint %s deleted", self.name, name)
+
+    async def list_checkpoints(self) -> list[dict[str, Any]]:
+        async with self.lock:
+            chain, _ = self._load()
+            if self.monitor.connected:
+                state = await self.chains()
+                chain = self._record_problems(chain, state)
+                reasons = assess(chain, state)
+            else:
+                reasons = {c.name: c.invalid for c in chain}
+            return [
+                {
+                    "name": c.name,
+                    "parent": c.parent,
+                    "created": c.created,
+                    "granularity": c.granularity,
+                    "disks": sorted(c.disks),
+                    "valid": reasons[c.name] is None,
+                    "reason": reasons[c.name],
+                }
+                for c in chain
+            ]
+
+    async def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "name": self.name,
+            "qmp": self.monitor.path,
+            "qmp_connected": self.monitor.connected,
+            "live_socket": self.live_socket,
+            "error": self.failure,
+        }
+        try:
+            info["disks"] = await self.disks() if self.monitor.connected else []
+        except (QMPError, QEMUGoneError) as e:
+            info["disks"] = []
+            info["error"] = str(e)
+        chain, _ = self._load()
+        info["checkpoints"] = [c.name for c in chain]
+        return info
+
+
+def _segments_present(checkpoint: Checkpoint, state: ChainState) -> list[bool]:
+    """For each segment of the checkpoint's bitmap: does QEMU hold it?"""
+    out = []
+    for disk, segments in checkpoint.disks.items():
+        by_file = {layer.filename: layer for layer in state.get(disk, ())}
+        out += [
+            s.file in by_file and by_file[s.file].bitmap(s.bitmap) is not None for s in segments
+        ]
+    return out
