@@ -191,6 +191,10 @@ class NBDConnection(asyncio.Protocol):
         except ExportGone:
             self._send(core.error_reply(request, Errno.ESHUTDOWN, "export is gone"))
         except OSError as e:
+            if export is not None and export.closed:
+                # Removed while this request waited: its failure is the removal's.
+                self._send(core.error_reply(request, Errno.ESHUTDOWN, "export is gone"))
+                return
             self.log.warning(
                 "%s at %d+%d failed: %s", request.command.name, request.offset, request.length, e
             )

@@ -1,0 +1,78 @@
+"""Fixtures for the protocol tests: a sparse test image and a live in-process server."""
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nbdsrv.catalog import ExportCatalog
+from nbdsrv.export import Segment
+from nbdsrv.net.address import Address
+from nbdsrv.net.server import NBDServer
+from nbdsrv.sources.file import FileExport
+
+IMAGE_SIZE = 1 << 20
+# (offset, length) of the data runs; the rest of the image is a hole.
+DATA_RUNS = [(0, 65536), (524288, 65536), (1048576 - 4096, 4096)]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[str, bytes]:
+    """A sparse 1 MiB file and its contents."""
+    rng = random.Random(20240601)
+    content = bytearray(IMAGE_SIZE)
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+        for offset, length in DATA_RUNS:
+            data = rng.randbytes(length)
+            content[offset : offset + length] = data
+            os.pwrite(f.fileno(), data, offset)
+    return str(path), bytes(content)
+
+
+class GatedExport(FileExport):
+    """A file export whose reads at ``gated`` offsets wait until ``gate`` is set."""
+
+    def __init__(self, name: str, path: str, gated: set[int]) -> None:
+        super().__init__(name, path)
+        self.gate = asyncio.Event()
+        self.gated = gated
+        self.waiting = 0
+        self.all_waiting = asyncio.Event()
+
+    async def read(self, offset: int, length: int) -> list[Segment]:
+        if offset in self.gated:
+            self.waiting += 1
+            if self.waiting == len(self.gated):
+                self.all_waiting.set()
+            await self.gate.wait()
+        return await super().read(offset, length)
+
+
+@dataclass
+class Served:
+    server: NBDServer
+    catalog: ExportCatalog
+    socket: str
+    content: bytes
+    path: str
+
+
+@pytest.fixture
+async def served(tmp_path: Path, image: tuple[str, bytes]) -> AsyncIterator[Served]:
+    """The real server on a unix socket, exporting the image as "disk"."""
+    path, content = image
+    catalog = ExportCatalog()
+    catalog.add(FileExport("disk", path))
+    server = NBDServer(catalog)
+    socket = str(tmp_path / "nbd.sock")
+    await server.listen(Address("unix", path=socket))
+    yield Served(server, catalog, socket, content, path)
+    if not server.stopping:
+        await server.stop()
+    catalog.close_all()
