@@ -222,3 +222,53 @@ async def test_read_in_flight_when_its_export_is_removed_gets_eshutdown(served: 
     answer = (await asyncio.wait_for(client.answers({1}), GUARD))[1]
     assert answer.error == spec.ESHUTDOWN
     await client.disconnect()
+
+
+async def wait_waiting(export: GatedExport, n: int) -> None:
+    async def reached() -> None:
+        while export.waiting < n:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(reached(), GUARD)
+
+
+async def test_more_requests_than_the_server_serves_at_once_are_all_answered(
+    served: Served,
+) -> None:
+    offsets = set(range(0, 200 * 512, 512))
+    export = GatedExport("gated", served.path, gated=offsets)
+    served.catalog.add(export)
+    client = await RawClient.connect(served.socket)
+    await client.handshake("gated")
+    for offset in offsets:
+        client.read(offset + 1, offset, 512)
+    await wait_waiting(export, 32)  # the server holds many; it may stop reading for a while
+    export.gate.set()
+    answers = await asyncio.wait_for(client.answers({o + 1 for o in offsets}), GUARD)
+    for offset in offsets:
+        assert bytes(answers[offset + 1].data) == served.content[offset : offset + 512]
+    await client.disconnect()
+
+
+@pytest.mark.parametrize("how", ["disc", "eof"])
+async def test_requests_in_flight_are_answered_before_a_polite_close(
+    served: Served, how: str
+) -> None:
+    export = GatedExport("gated", served.path, gated={0, 4096})
+    served.catalog.add(export)
+    client = await RawClient.connect(served.socket)
+    await client.handshake("gated")
+    client.read(1, 0, 4096)
+    client.read(2, 4096, 4096)
+    await asyncio.wait_for(export.all_waiting.wait(), GUARD)
+    if how == "disc":
+        client.writer.write(spec.request(spec.CMD_DISC, 3, 0, 0))
+    else:
+        client.writer.write_eof()
+    await client.writer.drain()
+    export.gate.set()
+    answers = await asyncio.wait_for(client.answers({1, 2}), GUARD)
+    assert bytes(answers[1].data + answers[2].data) == served.content[:8192]
+    assert await asyncio.wait_for(client.reader.read(), GUARD) == b""
+    client.writer.close()
+    await settle(served)
