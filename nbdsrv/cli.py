@@ -65,6 +65,40 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("vm", metavar="VM")
     delete.add_argument("name", metavar="NAME")
     _add_client_options(delete)
+
+    backup = sub.add_parser("backup", help="pull-mode backup sessions")
+    bk = backup.add_subparsers(dest="action", required=True, metavar="ACTION")
+    begin = bk.add_parser("begin", help="fix a point in time and export every disk of VM")
+    begin.add_argument("vm", metavar="VM")
+    begin.add_argument(
+        "--from",
+        dest="from_checkpoint",
+        metavar="CKPT",
+        help="incremental: offer qemu:dirty-bitmap:CKPT (changed since CKPT)",
+    )
+    new = begin.add_mutually_exclusive_group()
+    new.add_argument("--checkpoint", metavar="NAME", help="name of the new checkpoint")
+    new.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not create a checkpoint at the point in time",
+    )
+    begin.add_argument(
+        "--all-checkpoints",
+        action="store_true",
+        help="offer a dirty-bitmap context for every valid checkpoint",
+    )
+    begin.add_argument(
+        "--bitmap-name", metavar="NAME", help="name the --from context qemu:dirty-bitmap:NAME"
+    )
+    _add_client_options(begin)
+    blist = bk.add_parser("list", help="backup sessions of VM")
+    blist.add_argument("vm", metavar="VM")
+    _add_client_options(blist)
+    end = bk.add_parser("end", help="end a backup session; its exports go")
+    end.add_argument("vm", metavar="VM")
+    end.add_argument("id", metavar="ID")
+    _add_client_options(end)
     return parser
 
 
@@ -187,6 +221,40 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_session(session: dict[str, Any]) -> str:
+    lines = [
+        f"session {session['id']} of VM {session['vm']}: {session['state']}"
+        + (f" ({session['error']})" if session.get("error") else ""),
+        f"  checkpoint {session['checkpoint'] or '-'}, from {session['from'] or '- (full)'}",
+    ]
+    for disk, info in session["disks"].items():
+        lines.append(f"  {disk}: {info['uri']}  contexts: {', '.join(info['contexts'])}")
+    return "\n".join(lines)
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    if args.action == "begin":
+        result = _client(
+            args,
+            "backup-begin",
+            vm=args.vm,
+            **{"from": args.from_checkpoint},
+            checkpoint=args.checkpoint,
+            no_checkpoint=args.no_checkpoint,
+            all_checkpoints=args.all_checkpoints,
+            bitmap_name=args.bitmap_name,
+        )
+        _emit(args, result, _describe_session(result))
+    elif args.action == "list":
+        result = _client(args, "backup-list", vm=args.vm)
+        text = "\n".join(_describe_session(s) for s in result)
+        _emit(args, result, text or f"VM {args.vm} has no backup session")
+    else:
+        result = _client(args, "backup-end", vm=args.vm, id=args.id)
+        _emit(args, result, f"session {args.id} ended")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     status = control.call(args.control or default_control(), "status")
     if args.json:
@@ -202,6 +270,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _cmd_status,
     "serve": _cmd_serve,
     "checkpoint": _cmd_checkpoint,
+    "backup": _cmd_backup,
 }
 
 

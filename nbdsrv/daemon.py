@@ -12,7 +12,9 @@ from .control import ControlServer
 from .errors import ConfigError
 from .net.address import Address
 from .net.server import NBDServer
+from .sessions import BeginRequest, SessionManager
 from .sources.file import FileExport
+from .vm import VM
 from .vms import VMRegistry
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,16 @@ class Daemon:
         self.config = config
         self.catalog = ExportCatalog()
         self.server = NBDServer(self.catalog)
-        self.vms = VMRegistry(config.state_dir)
+        self.sessions = SessionManager(
+            self.catalog,
+            config.scratch_dir or os.path.join(config.state_dir, "scratch"),
+            self.server.addresses,
+        )
+        self.vms = VMRegistry(
+            config.state_dir,
+            after_reconcile=self.sessions.clean_stale,
+            on_lost=self._vm_lost,
+        )
         self.control = ControlServer(
             config.control,
             {
@@ -42,6 +53,9 @@ class Daemon:
                 "checkpoint-create": self._checkpoint_create,
                 "checkpoint-list": self._checkpoint_list,
                 "checkpoint-delete": self._checkpoint_delete,
+                "backup-begin": self._backup_begin,
+                "backup-list": self._backup_list,
+                "backup-end": self._backup_end,
             },
         )
         self._stop = asyncio.Event()
@@ -86,6 +100,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.control.stop()
+        await self.sessions.end_all()
         await self.server.stop()
         self.catalog.close_all()
         await self.vms.stop()
@@ -103,7 +118,7 @@ class Daemon:
             "listen": [str(address) for address in self.server.addresses],
             "exports": exports,
             "vms": [await vm.describe() for vm in self.vms.vms.values()],
-            "sessions": [],
+            "sessions": [self.sessions.describe(s) for s in self.sessions.sessions.values()],
             "connections": len(self.server.connections),
         }
 
@@ -122,3 +137,30 @@ class Daemon:
         vm = self.vms.get(str(args["vm"]))
         await vm.delete_checkpoint(str(args["name"]))
         return {"deleted": args["name"]}
+
+    def _vm_lost(self, vm: VM, reason: str) -> None:
+        for session in self.sessions.sessions.values():
+            if session.vm is vm:
+                session.fail(reason)
+
+    async def _backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(str(args["vm"]))
+        request = BeginRequest(
+            vm=vm.name,
+            from_checkpoint=args.get("from"),
+            checkpoint=args.get("checkpoint"),
+            no_checkpoint=bool(args.get("no_checkpoint")),
+            all_checkpoints=bool(args.get("all_checkpoints")),
+            bitmap_name=args.get("bitmap_name"),
+        )
+        session = await self.sessions.begin(vm, request)
+        return self.sessions.describe(session)
+
+    async def _backup_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        vm = self.vms.get(str(args["vm"]))
+        return [self.sessions.describe(s) for s in self.sessions.sessions.values() if s.vm is vm]
+
+    async def _backup_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(str(args["vm"]))
+        await self.sessions.end(vm, str(args["id"]))
+        return {"ended": args["id"]}

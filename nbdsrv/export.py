@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from .proto.extents import Extent
 
-Segment = tuple[int, int, bytes | memoryview | None]
+Segment = tuple[int, int, bytes | bytearray | memoryview | None]
 
 
 class ExportGone(Exception):

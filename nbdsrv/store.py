@@ -94,3 +94,29 @@ class VMStore:
 
     def clear_intent(self) -> None:
         remove_durably(self.intent_path)
+
+    # -- backup sessions: one record per session, written before QEMU is touched --------------
+
+    @property
+    def sessions_dir(self) -> str:
+        return os.path.join(self.directory, "sessions")
+
+    def write_session(self, session_id: str, record: dict[str, Any]) -> None:
+        os.makedirs(self.sessions_dir, mode=0o700, exist_ok=True)
+        write_json(os.path.join(self.sessions_dir, f"{session_id}.json"), record)
+
+    def remove_session(self, session_id: str) -> None:
+        remove_durably(os.path.join(self.sessions_dir, f"{session_id}.json"))
+
+    def session_records(self) -> list[dict[str, Any]]:
+        try:
+            names = sorted(os.listdir(self.sessions_dir))
+        except FileNotFoundError:
+            return []
+        records = []
+        for name in names:
+            if name.endswith(".json"):
+                record = read_json(os.path.join(self.sessions_dir, name))
+                if record is not None:
+                    records.append(dict(record))
+        return records

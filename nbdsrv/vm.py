@@ -143,7 +143,8 @@ class VM:
 
     # -- operations -----------------------------------------------------------------------
 
-    async def _transaction(self, what: str, actions: list[tuple[str, dict[str, Any]]]) -> None:
+    async def transaction(self, what: str, actions: list[tuple[str, dict[str, Any]]]) -> None:
+        """Run a transaction whose intent is written (see the module docstring)."""
         try:
             await self.monitor.transaction(actions)
         except QMPTimeoutError:
@@ -155,49 +156,68 @@ class VM:
         except QEMUGoneError:
             raise
 
+    def load_checked(self, state: ChainState) -> CheckpointChain:
+        """The committed chain with every problem QEMU shows now written down."""
+        chain, _ = self._load()
+        return self._record_problems(chain, state)
+
+    def plan_checkpoint(
+        self, chain: CheckpointChain, state: ChainState, name: str | None, granularity: int | None
+    ) -> tuple[Checkpoint, list[tuple[str, dict[str, Any]]]]:
+        """Check the request; the new checkpoint and its transaction actions. Hold the lock."""
+        granularity = check_granularity(granularity or DEFAULT_GRANULARITY)
+        name = check_name(name or generated_name())
+        if chain.has(name):
+            raise CheckpointError(f"VM {self.name} already has a checkpoint '{name}'")
+        if not state:
+            raise CheckpointError(f"VM {self.name} has no disks")
+        return create_actions(chain, state, name, granularity)
+
+    def begin_create(self, checkpoint: Checkpoint) -> str:
+        """Write the intent of creating ``checkpoint``; its id. Hold the lock."""
+        op_id = uuid.uuid4().hex
+        self.store.write_intent({"id": op_id, "op": "create", "checkpoint": checkpoint.to_json()})
+        crash_point("checkpoint-create:after-intent")
+        return op_id
+
+    def commit_create(self, chain: CheckpointChain, checkpoint: Checkpoint, op_id: str) -> None:
+        crash_point("checkpoint-create:after-transaction")
+        self._commit(chain.added(checkpoint), op_id)
+        crash_point("checkpoint-create:after-commit")
+        self.store.clear_intent()
+        log.info("VM %s: checkpoint %s created", self.name, checkpoint.name)
+
     async def create_checkpoint(
         self, name: str | None = None, granularity: int | None = None
     ) -> Checkpoint:
-        granularity = check_granularity(granularity or DEFAULT_GRANULARITY)
-        name = check_name(name or generated_name())
         async with self.lock:
             state = await self.chains()
-            chain, _ = self._load()
-            chain = self._record_problems(chain, state)
-            if chain.has(name):
-                raise CheckpointError(f"VM {self.name} already has a checkpoint '{name}'")
-            if not state:
-                raise CheckpointError(f"VM {self.name} has no disks")
-            checkpoint, actions = create_actions(chain, state, name, granularity)
-            op_id = uuid.uuid4().hex
-            self.store.write_intent(
-                {"id": op_id, "op": "create", "checkpoint": checkpoint.to_json()}
-            )
-            crash_point("checkpoint-create:after-intent")
-            await self._transaction(f"checkpoint create {name}", actions)
-            crash_point("checkpoint-create:after-transaction")
-            self._commit(chain.added(checkpoint), op_id)
-            crash_point("checkpoint-create:after-commit")
-            self.store.clear_intent()
-            log.info("VM %s: checkpoint %s created", self.name, name)
+            chain = self.load_checked(state)
+            checkpoint, actions = self.plan_checkpoint(chain, state, name, granularity)
+            op_id = self.begin_create(checkpoint)
+            await self.transaction(f"checkpoint create {checkpoint.name}", actions)
+            self.commit_create(chain, checkpoint, op_id)
             return checkpoint
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
-            state = await self.chains()
-            chain, _ = self._load()
-            chain.find(name)
-            actions = delete_actions(chain, state, name)
-            op_id = uuid.uuid4().hex
-            self.store.write_intent({"id": op_id, "op": "delete", "name": name})
-            crash_point("checkpoint-delete:after-intent")
-            if actions:
-                await self._transaction(f"checkpoint delete {name}", actions)
-            crash_point("checkpoint-delete:after-transaction")
-            self._commit(merged_parent(chain, name), op_id)
-            crash_point("checkpoint-delete:after-commit")
-            self.store.clear_intent()
-            log.info("VM %s: checkpoint %s deleted", self.name, name)
+            await self.delete_checkpoint_locked(name)
+
+    async def delete_checkpoint_locked(self, name: str) -> None:
+        state = await self.chains()
+        chain, _ = self._load()
+        chain.find(name)
+        actions = delete_actions(chain, state, name)
+        op_id = uuid.uuid4().hex
+        self.store.write_intent({"id": op_id, "op": "delete", "name": name})
+        crash_point("checkpoint-delete:after-intent")
+        if actions:
+            await self.transaction(f"checkpoint delete {name}", actions)
+        crash_point("checkpoint-delete:after-transaction")
+        self._commit(merged_parent(chain, name), op_id)
+        crash_point("checkpoint-delete:after-commit")
+        self.store.clear_intent()
+        log.info("VM %s: checkpoint %s deleted", self.name, name)
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         async with self.lock:

@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .errors import ConfigError, NotFoundError
@@ -19,8 +19,17 @@ log = logging.getLogger(__name__)
 class VMRegistry:
     """Every VM of the daemon, by name, with what keeps its QEMU reachable."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        *,
+        after_reconcile: Callable[[VM], Awaitable[None]] | None = None,
+        on_lost: Callable[[VM, str], None] | None = None,
+    ) -> None:
         self.state_dir = state_dir
+        # Called after every reconciliation (start-up, QMP back) and when QEMU goes away.
+        self.after_reconcile = after_reconcile
+        self.on_lost = on_lost
         self.vms: dict[str, VM] = {}
         self._storage_daemons: dict[str, StorageDaemon] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -36,6 +45,12 @@ class VMRegistry:
             raise ConfigError(f"VM '{vm.name}' given twice")
         self.vms[vm.name] = vm
         vm.monitor.on_reconnect = lambda: self._spawn(self._reconcile(vm))
+        vm.monitor.on_disconnect = lambda reason: self._lost(vm, f"QMP connection lost: {reason}")
+
+    def _lost(self, vm: VM, reason: str) -> None:
+        vm.failure = reason
+        if self.on_lost is not None:
+            self.on_lost(vm, reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -45,6 +60,8 @@ class VMRegistry:
     async def _reconcile(self, vm: VM) -> None:
         try:
             await vm.reconcile()
+            if self.after_reconcile is not None:
+                await self.after_reconcile(vm)
             vm.failure = None
         except QEMUError as e:
             vm.failure = str(e)
@@ -81,9 +98,10 @@ class VMRegistry:
         self._storage_daemons[name] = qsd
 
         def exited(returncode: int, tail: str) -> None:
-            vm.failure = (
+            self._lost(
+                vm,
                 f"qemu-storage-daemon {describe_status(returncode)}: "
-                f"{tail.strip().splitlines()[-1] if tail.strip() else 'no message'}"
+                f"{tail.strip().splitlines()[-1] if tail.strip() else 'no message'}",
             )
 
         qsd.on_exit = exited

@@ -532,12 +532,14 @@ class ServerConnection:
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, request.cookie)
 
     def read_reply(
-        self, request: Request, segments: Sequence[tuple[int, int, bytes | memoryview | None]]
-    ) -> list[bytes | memoryview]:
+        self,
+        request: Request,
+        segments: Sequence[tuple[int, int, bytes | bytearray | memoryview | None]],
+    ) -> list[bytes | bytearray | memoryview]:
         """Buffers answering a READ; ``segments`` are ``(offset, length, data or None)`` in
         order, covering the request, ``None`` meaning the range reads as zeroes."""
         if not self.structured:
-            out: list[bytes | memoryview] = [
+            out: list[bytes | bytearray | memoryview] = [
                 wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
             ]
             out.extend(data if data is not None else bytes(length) for _, length, data in segments)

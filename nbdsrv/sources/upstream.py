@@ -1,0 +1,143 @@
+"""A session export: data and allocation read from QEMU's fleecing export through nbdsrv's own
+NBD client; dirty-bitmap contexts answered from memory."""
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+
+from ..bitmap import DirtyBitmap
+from ..export import Export, Segment
+from ..net.address import Address
+from ..net.client import NBDClient
+from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
+from ..proto.errors import NBDError
+from ..proto.extents import Extent
+
+log = logging.getLogger(__name__)
+
+# Connections to QEMU's export per session disk; each carries many requests at once.
+UPSTREAM_CONNECTIONS = 2
+# Largest block-status request sent upstream (compact headers: 32-bit lengths).
+MAX_UPSTREAM_STATUS = (1 << 32) - (1 << 20)
+
+
+async def fetch_bitmap(
+    address: Address, export: str, context: str, size: int, granularity: int
+) -> DirtyBitmap:
+    """Read a whole bitmap context from an NBD export into memory."""
+    client = await NBDClient.connect(address, export, contexts=[context])
+    try:
+        if context not in client.contexts.values():
+            raise NBDError(f"QEMU's export {export} does not offer {context}")
+        bitmap = DirtyBitmap(size, granularity)
+        offset = 0
+        while offset < size:
+            status = await client.block_status(offset, min(size - offset, MAX_UPSTREAM_STATUS))
+            extents = status.get(context)
+            if not extents:
+                raise NBDError(f"no extents for {context} at {offset}")
+            for length, flags in extents:
+                length = min(length, size - offset)
+                if flags & 1:
+                    bitmap.mark(offset, length)
+                offset += length
+                if offset >= size:
+                    break
+        return bitmap
+    finally:
+        await client.close()
+
+
+class UpstreamExport(Export):
+    """``VM/DISK`` of a backup session."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        address: Address,
+        upstream_export: str,
+        bitmaps: Mapping[str, DirtyBitmap],
+        description: str = "",
+    ) -> None:
+        super().__init__(name, size, description)
+        self.address = address
+        self.upstream_export = upstream_export
+        self.bitmaps = dict(bitmaps)
+        self.failure: str | None = None
+        self._clients: list[NBDClient] = []
+        self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
+
+    @property
+    def contexts(self) -> Sequence[str]:
+        return (BASE_ALLOCATION, *self.bitmaps)
+
+    async def open(self) -> None:
+        for _ in range(UPSTREAM_CONNECTIONS):
+            self._clients.append(
+                await NBDClient.connect(
+                    self.address, self.upstream_export, contexts=[BASE_ALLOCATION]
+                )
+            )
+
+    def fail(self, reason: str) -> None:
+        """From now on every request gets EIO: the point in time can no longer be trusted."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("export %s failed: %s", self.name, reason)
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise OSError(errno.EIO, f"backup session failed: {self.failure}")
+
+    def _client(self) -> NBDClient:
+        return self._clients[next(self._next)]
+
+    async def read(self, offset: int, length: int) -> list[Segment]:
+        self._check()
+        try:
+            data = await self._client().read(offset, length)
+        except NBDError as e:
+            raise OSError(errno.EIO, f"reading from QEMU: {e}") from e
+        # A failure noticed while the read was under way may mean data from after the point
+        # in time: never hand it out.
+        self._check()
+        return [(offset, length, data)]
+
+    async def extents(self, context: str, offset: int, length: int) -> list[Extent]:
+        self._check()
+        bitmap = self.bitmaps.get(context)
+        if bitmap is not None:
+            return bitmap.extents(offset, length, MAX_BLOCK_STATUS_EXTENTS)
+        if context != BASE_ALLOCATION:
+            raise OSError(errno.EINVAL, f"unknown context {context}")
+        try:
+            status = await self._client().block_status(offset, min(length, MAX_UPSTREAM_STATUS))
+        except NBDError as e:
+            raise OSError(errno.EIO, f"block status from QEMU: {e}") from e
+        self._check()
+        return status.get(BASE_ALLOCATION, [])
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "kind": "session", "failure": self.failure}
+
+    def close(self) -> None:
+        super().close()
+        clients, self._clients = self._clients, []
+        for client in clients:
+            task = asyncio.get_running_loop().create_task(client.close())
+            _CLOSING.add(task)
+            task.add_done_callback(_CLOSING.discard)
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, []
+        super().close()
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+_CLOSING: set["asyncio.Task[None]"] = set()
