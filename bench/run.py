@@ -109,7 +109,20 @@ def machine_info() -> dict[str, Any]:
         "nbdkit": first_line(["nbdkit", "--version"]),
         "libnbd": libnbd,
         "nbdsrv": first_line([str(nbdsrv_bin()), "--version"]),
+        "nbdsrv tree": git_state(),
     }
+
+
+def git_state() -> str:
+    """The commit of the nbdsrv measured, and whether nbdsrv/ had uncommitted changes."""
+    git = ["git", "-C", str(ROOT)]
+    head = first_line([*git, "rev-parse", "--short", "HEAD"])
+    with contextlib.suppress(OSError):
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "nbdsrv"], capture_output=True, check=False
+        ).stdout.strip()
+        return f"{head} (nbdsrv/ has uncommitted changes)" if dirty else head
+    return head
 
 
 def nbdsrv_bin() -> Path:
