@@ -1,0 +1,198 @@
+"""Helpers for tests that drive real programs: external tools and the nbdsrv daemon itself.
+
+- :func:`require_tool` — the path of a tool; a missing tool fails in CI
+  (``NBDSRV_REQUIRE_TOOLS=1``) and skips elsewhere.
+- :func:`run` — run a command with a timeout; a failure shows the command, status and stderr.
+- :class:`DaemonProcess` — ``python -m nbdsrv daemon …`` as a subprocess: started, polled
+  until ``nbdsrv status`` answers, stopped with a signal and checked for a clean exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Generous for a loaded 2-core machine, far below a test's budget.
+TIMEOUT = 30.0
+READY_TIMEOUT = 20.0
+
+# Debian's python3-libnbd is built for /usr/bin/python3; nbdsh runs the first python3 on PATH.
+SYSTEM_PATH_FIRST = {"PATH": "/usr/bin:" + os.environ.get("PATH", "")}
+
+
+def require_tool(name: str) -> str:
+    """Path of the program ``name``. Missing: fail under NBDSRV_REQUIRE_TOOLS=1, else skip."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if os.environ.get("NBDSRV_REQUIRE_TOOLS") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def _describe(argv: Sequence[str], result: subprocess.CompletedProcess[str] | None) -> str:
+    text = f"command: {shlex.join(argv)}"
+    if result is not None:
+        text += f"\nexit status: {result.returncode}"
+        if result.stdout:
+            text += f"\nstdout:\n{result.stdout.rstrip()}"
+        text += f"\nstderr:\n{result.stderr.rstrip() or '(empty)'}"
+    return text
+
+
+def run_result(
+    argv: Sequence[str],
+    *,
+    timeout: float = TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (text mode, stdout and stderr captured) and return whatever happened.
+    ``env`` entries are added to the current environment. A timeout fails the test."""
+    full_env = {**os.environ, **env} if env is not None else None
+    try:
+        return subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        pytest.fail(
+            f"timed out after {timeout:g} s\n{_describe(argv, None)}\nstderr:\n{stderr or ''}",
+            pytrace=False,
+        )
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+) -> str:
+    """Run ``argv``, require exit status 0 and return its stdout."""
+    result = run_result(argv, timeout=timeout, env=env, input=input)
+    if result.returncode != 0:
+        pytest.fail(f"command failed\n{_describe(argv, result)}", pytrace=False)
+    return result.stdout
+
+
+def run_fails(
+    argv: Sequence[str],
+    *,
+    timeout: float = TIMEOUT,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv``, require a non-zero exit status and return the result."""
+    result = run_result(argv, timeout=timeout, env=env)
+    if result.returncode == 0:
+        pytest.fail(f"command succeeded but should have failed\n{_describe(argv, result)}")
+    return result
+
+
+def nbdsrv_argv(*args: str) -> list[str]:
+    """The nbdsrv CLI of the Python running the tests."""
+    return [sys.executable, "-m", "nbdsrv", *args]
+
+
+class DaemonProcess:
+    """``nbdsrv daemon`` in a subprocess; stderr goes to ``log_path``.
+
+    >>> d = DaemonProcess(["--state-dir", s, "--control", c, "--file", "a=/x"], c, log)
+    >>> d.start(); status = d.status(); ...; d.stop()
+    """
+
+    def __init__(self, args: Sequence[str], control: str | Path, log_path: str | Path) -> None:
+        self.args = list(args)
+        self.control = str(control)
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        """The daemon's stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Start the daemon and wait until ``nbdsrv status`` answers; return the status."""
+        argv = nbdsrv_argv("daemon", "--control", self.control, *self.args)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.returncode = self.proc.returncode
+                pytest.fail(
+                    f"nbdsrv daemon exited with status {self.returncode} before it was ready\n"
+                    f"command: {shlex.join(argv)}\nstderr:\n{self.log()}",
+                    pytrace=False,
+                )
+            result = run_result(nbdsrv_argv("status", "--control", self.control, "--json"))
+            if result.returncode == 0:
+                status: dict[str, Any] = json.loads(result.stdout)
+                return status
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(
+                    f"nbdsrv daemon not ready after {timeout:g} s\n"
+                    f"last status error: {result.stderr.strip()}\nstderr:\n{self.log()}",
+                    pytrace=False,
+                )
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = json.loads(
+            run(nbdsrv_argv("status", "--control", self.control, "--json"))
+        )
+        return status
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        """Send ``sig`` and wait for the exit status; a daemon that does not stop is killed
+        and fails the test."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(
+                    f"nbdsrv daemon still running {timeout:g} s after "
+                    f"{signal.Signals(sig).name}\nstderr:\n{self.log()}",
+                    pytrace=False,
+                )
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def kill(self) -> None:
+        """Last resort: SIGKILL the daemon (its own process group) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
