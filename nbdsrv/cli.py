@@ -115,6 +115,13 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         "--qmp", metavar="VM=PATH", action="append", default=[], help="QMP socket of a VM"
     )
     daemon.add_argument(
+        "--qemu-nbd",
+        metavar="VM=PATH",
+        action="append",
+        default=[],
+        help="unix socket of the NBD server that VM's QEMU already runs (QEMU runs only one)",
+    )
+    daemon.add_argument(
         "--image",
         metavar="VM=PATH[,PATH...]",
         action="append",
@@ -133,6 +140,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         listen=[parse_address(a) for a in (args.listen or [DEFAULT_LISTEN])],
         files=[_name_value(f, "--file") for f in args.file],
         qmp=[_name_value(q, "--qmp") for q in args.qmp],
+        qemu_nbd=dict(_name_value(q, "--qemu-nbd") for q in args.qemu_nbd),
         images=_images(args),
         scratch_dir=args.scratch_dir,
     )

@@ -27,6 +27,7 @@ class DaemonConfig:
     listen: list[Address]
     files: list[tuple[str, str]] = field(default_factory=list)
     qmp: list[tuple[str, str]] = field(default_factory=list)
+    qemu_nbd: dict[str, str] = field(default_factory=dict)
     images: list[tuple[str, list[str]]] = field(default_factory=list)
     scratch_dir: str | None = None
 
@@ -86,8 +87,11 @@ class Daemon:
                 raise ConfigError(f"cannot export {path} as '{name}': {e.strerror or e}") from e
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+        for vm in self.config.qemu_nbd:
+            if vm not in dict(self.config.qmp):
+                raise ConfigError(f"--qemu-nbd names VM '{vm}' that has no --qmp")
         for name, path in self.config.qmp:
-            await self.vms.add_qmp(name, path)
+            await self.vms.add_qmp(name, path, self.config.qemu_nbd.get(name))
         for name, images in self.config.images:
             await self.vms.add_images(name, images)
         for address in self.config.listen:

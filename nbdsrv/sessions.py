@@ -130,8 +130,8 @@ class SessionManager:
         os.makedirs(self.scratch_dir, mode=0o700, exist_ok=True)
         plan = fleece.FleecePlan(
             session=session_id,
-            nbd_socket=vm.live_socket or os.path.join(vm.store.directory, "fleece.sock"),
-            start_nbd_server=vm.live_socket is None,
+            nbd_socket=vm.nbd_socket or os.path.join(vm.store.directory, "fleece.sock"),
+            start_nbd_server=vm.nbd_socket is None,
             disks=tuple(
                 _plan_disk(session_id, disk, layers, wanted, self.scratch_dir)
                 for disk, layers in sorted(state.items())

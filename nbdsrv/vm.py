@@ -59,6 +59,9 @@ class VM:
         self.roots = list(roots) if roots is not None else None
         self.lock = asyncio.Lock()
         self.live_socket: str | None = None
+        # An NBD server QEMU already runs (unix socket): sessions export there, since QEMU
+        # runs at most one. None: nbdsrv starts its own for each session.
+        self.nbd_socket: str | None = None
         self.failure: str | None = None
 
     # -- QEMU state ---------------------------------------------------------------------------

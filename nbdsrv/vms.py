@@ -67,10 +67,12 @@ class VMRegistry:
             vm.failure = str(e)
             log.error("VM %s: reconciliation failed: %s", vm.name, e)
 
-    async def add_qmp(self, name: str, path: str) -> None:
-        """A QEMU run by someone else; nbdsrv must have the QMP socket to itself."""
+    async def add_qmp(self, name: str, path: str, nbd_socket: str | None = None) -> None:
+        """A QEMU run by someone else; nbdsrv must have the QMP socket to itself.
+        ``nbd_socket``: the unix socket of an NBD server that QEMU already runs."""
         monitor = Monitor(path, name=f"vm-{name}")
         vm = VM(name, monitor, VMStore(self.state_dir, name))
+        vm.nbd_socket = nbd_socket
         self._add(vm)
         try:
             await monitor.connect(timeout=5)
@@ -107,7 +109,7 @@ class VMRegistry:
         qsd.on_exit = exited
         await qsd.start()
         vm.roots = list(qsd.disks)
-        vm.live_socket = str(qsd.live_socket)
+        vm.live_socket = vm.nbd_socket = str(qsd.live_socket)
         await self._reconcile(vm)
 
     async def stop(self) -> None:

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tests.checkpoints.conftest import ExternalQSD, MiB, Nbdsrv
 from tests.qmp_sync import QMPFailed
+from tests.vmharness import ExternalQSD, MiB, Nbdsrv
 
 K = 1024
 

@@ -3,7 +3,7 @@ a state that agrees with QEMU."""
 
 import pytest
 
-from tests.checkpoints.conftest import ExternalQSD, MiB, Nbdsrv, wait_for
+from tests.vmharness import ExternalQSD, MiB, Nbdsrv, wait_for
 
 K = 1024
 

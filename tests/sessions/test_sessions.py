@@ -1,0 +1,287 @@
+"""Pull-mode backup sessions end to end: real qemu-storage-daemon, real NBD clients, and
+correctness by content against a byte-for-byte model of each disk."""
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tools import require_tool
+from tests.vmharness import DISK_SIZE, ExternalQSD, MiB, Nbdsrv, wait_for
+
+K = 1024
+GRANULARITY = 64 * K
+HERE = Path(__file__).parent
+
+
+def sha(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def begin(nbdsrv: Nbdsrv, *args: str) -> dict[str, Any]:
+    return dict(nbdsrv.json("backup", "begin", "vm1", *args))
+
+
+def end(nbdsrv: Nbdsrv, session: dict[str, Any]) -> None:
+    result = nbdsrv.cli("backup", "end", "vm1", session["id"])
+    assert result.returncode == 0, result.stderr
+
+
+def nbdcopy(uri: str, target: Path) -> bytes:
+    subprocess.run([require_tool("nbdcopy"), uri, str(target)], check=True, timeout=120)
+    return target.read_bytes()
+
+
+def incremental(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
+    """Read only the dirty extents of ``context`` into ``target`` with libnbd."""
+    require_tool("nbdsh")
+    out = subprocess.run(
+        ["/usr/bin/python3", str(HERE / "libnbd_copy.py"), uri, context, str(target)],
+        check=True, capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    return [tuple(x) for x in json.loads(out)]  # type: ignore[misc]
+
+
+def blocks(ranges: list[tuple[int, int]]) -> set[int]:
+    return {b for o, n in ranges for b in range(o // GRANULARITY, (o + n - 1) // GRANULARITY + 1)}
+
+
+def qemu_leftovers(vm: ExternalQSD) -> list[str]:
+    """Anything of nbdsrv's sessions still in QEMU."""
+    assert vm.qmp is not None
+    nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
+    jobs = [j["device"] for j in vm.qmp.execute("query-block-jobs")]
+    exports = [e["id"] for e in vm.qmp.execute("query-block-exports")]
+    return [x for x in nodes + jobs + exports if x.startswith("nbdsrv-")]
+
+
+def test_full_backup_reads_the_point_in_time(
+    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+) -> None:
+    vm.write(0, 0x11, 0, 1 * MiB)
+    vm.write(0, 0x22, 5 * MiB, 256 * K)
+    expected = bytes(vm.models[0])
+    session = begin(nbdsrv)
+    assert session["checkpoint"] and session["from"] is None
+    assert session["disks"]["disk0"]["export"] == "vm1/disk0"
+    assert session["disks"]["disk0"]["contexts"] == ["base:allocation"]
+    # After the point in time: must never show in the export.
+    vm.write(0, 0x33, 0, 8 * MiB)
+    uri = nbdsrv.uri("vm1/disk0")
+    assert sha(nbdcopy(uri, workdir / "full.raw")) == sha(expected)
+    subprocess.run(
+        [require_tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", uri,
+         str(workdir / "convert.raw")],
+        check=True, timeout=120,
+    )  # fmt: skip
+    assert sha((workdir / "convert.raw").read_bytes()) == sha(expected)
+    end(nbdsrv, session)
+    assert qemu_leftovers(vm) == []
+    assert os.listdir(Path(nbdsrv.state_dir) / "scratch") == []
+    assert [c["name"] for c in nbdsrv.checkpoints()] == [session["checkpoint"]]
+
+
+def test_incremental_rounds_rebuild_every_point_in_time(
+    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+) -> None:
+    rng = random.Random(4321)
+
+    def random_writes(count: int) -> list[tuple[int, int]]:
+        done = []
+        for _ in range(count):
+            offset = rng.randrange(0, DISK_SIZE // (4 * K)) * 4 * K
+            length = min(rng.choice([4 * K, 16 * K, 64 * K, 200 * K]), DISK_SIZE - offset)
+            vm.write(0, rng.randrange(1, 256), offset, length)
+            done.append((offset, length))
+        return done
+
+    random_writes(20)
+    session = begin(nbdsrv, "--checkpoint", "c0")
+    image = workdir / "rebuilt.raw"
+    expected = bytes(vm.models[0])
+    # After the point in time: not in this backup, but in the next incremental.
+    since_checkpoint = random_writes(5)
+    assert sha(nbdcopy(nbdsrv.uri("vm1/disk0"), image)) == sha(expected)
+    end(nbdsrv, session)
+    for round_ in range(1, 4):
+        written = since_checkpoint + random_writes(15)
+        session = begin(nbdsrv, "--from", f"c{round_ - 1}", "--checkpoint", f"c{round_}")
+        expected = bytes(vm.models[0])
+        since_checkpoint = random_writes(5)
+        context = f"qemu:dirty-bitmap:c{round_ - 1}"
+        assert session["disks"]["disk0"]["contexts"] == ["base:allocation", context]
+        dirty = incremental(nbdsrv.uri("vm1/disk0"), context, image)
+        assert blocks(dirty) == blocks(written), f"round {round_}"
+        assert sha(image.read_bytes()) == sha(expected), f"round {round_}"
+        end(nbdsrv, session)
+    assert qemu_leftovers(vm) == []
+
+
+def test_dirty_map_matches_with_nbdinfo_and_qemu_img(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    vm.write(0, 0x44, 1 * MiB, 64 * K)
+    vm.write(0, 0x45, 3 * MiB + 4 * K, 8 * K)
+    session = begin(nbdsrv, "--from", "c1")
+    uri = nbdsrv.uri("vm1/disk0")
+    out = subprocess.run(
+        [require_tool("nbdinfo"), "--json", "--map=qemu:dirty-bitmap:c1", uri],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    dirty = [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1]
+    assert dirty == [(1 * MiB, 64 * K), (3 * MiB, 64 * K)]
+    image_opts = (
+        f"driver=nbd,server.type=unix,server.path={nbdsrv.nbd_socket},export=vm1/disk0,"
+        "x-dirty-bitmap=qemu:dirty-bitmap:c1"
+    )
+    out = subprocess.run(
+        [require_tool("qemu-img"), "map", "--output=json", "--image-opts", image_opts],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    # qemu-img reads the dirty bit as a hole bit: dirty shows as "data": false.
+    assert [(e["start"], e["length"]) for e in json.loads(out) if not e["data"]] == dirty
+    end(nbdsrv, session)
+
+
+def test_all_checkpoints_offers_each_since_context(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    writes = {}
+    for i in range(3):
+        nbdsrv.json("checkpoint", "create", "vm1", "--name", f"c{i}")
+        writes[f"c{i}"] = (i * 2 * MiB, 64 * K)
+        vm.write(0, 0x50 + i, *writes[f"c{i}"])
+    session = begin(nbdsrv, "--all-checkpoints", "--no-checkpoint")
+    contexts = session["disks"]["disk0"]["contexts"]
+    assert contexts == ["base:allocation"] + [f"qemu:dirty-bitmap:c{i}" for i in range(3)]
+    assert session["checkpoint"] is None
+    uri = nbdsrv.uri("vm1/disk0")
+    for i in range(3):
+        out = subprocess.run(
+            [require_tool("nbdinfo"), "--json", f"--map=qemu:dirty-bitmap:c{i}", uri],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
+        dirty = [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1]
+        assert dirty == [writes[f"c{j}"] for j in range(i, 3)]
+    end(nbdsrv, session)
+    assert [c["name"] for c in nbdsrv.checkpoints()] == ["c0", "c1", "c2"]
+
+
+def test_bitmap_name_renames_the_context(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    session = begin(nbdsrv, "--from", "c1", "--bitmap-name", "backup-vda")
+    assert session["disks"]["disk0"]["contexts"] == [
+        "base:allocation",
+        "qemu:dirty-bitmap:backup-vda",
+    ]
+    end(nbdsrv, session)
+
+
+@pytest.mark.parametrize("vm", [("qcow2", "qcow2")], indirect=True)
+def test_two_disks_share_one_point_in_time(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path) -> None:
+    vm.write(0, 0x61, 0, 1 * MiB)
+    vm.write(1, 0x62, 2 * MiB, 1 * MiB)
+    expected = [bytes(m) for m in vm.models]
+    session = begin(nbdsrv)
+    vm.write(0, 0x71, 0, 4 * MiB)
+    vm.write(1, 0x72, 0, 4 * MiB)
+    for i in range(2):
+        data = nbdcopy(nbdsrv.uri(f"vm1/disk{i}"), workdir / f"d{i}.raw")
+        assert sha(data) == sha(expected[i])
+    end(nbdsrv, session)
+
+
+def test_bad_begin_creates_nothing(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    assert nbdsrv.error("backup", "begin", "vm1", "--from", "nope") == "no checkpoint 'nope'"
+    assert "--bitmap-name" in nbdsrv.error("backup", "begin", "vm1", "--bitmap-name", "x")
+    assert nbdsrv.error("backup", "begin", "vmX") == "no VM named 'vmX'"
+    assert [c["name"] for c in nbdsrv.checkpoints()] == ["c1"]
+    assert qemu_leftovers(vm) == []
+    assert vm.qmp is not None
+    assert set(vm.qmp.bitmaps("disk0")) == {"c1"}
+    scratch = Path(nbdsrv.state_dir) / "scratch"
+    assert not scratch.exists() or os.listdir(scratch) == []
+
+
+def test_invalid_from_checkpoint_is_refused(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
+    assert vm.qmp is not None
+    vm.qmp.execute("block-dirty-bitmap-remove", node="disk0", name="c2")
+    message = nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
+    assert "cannot be used" in message and "c2" in message
+    assert qemu_leftovers(vm) == []
+
+
+def test_one_session_per_vm(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    session = begin(nbdsrv)
+    assert "already has a backup session" in nbdsrv.error("backup", "begin", "vm1")
+    listed = nbdsrv.json("backup", "list", "vm1")
+    assert [s["id"] for s in listed] == [session["id"]]
+    assert listed[0]["state"] == "running"
+    end(nbdsrv, session)
+    assert nbdsrv.json("backup", "list", "vm1") == []
+    assert "no backup session" in nbdsrv.error("backup", "end", "vm1", session["id"])
+
+
+def test_ended_session_export_is_gone(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    session = begin(nbdsrv)
+    uri = nbdsrv.uri("vm1/disk0")
+    script = (
+        "import nbd, sys\n"
+        "h = nbd.NBD(); h.connect_uri(sys.argv[1])\n"
+        "h.pread(4096, 0)\n"
+        "sys.stdin.readline()\n"
+        "try:\n    h.pread(4096, 0)\nexcept nbd.Error as e:\n    print(e.errno)\n"
+    )
+    reader = subprocess.Popen(
+        ["/usr/bin/python3", "-c", script, uri],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)  # the reader is connected and has read once
+        end(nbdsrv, session)
+        out, _ = reader.communicate("go\n", timeout=60)
+    finally:
+        reader.kill()
+    assert out.strip() == "ESHUTDOWN"
+    result = subprocess.run(
+        [require_tool("nbdinfo"), uri], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    # libnbd reports NBD_REP_ERR_UNKNOWN as ENOENT.
+    assert "No such file or directory for export: vm1/disk0" in result.stderr
+
+
+def test_daemon_restart_cleans_stale_session(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    begin(nbdsrv)
+    assert qemu_leftovers(vm) != []
+    assert nbdsrv.proc is not None
+    nbdsrv.proc.kill()
+    nbdsrv.proc.wait(30)
+    nbdsrv.start()
+    assert qemu_leftovers(vm) == []
+    assert os.listdir(Path(nbdsrv.state_dir) / "scratch") == []
+    assert nbdsrv.json("backup", "list", "vm1") == []
+
+
+def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    session = begin(nbdsrv)
+    vm.kill()
+    wait_for(
+        lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
+        "the session to fail",
+    )
+    listed = nbdsrv.json("backup", "list", "vm1")[0]
+    assert listed["error"]
+    result = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read 0 4k", nbdsrv.uri("vm1/disk0")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Input/output error" in result.stdout + result.stderr
+    vm.start()
+    end(nbdsrv, session)
