@@ -42,7 +42,7 @@ def incremental(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
     """Read only the dirty extents of ``context`` into ``target`` with libnbd."""
     require_tool("nbdsh")
     out = subprocess.run(
-        ["/usr/bin/python3", str(HERE / "libnbd_copy.py"), uri, context, str(target)],
+        ["/usr/bin/python3", str(HERE.parent.parent / "scripts" / "incremental_copy.py"), uri, context, str(target)],
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     return [tuple(x) for x in json.loads(out)]  # type: ignore[misc]

@@ -1,7 +1,7 @@
 """Copy the dirty extents of an export into a file with libnbd, as a backup tool does.
 
 Run with Debian's /usr/bin/python3 (python3-libnbd):
-    libnbd_copy.py URI CONTEXT TARGET
+    incremental_copy.py URI CONTEXT TARGET
 Prints the dirty (offset, length) extents as JSON. Only dirty ranges are read.
 """
 
