@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import ControlError, NbdsrvError
+from .net.socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        clear_stale_socket(self.path)  # never another daemon's live socket
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
@@ -42,9 +42,10 @@ class ControlServer:
         log.info("control socket %s", self.path)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._server is None:
+            return  # never started: whatever is at the path is not ours
+        self._server.close()
+        self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 

@@ -12,6 +12,7 @@ from .control import ControlServer
 from .errors import ConfigError
 from .net.address import Address
 from .net.server import NBDServer
+from .net.socket_path import clear_stale_socket
 from .sessions import BeginRequest, SessionManager
 from .sources.file import FileExport
 from .vm import VM
@@ -96,11 +97,16 @@ class Daemon:
             await self.vms.add_images(name, images)
         for address in self.config.listen:
             try:
+                if address.kind == "unix":
+                    clear_stale_socket(address.path)
                 await self.server.listen(address)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {address}: {e.strerror or e}") from e
         # The control socket comes last: `nbdsrv status` succeeding means ready.
-        await self.control.start()
+        try:
+            await self.control.start()
+        except OSError as e:
+            raise ConfigError(f"cannot open the control socket: {e.strerror or e}") from e
 
     async def shutdown(self) -> None:
         await self.control.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Served, StartDaemon
-from tests.tools import nbdsrv_argv, run, run_fails
+from tests.tools import nbdsrv_argv, require_tool, run, run_fails
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"
@@ -177,3 +177,39 @@ def test_sigterm_with_clients_connected_stops_cleanly_and_closes_them(nbdsrv: Se
         idle.close()
         handshaking.close()
     assert not os.path.exists(nbdsrv.unix_socket)
+
+
+def test_listen_path_that_is_not_a_socket_is_refused_and_kept(short_dir: Path) -> None:
+    precious = short_dir / "precious.txt"
+    precious.write_text("not a socket\n")
+    control = short_dir / "ctl.sock"
+    argv = nbdsrv_argv(
+        "daemon",
+        *("--state-dir", str(short_dir / "state"), "--control", str(control)),
+        *("--listen", f"unix:{precious}"),
+    )
+    result = run_fails(argv)
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, str(precious))
+    assert precious.read_text() == "not a socket\n"
+    assert not control.exists()
+
+
+@pytest.mark.parametrize("shared", ["control", "listen"])
+def test_second_daemon_on_the_same_socket_is_refused_and_the_first_keeps_serving(
+    nbdsrv: Served, short_dir: Path, shared: str
+) -> None:
+    control = nbdsrv.control if shared == "control" else str(short_dir / "second.ctl")
+    unix = nbdsrv.unix_socket if shared == "listen" else str(short_dir / "second.sock")
+    argv = nbdsrv_argv(
+        "daemon",
+        *("--state-dir", str(short_dir / "second.state"), "--control", control),
+        *("--listen", f"unix:{unix}", "--file", f"other={nbdsrv.images['odd'].path}"),
+    )
+    result = run_fails(argv)
+    assert result.returncode == 1, result.stderr
+    assert_one_error_line(result.stderr, "in use")
+    # The first daemon still answers on both of its sockets.
+    assert nbdsrv.daemon.status()["pid"] == nbdsrv.daemon.pid
+    size = run([require_tool("nbdinfo"), "--size", nbdsrv.unix_uri("sparse")])
+    assert int(size) == nbdsrv.images["sparse"].size
