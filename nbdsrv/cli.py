@@ -13,6 +13,7 @@ from typing import Any
 from . import __version__, control
 from .daemon import Daemon, DaemonConfig
 from .errors import ConfigError, NbdsrvError
+from .memory import keep_read_buffers
 from .net.address import parse_address
 from .paths import default_control, default_state_dir
 
@@ -173,6 +174,7 @@ def _cmd_daemon(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s nbdsrv[%(process)d] %(levelname)s %(name)s: %(message)s"
     )
+    keep_read_buffers()
     _run_async(Daemon(_config(args)).run())
     return 0
 

@@ -65,15 +65,18 @@ class FileExport(Export):
             return [(offset, end, True)]
         runs: list[tuple[int, int, bool]] = []
         pos = offset
+        data = self._next(os.SEEK_DATA, pos)
         while pos < end and len(runs) < limit:
-            data = self._next(os.SEEK_DATA, pos)
             if data > pos:
                 runs.append((pos, min(data, end), False))
                 pos = data
                 continue
+            # pos is data: the next hole ends this run, and data resumes after that hole.
             hole = self._next(os.SEEK_HOLE, pos)
             runs.append((pos, min(hole, end), True))
             pos = hole
+            if pos < end:
+                data = self._next(os.SEEK_DATA, pos)
         return runs
 
     async def read(self, offset: int, length: int) -> list[Segment]:
