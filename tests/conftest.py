@@ -11,7 +11,8 @@
 ``odd`` (5000 bytes, not a multiple of 512), random data from a fixed seed.
 
 Every daemon started through ``nbdsrv_daemons`` is stopped at teardown with SIGTERM and must
-exit 0 having removed its unix and control sockets. Its stderr is attached to failed reports.
+exit 0 having removed its unix and control sockets and logged no traceback. Its stderr is
+attached to failed reports.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def nbdsrv_daemons(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[
     """``start(*args, name="d0")`` starts ``nbdsrv daemon --state-dir … --control … *args``
     with state, control socket and log in a short temporary directory, and waits until it is
     ready. At teardown each daemon still running gets SIGTERM; every daemon must have exited
-    with status 0 and removed its control socket and its ``unix:`` listen sockets."""
+    with status 0, removed its control socket and its ``unix:`` listen sockets, and logged
+    no traceback."""
     daemons: list[DaemonProcess] = []
     request.node.stash[_daemons_key] = daemons
 
@@ -166,6 +168,8 @@ def nbdsrv_daemons(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[
         for path in sockets:
             if os.path.lexists(path):
                 problems.append(f"{daemon.log_path.name}: {path} left behind after exit")
+        if "Traceback" in daemon.log():
+            problems.append(f"{daemon.log_path.name}: a traceback in the daemon's log")
     if problems:
         logs = "\n".join(f"--- {d.log_path.name}\n{d.log()}" for d in daemons)
         pytest.fail("unclean daemon exit:\n" + "\n".join(problems) + "\n" + logs, pytrace=False)

@@ -213,3 +213,18 @@ def test_second_daemon_on_the_same_socket_is_refused_and_the_first_keeps_serving
     assert nbdsrv.daemon.status()["pid"] == nbdsrv.daemon.pid
     size = run([require_tool("nbdinfo"), "--size", nbdsrv.unix_uri("sparse")])
     assert int(size) == nbdsrv.images["sparse"].size
+
+
+def test_client_vanishing_mid_reply_leaves_the_daemon_serving(
+    nbdsrv: Served, tmp_path: Path
+) -> None:
+    sock = connect_in_transmission(nbdsrv.unix_socket, "sparse")
+    size = nbdsrv.images["sparse"].size
+    request = struct.Struct(">IHHQQI")  # magic, flags, type (0 = READ), cookie, offset, length
+    sock.sendall(b"".join(request.pack(0x25609513, 0, 0, i, 0, size) for i in range(16)))
+    sock.recv(4096)  # replies have started
+    sock.close()  # with megabytes of replies still to come
+    target = tmp_path / "copy.raw"
+    run([require_tool("nbdcopy"), nbdsrv.unix_uri("sparse"), str(target)])
+    assert target.read_bytes() == nbdsrv.images["sparse"].content()
+    assert nbdsrv.daemon.status()["pid"] == nbdsrv.daemon.pid

@@ -202,3 +202,36 @@ def test_write_on_the_read_only_export_fails_with_eperm(nbdsrv: Served) -> None:
     assert result["pwrite"] is not None, "the write was accepted"
     assert result["pwrite"]["errno"] == "EPERM"
     assert result["after"] == "11111111"
+
+
+ADVERTISED = """
+h.connect_uri(uri)
+out["flags"] = {"flush": h.can_flush(), "cache": h.can_cache()}
+out["errors"] = {"flush": error_of(h.flush), "cache": error_of(h.cache, 64 * 1024, 0)}
+"""
+
+
+def test_advertised_flush_and_cache_succeed(nbdsrv: Served) -> None:
+    result = nbdsh(ADVERTISED, uri=nbdsrv.tcp_uri("sparse"))
+    assert result["flags"] == {"flush": True, "cache": True}
+    assert result["errors"] == {"flush": None, "cache": None}
+
+
+WRITE_LIKE = """
+h.set_strict_mode(0)
+h.connect_uri(uri)
+out["errors"] = {
+    "trim": error_of(h.trim, 4096, 0),
+    "zero": error_of(h.zero, 4096, 0),
+}
+out["after"] = h.pread(4, 0).hex()
+"""
+
+
+def test_trim_and_write_zeroes_on_the_read_only_export_fail_with_eperm(nbdsrv: Served) -> None:
+    result = nbdsh(WRITE_LIKE, uri=nbdsrv.unix_uri("sparse"))
+    assert {k: e and e["errno"] for k, e in result["errors"].items()} == {
+        "trim": "EPERM",
+        "zero": "EPERM",
+    }
+    assert result["after"] == "11111111"
