@@ -192,7 +192,7 @@ class DaemonProcess:
         return self.returncode
 
     def kill(self) -> None:
-        """Last resort: SIGKILL the daemon (its own process group) and reap it."""
+        """Last resort: SIGKILL the daemon and reap it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

@@ -35,8 +35,9 @@ def test_status_text_shows_listeners_and_exports(nbdsrv: Served) -> None:
     out = run(nbdsrv_argv("status", "--control", nbdsrv.control))
     lines = out.splitlines()
     assert lines[0].startswith(f"daemon pid {nbdsrv.daemon.pid}, ")
-    assert f"unix:{nbdsrv.unix_socket}" in lines[1]
-    assert f"tcp:127.0.0.1:{nbdsrv.tcp_port}" in lines[1]
+    [listening] = [line for line in lines if line.startswith("listening on: ")]
+    assert f"unix:{nbdsrv.unix_socket}" in listening
+    assert f"tcp:127.0.0.1:{nbdsrv.tcp_port}" in listening
     assert "exports (2):" in lines
     assert "  sparse: 8388608 bytes, base:allocation" in lines
     assert "  odd: 5000 bytes, base:allocation" in lines
