@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -193,6 +194,8 @@ class NBDConnection(asyncio.Protocol):
                 ]
                 if export.closed:
                     raise ExportGone()
+                if not all(extents for _, extents in per_context):
+                    raise OSError(errno.EIO, "the export reported no extent")
                 self._send(core.block_status_reply(request, per_context))
             else:  # CACHE: a hint we have no use for
                 self._send(core.ok_reply(request))

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..faults import scratch_file
 from .errors import QEMUError, QMPError
 from .monitor import Monitor
 
@@ -90,7 +91,7 @@ def scratch_node_options(plan: DiskPlan) -> dict[str, Any]:
     return {
         "driver": "qcow2",
         "node-name": plan.scratch_node,
-        "file": {"driver": "file", "filename": plan.scratch_file},
+        "file": scratch_file(plan.scratch_file),
         "backing": plan.top_node,
     }
 

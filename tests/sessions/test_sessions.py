@@ -17,7 +17,7 @@ from tests.vmharness import DISK_SIZE, ExternalQSD, MiB, Nbdsrv, wait_for
 
 K = 1024
 GRANULARITY = 64 * K
-HERE = Path(__file__).parent
+COPY_SCRIPT = Path(__file__).parents[2] / "scripts" / "incremental_copy.py"
 
 
 def sha(data: bytes | bytearray) -> str:
@@ -42,7 +42,7 @@ def incremental(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
     """Read only the dirty extents of ``context`` into ``target`` with libnbd."""
     require_tool("nbdsh")
     out = subprocess.run(
-        ["/usr/bin/python3", str(HERE.parent.parent / "scripts" / "incremental_copy.py"), uri, context, str(target)],
+        ["/usr/bin/python3", str(COPY_SCRIPT), uri, context, str(target)],
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     return [tuple(x) for x in json.loads(out)]  # type: ignore[misc]
@@ -285,3 +285,51 @@ def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: Nbdsrv) -> No
     assert "Input/output error" in result.stdout + result.stderr
     vm.start()
     end(nbdsrv, session)
+
+
+def test_copy_before_write_error_keeps_the_point_in_time(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    """QEMU 7.2's fleecing job fails the guest's write when it cannot save the old data
+    (blkdebug makes every write to the scratch image fail): the export stays exact."""
+    vm.write(0, 0x11, 0, 1 * MiB)
+    nbdsrv.stop()
+    nbdsrv.start(fault="scratch-write-error")
+    session = begin(nbdsrv)
+    guest = subprocess.run(
+        [require_tool("qemu-io"), "-f", "raw", "-c", "write -P 0x99 0 64k",
+         f"nbd+unix:///disk0?socket={vm.nbd_path}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Input/output error" in guest.stdout + guest.stderr
+    result = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x11 0 1M",
+         nbdsrv.uri("vm1/disk0")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "read 1048576/1048576" in result.stdout, result.stdout + result.stderr
+    end(nbdsrv, session)
+    assert qemu_leftovers(vm) == []
+
+
+def test_fleecing_job_gone_fails_session_and_never_serves_new_data(
+    vm: ExternalQSD, nbdsrv: Nbdsrv
+) -> None:
+    vm.write(0, 0x11, 0, 1 * MiB)
+    session = begin(nbdsrv)
+    assert vm.qmp is not None
+    job = vm.qmp.execute("query-block-jobs")[0]["device"]
+    vm.qmp.execute("block-job-cancel", device=job, force=True)
+    wait_for(
+        lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
+        "the session to fail",
+    )
+    assert "fleecing job" in nbdsrv.json("backup", "list", "vm1")[0]["error"]
+    # Without the job nothing saves old data any more: reads must fail, not show this.
+    vm.write(0, 0x99, 0, 64 * K)
+    result = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read 0 64k",
+         nbdsrv.uri("vm1/disk0")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Input/output error" in result.stdout + result.stderr
+    end(nbdsrv, session)
+    assert qemu_leftovers(vm) == []
