@@ -12,7 +12,6 @@ from .control import ControlServer
 from .errors import ConfigError
 from .net.address import Address
 from .net.server import NBDServer
-from .net.socket_path import clear_stale_socket
 from .sessions import BeginRequest, SessionManager
 from .sources.file import FileExport
 from .vm import VM
@@ -97,8 +96,6 @@ class Daemon:
             await self.vms.add_images(name, images)
         for address in self.config.listen:
             try:
-                if address.kind == "unix":
-                    clear_stale_socket(address.path)
                 await self.server.listen(address)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {address}: {e.strerror or e}") from e

@@ -15,6 +15,7 @@ from ..proto.constants import Command, Errno
 from ..proto.errors import ProtocolError
 from ..proto.server import Disconnect, Negotiated, Request, ServerConnection
 from .address import Address
+from .socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +226,7 @@ class NBDServer:
     async def listen(self, address: Address) -> None:
         loop = asyncio.get_running_loop()
         if address.kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(address.path) and not os.path.isdir(address.path):
-                    os.unlink(address.path)
+            clear_stale_socket(address.path)  # never another daemon's live socket
             server = await loop.create_unix_server(lambda: NBDConnection(self), address.path)
         else:
             server = await loop.create_server(
