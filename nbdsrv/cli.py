@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     blist = bk.add_parser("list", help="backup sessions of VM")
     blist.add_argument("vm", metavar="VM")
     _add_client_options(blist)
+    snapshot = sub.add_parser("snapshot", help="external snapshots that keep checkpoints usable")
+    sn = snapshot.add_subparsers(dest="action", required=True, metavar="ACTION")
+    screate = sn.add_parser("create", help="new qcow2 overlays on every disk of VM, atomically")
+    screate.add_argument("vm", metavar="VM")
+    screate.add_argument("--dir", metavar="DIR", help="where the overlays go (default: beside)")
+    _add_client_options(screate)
+    scommit = sn.add_parser("commit", help="commit every disk's top overlay into its backing")
+    scommit.add_argument("vm", metavar="VM")
+    _add_client_options(scommit)
+
     end = bk.add_parser("end", help="end a backup session; its exports go")
     end.add_argument("vm", metavar="VM")
     end.add_argument("id", metavar="ID")
@@ -265,6 +275,19 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        directory = os.path.abspath(args.dir) if args.dir else None
+        result = _client(args, "snapshot-create", vm=args.vm, dir=directory)
+        lines = [f"{disk}: {file}" for disk, file in result["overlays"].items()]
+        _emit(args, result, "\n".join(["snapshot created:", *lines]))
+    else:
+        result = _client(args, "snapshot-commit", vm=args.vm)
+        lines = [f"{disk}: {file} committed" for disk, file in result["committed"].items()]
+        _emit(args, result, "\n".join(lines))
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     status = control.call(args.control or default_control(), "status")
     if args.json:
@@ -281,6 +304,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _cmd_serve,
     "checkpoint": _cmd_checkpoint,
     "backup": _cmd_backup,
+    "snapshot": _cmd_snapshot,
 }
 
 

@@ -12,7 +12,7 @@ from .control import ControlServer
 from .errors import ConfigError
 from .net.address import Address
 from .net.server import NBDServer
-from .sessions import BeginRequest, SessionManager
+from .sessions import BeginRequest, SessionError, SessionManager
 from .sources.file import FileExport
 from .vm import VM
 from .vms import VMRegistry
@@ -57,6 +57,8 @@ class Daemon:
                 "backup-begin": self._backup_begin,
                 "backup-list": self._backup_list,
                 "backup-end": self._backup_end,
+                "snapshot-create": self._snapshot_create,
+                "snapshot-commit": self._snapshot_commit,
             },
         )
         self._stop = asyncio.Event()
@@ -171,3 +173,17 @@ class Daemon:
         vm = self.vms.get(str(args["vm"]))
         await self.sessions.end(vm, str(args["id"]))
         return {"ended": args["id"]}
+
+    async def _snapshot_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(str(args["vm"]))
+        self._no_session(vm, "snapshot create")
+        return {"vm": vm.name, "overlays": await vm.snapshot_create(args.get("dir"))}
+
+    async def _snapshot_commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(str(args["vm"]))
+        self._no_session(vm, "snapshot commit")
+        return {"vm": vm.name, "committed": await vm.snapshot_commit()}
+
+    def _no_session(self, vm: VM, what: str) -> None:
+        if any(s.vm is vm for s in self.sessions.sessions.values()):
+            raise SessionError(f"{what}: VM {vm.name} has a backup session running; end it first")

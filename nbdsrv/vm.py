@@ -13,9 +13,12 @@ transaction (nothing changed); a lost connection leaves the intent for the next 
 """
 
 import asyncio
+import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .checkpoints import (
@@ -32,13 +35,35 @@ from .checkpoints import (
     generated_name,
     merged_parent,
 )
+from .errors import NbdsrvError
 from .faults import crash_point
 from .qemu.chain import discover_chains
-from .qemu.errors import QEMUGoneError, QMPError, QMPTimeoutError
+from .qemu.errors import QEMUError, QEMUGoneError, QMPError, QMPTimeoutError
+from .qemu.jobs import (
+    create_overlay,
+    wait_job_gone,
+    wait_job_ready,
+)
+from .qemu.jobs import (
+    nodes_of_file as _nodes_of_file,
+)
 from .qemu.monitor import Monitor
+from .qemu.reopen import writable
+from .snapshots import (
+    after_commit,
+    after_snapshot,
+    commit_merge_actions,
+    intent_disks,
+    overlay_file,
+    snapshot_actions,
+)
 from .store import VMStore
 
 log = logging.getLogger(__name__)
+
+
+class SnapshotError(NbdsrvError):
+    """A snapshot operation refused or failed; QEMU's chain is as it was."""
 
 
 class VM:
@@ -79,8 +104,18 @@ class VM:
         document = self.store.load_checkpoints()
         return CheckpointChain.from_json(document.get("checkpoints", [])), document
 
-    def _commit(self, chain: CheckpointChain, op_id: str | None) -> None:
-        self.store.save_checkpoints({"last_op": op_id, "checkpoints": chain.to_json()})
+    def _commit(
+        self, chain: CheckpointChain, op_id: str | None, overlays: list[str] | None = None
+    ) -> None:
+        """Write the chain; ``overlays``: the snapshot files nbdsrv made (kept if None)."""
+        if overlays is None:
+            overlays = list(self.store.load_checkpoints().get("overlays", []))
+        self.store.save_checkpoints(
+            {"last_op": op_id, "checkpoints": chain.to_json(), "overlays": overlays}
+        )
+
+    def _overlays(self) -> list[str]:
+        return list(self.store.load_checkpoints().get("overlays", []))
 
     def _record_problems(self, chain: CheckpointChain, state: ChainState) -> CheckpointChain:
         """Make every problem QEMU shows sticky: lost bits do not come back."""
@@ -92,7 +127,7 @@ class VM:
                 log.warning(
                     "VM %s: checkpoint %s is invalid: %s", self.name, checkpoint.name, reason
                 )
-                changed = changed.replaced(Checkpoint(**{**checkpoint.__dict__, "invalid": reason}))
+                changed = changed.replaced(replace(checkpoint, invalid=reason))
         if changed is not chain:
             _, document = self._load()
             self._commit(changed, document.get("last_op"))
@@ -141,6 +176,10 @@ class VM:
             else:
                 log.info("VM %s: rolling back checkpoint delete %s", self.name, name)
             return chain
+        if op == "snapshot-create":
+            return await self._finish_snapshot_create(intent, chain, state)
+        if op == "snapshot-commit":
+            return await self._finish_snapshot_commit(intent, chain, state)
         log.warning("VM %s: dropping unknown intent %r", self.name, op)
         return chain
 
@@ -215,12 +254,195 @@ class VM:
         self.store.write_intent({"id": op_id, "op": "delete", "name": name})
         crash_point("checkpoint-delete:after-intent")
         if actions:
-            await self.transaction(f"checkpoint delete {name}", actions)
+            nodes = {str(data["node"]) for _, data in actions}
+            async with writable(self.monitor, list(state.values()), nodes):  # type: ignore[arg-type]
+                await self.transaction(f"checkpoint delete {name}", actions)
         crash_point("checkpoint-delete:after-transaction")
         self._commit(merged_parent(chain, name), op_id)
         crash_point("checkpoint-delete:after-commit")
         self.store.clear_intent()
         log.info("VM %s: checkpoint %s deleted", self.name, name)
+
+    # -- external snapshots ---------------------------------------------------------------
+
+    async def snapshot_create(self, directory: str | None = None) -> dict[str, str]:
+        """New qcow2 overlays on every disk in one transaction; disk → overlay file."""
+        async with self.lock:
+            state = await self.chains()
+            chain = self.load_checked(state)
+            if not state:
+                raise SnapshotError(f"VM {self.name} has no disks")
+            if directory is not None and not os.path.isdir(directory):
+                raise SnapshotError(f"{directory} is not a directory")
+            op_id = uuid.uuid4().hex
+            plan = {
+                disk: {
+                    "file": overlay_file(layers[0].filename, directory),
+                    "node": f"nbdsrv-snap-{op_id[:8]}-{disk}",
+                }
+                for disk, layers in sorted(state.items())
+            }
+            for disk, item in plan.items():
+                if os.path.exists(item["file"]):
+                    raise SnapshotError(f"disk {disk}: {item['file']} already exists")
+            self.store.write_intent({"id": op_id, "op": "snapshot-create", "overlays": plan})
+            crash_point("snapshot-create:after-intent")
+            try:
+                for disk, item in plan.items():
+                    top = state[disk][0]
+                    await create_overlay(item["file"], top.filename, top.format)
+                    await self.monitor.execute(
+                        "blockdev-add",
+                        {
+                            "driver": "qcow2",
+                            "node-name": item["node"],
+                            "file": {"driver": "file", "filename": item["file"]},
+                            "backing": None,
+                        },
+                    )
+                nodes = {disk: item["node"] for disk, item in plan.items()}
+                await self.transaction(
+                    f"snapshot create on VM {self.name}", snapshot_actions(chain, state, nodes)
+                )
+            except QEMUGoneError:
+                raise  # the intent stays; reconciliation decides once QEMU is back
+            except (QEMUError, CheckpointError) as e:
+                await self._drop_overlays(plan)
+                self.store.clear_intent()
+                raise SnapshotError(f"snapshot create on VM {self.name}: {e}") from e
+            crash_point("snapshot-create:after-transaction")
+            files = {disk: item["file"] for disk, item in plan.items()}
+            self._commit(
+                after_snapshot(chain, state, files), op_id, self._overlays() + list(files.values())
+            )
+            crash_point("snapshot-create:after-commit")
+            self.store.clear_intent()
+            log.info("VM %s: snapshot overlays %s", self.name, files)
+            return files
+
+    async def _drop_overlays(self, plan: Mapping[str, Mapping[str, str]]) -> None:
+        """Remove overlays that did not make it into a chain (nodes, then files)."""
+        for item in plan.values():
+            if self.monitor.connected:
+                with contextlib.suppress(QMPError):
+                    await self.monitor.execute("blockdev-del", {"node-name": item["node"]})
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(item["file"])
+
+    async def _finish_snapshot_create(
+        self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    ) -> CheckpointChain:
+        plan = intent["overlays"]
+        done = all(
+            disk in state and state[disk][0].filename == item["file"] for disk, item in plan.items()
+        )
+        if not done:
+            log.info("VM %s: rolling back snapshot create", self.name)
+            await self._drop_overlays(plan)
+            return chain
+        log.info("VM %s: finishing snapshot create", self.name)
+        files = {disk: item["file"] for disk, item in plan.items()}
+        # The chain now starts at the overlays: describe it as it was before them.
+        before = {disk: tuple(layers[1:]) for disk, layers in state.items()}
+        chain = after_snapshot(chain, before, files)
+        self._commit(chain, intent["id"], self._overlays() + list(files.values()))
+        return chain
+
+    async def snapshot_commit(self) -> dict[str, str]:
+        """Commit every disk's top overlay into the layer below; disk → removed overlay."""
+        async with self.lock:
+            state = await self.chains()
+            chain = self.load_checked(state)
+            disks: dict[str, tuple[str, str]] = {}
+            for disk, layers in sorted(state.items()):
+                if len(layers) < 2:
+                    raise SnapshotError(f"disk {disk} of VM {self.name} has no snapshot to commit")
+                disks[disk] = (layers[0].filename, layers[1].filename)
+            op_id = uuid.uuid4().hex
+            self.store.write_intent(
+                {
+                    "id": op_id,
+                    "op": "snapshot-commit",
+                    "disks": {d: {"top": t, "base": b} for d, (t, b) in disks.items()},
+                }
+            )
+            crash_point("snapshot-commit:after-intent")
+            jobs = {disk: f"nbdsrv-commit-{disk}" for disk in disks}
+            try:
+                for disk in disks:
+                    await self.monitor.execute(
+                        "block-commit",
+                        {"job-id": jobs[disk], "device": state[disk][0].node_name},
+                    )
+                for job in jobs.values():
+                    await wait_job_ready(self.monitor, job)
+                crash_point("snapshot-commit:after-ready")
+                # The base is writable while the job runs: merge now, then let the job pivot.
+                ready_state = await self.chains()
+                actions = commit_merge_actions(chain, ready_state, disks)
+                if actions:
+                    await self.monitor.transaction(actions)
+                crash_point("snapshot-commit:after-merge")
+                for job in jobs.values():
+                    await self.monitor.execute("job-complete", {"id": job})
+                for job in jobs.values():
+                    await wait_job_gone(self.monitor, job)
+            except QEMUGoneError:
+                raise
+            except QEMUError as e:
+                for job in jobs.values():
+                    with contextlib.suppress(QMPError):
+                        await self.monitor.execute("block-job-cancel", {"device": job})
+                self.store.clear_intent()
+                raise SnapshotError(f"snapshot commit on VM {self.name}: {e}") from e
+            crash_point("snapshot-commit:after-complete")
+            return await self._complete_commit(chain, disks, op_id, await self.chains())
+
+    async def _complete_commit(
+        self,
+        chain: CheckpointChain,
+        disks: Mapping[str, tuple[str, str]],
+        op_id: str,
+        state: ChainState,
+    ) -> dict[str, str]:
+        """Metadata for the disks whose top is now their old base; drop the old tops."""
+        done = {
+            disk: files
+            for disk, files in disks.items()
+            if disk in state and state[disk][0].filename == files[1]
+        }
+        overlays = self._overlays()
+        removed: dict[str, str] = {}
+        for disk, (top_file, _) in done.items():
+            if self.monitor.connected:
+                for node in await _nodes_of_file(self.monitor, top_file):
+                    with contextlib.suppress(QMPError):
+                        await self.monitor.execute("blockdev-del", {"node-name": node})
+            if top_file in overlays:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(top_file)
+                overlays.remove(top_file)
+            removed[disk] = top_file
+        self._commit(after_commit(chain, done), op_id, overlays)
+        crash_point("snapshot-commit:after-commit")
+        self.store.clear_intent()
+        log.info("VM %s: committed %s", self.name, removed)
+        return removed
+
+    async def _finish_snapshot_commit(
+        self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    ) -> CheckpointChain:
+        disks = intent_disks(intent)
+        for disk in disks:
+            job = f"nbdsrv-commit-{disk}"
+            # A job left running (ready or not) is cancelled: its disk stays as it was.
+            with contextlib.suppress(QMPError):
+                await self.monitor.execute("block-job-cancel", {"device": job, "force": True})
+            with contextlib.suppress(QMPError):
+                await wait_job_gone(self.monitor, job)
+        state = await self.chains()
+        await self._complete_commit(chain, disks, intent["id"], state)
+        return self._load()[0]
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         async with self.lock:

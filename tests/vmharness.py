@@ -69,7 +69,7 @@ class ExternalQSD:
             f"addr.type=unix,addr.path={self.nbd_path}",
         ]
         for i in range(len(self.images)):
-            argv += ["--export", f"type=nbd,id=live{i},node-name=disk{i},name=disk{i},writable=on"]
+            argv += ["--export", f"type=nbd,id=disk{i},node-name=disk{i},name=disk{i},writable=on"]
         with open(self.workdir / "qsd.log", "ab") as log:
             self.proc = subprocess.Popen(argv, stderr=log)
         wait_for(

@@ -124,7 +124,8 @@ async def discover_disks(monitor: Monitor, roots: Sequence[str] | None = None) -
     """Every disk (or those in `roots`) with its backing chain, from QEMU now."""
     block = await monitor.execute("query-block")
     nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
-    return disks_from(block, nodes, roots)
+    exports = await monitor.execute("query-block-exports")
+    return disks_from(block, nodes, roots, exports)
 
 
 async def discover_chains(
@@ -138,6 +139,7 @@ def disks_from(
     block: Sequence[Mapping[str, Any]],
     nodes: Sequence[Mapping[str, Any]],
     roots: Sequence[str] | None = None,
+    exports: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[Disk]:
     """Disks from the results of `query-block` and `query-named-block-nodes` (flat).
 
@@ -171,6 +173,13 @@ def disks_from(
         )
         devices = [(name, None, None, name) for _, name in numbered]
 
+    # A disk named by a node (qemu-storage-daemon has no BlockBackend names) is followed
+    # through the export of the same id, which QEMU moves onto each new overlay.
+    moved = {str(e["id"]): str(e["node-name"]) for e in exports or () if "node-name" in e}
+    devices = [
+        (ident, device, qdev, moved.get(ident, node) if device is None and qdev is None else node)
+        for ident, device, qdev, node in devices
+    ]
     disks = []
     for ident, device, qdev, node_name in devices:
         node = _below_filters(by_name[node_name], nodes) if node_name in by_name else None

@@ -34,6 +34,7 @@ class Layer:
     filename: str
     format: str = "qcow2"
     virtual_size: int = 1 << 30
+    read_only: bool = False
     bitmaps: dict[str, Bitmap] = field(default_factory=dict)
 
     def bitmap(self, name: str) -> Bitmap | None:
