@@ -8,11 +8,16 @@ Scenarios (each on a unix socket and on TCP to 127.0.0.1, servers interleaved ro
   target (QEMU's client: one connection, 8 coroutines).
 * ``map``: ``nbdinfo --map`` of a whole large sparse file (64 GiB apparent size, 20,000
   small data regions); the extent lists must agree between servers or the run fails.
+* ``session``: backup sessions on the embedded default (nbdsrv's own qemu-storage-daemon):
+  reads through a session against QEMU's fleecing export, time to begin and end a session,
+  and the dirty map of a 1 TiB disk with 100,000 dirty blocks against ``qemu-nbd -B``
+  (``bench/sessions.py``).
 
 Work files live in ``bench/work/`` (git-ignored) and are reused when they already fit.
 Servers are stopped and their sockets removed at the end, also on Ctrl-C or an error.
 
-Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick] [--json FILE]``.
+Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick] [--only read|map|session]
+[--json FILE]``.
 """
 
 from __future__ import annotations
@@ -384,11 +389,12 @@ def interleaved(
     clients: Sequence[Client],
     rounds: int,
     warmup: bool,
+    transports: Sequence[str] = TRANSPORTS,
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """times[client][transport][server]; servers take turns, the first rotating each round."""
     times: dict[str, dict[str, dict[str, list[float]]]] = {}
     for client in clients:
-        for transport in TRANSPORTS:
+        for transport in transports:
             per_server: dict[str, list[float]] = {name: [] for name in servers}
             times.setdefault(client.name, {})[transport] = per_server
             names = list(servers)
@@ -450,9 +456,10 @@ def stats(ts: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ts), "min": min(ts), "max": max(ts)}
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 3) -> str:
+    """Columns before ``left`` aligned left (labels), the rest right (numbers)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*r) for r in rows]
     return "\n".join(lines)
@@ -563,7 +570,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small files, 1 round: a smoke run")
     p.add_argument("--json", metavar="FILE", help="save the results as JSON")
     p.add_argument(
-        "--only", choices=("read", "map"), action="append", help="run only this scenario"
+        "--only",
+        choices=("read", "map", "session"),
+        action="append",
+        help="run only this scenario (repeatable)",
     )
     p.add_argument("--size-mib", type=int, default=None, help="read-scenario file size in MiB")
     return p.parse_args(argv)
@@ -585,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick
         else SparseSpec(size=64 * GiB, regions=20_000, region_size=4096)
     )
-    scenarios = args.only or ["read", "map"]
+    scenarios = args.only or ["read", "map", "session"]
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     try:
@@ -595,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"{nbdsrv_bin()} not found (run `make deps`)")
         WORK.mkdir(exist_ok=True)
         info = machine_info()
+        info["load average (1/5/15 min) at start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         results: dict[str, Any] = {
             "machine": info,
             "command": " ".join(["bench/run.py", *(argv or sys.argv[1:])]),
@@ -608,6 +619,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["scenarios"]["read"] = scenario_read(read_path, size, rounds)
         if "map" in scenarios:
             results["scenarios"]["map"] = scenario_map(map_path, spec, rounds)
+        if "session" in scenarios:
+            import sessions
+
+            results["scenarios"]["session"] = sessions.scenario_session(
+                args.quick, rounds, size, read_path
+            )
+        results["load_after"] = os.getloadavg()
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
@@ -629,6 +647,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"data regions of {m['region_size'] // 1024} KiB: {m['extents']} extents =="
         )
         print(m["table"])
+    if "session" in results["scenarios"]:
+        import sessions
+
+        print()
+        print(sessions.report(results["scenarios"]["session"]))
+    print(
+        "\nload average (1/5/15 min) at the end: "
+        + " ".join(f"{x:.2f}" for x in results["load_after"])
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nresults saved to {args.json}")
@@ -636,4 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # bench/sessions.py imports its helpers from `run`: let it find this module, not a copy
+    # (a copy would have its own BenchError, which main() would not catch).
+    sys.modules.setdefault("run", sys.modules[__name__])
     sys.exit(main())
