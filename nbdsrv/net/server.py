@@ -6,21 +6,41 @@ import errno
 import logging
 import os
 import socket
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..access import AccessPolicy, Peer, subject_of
 from ..catalog import ExportCatalog
 from ..errors import nbd_errno
 from ..export import Export, ExportGone
 from ..proto.constants import Command, Errno
 from ..proto.errors import ProtocolError
-from ..proto.server import Disconnect, Negotiated, Request, ServerConnection
+from ..proto.server import (
+    Disconnect,
+    Negotiated,
+    Request,
+    ServerConnection,
+    StartTLS,
+    TLSMode,
+)
 from .address import Address
 from .socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
 
+audit = logging.getLogger("nbdsrv.audit")
+
 # Requests served at once per connection; past this we stop reading from the client.
 MAX_IN_FLIGHT = 64
+# Reply bytes a connection may hold (reads in flight plus output not yet sent).
+MAX_BUFFERED = 64 * 1024 * 1024
+# What a block status reply may take, for that budget (2 MiB at most: 131072 extents).
+BLOCK_STATUS_COST = 256 * 1024
+DEFAULT_MAX_CONNECTIONS = 128
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
 
@@ -30,31 +50,113 @@ class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['peer']}] {msg}", kwargs
 
 
+@dataclass(frozen=True)
+class ServerPolicy:
+    """TLS, access rules and the limits that keep one client from exhausting the daemon."""
+
+    tls: TLSMode = TLSMode.OFF
+    tls_context: ssl.SSLContext | None = None
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # 0: no limit
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # negotiation incl. TLS; 0: none
+    idle_timeout: float = 0.0  # transmission with nothing to do; 0: none
+    max_in_flight: int = MAX_IN_FLIGHT
+    max_buffered: int = MAX_BUFFERED
+
+
+class _AllowedExports:
+    """The catalog as one connection may see it: exports its peer is not allowed to use are
+    absent (not listed, unknown to GO/INFO/EXPORT_NAME), so their names are not revealed."""
+
+    def __init__(self, connection: "NBDConnection") -> None:
+        self._connection = connection
+        self._catalog = connection._server.catalog
+        self._access = connection._server.policy.access
+
+    def find_export(self, name: str) -> Export | None:
+        export = self._catalog.find_export(name)
+        if export is None:
+            return None
+        if not self._access.allowed(name, self._connection.peer):
+            self._connection.denied(name)
+            return None
+        return export
+
+    def list_exports(self) -> Sequence[Export]:
+        peer = self._connection.peer
+        return [e for e in self._catalog.list_exports() if self._access.allowed(e.name, peer)]
+
+
+def _cost(request: Request) -> int:
+    """Bytes of reply a request may hold in memory until it is sent."""
+    if request.command == Command.READ:
+        return request.length
+    if request.command == Command.BLOCK_STATUS:
+        return BLOCK_STATUS_COST
+    return 0
+
+
 class NBDConnection(asyncio.Protocol):
-    """One client, from greeting to close."""
+    """One client, from greeting to close.
+
+    Memory per connection is bounded: the core buffers at most one option (1 MiB) or one
+    read burst; at most ``max_in_flight`` requests are parsed and not yet answered; requests
+    start only while the replies they may produce plus the unsent output stay within
+    ``max_buffered`` (one request always may start when nothing else is in flight); reading
+    stops whenever any of these is reached.
+    """
 
     def __init__(self, server: "NBDServer") -> None:
         self._server = server
-        self._core = ServerConnection(server.catalog)
+        self._policy = server.policy
+        self._core = ServerConnection(_AllowedExports(self), server.policy.tls)
         self._transport: asyncio.Transport | None = None
+        self._raw_transport: asyncio.Transport | None = None
         # Protocol objects are made by the running loop; keep it (each lookup costs a getpid).
         self._loop = asyncio.get_running_loop()
         self._export: Export | None = None
         self._contexts: list[tuple[int, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: deque[Request] = deque()
+        self._in_flight_bytes = 0
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
+        self._tls_handshake = False
+        self._continue_scheduled = False
+        self._lost_done = False
+        self._counted = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._started = self._loop.time()
+        self._last_activity = self._started
+        self._reason = ""
         self.log: logging.LoggerAdapter = ConnectionLog(log, {"peer": "?"})  # type: ignore[type-arg]
+        self.peer = Peer(None)
+        self.peer_text = "?"
         self.bytes_served = 0
+        self.requests = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self._raw_transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
-        peer = transport.get_extra_info("peername") or "unix"
-        self.log = ConnectionLog(log, {"peer": peer})
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            self.peer = Peer(str(peername[0]))
+            self.peer_text = f"{peername[0]}:{peername[1]}"
+        else:
+            self.peer_text = f"unix:{transport.get_extra_info('sockname') or '?'}"
+        self.log = ConnectionLog(log, {"peer": self.peer_text})
+        limit = self._policy.max_connections
+        if limit and len(self._server.connections) >= limit:
+            self._reason = f"refused: {limit} connections already (--max-connections)"
+            self.log.warning("%s", self._reason)
+            transport.close()
+            return
+        self._counted = True
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock is not None and sock.family == socket.AF_UNIX:
@@ -63,35 +165,22 @@ class NBDConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         self._server.connections.add(self)
+        if self._policy.handshake_timeout > 0:
+            self._handshake_timer = self._loop.call_later(
+                self._policy.handshake_timeout, self._handshake_expired
+            )
         self.log.debug("connected")
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.connections.discard(self)
-        for task in self._tasks:
-            task.cancel()
-        self.log.debug("disconnected (%s), %d bytes served", exc or "closed", self.bytes_served)
+        self._lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self._core.receive(data)
-        except ProtocolError as e:
-            self.log.warning("protocol error, closing: %s", e)
-            self._flush()
-            self._abort()
-            return
-        self._flush()
-        for event in events:
-            if isinstance(event, Request):
-                self._start(event)
-            elif isinstance(event, Negotiated):
-                self._negotiated(event)
-            elif isinstance(event, Disconnect):
-                self.log.debug("%s", event.reason)
-                self._closing = True
-                self._close_when_idle()
+        self._last_activity = self._loop.time()
+        self._receive(data)
 
     def eof_received(self) -> bool | None:
+        self._reason = self._reason or "client closed the connection"
         self._closing = True
         self._close_when_idle()
         return True
@@ -102,20 +191,113 @@ class NBDConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        self._update_reading()
+        self._pump()
 
     def shut_down(self) -> None:
         """Server stopping: requests in flight finish, later ones get ESHUTDOWN, then close."""
+        self._reason = self._reason or "server stopping"
         self._closing = True
         if self._export is None:
             self._abort()
         self._close_when_idle()
 
     def force_close(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        for transport in (self._transport, self._raw_transport):
+            if transport is not None:
+                transport.abort()
+
+    def denied(self, export: str) -> None:
+        """The peer asked for an export its allow rules do not admit."""
+        audit.warning(
+            "access denied: peer=%s export=%s subject=%s",
+            self.peer_text,
+            _quote(export),
+            _quote(self.peer.subject_text() or "-"),
+        )
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self._lost_done:
+            return
+        self._lost_done = True
+        for timer in (self._handshake_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._pending.clear()
+        for task in self._tasks:
+            task.cancel()
+        reason = self._reason or (f"connection lost: {exc}" if exc else "closed")
+        if not self._counted:
+            audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
+            return
+        self._server.connections.discard(self)
+        audit.info(
+            "connection closed: peer=%s export=%s tls=%s subject=%s bytes=%d requests=%d "
+            "duration=%.3fs reason=%s",
+            self.peer_text,
+            _quote(self._export.name if self._export is not None else "-"),
+            "yes" if self._core.tls else "no",
+            _quote(self.peer.subject_text() or "-"),
+            self.bytes_served,
+            self.requests,
+            self._loop.time() - self._started,
+            _quote(reason),
+        )
+
+    def _receive(self, data: bytes) -> None:
+        room = self._policy.max_in_flight - len(self._tasks) - len(self._pending)
+        try:
+            events = self._core.receive(data, max(room, 0))
+        except ProtocolError as e:
+            self._reason = f"protocol error: {e}"
+            self.log.warning("protocol error, closing: %s", e)
+            self._flush()
+            self._abort()
+            return
+        self._flush()
+        for event in events:
+            if isinstance(event, Request):
+                self.requests += 1
+                self._pending.append(event)
+            elif isinstance(event, Negotiated):
+                self._negotiated(event)
+            elif isinstance(event, StartTLS):
+                self._start_tls()
+            elif isinstance(event, Disconnect):
+                self.log.debug("%s", event.reason)
+                self._reason = event.reason
+                self._closing = True
+                self._close_when_idle()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start what may start, parse what is buffered when there is room, and read only
+        when every bound leaves room."""
+        if self._lost_done:
+            return
+        while self._pending and self._may_start(self._pending[0]):
+            self._start(self._pending.popleft())
+        room = self._policy.max_in_flight - len(self._tasks) - len(self._pending)
+        if self._core.backlog and room > 0 and not self._continue_scheduled:
+            self._continue_scheduled = True
+            self._loop.call_soon(self._continue)
+        if self._transport is not None and not self._transport.is_closing():
+            self._update_reading()
+
+    def _continue(self) -> None:
+        self._continue_scheduled = False
+        if not self._lost_done and self._core.backlog:
+            self._receive(b"")
+
+    def _may_start(self, request: Request) -> bool:
+        if self._writing_paused:
+            return False
+        if not self._tasks:
+            return True
+        assert self._transport is not None
+        unsent = self._transport.get_write_buffer_size()
+        return self._in_flight_bytes + _cost(request) + unsent <= self._policy.max_buffered
 
     def _flush(self) -> None:
         out = self._core.data_to_send()
@@ -128,11 +310,19 @@ class NBDConnection(asyncio.Protocol):
 
     def _close_when_idle(self) -> None:
         if self._closing and not self._tasks and self._transport is not None:
+            self._pending.clear()
             self._transport.close()
 
     def _update_reading(self) -> None:
         assert self._transport is not None
-        want_pause = self._writing_paused or len(self._tasks) >= MAX_IN_FLIGHT
+        if self._tls_handshake:
+            return  # the raw transport belongs to the TLS handshake now
+        want_pause = (
+            self._writing_paused
+            or bool(self._pending)
+            or self._core.backlog
+            or len(self._tasks) >= self._policy.max_in_flight
+        )
         if want_pause and not self._reading_paused:
             self._transport.pause_reading()
             self._reading_paused = True
@@ -140,42 +330,120 @@ class NBDConnection(asyncio.Protocol):
             self._transport.resume_reading()
             self._reading_paused = False
 
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self._export is None and not self._lost_done:
+            self._reason = (
+                f"handshake not finished after {self._policy.handshake_timeout:g} s "
+                "(--handshake-timeout)"
+            )
+            self.log.warning("%s, closing", self._reason)
+            self.force_close()
+            self._lost(None)
+
+    def _idle_check(self) -> None:
+        timeout = self._policy.idle_timeout
+        idle = self._loop.time() - self._last_activity
+        if self._tasks or self._pending or idle < timeout:
+            self._idle_timer = self._loop.call_later(max(timeout - idle, 0.05), self._idle_check)
+            return
+        self._idle_timer = None
+        self._reason = f"idle for {timeout:g} s (--idle-timeout)"
+        self.log.info("%s, closing", self._reason)
+        self._closing = True
+        self._close_when_idle()
+
+    def _start_tls(self) -> None:
+        assert self._transport is not None
+        # Nothing may reach the core or the TLS layer before start_tls owns the socket: the
+        # client's ClientHello must not be taken for NBD bytes.
+        self._transport.pause_reading()
+        self._reading_paused = True
+        self._tls_handshake = True
+        task = self._loop.create_task(self._upgrade(self._transport))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upgrade(self, raw: asyncio.Transport) -> None:
+        context = self._policy.tls_context
+        assert context is not None
+        timeout = self._policy.handshake_timeout or None
+        try:
+            transport = await self._loop.start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except asyncio.CancelledError:
+            raw.abort()
+            self._lost(None)
+            raise
+        except Exception as e:
+            self._reason = self._reason or f"TLS handshake failed: {e or type(e).__name__}"
+            self.log.warning("%s", self._reason)
+            raw.abort()
+            self._lost(e)
+            return
+        if self._lost_done or transport is None:
+            if transport is not None:
+                transport.abort()
+            return
+        self._transport = transport
+        self._tls_handshake = False
+        self._reading_paused = False
+        self.peer = Peer(self.peer.address, subject_of(transport.get_extra_info("peercert")))
+        self.log.debug("TLS established, subject %s", self.peer.subject_text())
+        self._core.tls_established()
+        if self._closing:
+            self._close_when_idle()
+            return
+        self._pump()
+
     def _negotiated(self, event: Negotiated) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self._policy.idle_timeout > 0:
+            self._idle_timer = self._loop.call_later(self._policy.idle_timeout, self._idle_check)
         export = self._server.catalog.find_export(event.export.name)
         self._export = export
         self._contexts = [(c.id, c.name) for c in event.contexts]
-        self.log = ConnectionLog(
-            log,
-            {"peer": f"{self.log.extra['peer'] if self.log.extra else '?'} {event.export.name}"},
-        )
+        self.log = ConnectionLog(log, {"peer": f"{self.peer_text} {event.export.name}"})
         self.log.debug(
-            "transmission: structured=%s extended=%s contexts=%s",
+            "transmission: structured=%s extended=%s tls=%s contexts=%s",
             event.structured,
             event.extended,
+            self._core.tls,
             [name for _, name in self._contexts],
         )
 
     def _start(self, request: Request) -> None:
-        task = self._loop.create_task(self._serve(request))
+        cost = _cost(request)
+        self._in_flight_bytes += cost
+        task = self._loop.create_task(self._serve(request, cost))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
-        self._update_reading()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
+            self._reason = f"internal error: {task.exception()}"
             self.log.error("request failed unexpectedly", exc_info=task.exception())
             self._abort()
             return
-        if self._transport is not None and not self._transport.is_closing():
-            self._update_reading()
+        self._last_activity = self._loop.time()
+        self._pump()
         self._close_when_idle()
 
     def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self, request: Request, cost: int) -> None:
+        try:
+            await self._answer(request)
+        finally:
+            self._in_flight_bytes -= cost
+
+    async def _answer(self, request: Request) -> None:
         core, export = self._core, self._export
         try:
             if export is None or export.closed or self._server.stopping:
@@ -216,8 +484,9 @@ class NBDConnection(asyncio.Protocol):
 class NBDServer:
     """Listens on every address and serves the catalog's exports."""
 
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, policy: ServerPolicy | None = None) -> None:
         self.catalog = catalog
+        self.policy = policy or ServerPolicy()
         self.connections: set[NBDConnection] = set()
         self.stopping = False
         self._servers: list[asyncio.Server] = []
@@ -257,3 +526,10 @@ class NBDServer:
             if address.kind == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(address.path)
+
+
+def _quote(text: str) -> str:
+    """A value for a key=value log line: quoted when it has spaces, quotes or nothing."""
+    if text and not any(c in text for c in ' "=\\') and text.isprintable():
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -7,7 +7,17 @@ Send :meth:`ServerConnection.data_to_send` to the peer after each call.
 Phases and what moves between them::
 
     CLIENT_FLAGS --4 bytes--> OPTIONS --EXPORT_NAME / GO ack--> TRANSMISSION --DISC--> CLOSED
-                                  \\--ABORT ack---------------------------------------> CLOSED
+                              |  ^  \\--ABORT ack---------------------------------------> CLOSED
+                    STARTTLS ack  tls_established()
+                              v  |
+                          TLS_HANDSHAKE   (any byte arriving here is a protocol violation)
+
+TLS (spec "TLS support"): with ``TLSMode.OFF`` STARTTLS is refused with ERR_POLICY. With
+``ON`` or ``REQUIRE`` it is acknowledged and a :class:`StartTLS` event tells the I/O layer to
+run the TLS handshake on the same socket; it then calls :meth:`tls_established`, which
+forgets everything negotiated in clear text. Under ``REQUIRE`` (the spec's FORCEDTLS) every
+option before TLS but STARTTLS and ABORT is answered ERR_TLS_REQD, and EXPORT_NAME closes
+the connection. A second STARTTLS is ERR_INVALID.
 
 Three tiers of errors, each answered in one place:
 - protocol violation (bad magic, unknown client flags, oversized option): ProtocolError
@@ -103,20 +113,38 @@ class Request:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """STARTTLS was acknowledged: the next bytes on the wire are the client's TLS handshake.
+    Call :meth:`ServerConnection.tls_established` once it has succeeded."""
+
+
+@dataclass(frozen=True)
 class Disconnect:
     """The client ended the session politely (NBD_OPT_ABORT or NBD_CMD_DISC)."""
 
     reason: str
 
 
-Event = Negotiated | Request | Disconnect
+Event = Negotiated | Request | StartTLS | Disconnect
+
+
+class TLSMode(Enum):
+    """The spec's NOTLS (OFF), opportunistic TLS (ON) and FORCEDTLS (REQUIRE)."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
 
 
 class Phase(Enum):
     CLIENT_FLAGS = auto()
     OPTIONS = auto()
+    TLS_HANDSHAKE = auto()
     TRANSMISSION = auto()
     CLOSED = auto()
+
+
+_READING_PHASES = (Phase.CLIENT_FLAGS, Phase.OPTIONS, Phase.TRANSMISSION)
 
 
 class OptionError(Exception):
@@ -165,12 +193,16 @@ def _short(message: str) -> bytes:
 class ServerConnection:
     """One client connection, from greeting to close."""
 
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: TLSMode = TLSMode.OFF) -> None:
         self._catalog = catalog
         self._buf = bytearray()
         self._pos = 0
         self._out = bytearray()
         self.phase = Phase.CLIENT_FLAGS
+        self.tls_mode = tls
+        self.tls = False  # the TLS handshake has succeeded
+        # receive() stopped at its message limit with bytes left: call it again for more.
+        self.backlog = False
         self.no_zeroes = False
         self.structured = False
         self.extended = False
@@ -200,15 +232,25 @@ class ServerConnection:
         self._pos += n
         return view
 
-    def receive(self, data: bytes) -> list[Event]:
-        """Take bytes from the peer; return what happened. Raises ProtocolError."""
+    def receive(self, data: bytes, limit: int | None = None) -> list[Event]:
+        """Take bytes from the peer; return what happened. Raises ProtocolError.
+
+        At most ``limit`` messages (options or requests) are handled; the rest stay buffered
+        and :attr:`backlog` is set until a later call (``receive(b"")``) gets through them, so
+        a caller can bound the work one burst of bytes starts."""
+        self.backlog = False
         if self.phase is Phase.CLOSED:
             return []
         self._buf += data
         events: list[Event] = []
+        handled = 0
         try:
-            while self._step(events):
-                pass
+            while limit is None or handled < limit:
+                if not self._step(events):
+                    break
+                handled += 1
+            else:
+                self.backlog = self._available() > 0 and self.phase in _READING_PHASES
         finally:
             if self._pos:
                 del self._buf[: self._pos]
@@ -223,7 +265,24 @@ class ServerConnection:
             return self._receive_client_flags()
         if self.phase is Phase.OPTIONS:
             return self._receive_option(events)
+        if self.phase is Phase.TLS_HANDSHAKE:
+            if self._available():
+                # The client must wait for our ACK before its handshake; nothing else fits.
+                raise ProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+            return False
         return self._receive_request(events)
+
+    def tls_established(self) -> None:
+        """The TLS handshake succeeded: negotiation starts afresh (spec: state from before
+        TLS must not be relied upon)."""
+        if self.phase is not Phase.TLS_HANDSHAKE:
+            raise RuntimeError("tls_established() without a STARTTLS")
+        self.tls = True
+        self.structured = False
+        self.extended = False
+        self._meta_export = None
+        self._meta_contexts = ()
+        self.phase = Phase.OPTIONS
 
     # -- handshake ------------------------------------------------------------------------
 
@@ -262,6 +321,12 @@ class ServerConnection:
         self._out += payload
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
+        if self.tls_mode is TLSMode.REQUIRE and not self.tls:
+            if option == Option.EXPORT_NAME:
+                # No reply can refuse EXPORT_NAME; the spec says hang up.
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before TLS")
+            if option not in (Option.STARTTLS, Option.ABORT):
+                raise OptionError(Reply.ERR_TLS_REQD, "TLS required: send NBD_OPT_STARTTLS first")
         if option == Option.EXPORT_NAME:
             self._opt_export_name(data, events)
         elif option == Option.ABORT:
@@ -271,7 +336,7 @@ class ServerConnection:
         elif option == Option.LIST:
             self._opt_list(data)
         elif option == Option.STARTTLS:
-            self._opt_starttls(data)
+            self._opt_starttls(data, events)
         elif option in (Option.INFO, Option.GO):
             self._opt_info_go(Option(option), data, events)
         elif option == Option.STRUCTURED_REPLY:
@@ -332,9 +397,15 @@ class ServerConnection:
             self._option_reply(Option.LIST, Reply.SERVER, wire.UINT32.pack(len(name)) + name + desc)
         self._option_reply(Option.LIST, Reply.ACK)
 
-    def _opt_starttls(self, data: bytes) -> None:
+    def _opt_starttls(self, data: bytes, events: list[Event]) -> None:
         self._no_data(Option.STARTTLS, data)
-        raise OptionError(Reply.ERR_POLICY, "TLS not configured")
+        if self.tls_mode is TLSMode.OFF:
+            raise OptionError(Reply.ERR_POLICY, "TLS not configured")
+        if self.tls:
+            raise OptionError(Reply.ERR_INVALID, "TLS already negotiated")
+        self._option_reply(Option.STARTTLS, Reply.ACK)
+        self.phase = Phase.TLS_HANDSHAKE
+        events.append(StartTLS())
 
     def _opt_info_go(self, option: Option, data: bytes, events: list[Event]) -> None:
         # name_len(4) name info_count(2) info_type(2)*
