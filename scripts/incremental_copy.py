@@ -6,6 +6,7 @@ Prints the dirty (offset, length) extents as JSON. Only dirty ranges are read.
 """
 
 import json
+import os
 import sys
 
 import nbd
@@ -34,7 +35,9 @@ while offset < size:
     h.block_status(min(size - offset, (1 << 32) - (1 << 20)), offset, collect)
     offset = extents[-1][0] + extents[-1][1]
 dirty = [(o, n) for o, n, flags in extents if flags & 1]
-with open(target, "r+b") as f:
+mode = "r+b" if os.path.exists(target) else "w+b"
+with open(target, mode) as f:
+    f.truncate(size)
     for o, n in dirty:
         n = min(n, size - o)
         f.seek(o)
