@@ -16,6 +16,7 @@ from .errors import ConfigError, NbdsrvError
 from .memory import keep_read_buffers
 from .net.address import parse_address
 from .paths import default_control, default_state_dir
+from .security import add_security_options, policy_from_args
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 
@@ -141,6 +142,7 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    add_security_options(daemon)
 
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
@@ -154,6 +156,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         qemu_nbd=dict(_name_value(q, "--qemu-nbd") for q in args.qemu_nbd),
         images=_images(args),
         scratch_dir=args.scratch_dir,
+        policy=policy_from_args(args),
     )
 
 

@@ -1,5 +1,8 @@
 """The control socket: JSON lines over a unix socket, mode 0600.
 
+Only the daemon's own user and root may use it: besides the socket's mode, each client's
+credentials (SO_PEERCRED) are checked, and others get one error answer and are closed.
+
 Request:  ``{"op": "status", "args": {...}}``
 Response: ``{"ok": true, "result": ...}`` or
           ``{"ok": false, "error": {"class": "NotFoundError", "message": "..."}}``
@@ -11,7 +14,9 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from .errors import ControlError, NbdsrvError
@@ -22,6 +27,23 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 # One request or response line; status of a big daemon stays far below this.
 MAX_LINE = 16 * 1024 * 1024
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# Who sent the control request being handled ("uid=0 pid=123"), for audit lines.
+control_peer: ContextVar[str] = ContextVar("control_peer", default="-")
+
+
+def peer_credentials(sock: object) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a unix socket's peer, or None where the system cannot tell."""
+    getsockopt = getattr(sock, "getsockopt", None)
+    if getsockopt is None:
+        return None
+    try:
+        data = getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _UCRED.unpack(data)
+    return pid, uid, gid
 
 
 class ControlServer:
@@ -50,6 +72,17 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        credentials = peer_credentials(writer.get_extra_info("socket"))
+        if credentials is None or credentials[1] not in (os.getuid(), 0):
+            who = f"uid {credentials[1]}" if credentials else "a peer of unknown uid"
+            log.warning("control socket: refused %s (not the daemon's user or root)", who)
+            error = {"class": "PermissionError", "message": f"permission denied for {who}"}
+            with contextlib.suppress(ConnectionError):
+                writer.write(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+            return
+        control_peer.set(f"uid={credentials[1]} pid={credentials[0]}")
         try:
             while line := await reader.readline():
                 response = await self._answer(line)

@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import ExportCatalog
-from .control import ControlServer
+from .control import ControlServer, control_peer
 from .errors import ConfigError
 from .net.address import Address
-from .net.server import NBDServer
+from .net.server import NBDServer, ServerPolicy
 from .sessions import BeginRequest, SessionError, SessionManager
 from .sources.file import FileExport
 from .vm import VM
 from .vms import VMRegistry
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("nbdsrv.audit")
 
 
 @dataclass
@@ -30,13 +31,14 @@ class DaemonConfig:
     qemu_nbd: dict[str, str] = field(default_factory=dict)
     images: list[tuple[str, list[str]]] = field(default_factory=list)
     scratch_dir: str | None = None
+    policy: ServerPolicy = field(default_factory=ServerPolicy)
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.catalog = ExportCatalog()
-        self.server = NBDServer(self.catalog)
+        self.server = NBDServer(self.catalog, config.policy)
         self.sessions = SessionManager(
             self.catalog,
             config.scratch_dir or os.path.join(config.state_dir, "scratch"),
@@ -109,6 +111,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.control.stop()
+        for session in self.sessions.sessions.values():
+            audit.info("session ended: id=%s vm=%s by=daemon-stop", session.id, session.vm.name)
         await self.sessions.end_all()
         await self.server.stop()
         self.catalog.close_all()
@@ -162,7 +166,22 @@ class Daemon:
             all_checkpoints=bool(args.get("all_checkpoints")),
             bitmap_name=args.get("bitmap_name"),
         )
-        session = await self.sessions.begin(vm, request)
+        try:
+            session = await self.sessions.begin(vm, request)
+        except Exception as e:
+            audit.info(
+                "session begin failed: vm=%s by=%s error=%r", vm.name, control_peer.get(), str(e)
+            )
+            raise
+        audit.info(
+            "session begun: id=%s vm=%s from=%s checkpoint=%s exports=%s by=%s",
+            session.id,
+            vm.name,
+            request.from_checkpoint or "-",
+            session.checkpoint or "-",
+            ",".join(export.name for export in session.exports.values()),
+            control_peer.get(),
+        )
         return self.sessions.describe(session)
 
     async def _backup_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -172,6 +191,7 @@ class Daemon:
     async def _backup_end(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         await self.sessions.end(vm, str(args["id"]))
+        audit.info("session ended: id=%s vm=%s by=%s", args["id"], vm.name, control_peer.get())
         return {"ended": args["id"]}
 
     async def _snapshot_create(self, args: dict[str, Any]) -> dict[str, Any]:
