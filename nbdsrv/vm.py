@@ -105,13 +105,25 @@ class VM:
         return CheckpointChain.from_json(document.get("checkpoints", [])), document
 
     def _commit(
-        self, chain: CheckpointChain, op_id: str | None, overlays: list[str] | None = None
+        self,
+        chain: CheckpointChain,
+        op_id: str | None,
+        overlays: list[str] | None = None,
+        tops: Mapping[str, str] | None = None,
     ) -> None:
-        """Write the chain; ``overlays``: the snapshot files nbdsrv made (kept if None)."""
+        """Write the chain. ``overlays``: the snapshot files nbdsrv made; ``tops``: disks whose
+        top image changed (the embedded QSD opens these at the next start). Both kept if None."""
+        document = self.store.load_checkpoints()
         if overlays is None:
-            overlays = list(self.store.load_checkpoints().get("overlays", []))
+            overlays = list(document.get("overlays", []))
+        all_tops = {**document.get("tops", {}), **(tops or {})}
         self.store.save_checkpoints(
-            {"last_op": op_id, "checkpoints": chain.to_json(), "overlays": overlays}
+            {
+                "last_op": op_id,
+                "checkpoints": chain.to_json(),
+                "overlays": overlays,
+                "tops": all_tops,
+            }
         )
 
     def _overlays(self) -> list[str]:
@@ -313,7 +325,10 @@ class VM:
             crash_point("snapshot-create:after-transaction")
             files = {disk: item["file"] for disk, item in plan.items()}
             self._commit(
-                after_snapshot(chain, state, files), op_id, self._overlays() + list(files.values())
+                after_snapshot(chain, state, files),
+                op_id,
+                self._overlays() + list(files.values()),
+                tops=files,
             )
             crash_point("snapshot-create:after-commit")
             self.store.clear_intent()
@@ -345,7 +360,7 @@ class VM:
         # The chain now starts at the overlays: describe it as it was before them.
         before = {disk: tuple(layers[1:]) for disk, layers in state.items()}
         chain = after_snapshot(chain, before, files)
-        self._commit(chain, intent["id"], self._overlays() + list(files.values()))
+        self._commit(chain, intent["id"], self._overlays() + list(files.values()), tops=files)
         return chain
 
     async def snapshot_commit(self) -> dict[str, str]:
@@ -423,7 +438,8 @@ class VM:
                     os.unlink(top_file)
                 overlays.remove(top_file)
             removed[disk] = top_file
-        self._commit(after_commit(chain, done), op_id, overlays)
+        tops = {disk: base for disk, (_, base) in done.items()}
+        self._commit(after_commit(chain, done), op_id, overlays, tops=tops)
         crash_point("snapshot-commit:after-commit")
         self.store.clear_intent()
         log.info("VM %s: committed %s", self.name, removed)

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -94,8 +95,15 @@ class VMRegistry:
 
     async def add_images(self, name: str, images: list[str]) -> None:
         """The embedded default: a private qemu-storage-daemon that opens ``images``."""
+        store = VMStore(self.state_dir, name)
+        # After snapshots the disks continue in overlays: open the chain from its top.
+        tops = store.load_checkpoints().get("tops", {})
+        images = [
+            tops[f"disk{i}"] if os.path.exists(tops.get(f"disk{i}", "")) else path
+            for i, path in enumerate(images)
+        ]
         qsd = StorageDaemon(name, images, self.state_dir)
-        vm = VM(name, qsd.monitor, VMStore(self.state_dir, name), roots=None)
+        vm = VM(name, qsd.monitor, store, roots=None)
         self._add(vm)
         self._storage_daemons[name] = qsd
 

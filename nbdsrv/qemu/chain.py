@@ -146,6 +146,10 @@ def disks_from(
     Raises `QEMUError` for a root that names no node and no device.
     """
     by_name = {str(n["node-name"]): n for n in nodes}
+    # A disk named by a node (qemu-storage-daemon has no BlockBackend names) is followed
+    # through the export of the same id, which QEMU moves onto each new overlay (and back
+    # onto the base after a commit, when the node of that name may be gone).
+    moved = {str(e["id"]): str(e["node-name"]) for e in exports or () if "node-name" in e}
     devices: list[tuple[str, str | None, str | None, str]] = []  # id, device, qdev, node
     for entry in block:
         inserted = entry.get("inserted")
@@ -159,7 +163,7 @@ def disks_from(
     if roots is not None:
         wanted: list[tuple[str, str | None, str | None, str]] = []
         for root in roots:
-            if root in by_name:
+            if root in by_name or root in moved:
                 wanted.append((root, None, None, root))
                 continue
             match = [d for d in devices if root in (d[1], d[2])]
@@ -169,13 +173,12 @@ def disks_from(
         devices = wanted
     elif not devices:
         numbered = sorted(
-            (int(m.group(1)), name) for name in by_name if (m := _DISK_NODE.fullmatch(name))
+            (int(m.group(1)), name)
+            for name in set(by_name) | set(moved)
+            if (m := _DISK_NODE.fullmatch(name))
         )
         devices = [(name, None, None, name) for _, name in numbered]
 
-    # A disk named by a node (qemu-storage-daemon has no BlockBackend names) is followed
-    # through the export of the same id, which QEMU moves onto each new overlay.
-    moved = {str(e["id"]): str(e["node-name"]) for e in exports or () if "node-name" in e}
     devices = [
         (ident, device, qdev, moved.get(ident, node) if device is None and qdev is None else node)
         for ident, device, qdev, node in devices
