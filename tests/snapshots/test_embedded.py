@@ -1,0 +1,61 @@
+"""The embedded default (`nbdsrv daemon --image`) across snapshots, commits and restarts: the
+private qemu-storage-daemon reopens each disk from its newest top."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+
+K = 1024
+
+
+def cli(control: str, *args: str) -> dict:  # type: ignore[type-arg]
+    return dict(json.loads(run(nbdsrv_argv(*args, "--control", control, "--json"))))
+
+
+def dirty(uri: str, context: str) -> list[tuple[int, int]]:
+    out = run([require_tool("nbdinfo"), "--json", f"--map={context}", uri])
+    return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1]
+
+
+def test_snapshot_survives_daemon_restart_and_commit(workdir: Path) -> None:
+    image = workdir / "disk.qcow2"
+    run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image), "16M"])
+    state, control = workdir / "state", str(workdir / "control.sock")
+    nbd = workdir / "nbd.sock"
+    args = ["--state-dir", str(state), "--control", control, "--listen", f"unix:{nbd}",
+            "--image", f"vm={image}"]  # fmt: skip
+    daemon = DaemonProcess(args, control, workdir / "daemon.log")
+    live = f"nbd+unix:///disk0?socket={state / 'vm.live.sock'}"
+
+    def write(pattern: int, offset: int) -> None:
+        run([require_tool("qemu-io"), "-f", "raw", "-c", f"write -P {pattern} {offset} 64k", live])
+
+    daemon.start()
+    cli(control, "checkpoint", "create", "vm", "--name", "c1")
+    write(0x11, 0)
+    overlay = cli(control, "snapshot", "create", "vm")["overlays"]["disk0"]
+    write(0x22, 1024 * K)
+    assert daemon.stop() == 0
+    daemon.start()  # must open the overlay, not the base
+    read = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x22 1M 64k", live],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "read 65536/65536" in read.stdout, read.stdout + read.stderr
+    assert all(c["valid"] for c in cli_list(control))
+    cli(control, "snapshot", "commit", "vm")
+    assert not Path(overlay).exists()
+    write(0x33, 2048 * K)
+    session = cli(control, "backup", "begin", "vm", "--from", "c1", "--no-checkpoint")
+    uri = f"nbd+unix:///vm/disk0?socket={nbd}"
+    assert dirty(uri, "qemu:dirty-bitmap:c1") == [(0, 64 * K), (1024 * K, 64 * K),
+                                                  (2048 * K, 64 * K)]  # fmt: skip
+    run(nbdsrv_argv("backup", "end", "vm", session["id"], "--control", control))
+    assert daemon.stop() == 0
+
+
+def cli_list(control: str) -> list[dict]:  # type: ignore[type-arg]
+    return list(json.loads(run(nbdsrv_argv("checkpoint", "list", "vm", "--control", control,
+                                           "--json"))))  # fmt: skip
