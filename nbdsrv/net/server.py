@@ -183,7 +183,8 @@ class NBDConnection(asyncio.Protocol):
         self._reason = self._reason or "client closed the connection"
         self._closing = True
         self._close_when_idle()
-        return True
+        # Keep the socket half-open to finish replies; TLS transports close on EOF anyway.
+        return None if self._core.tls else True
 
     def pause_writing(self) -> None:
         self._writing_paused = True
