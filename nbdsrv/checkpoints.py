@@ -17,7 +17,7 @@ Everything here is pure: no QMP, no files. nbdsrv.vm runs it against QEMU and th
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -143,7 +143,7 @@ class CheckpointChain:
     def __init__(self, checkpoints: Sequence[Checkpoint] = ()) -> None:
         self.checkpoints = list(checkpoints)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Checkpoint]:
         return iter(self.checkpoints)
 
     def __len__(self) -> int:
