@@ -1,0 +1,113 @@
+"""A VM-like QEMU (qemu-system-x86_64 -machine none, writes driven through a second QMP
+monitor as a guest's would go through drive0) attached with --qmp: nbdsrv starts its own NBD
+server in it, and checkpoints, sessions and snapshots work on a named drive."""
+
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.qmp_sync import SyncQMP
+from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+from tests.vmharness import wait_for
+
+K = 1024
+
+
+class QemuVM:
+    def __init__(self, workdir: Path) -> None:
+        self.image = workdir / "d.qcow2"
+        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), "16M"])
+        self.qmp_path = workdir / "vm.qmp"
+        test_qmp = workdir / "test.qmp"
+        self.pidfile = workdir / "qemu.pid"
+        run([
+            require_tool("qemu-system-x86_64"), "-machine", "none", "-nodefaults",
+            "-display", "none",
+            "-drive", f"if=none,id=drive0,file={self.image},format=qcow2,node-name=disk0",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", f"unix:{test_qmp},server=on,wait=off",
+            "-daemonize", "-pidfile", str(self.pidfile),
+        ])  # fmt: skip
+        wait_for(test_qmp.exists, "QEMU's monitor")
+        self.qmp = SyncQMP(str(test_qmp))
+
+    def write(self, pattern: int, offset: int, length: int) -> None:
+        """As the guest writes: through drive0, the BlockBackend that exists all along."""
+        # QEMU 7.2 prints qemu-io's success to its own stdout; the reply is empty unless
+        # something failed.
+        out = self.qmp.hmp(f'qemu-io drive0 "write -P {pattern} {offset} {length}"')
+        assert "error" not in out.lower() and "failed" not in out.lower(), out
+
+    def stop(self) -> None:
+        self.qmp.execute("quit")
+        self.qmp.close()
+
+
+@pytest.fixture
+def qemu_vm() -> Iterator[tuple[QemuVM, Path]]:
+    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-v-", dir="/tmp"))
+    vm = QemuVM(workdir)
+    yield vm, workdir
+    try:
+        vm.stop()
+    except Exception:
+        pid = int(vm.pidfile.read_text())
+        subprocess.run(["kill", f"-{signal.SIGKILL}", str(pid)], check=False)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_vm_with_named_drive_backs_up_incrementally(qemu_vm: tuple[QemuVM, Path]) -> None:
+    vm, workdir = qemu_vm
+    control = str(workdir / "control.sock")
+    nbd = workdir / "nbd.sock"
+    daemon = DaemonProcess(
+        ["--state-dir", str(workdir / "state"), "--control", control,
+         "--listen", f"unix:{nbd}", "--qmp", f"vm={vm.qmp_path}"],
+        control, workdir / "daemon.log",
+    )  # fmt: skip
+    daemon.start()
+
+    def cli(*args: str) -> dict:  # type: ignore[type-arg]
+        return dict(json.loads(run(nbdsrv_argv(*args, "--control", control, "--json"))))
+
+    assert daemon.status()["vms"][0]["disks"] == ["drive0"]
+    vm.write(0x11, 0, 64 * K)
+    cli("checkpoint", "create", "vm", "--name", "c1")
+    vm.write(0x22, 1024 * K, 64 * K)
+    session = cli("backup", "begin", "vm", "--from", "c1", "--checkpoint", "c2")
+    assert session["disks"]["drive0"]["export"] == "vm/drive0"
+    vm.write(0x33, 1024 * K, 64 * K)  # after the point in time
+    uri = f"nbd+unix:///vm/drive0?socket={nbd}"
+    out = run([require_tool("nbdinfo"), "--json", "--map=qemu:dirty-bitmap:c1", uri])
+    assert [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1] == [
+        (1024 * K, 64 * K)
+    ]
+    run([require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x22 1M 64k",
+         "-c", "read -P 0x11 0 64k", uri])  # fmt: skip
+    run(nbdsrv_argv("backup", "end", "vm", session["id"], "--control", control))
+    overlay = cli("snapshot", "create", "vm")["overlays"]["drive0"]
+    vm.write(0x44, 2048 * K, 64 * K)
+    cli("snapshot", "commit", "vm")
+    assert not Path(overlay).exists()
+    listed = json.loads(run(nbdsrv_argv("checkpoint", "list", "vm", "--control", control,
+                                        "--json")))  # fmt: skip
+    assert [(c["name"], c["valid"]) for c in listed] == [("c1", True), ("c2", True)]
+    session = cli("backup", "begin", "vm", "--from", "c2", "--no-checkpoint")
+    out = run([require_tool("nbdinfo"), "--json", "--map=qemu:dirty-bitmap:c2", uri])
+    assert [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1] == [
+        (1024 * K, 64 * K),
+        (2048 * K, 64 * K),
+    ]
+    assert daemon.stop() == 0  # ends the session too
+    assert vm.qmp.execute("query-block-jobs") == []
+    assert not [
+        n["node-name"]
+        for n in vm.qmp.execute("query-named-block-nodes", flat=True)
+        if n["node-name"].startswith("nbdsrv-")
+    ]
