@@ -77,7 +77,10 @@ class ControlServer:
             who = f"uid {credentials[1]}" if credentials else "a peer of unknown uid"
             log.warning("control socket: refused %s (not the daemon's user or root)", who)
             error = {"class": "PermissionError", "message": f"permission denied for {who}"}
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, ValueError, TimeoutError):
+                # Take the request first: closing with it unread would reset the connection
+                # before the client reads the answer.
+                await asyncio.wait_for(reader.readline(), 5)
                 writer.write(json.dumps({"ok": False, "error": error}).encode() + b"\n")
                 await writer.drain()
             writer.close()
