@@ -9,6 +9,7 @@ past the asked range — the protocol core clips, merges and caps them.
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from .proto.constants import MAX_BLOCK_STATUS_EXTENTS
 from .proto.extents import Extent
 
 Segment = tuple[int, int, bytes | bytearray | memoryview | None]
@@ -37,8 +38,11 @@ class Export(ABC):
         """Segments covering exactly ``[offset, offset + length)``."""
 
     @abstractmethod
-    async def extents(self, context: str, offset: int, length: int) -> list[Extent]:
-        """At least one extent starting at ``offset`` for ``context``."""
+    async def extents(
+        self, context: str, offset: int, length: int, limit: int = MAX_BLOCK_STATUS_EXTENTS
+    ) -> list[Extent]:
+        """At least one extent starting at ``offset`` for ``context``; no need for more than
+        ``limit`` (1 for a REQ_ONE request: QEMU's clients ask one extent at a time)."""
 
     def close(self) -> None:
         """Release resources; later requests get ESHUTDOWN."""

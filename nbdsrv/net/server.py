@@ -16,7 +16,7 @@ from ..access import AccessPolicy, Peer, subject_of
 from ..catalog import ExportCatalog
 from ..errors import nbd_errno
 from ..export import Export, ExportGone
-from ..proto.constants import Command, Errno
+from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
 from ..proto.errors import ProtocolError
 from ..proto.server import (
     Disconnect,
@@ -458,8 +458,9 @@ class NBDConnection(asyncio.Protocol):
                     self._transport.writelines(buffers)
                 self.bytes_served += request.length
             elif request.command == Command.BLOCK_STATUS:
+                limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
                 per_context = [
-                    (cid, await export.extents(name, request.offset, request.length))
+                    (cid, await export.extents(name, request.offset, request.length, limit))
                     for cid, name in self._contexts
                 ]
                 if export.closed:

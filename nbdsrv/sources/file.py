@@ -102,10 +102,12 @@ class FileExport(Export):
                 runs.append((start, stop, is_data))
         return runs
 
-    async def extents(self, context: str, offset: int, length: int) -> list[Extent]:
+    async def extents(
+        self, context: str, offset: int, length: int, limit: int = MAX_BLOCK_STATUS_EXTENTS
+    ) -> list[Extent]:
         if context != BASE_ALLOCATION:
             raise ValueError(f"unknown context {context}")
         return [
             (end - start, 0 if is_data else HOLE_ZERO)
-            for start, end, is_data in self._allocation(offset, offset + length)
+            for start, end, is_data in self._allocation(offset, offset + length, limit)
         ]

@@ -107,15 +107,19 @@ class UpstreamExport(Export):
         self._check()
         return [(offset, length, data)]
 
-    async def extents(self, context: str, offset: int, length: int) -> list[Extent]:
+    async def extents(
+        self, context: str, offset: int, length: int, limit: int = MAX_BLOCK_STATUS_EXTENTS
+    ) -> list[Extent]:
         self._check()
         bitmap = self.bitmaps.get(context)
         if bitmap is not None:
-            return bitmap.extents(offset, length, MAX_BLOCK_STATUS_EXTENTS)
+            return bitmap.extents(offset, length, limit)
         if context != BASE_ALLOCATION:
             raise OSError(errno.EINVAL, f"unknown context {context}")
         try:
-            status = await self._client().block_status(offset, min(length, MAX_UPSTREAM_STATUS))
+            status = await self._client().block_status(
+                offset, min(length, MAX_UPSTREAM_STATUS), req_one=limit == 1
+            )
         except NBDError as e:
             raise OSError(errno.EIO, f"block status from QEMU: {e}") from e
         self._check()
