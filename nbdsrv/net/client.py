@@ -47,9 +47,21 @@ class _Pending:
     offset: int
     length: int
     future: "asyncio.Future[object]"
-    data: bytearray | None = None
+    # A READ's data: the one chunk's payload as it came (no copy) when a single chunk covers
+    # the request, else a zeroed buffer the chunks are copied into.
+    data: bytes | bytearray | memoryview | None = None
     extents: dict[int, list[Extent]] = field(default_factory=dict)
     error: ReplyError | None = None
+
+
+def _buffer(pending: _Pending) -> bytearray:
+    """The request's zeroed buffer, holding whatever chunk arrived before."""
+    if not isinstance(pending.data, bytearray):
+        buffer = bytearray(pending.length)
+        if pending.data is not None:
+            buffer[: len(pending.data)] = pending.data
+        pending.data = buffer
+    return pending.data
 
 
 async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -216,19 +228,18 @@ class NBDClient:
         cookie = next(self._cookies)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         pending = _Pending(command, offset, length, future)
-        if command == Command.READ:
-            pending.data = bytearray(length)
         self._pending[cookie] = pending
         self._writer.write(
             proto.request(cookie, command, flags, offset, length, extended=self.extended)
         )
         return pending
 
-    async def read(self, offset: int, length: int, *, flags: int = 0) -> bytearray:
+    async def read(
+        self, offset: int, length: int, *, flags: int = 0
+    ) -> bytes | bytearray | memoryview:
         pending = self._submit(Command.READ, flags, offset, length)
         await pending.future
-        assert pending.data is not None
-        return pending.data
+        return pending.data if pending.data is not None else bytes(length)
 
     async def block_status(
         self, offset: int, length: int, *, req_one: bool = False
@@ -304,8 +315,7 @@ class NBDClient:
             if header.error:
                 pending.error = ReplyError(header.error, f"server error {header.error}")
             elif pending.command == Command.READ:
-                assert pending.data is not None
-                pending.data[:] = await read(pending.length)
+                pending.data = await read(pending.length)
             self._complete(header.cookie, pending)
             return
         payload = await read(header.length)
@@ -318,15 +328,18 @@ class NBDClient:
             (offset,) = wire.OFFSET_DATA.unpack_from(payload, 0)
             start = offset - pending.offset
             data = memoryview(payload)[8:]
-            if pending.data is None or start < 0 or start + len(data) > pending.length:
+            if pending.command != Command.READ or start < 0 or start + len(data) > pending.length:
                 raise ProtocolError("OFFSET_DATA chunk outside the request")
-            pending.data[start : start + len(data)] = data
+            if pending.data is None and start == 0 and len(data) == pending.length:
+                pending.data = data  # the common case: one chunk, kept as it came
+            else:
+                _buffer(pending)[start : start + len(data)] = data
         elif rtype == ReplyType.OFFSET_HOLE:
             offset, hole = wire.OFFSET_HOLE.unpack(payload)
             start = offset - pending.offset
-            if pending.data is None or start < 0 or start + hole > pending.length:
+            if pending.command != Command.READ or start < 0 or start + hole > pending.length:
                 raise ProtocolError("OFFSET_HOLE chunk outside the request")
-            # The buffer starts zeroed, so a hole needs no copy.
+            _buffer(pending)  # zeroed: a hole needs no copy
         elif rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
             context_id, extents = proto.parse_block_status(rtype, payload)
             pending.extents[context_id] = extents

@@ -1,7 +1,6 @@
 """A session export: data and allocation read from QEMU's fleecing export through nbdsrv's own
 NBD client; dirty-bitmap contexts answered from memory."""
 
-import asyncio
 import contextlib
 import errno
 import itertools
@@ -128,20 +127,10 @@ class UpstreamExport(Export):
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "kind": "session", "failure": self.failure}
 
-    def close(self) -> None:
-        super().close()
-        clients, self._clients = self._clients, []
-        for client in clients:
-            task = asyncio.get_running_loop().create_task(client.close())
-            _CLOSING.add(task)
-            task.add_done_callback(_CLOSING.discard)
-
     async def aclose(self) -> None:
+        """Close the export (its clients get ESHUTDOWN) and the connections to QEMU."""
+        self.close()
         clients, self._clients = self._clients, []
-        super().close()
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.close()
-
-
-_CLOSING: set["asyncio.Task[None]"] = set()
