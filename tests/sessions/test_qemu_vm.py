@@ -72,7 +72,14 @@ def test_vm_with_named_drive_backs_up_incrementally(qemu_vm: tuple[QemuVM, Path]
         control, workdir / "daemon.log",
     )  # fmt: skip
     daemon.start()
+    try:
+        _backup_snapshot_commit(vm, daemon, control, nbd)
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
 
+
+def _backup_snapshot_commit(vm: QemuVM, daemon: DaemonProcess, control: str, nbd: Path) -> None:
     def cli(*args: str) -> dict:  # type: ignore[type-arg]
         return dict(json.loads(run(nbdsrv_argv(*args, "--control", control, "--json"))))
 
