@@ -123,9 +123,12 @@ class SessionManager:
         new_checkpoint: Checkpoint | None = None
         checkpoint_actions: list[tuple[str, dict[str, Any]]] = []
         if not request.no_checkpoint:
-            new_checkpoint, checkpoint_actions = vm.plan_checkpoint(
-                chain, state, request.checkpoint, request.granularity
-            )
+            try:
+                new_checkpoint, checkpoint_actions = vm.plan_checkpoint(
+                    chain, state, request.checkpoint, request.granularity
+                )
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; --no-checkpoint backs up without creating one") from e
         session_id = uuid.uuid4().hex[:12]
         os.makedirs(self.scratch_dir, mode=0o700, exist_ok=True)
         plan = fleece.FleecePlan(
