@@ -2,6 +2,7 @@
 daemon attached to it with --qmp, which tests may kill and restart. Fixtures: workdir, vm
 (parametrize indirectly with image specs: "qcow2", "qcow2v2", "raw"), nbdsrv."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,22 @@ import pytest
 from tests.qmp_sync import SyncQMP
 from tests.tools import require_tool
 
+K = 1024
 MiB = 1024 * 1024
 DISK_SIZE = 16 * MiB
+# The default checkpoint granularity: dirty maps are compared in blocks of this size.
+GRANULARITY = 64 * K
+# Copies the dirty extents of a context with libnbd, as a backup tool does (Debian's python3).
+COPY_SCRIPT = Path(__file__).parents[1] / "scripts" / "incremental_copy.py"
+
+
+def sha(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def blocks(ranges: Sequence[Sequence[int]]) -> set[int]:
+    """The GRANULARITY-sized blocks that (offset, length) ranges touch."""
+    return {b for o, n in ranges for b in range(o // GRANULARITY, (o + n - 1) // GRANULARITY + 1)}
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:

@@ -1,7 +1,6 @@
 """Pull-mode backup sessions end to end: real qemu-storage-daemon, real NBD clients, and
 correctness by content against a byte-for-byte model of each disk."""
 
-import hashlib
 import json
 import os
 import random
@@ -13,15 +12,17 @@ from typing import Any
 import pytest
 
 from tests.tools import require_tool
-from tests.vmharness import DISK_SIZE, ExternalQSD, MiB, Nbdsrv, wait_for
-
-K = 1024
-GRANULARITY = 64 * K
-COPY_SCRIPT = Path(__file__).parents[2] / "scripts" / "incremental_copy.py"
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
+from tests.vmharness import (
+    COPY_SCRIPT,
+    DISK_SIZE,
+    ExternalQSD,
+    K,
+    MiB,
+    Nbdsrv,
+    blocks,
+    sha,
+    wait_for,
+)
 
 
 def begin(nbdsrv: Nbdsrv, *args: str) -> dict[str, Any]:
@@ -46,10 +47,6 @@ def incremental(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
     return [tuple(x) for x in json.loads(out)]  # type: ignore[misc]
-
-
-def blocks(ranges: list[tuple[int, int]]) -> set[int]:
-    return {b for o, n in ranges for b in range(o // GRANULARITY, (o + n - 1) // GRANULARITY + 1)}
 
 
 def qemu_leftovers(vm: ExternalQSD) -> list[str]:

@@ -1,7 +1,6 @@
 """External snapshots and commits with checkpoints before, between and after them, against
 a real qemu-storage-daemon; correctness by content."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -11,15 +10,7 @@ from typing import Any
 import pytest
 
 from tests.tools import require_tool
-from tests.vmharness import ExternalQSD, MiB, Nbdsrv
-
-K = 1024
-GRANULARITY = 64 * K
-COPY_SCRIPT = Path(__file__).parents[2] / "scripts" / "incremental_copy.py"
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
+from tests.vmharness import COPY_SCRIPT, ExternalQSD, K, MiB, Nbdsrv, blocks, sha
 
 
 def layers(vm: ExternalQSD) -> list[str]:
@@ -59,10 +50,6 @@ def incremental(nbdsrv: Nbdsrv, since: str, name: str | None, target: Path) -> l
     finally:
         nbdsrv.cli("backup", "end", "vm1", session["id"])
     return list(json.loads(out))
-
-
-def blocks(ranges: list[Any]) -> set[int]:
-    return {b for o, n in ranges for b in range(o // GRANULARITY, (o + n - 1) // GRANULARITY + 1)}
 
 
 def snapshot(nbdsrv: Nbdsrv) -> str:
