@@ -182,6 +182,7 @@ class NBDConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._reason = self._reason or "client closed the connection"
         self._closing = True
+        self._pump()
         self._close_when_idle()
         # Keep the socket half-open to finish replies; TLS transports close on EOF anyway.
         return None if self._core.tls else True
@@ -269,8 +270,8 @@ class NBDConnection(asyncio.Protocol):
                 self.log.debug("%s", event.reason)
                 self._reason = event.reason
                 self._closing = True
-                self._close_when_idle()
         self._pump()
+        self._close_when_idle()
 
     def _pump(self) -> None:
         """Start what may start, parse what is buffered when there is room, and read only
@@ -310,8 +311,15 @@ class NBDConnection(asyncio.Protocol):
             self._transport.close()
 
     def _close_when_idle(self) -> None:
-        if self._closing and not self._tasks and self._transport is not None:
-            self._pending.clear()
+        # Requests received before the close are answered first (spec: DISC lets outstanding
+        # requests finish), including those not started yet or not parsed yet.
+        if (
+            self._closing
+            and not self._tasks
+            and not self._pending
+            and not self._core.backlog
+            and self._transport is not None
+        ):
             self._transport.close()
 
     def _update_reading(self) -> None:

@@ -272,3 +272,26 @@ async def test_requests_in_flight_are_answered_before_a_polite_close(
     assert await asyncio.wait_for(client.reader.read(), GUARD) == b""
     client.writer.close()
     await settle(served)
+
+
+@pytest.mark.parametrize("how", ["disc", "eof"])
+async def test_requests_sent_together_with_the_close_are_answered(served: Served, how: str) -> None:
+    client = await RawClient.connect(served.socket)
+    await client.handshake("disk")
+    # Reads and the close in one write: they reach the server in one data_received.
+    batch = b"".join(
+        spec.request(spec.CMD_READ, cookie, (cookie - 1) * 4096, 4096) for cookie in (1, 2, 3)
+    )
+    if how == "disc":
+        batch += spec.request(spec.CMD_DISC, 4, 0, 0)
+    client.reads.update({c: ((c - 1) * 4096, 4096) for c in (1, 2, 3)})
+    client.writer.write(batch)
+    if how == "eof":
+        client.writer.write_eof()
+    await client.writer.drain()
+    answers = await asyncio.wait_for(client.answers({1, 2, 3}), GUARD)
+    data = b"".join(bytes(answers[c].data) for c in (1, 2, 3))
+    assert data == served.content[: 3 * 4096]
+    assert await asyncio.wait_for(client.reader.read(), GUARD) == b""
+    client.writer.close()
+    await settle(served)
