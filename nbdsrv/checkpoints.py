@@ -195,7 +195,8 @@ class CheckpointChain:
         return cls([Checkpoint.from_json(d) for d in data])
 
 
-def _find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
+def find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
+    """The layer whose image is ``file`` (the name a segment records), if any."""
     for layer in layers:
         if layer.filename == file:
             return layer
@@ -214,7 +215,7 @@ def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) 
             return f"disk {disk} is gone from the VM"
         sizes = set()
         for segment in segments:
-            layer = _find_layer(layers, segment.file)
+            layer = find_layer(layers, segment.file)
             if layer is None:
                 return f"disk {disk}: layer {segment.file} is no longer in the backing chain"
             bitmap = layer.bitmap(segment.bitmap)
@@ -333,7 +334,7 @@ def delete_actions(checkpoints: CheckpointChain, chain: ChainState, name: str) -
         layers = chain.get(disk, ())
         parent_segments = {s.file: s for s in parent.disks.get(disk, ())} if parent else {}
         for segment in segments:
-            layer = _find_layer(layers, segment.file)
+            layer = find_layer(layers, segment.file)
             bitmap = layer.bitmap(segment.bitmap) if layer is not None else None
             if layer is None or bitmap is None:
                 continue

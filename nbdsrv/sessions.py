@@ -23,12 +23,18 @@ from typing import Any
 
 from .bitmap import DirtyBitmap
 from .catalog import ExportCatalog
-from .checkpoints import Checkpoint, CheckpointChain, CheckpointError, assess, now_iso
+from .checkpoints import (
+    Checkpoint,
+    CheckpointChain,
+    CheckpointError,
+    assess,
+    find_layer,
+    now_iso,
+)
 from .errors import NbdsrvError, NotFoundError
 from .net.address import Address
 from .proto.constants import DIRTY_BITMAP_PREFIX
 from .qemu import fleece
-from .qemu.chain import find_layer
 from .qemu.errors import QEMUError
 from .qemu.monitor import QMPEvent
 from .sources.upstream import UpstreamExport, fetch_bitmap

@@ -32,6 +32,7 @@ from .checkpoints import (
     check_name,
     create_actions,
     delete_actions,
+    find_layer,
     generated_name,
     merged_parent,
 )
@@ -504,8 +505,7 @@ def _segments_present(checkpoint: Checkpoint, state: ChainState) -> list[bool]:
     """For each segment of the checkpoint's bitmap: does QEMU hold it?"""
     out = []
     for disk, segments in checkpoint.disks.items():
-        by_file = {layer.filename: layer for layer in state.get(disk, ())}
-        out += [
-            s.file in by_file and by_file[s.file].bitmap(s.bitmap) is not None for s in segments
-        ]
+        for segment in segments:
+            layer = find_layer(state.get(disk, ()), segment.file)
+            out.append(layer is not None and layer.bitmap(segment.bitmap) is not None)
     return out
