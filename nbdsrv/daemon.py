@@ -7,15 +7,15 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from .catalog import ExportCatalog
+from .backends.qmp.vm import VM
+from .backup.sessions import BeginRequest, SessionError, SessionManager
 from .control import ControlServer, control_peer
 from .errors import ConfigError
+from .exports.catalog import ExportCatalog
+from .exports.file import FileExport
 from .net.address import Address
 from .net.server import NBDServer, ServerPolicy
-from .sessions import BeginRequest, SessionError, SessionManager
-from .sources.file import FileExport
-from .vm import VM
-from .vms import VMRegistry
+from .registry import VMRegistry
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("nbdsrv.audit")

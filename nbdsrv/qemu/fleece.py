@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..faults import scratch_file
+from ..backup.crash_points import scratch_file
 from .errors import QEMUError, QMPError
 from .monitor import Monitor
 

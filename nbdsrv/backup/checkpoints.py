@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from .errors import NbdsrvError, NotFoundError
+from ..errors import NbdsrvError, NotFoundError
 
 DEFAULT_GRANULARITY = 64 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")

@@ -21,8 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bitmap import DirtyBitmap
-from .catalog import ExportCatalog
+from ..backends.qmp.vm import VM
+from ..errors import NbdsrvError, NotFoundError
+from ..exports.catalog import ExportCatalog
+from ..exports.dirty_bitmap import DirtyBitmap
+from ..exports.upstream import UpstreamExport, fetch_bitmap
+from ..net.address import Address
+from ..proto.constants import DIRTY_BITMAP_PREFIX
+from ..qemu import fleece
+from ..qemu.errors import QEMUError
+from ..qemu.monitor import QMPEvent
 from .checkpoints import (
     Checkpoint,
     CheckpointChain,
@@ -31,14 +39,6 @@ from .checkpoints import (
     find_layer,
     now_iso,
 )
-from .errors import NbdsrvError, NotFoundError
-from .net.address import Address
-from .proto.constants import DIRTY_BITMAP_PREFIX
-from .qemu import fleece
-from .qemu.errors import QEMUError
-from .qemu.monitor import QMPEvent
-from .sources.upstream import UpstreamExport, fetch_bitmap
-from .vm import VM
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .checkpoints import (
+from ...backup.checkpoints import (
     DEFAULT_GRANULARITY,
     ChainState,
     Checkpoint,
@@ -36,21 +36,8 @@ from .checkpoints import (
     generated_name,
     merged_parent,
 )
-from .errors import NbdsrvError
-from .faults import crash_point
-from .qemu.chain import discover_chains
-from .qemu.errors import QEMUError, QEMUGoneError, QMPError, QMPTimeoutError
-from .qemu.jobs import (
-    create_overlay,
-    wait_job_gone,
-    wait_job_ready,
-)
-from .qemu.jobs import (
-    nodes_of_file as _nodes_of_file,
-)
-from .qemu.monitor import Monitor
-from .qemu.reopen import writable
-from .snapshots import (
+from ...backup.crash_points import crash_point
+from ...backup.snapshots import (
     after_commit,
     after_snapshot,
     commit_merge_actions,
@@ -58,7 +45,20 @@ from .snapshots import (
     overlay_file,
     snapshot_actions,
 )
-from .store import VMStore
+from ...backup.store import VMStore
+from ...errors import NbdsrvError
+from ...qemu.block_jobs import (
+    create_overlay,
+    wait_job_gone,
+    wait_job_ready,
+)
+from ...qemu.block_jobs import (
+    nodes_of_file as _nodes_of_file,
+)
+from ...qemu.chain import discover_chains
+from ...qemu.errors import QEMUError, QEMUGoneError, QMPError, QMPTimeoutError
+from ...qemu.monitor import Monitor
+from ...qemu.reopen import writable
 
 log = logging.getLogger(__name__)
 

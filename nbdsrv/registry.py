@@ -7,12 +7,12 @@ import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from .backends.qmp.vm import VM
+from .backup.store import VMStore
 from .errors import ConfigError, NotFoundError
 from .qemu.errors import QEMUError, QEMUUnreachableError
 from .qemu.monitor import Monitor
 from .qemu.storage_daemon import StorageDaemon, describe_status
-from .store import VMStore
-from .vm import VM
 
 log = logging.getLogger(__name__)
 
