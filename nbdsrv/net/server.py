@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import nbd_errno
 from ..exports.catalog import ExportCatalog
 from ..exports.export import Export, ExportGone
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
-from ..proto.errors import ProtocolError
+from ..proto.errors import ProtocolError, nbd_errno
 from ..proto.server import (
     Disconnect,
     Negotiated,
