@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, StateError
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, StateError
 from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
@@ -85,18 +85,25 @@ class _Waiter:
     future: asyncio.Future[QMPEvent]
 
 
-class _Client(QMPClient):
-    """A QMPClient that hands every event to the Monitor, and keeps no queue of its own.
+class _Recorder(EventListener):
+    """A listener that hands every event to the Monitor and queues none.
 
-    (The stock client queues every event in its default listener forever.)
+    qemu.qmp calls `accept` in its reader task, for each event in the order QEMU sent them,
+    before the replies that follow; saying no keeps the event out of this listener's queue
+    and its history (both unbounded).
     """
 
-    def __init__(self, name: str | None, sink: Callable[[Message], None]) -> None:
-        super().__init__(name)
+    def __init__(self, sink: Callable[[Message], None]) -> None:
+        super().__init__()
         self._sink = sink
 
-    async def _event_dispatch(self, msg: Message) -> None:
-        self._sink(msg)
+    def accept(self, event: Message) -> bool:
+        self._sink(event)
+        return False
+
+
+def _deaf(event: Message) -> bool:
+    return False
 
 
 class Monitor:
@@ -138,7 +145,7 @@ class Monitor:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.attempt_timeout = attempt_timeout
-        self._client: _Client | None = None
+        self._client: QMPClient | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._connected_event: asyncio.Event | None = None
         self._closing = False
@@ -238,7 +245,7 @@ class Monitor:
                 await client.disconnect()
         self._fail_waiters(QEMUGoneError(self._path, "monitor closed"))
 
-    async def _open(self) -> _Client:
+    async def _open(self) -> QMPClient:
         """One connection attempt: socket, greeting, capabilities negotiation."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -249,7 +256,11 @@ class Monitor:
         except OSError as e:
             sock.close()
             raise QEMUUnreachableError(self._path, e.strerror or str(e)) from None
-        client = _Client(self._name, self._on_message)
+        client = QMPClient(self._name)
+        # The stock all-events listener cannot be removed, and would queue every event for
+        # good: a filter that refuses all makes it keep nothing.
+        client.events.event_filter = _deaf
+        client.register_listener(_Recorder(self._on_message))
         try:
             async with asyncio.timeout(self.attempt_timeout):
                 await client.connect(sock)
@@ -265,12 +276,12 @@ class Monitor:
             raise QEMUUnreachableError(self._path, str(e)) from None
         return client
 
-    def _attach(self, client: _Client) -> None:
+    def _attach(self, client: QMPClient) -> None:
         self._client = client
         self._event().set()
         log.debug("QMP connected to %s", self._path)
 
-    async def _supervise(self, client: _Client) -> None:
+    async def _supervise(self, client: QMPClient) -> None:
         """Notice a lost session; reconnect with backoff when allowed."""
         while True:
             while client.runstate == Runstate.RUNNING:
