@@ -80,7 +80,7 @@ class _Subscription:
 
 @dataclass
 class _Waiter:
-    name: str
+    names: frozenset[str]
     predicate: EventPredicate | None
     future: asyncio.Future[QMPEvent]
 
@@ -382,34 +382,62 @@ class Monitor:
 
     async def wait_event(
         self,
-        name: str,
+        name: str | Iterable[str],
         predicate: EventPredicate | None = None,
         timeout: float = 30.0,
         *,
         after: int | None = None,
     ) -> QMPEvent:
-        """Wait for an event named `name` for which `predicate` (if given) is true.
+        """Wait for an event named `name` (or any of several names) for which `predicate`
+        (if given) is true.
 
         With `after=SEQ` (take it from `last_seq` before running the command that causes
         the event) an event already in the history newer than SEQ is returned at once, so
         a fast event is never missed. Raises `EventTimeoutError` after `timeout` seconds,
         `QEMUGoneError` when the connection is lost meanwhile.
         """
+        names = frozenset([name] if isinstance(name, str) else name)
         if after is not None:
-            for event in self.events(name, after=after):
-                if predicate is None or predicate(event):
+            for event in self.events(after=after):
+                if event.name in names and (predicate is None or predicate(event)):
                     return event
         future: asyncio.Future[QMPEvent] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(name, predicate, future)
+        waiter = _Waiter(names, predicate, future)
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise EventTimeoutError(name, timeout) from None
+            raise EventTimeoutError(" or ".join(sorted(names)), timeout) from None
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
+
+    async def wait_until(
+        self,
+        check: Callable[[], Awaitable[bool]],
+        names: str | Iterable[str],
+        predicate: EventPredicate | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Run `check()` (usually one query) until it is true, again after each event named
+        in `names` that `predicate` accepts: waiting on QEMU's word, not polling.
+
+        `last_seq` is taken before each check, so an event that comes while the query runs
+        is found in the history. `check` may raise to give up. Raises `EventTimeoutError`
+        after `timeout` seconds, `QEMUGoneError` when the connection is lost meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            seq = self.last_seq
+            if await check():
+                return
+            try:
+                await self.wait_event(names, predicate, deadline - loop.time(), after=seq)
+            except EventTimeoutError:
+                label = names if isinstance(names, str) else " or ".join(sorted(names))
+                raise EventTimeoutError(label, timeout) from None
 
     def _on_message(self, msg: Message) -> None:
         """Runs in qemu.qmp's reader task for every event: never raise from here."""
@@ -428,7 +456,7 @@ class Monitor:
         self._history.append(event)
         log.debug("QMP event from %s: %s %s", self._path, event.name, event.data)
         for waiter in list(self._waiters):
-            if waiter.future.done() or waiter.name != event.name:
+            if waiter.future.done() or event.name not in waiter.names:
                 continue
             try:
                 if waiter.predicate is None or waiter.predicate(event):
