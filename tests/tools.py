@@ -5,10 +5,13 @@
 - :func:`run` — run a command with a timeout; a failure shows the command, status and stderr.
 - :class:`DaemonProcess` — ``python -m nbdsrv daemon …`` as a subprocess: started, polled
   until ``nbdsrv status`` answers, stopped with a signal and checked for a clean exit.
+- :class:`SyncQMP` — the test's own monitor on a QEMU under test: qemu.qmp's synchronous
+  client, connected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 # Generous for a loaded 2-core machine, far below a test's budget.
 TIMEOUT = 30.0
@@ -110,6 +114,32 @@ def run_fails(
 def nbdsrv_argv(*args: str) -> list[str]:
     """The nbdsrv CLI of the Python running the tests."""
     return [sys.executable, "-m", "nbdsrv", *args]
+
+
+class SyncQMP(QEMUMonitorProtocol):
+    """qemu.qmp's synchronous client, connected to ``path``: ``cmd(name, **arguments)``
+    returns QEMU's answer or raises ``qemu.qmp.ExecuteError``."""
+
+    def __init__(self, path: str | Path, timeout: float = TIMEOUT) -> None:
+        super().__init__(str(path))
+        self.settimeout(timeout)
+        self.connect()
+
+    def hmp(self, command: str) -> str:
+        return str(self.cmd("human-monitor-command", **{"command-line": command}))
+
+    def quit(self) -> None:
+        """Make QEMU exit, and close (QEMU's hang-up may come first: that is no error)."""
+        self.cmd("quit")
+        with contextlib.suppress(EOFError):
+            self.close()
+
+    def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
+        """Name → QEMU's info of every dirty bitmap on ``node``."""
+        for info in self.cmd("query-named-block-nodes", flat=True):
+            if info["node-name"] == node:
+                return {b["name"]: b for b in info.get("dirty-bitmaps", [])}
+        raise KeyError(node)
 
 
 class DaemonProcess:

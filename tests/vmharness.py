@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.qmp_sync import SyncQMP
-from tests.tools import require_tool
+from tests.tools import SyncQMP, require_tool
 
 K = 1024
 MiB = 1024 * 1024
@@ -126,8 +125,7 @@ class ExternalQSD:
         if self.proc is None or self.proc.poll() is not None:
             return
         if self.qmp is not None:
-            self.qmp.execute("quit")
-            self.qmp.close()
+            self.qmp.quit()
             self.qmp = None
         try:
             self.proc.wait(10)

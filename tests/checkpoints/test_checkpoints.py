@@ -5,8 +5,8 @@ import subprocess
 import time
 
 import pytest
+from qemu.qmp import ExecuteError
 
-from tests.qmp_sync import QMPFailed
 from tests.vmharness import ExternalQSD, MiB, Nbdsrv
 
 K = 1024
@@ -17,10 +17,10 @@ def bitmap_extents(vm: ExternalQSD, names: list[str], disk: int = 0) -> list[tup
     frozen merge — what QEMU itself would hand a backup tool."""
     assert vm.qmp is not None
     node = f"disk{disk}"
-    vm.qmp.execute("block-dirty-bitmap-add", node=node, name="probe", disabled=True)
+    vm.qmp.cmd("block-dirty-bitmap-add", node=node, name="probe", disabled=True)
     try:
-        vm.qmp.execute("block-dirty-bitmap-merge", node=node, target="probe", bitmaps=names)
-        vm.qmp.execute(
+        vm.qmp.cmd("block-dirty-bitmap-merge", node=node, target="probe", bitmaps=names)
+        vm.qmp.cmd(
             "block-export-add",
             type="nbd",
             id="probe",
@@ -42,13 +42,13 @@ def bitmap_extents(vm: ExternalQSD, names: list[str], disk: int = 0) -> list[tup
                 timeout=60,
             ).stdout
         finally:
-            vm.qmp.execute("block-export-del", id="probe")
+            vm.qmp.cmd("block-export-del", id="probe")
     finally:
         for _ in range(100):
             try:
-                vm.qmp.execute("block-dirty-bitmap-remove", node=node, name="probe")
+                vm.qmp.cmd("block-dirty-bitmap-remove", node=node, name="probe")
                 break
-            except QMPFailed:  # busy until the export is really gone
+            except ExecuteError:  # busy until the export is really gone
                 time.sleep(0.05)
     return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1]
 

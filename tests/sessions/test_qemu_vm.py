@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.qmp_sync import SyncQMP
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
 from tests.vmharness import wait_for
 
 K = 1024
@@ -45,8 +44,7 @@ class QemuVM:
         assert "error" not in out.lower() and "failed" not in out.lower(), out
 
     def stop(self) -> None:
-        self.qmp.execute("quit")
-        self.qmp.close()
+        self.qmp.quit()
 
 
 @pytest.fixture
@@ -112,9 +110,9 @@ def _backup_snapshot_commit(vm: QemuVM, daemon: DaemonProcess, control: str, nbd
         (2048 * K, 64 * K),
     ]
     assert daemon.stop() == 0  # ends the session too
-    assert vm.qmp.execute("query-block-jobs") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
     assert not [
         n["node-name"]
-        for n in vm.qmp.execute("query-named-block-nodes", flat=True)
+        for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
         if n["node-name"].startswith("nbdsrv-")
     ]

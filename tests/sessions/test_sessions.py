@@ -52,9 +52,9 @@ def incremental(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
 def qemu_leftovers(vm: ExternalQSD) -> list[str]:
     """Anything of nbdsrv's sessions still in QEMU."""
     assert vm.qmp is not None
-    nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
-    jobs = [j["device"] for j in vm.qmp.execute("query-block-jobs")]
-    exports = [e["id"] for e in vm.qmp.execute("query-block-exports")]
+    nodes = [n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes", flat=True)]
+    jobs = [j["device"] for j in vm.qmp.cmd("query-block-jobs")]
+    exports = [e["id"] for e in vm.qmp.cmd("query-block-exports")]
     return [x for x in nodes + jobs + exports if x.startswith("nbdsrv-")]
 
 
@@ -208,7 +208,7 @@ def test_invalid_from_checkpoint_is_refused(vm: ExternalQSD, nbdsrv: Nbdsrv) -> 
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
     assert vm.qmp is not None
-    vm.qmp.execute("block-dirty-bitmap-remove", node="disk0", name="c2")
+    vm.qmp.cmd("block-dirty-bitmap-remove", node="disk0", name="c2")
     message = nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
     assert "cannot be used" in message and "c2" in message
     assert qemu_leftovers(vm) == []
@@ -313,8 +313,8 @@ def test_fleecing_job_gone_fails_session_and_never_serves_new_data(
     vm.write(0, 0x11, 0, 1 * MiB)
     session = begin(nbdsrv)
     assert vm.qmp is not None
-    job = vm.qmp.execute("query-block-jobs")[0]["device"]
-    vm.qmp.execute("block-job-cancel", device=job, force=True)
+    job = vm.qmp.cmd("query-block-jobs")[0]["device"]
+    vm.qmp.cmd("block-job-cancel", device=job, force=True)
     wait_for(
         lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
         "the session to fail",

@@ -16,8 +16,8 @@ from tests.vmharness import COPY_SCRIPT, ExternalQSD, K, MiB, Nbdsrv, blocks, sh
 def layers(vm: ExternalQSD) -> list[str]:
     """The files of disk0's chain, top first, as QEMU holds it."""
     assert vm.qmp is not None
-    nodes = vm.qmp.execute("query-named-block-nodes", flat=True)
-    export = next(e for e in vm.qmp.execute("query-block-exports") if e["id"] == "disk0")
+    nodes = vm.qmp.cmd("query-named-block-nodes", flat=True)
+    export = next(e for e in vm.qmp.cmd("query-block-exports") if e["id"] == "disk0")
     by_name = {n["node-name"]: n for n in nodes}
     node = by_name[export["node-name"]]
     out = []
@@ -126,11 +126,11 @@ def test_delete_checkpoint_whose_bitmap_spans_layers(
     # c1 lives on the read-only base and on the overlay.
     assert nbdsrv.cli("checkpoint", "delete", "vm1", "c1").returncode == 0
     assert vm.qmp is not None
-    for node in vm.qmp.execute("query-named-block-nodes", flat=True):
+    for node in vm.qmp.cmd("query-named-block-nodes", flat=True):
         names = {b.get("name") for b in node.get("dirty-bitmaps", [])}
         assert "c1" not in names
     base = next(
-        n for n in vm.qmp.execute("query-named-block-nodes", flat=True) if n["node-name"] == "disk0"
+        n for n in vm.qmp.cmd("query-named-block-nodes", flat=True) if n["node-name"] == "disk0"
     )
     assert base["ro"] is True  # back to read-only after the change
     assert [c["name"] for c in nbdsrv.checkpoints()] == ["c2"]
@@ -150,11 +150,11 @@ def test_overlay_added_behind_our_back_invalidates_checkpoints(
         check=True,
     )  # fmt: skip
     assert vm.qmp is not None
-    vm.qmp.execute(
+    vm.qmp.cmd(
         "blockdev-add", driver="qcow2", **{"node-name": "foreign"},
         file={"driver": "file", "filename": str(overlay)}, backing=None,
     )  # fmt: skip
-    vm.qmp.execute("blockdev-snapshot", node="disk0", overlay="foreign")
+    vm.qmp.cmd("blockdev-snapshot", node="disk0", overlay="foreign")
     listed = nbdsrv.checkpoints()
     assert listed[0]["valid"] is False
     assert str(overlay) in listed[0]["reason"]
@@ -219,7 +219,7 @@ def test_killed_during_snapshot_commit_restarts_consistent(
     nbdsrv.wait_killed()
     nbdsrv.start()
     assert vm.qmp is not None
-    assert vm.qmp.execute("query-block-jobs") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
     assert layers(vm) == ([str(vm.images[0])] if done else [overlay, str(vm.images[0])])
     assert os.path.exists(overlay) is (not done)
     assert all_valid(nbdsrv)
