@@ -2,6 +2,7 @@
 daemon attached to it with --qmp, which tests may kill and restart. Fixtures: workdir, vm
 (parametrize indirectly with image specs: "qcow2", "qcow2v2", "raw"), nbdsrv."""
 
+import asyncio
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from nbdsrv.qemu.storage_daemon import StorageDaemon
 from tests.tools import SyncQMP, require_tool
 
 K = 1024
@@ -46,51 +48,35 @@ def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
 
 
 class ExternalQSD:
-    """qemu-storage-daemon with a QMP socket for nbdsrv and one for the test, and the disks
-    exported writable so the test can write the way a guest would."""
+    """The VM: a qemu-storage-daemon that the test owns (it outlives nbdsrv, as a real VM
+    would), started by the product's `StorageDaemon`: the disks exported writable on its live
+    socket, so the test writes the way a guest would, one QMP socket for nbdsrv and one for
+    the test (`qmp`, synchronous)."""
 
     def __init__(self, workdir: Path, images: list[Path]) -> None:
         self.workdir = workdir
         self.images = images
-        self.qmp_path = str(workdir / "vm.qmp")
-        self.test_qmp_path = str(workdir / "test.qmp")
-        self.nbd_path = str(workdir / "live.sock")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon = StorageDaemon(
+            "vm", images, workdir, test_monitor=True, qsd=require_tool("qemu-storage-daemon")
+        )
+        assert self.daemon.test_qmp_path is not None
+        self.qmp_path = str(self.daemon.qmp_path)
+        self.test_qmp_path = str(self.daemon.test_qmp_path)
+        self.nbd_path = str(self.daemon.live_socket)
+        # StorageDaemon is asynchronous; the test drives it on a loop of its own.
+        self.loop = asyncio.new_event_loop()
         self.qmp: SyncQMP | None = None
         # What each disk holds now, byte for byte (all images start empty).
         self.models = [bytearray(DISK_SIZE) for _ in images]
 
     def start(self) -> None:
-        argv = [require_tool("qemu-storage-daemon")]
-        for i, image in enumerate(self.images):
-            fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
-            argv += [
-                "--blockdev",
-                f"driver=file,filename={image},node-name=disk{i}-file",
-                "--blockdev",
-                f"driver={fmt},file=disk{i}-file,node-name=disk{i}",
-            ]
-        argv += [
-            "--chardev",
-            f"socket,id=m0,path={self.qmp_path},server=on,wait=off",
-            "--monitor",
-            "chardev=m0",
-            "--chardev",
-            f"socket,id=m1,path={self.test_qmp_path},server=on,wait=off",
-            "--monitor",
-            "chardev=m1",
-            "--nbd-server",
-            f"addr.type=unix,addr.path={self.nbd_path}",
-        ]
-        for i in range(len(self.images)):
-            argv += ["--export", f"type=nbd,id=disk{i},node-name=disk{i},name=disk{i},writable=on"]
-        with open(self.workdir / "qsd.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stderr=log)
-        wait_for(
-            lambda: os.path.exists(self.test_qmp_path) and os.path.exists(self.nbd_path),
-            "qemu-storage-daemon sockets",
-        )
+        self.loop.run_until_complete(self._start())
         self.qmp = SyncQMP(self.test_qmp_path)
+
+    async def _start(self) -> None:
+        await self.daemon.start()
+        # Its monitor holds the socket nbdsrv is given; a QMP socket serves one client.
+        await self.daemon.monitor.close()
 
     def write(self, disk: int, pattern: int, offset: int, length: int) -> None:
         """Write through QEMU's live export (a BlockBackend that exists all along), and into
@@ -111,27 +97,22 @@ class ExternalQSD:
         )
 
     def kill(self) -> None:
-        assert self.proc is not None
+        """SIGKILL, as when the VM crashes; `start` brings it back on the same images."""
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        for path in (self.qmp_path, self.test_qmp_path, self.nbd_path):
-            if os.path.exists(path):
-                os.unlink(path)
+        assert self.daemon.pid is not None
+        os.kill(self.daemon.pid, signal.SIGKILL)
+        # Reaps it and removes its sockets, as a VM's management would before a restart.
+        self.loop.run_until_complete(self.daemon.stop())
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
+        """Quit QEMU for good (persistent bitmaps are written on a clean quit)."""
         if self.qmp is not None:
             self.qmp.quit()
             self.qmp = None
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.loop.run_until_complete(self.daemon.stop())
+        self.loop.close()
 
 
 class Nbdsrv:
