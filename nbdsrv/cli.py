@@ -33,6 +33,14 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+def _add_quiesce_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiesce",
+        action="store_true",
+        help="freeze the guest's filesystems for the instant (needs --qga on the daemon)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbdsrv", description="NBD backup server for QEMU")
     parser.add_argument("--version", action="version", version=f"nbdsrv {__version__}")
@@ -59,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--granularity", metavar="BYTES", type=int, help="bitmap granularity (default 65536)"
     )
+    _add_quiesce_option(create)
     _add_client_options(create)
     listing = ckpt.add_parser("list", help="checkpoints of VM, oldest first")
     listing.add_argument("vm", metavar="VM")
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     begin.add_argument(
         "--bitmap-name", metavar="NAME", help="name the --from context qemu:dirty-bitmap:NAME"
     )
+    _add_quiesce_option(begin)
     _add_client_options(begin)
     blist = bk.add_parser("list", help="backup sessions of VM")
     blist.add_argument("vm", metavar="VM")
@@ -140,6 +150,13 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         default=[],
         help="start a private qemu-storage-daemon for these images",
     )
+    daemon.add_argument(
+        "--qga",
+        metavar="VM=PATH",
+        action="append",
+        default=[],
+        help="unix socket of a --qmp VM's QEMU guest agent, for --quiesce",
+    )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     add_security_options(daemon)
@@ -154,6 +171,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         files=[_name_value(f, "--file") for f in args.file],
         qmp=[_name_value(q, "--qmp") for q in args.qmp],
         qemu_nbd=dict(_name_value(q, "--qemu-nbd") for q in args.qemu_nbd),
+        guest_agents=dict(_name_value(q, "--qga") for q in args.qga),
         images=_images(args),
         scratch_dir=args.scratch_dir,
         policy=policy_from_args(args),
@@ -226,7 +244,12 @@ def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
     if args.action == "create":
         result = _client(
-            args, "checkpoint-create", vm=args.vm, name=args.name, granularity=args.granularity
+            args,
+            "checkpoint-create",
+            vm=args.vm,
+            name=args.name,
+            granularity=args.granularity,
+            quiesce=args.quiesce,
         )
         parent = f" (parent {result['parent']})" if result["parent"] else ""
         _emit(args, result, f"checkpoint {result['name']} created{parent}")
@@ -255,6 +278,36 @@ def _describe_session(session: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _session_table(sessions: list[dict[str, Any]]) -> str:
+    """One line per session disk, with the share of its dirty (or, for a full backup, all)
+    bytes read so far."""
+    rows = [("SESSION", "STATE", "STARTED", "DISK", "READ", "OF", "%", "CLIENTS")]
+    for session in sessions:
+        for disk, info in session["disks"].items():
+            dirty = info.get("dirty_bytes") or {}
+            wanted = next(iter(dirty.values())) if len(dirty) == 1 else info["size"]
+            read = info.get("bytes_read", 0)
+            share = f"{100 * min(read, wanted) / wanted:.1f}" if wanted else "100.0"
+            rows.append(
+                (
+                    session["id"],
+                    session["state"],
+                    session.get("started", ""),
+                    disk,
+                    str(read),
+                    str(wanted),
+                    share,
+                    str(info.get("clients", 0)),
+                )
+            )
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     if args.action == "begin":
         result = _client(
@@ -266,12 +319,12 @@ def _cmd_backup(args: argparse.Namespace) -> int:
             no_checkpoint=args.no_checkpoint,
             all_checkpoints=args.all_checkpoints,
             bitmap_name=args.bitmap_name,
+            quiesce=args.quiesce,
         )
         _emit(args, result, _describe_session(result))
     elif args.action == "list":
         result = _client(args, "backup-list", vm=args.vm)
-        text = "\n".join(_describe_session(s) for s in result)
-        _emit(args, result, text or f"VM {args.vm} has no backup session")
+        _emit(args, result, _session_table(result) or f"VM {args.vm} has no backup session")
     else:
         result = _client(args, "backup-end", vm=args.vm, id=args.id)
         _emit(args, result, f"session {args.id} ended")

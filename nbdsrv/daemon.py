@@ -33,6 +33,7 @@ class DaemonConfig:
     files: list[tuple[str, str]] = field(default_factory=list)
     qmp: list[tuple[str, str]] = field(default_factory=list)
     qemu_nbd: dict[str, str] = field(default_factory=dict)
+    guest_agents: dict[str, str] = field(default_factory=dict)
     images: list[tuple[str, list[str]]] = field(default_factory=list)
     scratch_dir: str | None = None
     policy: ServerPolicy = field(default_factory=ServerPolicy)
@@ -88,9 +89,13 @@ class Daemon:
                 raise ConfigError(f"cannot export {path} as '{name}': {e.strerror or e}") from e
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-        for vm in self.config.qemu_nbd:
-            if vm not in dict(self.config.qmp):
-                raise ConfigError(f"--qemu-nbd names VM '{vm}' that has no --qmp")
+        for option, names in (
+            ("--qemu-nbd", self.config.qemu_nbd),
+            ("--qga", self.config.guest_agents),
+        ):
+            for vm in names:
+                if vm not in dict(self.config.qmp):
+                    raise ConfigError(f"{option} names VM '{vm}' that has no --qmp")
         state_dir = self.config.state_dir
         for name, path in self.config.qmp:
             # A QEMU run by someone else; nbdsrv must have the QMP socket to itself.
@@ -102,6 +107,7 @@ class Daemon:
                     VMStore(state_dir, name),
                     self.scratch_dir,
                     nbd_socket=self.config.qemu_nbd.get(name),
+                    guest_agent=self.config.guest_agents.get(name),
                 )
             )
         for name, images in self.config.images:
@@ -147,9 +153,16 @@ class Daemon:
         vm = self.vms.get(str(args["vm"]))
         granularity = args.get("granularity")
         checkpoint = await vm.create_checkpoint(
-            args.get("name"), int(granularity) if granularity is not None else None
+            args.get("name"),
+            int(granularity) if granularity is not None else None,
+            quiesce=bool(args.get("quiesce")),
         )
-        return {"name": checkpoint.name, "parent": checkpoint.parent, "created": checkpoint.created}
+        return {
+            "name": checkpoint.name,
+            "parent": checkpoint.parent,
+            "created": checkpoint.created,
+            "quiesced": checkpoint.quiesced,
+        }
 
     async def _checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return await self.vms.get(str(args["vm"])).list_checkpoints()
@@ -168,6 +181,7 @@ class Daemon:
             no_checkpoint=bool(args.get("no_checkpoint")),
             all_checkpoints=bool(args.get("all_checkpoints")),
             bitmap_name=args.get("bitmap_name"),
+            quiesce=bool(args.get("quiesce")),
         )
         try:
             session = await self.sessions.begin(vm, request)

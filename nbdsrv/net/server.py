@@ -233,6 +233,8 @@ class NBDConnection(asyncio.Protocol):
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
             return
         self._server.connections.discard(self)
+        if self._export is not None:
+            self._export.clients -= 1
         audit.info(
             "connection closed: peer=%s export=%s tls=%s subject=%s bytes=%d requests=%d "
             "duration=%.3fs reason=%s",
@@ -413,6 +415,8 @@ class NBDConnection(asyncio.Protocol):
             self._idle_timer = self._loop.call_later(self._policy.idle_timeout, self._idle_check)
         export = self._server.catalog.find_export(event.export.name)
         self._export = export
+        if export is not None:
+            export.clients += 1
         self._contexts = [(c.id, c.name) for c in event.contexts]
         self.log = ConnectionLog(log, {"peer": f"{self.peer_text} {event.export.name}"})
         self.log.debug(
