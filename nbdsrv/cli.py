@@ -16,7 +16,7 @@ from .config.paths import default_control, default_state_dir
 from .config.security import add_security_options, policy_from_args
 from .daemon import Daemon, DaemonConfig
 from .errors import ConfigError, NbdsrvError
-from .net.address import parse_address
+from .net.address import Address, parse_address
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 
@@ -158,6 +158,11 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         help="unix socket of a --qmp VM's QEMU guest agent, for --quiesce",
     )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
+    daemon.add_argument(
+        "--metrics",
+        metavar="tcp:HOST:PORT",
+        help="serve Prometheus metrics at GET /metrics (default: off)",
+    )
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     add_security_options(daemon)
 
@@ -175,7 +180,17 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         images=_images(args),
         scratch_dir=args.scratch_dir,
         policy=policy_from_args(args),
+        metrics=_metrics_address(args.metrics),
     )
+
+
+def _metrics_address(text: str | None) -> Address | None:
+    if text is None:
+        return None
+    address = parse_address(text)
+    if address.kind != "tcp":
+        raise ConfigError(f"--metrics {text}: use tcp:HOST:PORT")
+    return address
 
 
 def _images(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
