@@ -159,6 +159,14 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
     daemon.add_argument(
+        "--scratch-limit",
+        metavar="BYTES",
+        type=int,
+        default=0,
+        help="a session whose scratch data grows past this breaks (readers get EIO; the "
+        "guest is never affected; default: no limit)",
+    )
+    daemon.add_argument(
         "--metrics",
         metavar="tcp:HOST:PORT",
         help="serve Prometheus metrics at GET /metrics (default: off)",
@@ -181,7 +189,14 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         scratch_dir=args.scratch_dir,
         policy=policy_from_args(args),
         metrics=_metrics_address(args.metrics),
+        scratch_limit=_non_negative(args.scratch_limit, "--scratch-limit"),
     )
+
+
+def _non_negative(value: int, option: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{option} must be 0 or more bytes")
+    return value
 
 
 def _metrics_address(text: str | None) -> Address | None:

@@ -40,6 +40,7 @@ class DaemonConfig:
     scratch_dir: str | None = None
     policy: ServerPolicy = field(default_factory=ServerPolicy)
     metrics: Address | None = None
+    scratch_limit: int = 0
 
 
 class Daemon:
@@ -107,19 +108,20 @@ class Daemon:
         state_dir = self.config.state_dir
         for name, path in self.config.qmp:
             # A QEMU run by someone else; nbdsrv must have the QMP socket to itself.
-            monitor = Monitor(path, name=f"vm-{name}")
-            await self.vms.add(
-                QmpVM(
-                    name,
-                    monitor,
-                    VMStore(state_dir, name),
-                    self.scratch_dir,
-                    nbd_socket=self.config.qemu_nbd.get(name),
-                    guest_agent=self.config.guest_agents.get(name),
-                )
+            qmp_vm = QmpVM(
+                name,
+                Monitor(path, name=f"vm-{name}"),
+                VMStore(state_dir, name),
+                self.scratch_dir,
+                nbd_socket=self.config.qemu_nbd.get(name),
+                guest_agent=self.config.guest_agents.get(name),
             )
+            qmp_vm.scratch_limit = self.config.scratch_limit
+            await self.vms.add(qmp_vm)
         for name, images in self.config.images:
-            await self.vms.add(EmbeddedVM(name, images, state_dir, self.scratch_dir))
+            embedded = EmbeddedVM(name, images, state_dir, self.scratch_dir)
+            embedded.scratch_limit = self.config.scratch_limit
+            await self.vms.add(embedded)
         for address in self.config.listen:
             try:
                 await self.server.listen(address)

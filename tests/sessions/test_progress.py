@@ -102,3 +102,29 @@ def test_quiesce_with_a_silent_agent_is_refused_and_does_nothing(
     finally:
         daemon.stop()
         silent.close()
+
+
+def test_scratch_limit_breaks_the_session_not_the_guest(vm: ExternalQSD, workdir: Path) -> None:
+    daemon = Nbdsrv(workdir, vm.qmp_path, vm.nbd_path)
+    daemon.extra_args = ["--scratch-limit", str(1 * MiB)]
+    daemon.start()
+    try:
+        vm.write(0, 0x11, 0, 4 * MiB)
+        session = daemon.json("backup", "begin", "vm1", "--no-checkpoint")
+        # Overwriting old data after the point in time fills the scratch image past 1 MiB;
+        # the writes themselves succeed (vm.write checks qemu-io's result).
+        vm.write(0, 0x22, 0, 4 * MiB)
+        wait_for(lambda: one_session(daemon)["state"] == "failed", "the session to break")
+        listed = one_session(daemon)
+        assert "--scratch-limit" in listed["error"]
+        read = subprocess.run(
+            [require_tool("nbdcopy"), daemon.uri("vm1/disk0"), str(workdir / "x.raw")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert read.returncode != 0 and "Input/output error" in read.stderr, read.stderr
+        vm.write(0, 0x33, 0, 4 * MiB)  # the guest goes on
+        daemon.cli("backup", "end", "vm1", session["id"])
+        assert daemon.json("backup", "list", "vm1") == []
+        assert not list((workdir / "state").rglob("*.qcow2"))
+    finally:
+        daemon.stop()

@@ -14,6 +14,7 @@ QMP connection breaks the point in time: the session's ``on_broken`` is called.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SCRATCH_POLL = 0.5
 JOB_EVENTS = ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
 
@@ -58,6 +60,7 @@ class HeldPoint:
     checkpoint: str | None
     on_broken: BrokenCallback
     unsubscribe: Any = None
+    watcher: asyncio.Task[None] | None = None
 
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
@@ -113,6 +116,8 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             await end(vm, request.session, drop_checkpoint=committed)
             raise
+        if vm.scratch_limit:
+            held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))
         return PointInTime(
             session=request.session,
             checkpoint=held.checkpoint,
@@ -161,6 +166,8 @@ async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None
         return
     if held.unsubscribe is not None:
         held.unsubscribe()
+    if held.watcher is not None:
+        held.watcher.cancel()
     monitor = vm.monitor
     try:
         await fleece.teardown(monitor if monitor.connected else None, held.plan)
@@ -180,6 +187,19 @@ def scratch_bytes(vm: QmpVM, session: str) -> int:
         with contextlib.suppress(OSError):
             total += os.stat(disk.scratch_file).st_blocks * 512
     return total
+
+
+async def _watch_scratch(vm: QmpVM, held: HeldPoint, limit: int) -> None:
+    """Break the point in time when its scratch data passes ``limit`` (--scratch-limit):
+    its readers get EIO, and copy-before-write stops so the scratch stops growing; the
+    guest's writes go on."""
+    while True:
+        await asyncio.sleep(SCRATCH_POLL)
+        used = scratch_bytes(vm, held.plan.session)
+        if used > limit:
+            held.on_broken(f"scratch data {used} bytes passed --scratch-limit {limit}")
+            await fleece.stop_copy_before_write(vm.monitor, held.plan)
+            return
 
 
 def broken(vm: QmpVM, reason: str) -> None:

@@ -79,6 +79,8 @@ class QmpVM:
         self.nbd_socket = nbd_socket
         # The unix socket of the guest agent (--qga), for --quiesce.
         self.guest_agent = guest_agent
+        # --scratch-limit: a session whose scratch data grows past it breaks (0: no limit).
+        self.scratch_limit = 0
         self.failure: str | None = None
         self.points: dict[str, point_in_time.HeldPoint] = {}
         self._tasks: set[asyncio.Task[None]] = set()
