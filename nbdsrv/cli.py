@@ -368,10 +368,58 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         lines = [f"{disk}: {file}" for disk, file in result["overlays"].items()]
         _emit(args, result, "\n".join(["snapshot created:", *lines]))
     else:
-        result = _client(args, "snapshot-commit", vm=args.vm)
+        if sys.stderr.isatty() and not args.json:
+            result = _with_progress(args, lambda: _client(args, "snapshot-commit", vm=args.vm))
+        else:
+            result = _client(args, "snapshot-commit", vm=args.vm)
         lines = [f"{disk}: {file} committed" for disk, file in result["committed"].items()]
         _emit(args, result, "\n".join(lines))
     return 0
+
+
+def _with_progress(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
+    """Run ``call`` while showing the VM's commit jobs' progress on the terminal (stderr)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    sys.stderr.write("committing:   0.0%")
+    sys.stderr.flush()
+    while worker.is_alive():
+        worker.join(0.25)
+        if not worker.is_alive():
+            break
+        try:
+            status = control.call(args.control or default_control(), "status", timeout=5)
+        except NbdsrvError:
+            continue
+        jobs = [
+            job
+            for vm in status.get("vms", [])
+            if vm.get("name") == args.vm
+            for job in vm.get("jobs", [])
+            if job.get("type") == "commit"
+        ]
+        done = sum(int(job.get("offset") or 0) for job in jobs)
+        total = sum(int(job.get("len") or 0) for job in jobs)
+        if total:
+            sys.stderr.write(f"\rcommitting: {100 * done / total:5.1f}% of {total} bytes")
+            sys.stderr.flush()
+    # Ends the line either way; a failure's message follows on its own line.
+    sys.stderr.write(
+        "\rcommitting: " + ("failed" if "error" in outcome else "100.0%") + " " * 24 + "\n"
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

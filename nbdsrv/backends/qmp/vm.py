@@ -414,8 +414,14 @@ class QmpVM:
             ),
             "error": self.failure,
         }
+        info["jobs"] = []
         try:
             info["disks"] = await self.disks() if self.monitor.connected else []
+            if self.monitor.connected:
+                info["jobs"] = [
+                    {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
+                    for job in await self.monitor.execute("query-block-jobs")
+                ]
         except (QMPError, QEMUGoneError) as e:
             info["disks"] = []
             info["error"] = str(e)
