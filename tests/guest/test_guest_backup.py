@@ -5,7 +5,9 @@ Each point in time is rebuilt on the host (full: nbdcopy; incremental: the previ
 plus the `qemu:dirty-bitmap:` extents since the previous checkpoint, as a backup tool does),
 must pass e2fsck (journal replay allowed, nothing else) and must hold exactly the files the
 guest had finished writing (written and synced) before `backup begin`, each with its
-content; files written, changed or removed during the session must not show.
+content; files written, overwritten in place or removed during the session must not show.
+A guest process keeps rewriting other files (in a subdirectory) with fsync while each session
+begins, so the point in time falls among writes in flight.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class Files:
     def write(self, name: str, size: int) -> None:
         data = self.rng.randbytes(size)
         self.vm.write_file(name, data)
+        self.now[name] = data
+
+    def overwrite(self, name: str) -> None:
+        """New content in the blocks the file has now."""
+        data = self.rng.randbytes(len(self.now[name]))
+        self.vm.write_file(name, data, in_place=True)
         self.now[name] = data
 
     def remove(self, name: str) -> None:
@@ -102,11 +110,14 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
     for i, size in enumerate((1 * K, 100 * K, 1024 * K, 300 * K)):
         files.write(f"a{i}", size)
     points.append((work / "pit0.raw", dict(files.now)))
+    churn = vm.start_churn()
     session = cli("backup", "begin", "vm", "--checkpoint", "c0")
+    vm.stop_churn(churn)
     assert session["disks"][DISK_ID]["contexts"] == ["base:allocation"]
     # During the session, after its point in time: none of this may show in it.
     files.write("during0", 200 * K)
-    files.write("a1", 100 * K)  # rewritten in place (same name, new content)
+    files.write("a1", 100 * K)  # a new file of the same name
+    files.overwrite("a3")  # the same blocks, new content
     files.remove("a2")
     full_copy(uri, points[0][0])
     end(session)
@@ -119,11 +130,14 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
             files.remove("during0")
         image = work / f"pit{n}.raw"
         points.append((image, dict(files.now)))
+        churn = vm.start_churn()
         session = cli("backup", "begin", "vm", "--from", f"c{n - 1}", "--checkpoint", f"c{n}")
+        vm.stop_churn(churn)
         context = f"qemu:dirty-bitmap:c{n - 1}"
         assert session["disks"][DISK_ID]["contexts"] == ["base:allocation", context]
         files.write(f"during{n}", 64 * K)
         files.write(f"b{n}", 10 * K)
+        files.overwrite("a0")
         shutil.copyfile(points[n - 1][0], image)
         dirty = incremental_copy(uri, context, image)
         assert dirty, f"c{n - 1}: nothing dirty"

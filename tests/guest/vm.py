@@ -122,21 +122,46 @@ class GuestVM:
             return False
         return True
 
-    def write_file(self, name: str, data: bytes) -> None:
+    def write_file(self, name: str, data: bytes, *, in_place: bool = False) -> None:
         """The guest writes `data` to /data/`name` and syncs: once this returns, the file is
-        on the disk as far as the guest is concerned."""
+        on the disk as far as the guest is concerned. A new file is written aside and renamed
+        into place; `in_place` overwrites the blocks of the existing file instead (same size),
+        so the old data live on only in what a backup saved before."""
         assert self.agent is not None
+        path = f"/data/{name}"
+        if in_place:
+            script = f"dd of={path} bs=4096 conv=notrunc,fsync 2>/dev/null && sync"
+        else:
+            script = f"cat > {path}.tmp && mv {path}.tmp {path} && sync"
         result = self.agent.execute(
             "guest-exec",
             path="/bin/sh",
-            arg=["-c", f"cat > /data/{name}.tmp && mv /data/{name}.tmp /data/{name} && sync"],
+            arg=["-c", script],
             **{"input-data": base64.b64encode(data).decode()},
         )
-        self._wait(result["pid"], f"write /data/{name}")
+        self._wait(result["pid"], f"write {path}")
 
     def remove_file(self, name: str) -> None:
         assert self.agent is not None
         self.agent.check(f"rm /data/{name} && sync")
+
+    def start_churn(self) -> int:
+        """A guest process that rewrites files under /data/busy/ with fsync until
+        `stop_churn`, so that a point in time falls among writes in flight (the journal then
+        needs a replay). Returns its pid."""
+        assert self.agent is not None
+        script = (
+            "mkdir -p /data/busy && rm -f /run/stop-churn && i=0 && "
+            "while [ ! -e /run/stop-churn ]; do "
+            "dd if=/dev/zero of=/data/busy/f$((i % 4)) bs=64k count=4 conv=fsync 2>/dev/null; "
+            "i=$((i + 1)); done"
+        )
+        return int(self.agent.execute("guest-exec", path="/bin/sh", arg=["-c", script])["pid"])
+
+    def stop_churn(self, pid: int) -> None:
+        assert self.agent is not None
+        self.agent.check("touch /run/stop-churn")
+        self._wait(pid, "churn")
 
     def _wait(self, pid: int, what: str) -> None:
         assert self.agent is not None
