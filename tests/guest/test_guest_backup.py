@@ -152,3 +152,8 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
     assert [(c["name"], c["valid"]) for c in listed] == [
         (f"c{n}", True) for n in range(INCREMENTALS + 1)
     ]
+    # Every session ended: nothing of them is left in QEMU.
+    assert vm.qmp is not None
+    assert vm.qmp.execute("query-block-jobs") == []
+    nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
+    assert not [n for n in nodes if n.startswith("nbdsrv-")], nodes
