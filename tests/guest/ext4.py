@@ -21,12 +21,16 @@ PROMPT = re.compile(r"\w+\? yes")
 STALE_SUMMARY = re.compile(r"Free (blocks|inodes) count wrong \(\d+, counted=\d+\)\.")
 
 
-def check_consistent(image: Path) -> str:
+def check_consistent(image: Path, *, clean: bool = False) -> str:
     """Run `e2fsck -fy` on a copy of the raw `image`: it may replay the journal and fix the
     superblock's free counts (exit status 1), nothing else, and the copy must then be clean.
+    A `clean` image (taken with the file system frozen) must need nothing at all.
     Returns the path of the checked copy."""
     copy = image.with_suffix(".fsck")
     shutil.copyfile(image, copy)
+    if clean:
+        as_is = run_result([require_tool("e2fsck"), "-fn", str(copy)], timeout=120)
+        assert as_is.returncode == 0, f"{image} is not clean:\n{as_is.stdout}{as_is.stderr}"
     fix = run_result([require_tool("e2fsck"), "-fy", str(copy)], timeout=120)
     assert fix.returncode in (0, 1), f"e2fsck -fy {image}: {fix.returncode}\n{fix.stdout}"
     # Each repair ends in a "Fix? yes" (or "Clear? yes", ...), after the problem on its line

@@ -7,7 +7,8 @@ must pass e2fsck (journal replay allowed, nothing else) and must hold exactly th
 guest had finished writing (written and synced) before `backup begin`, each with its
 content; files written, overwritten in place or removed during the session must not show.
 A guest process keeps rewriting other files (in a subdirectory) with fsync while each session
-begins, so the point in time falls among writes in flight.
+begins, so the point in time falls among writes in flight. The last one is `--quiesce`d
+through the guest agent: its image must be clean as it is (no journal to replay).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def incremental_copy(uri: str, context: str, target: Path) -> list[tuple[int, in
     return [(int(o), int(n)) for o, n in json.loads(out)]
 
 
-def check_point_in_time(image: Path, expected: dict[str, bytes]) -> None:
-    checked = check_consistent(image)
+def check_point_in_time(image: Path, expected: dict[str, bytes], quiesced: bool) -> None:
+    checked = check_consistent(image, clean=quiesced)
     assert regular_files(checked) == sorted(expected), image.name
     for name, data in expected.items():
         assert sha(read_file(checked, name)) == sha(data), f"{image.name}: /{name}"
@@ -81,7 +82,7 @@ def test_full_and_incremental_backups_of_a_running_guest(
     nbd = guest_workdir / "nbd.sock"
     daemon = DaemonProcess(
         ["--state-dir", str(guest_workdir / "state"), "--listen", f"unix:{nbd}",
-         "--qmp", f"vm={vm.qmp_path}"],
+         "--qmp", f"vm={vm.qmp_path}", "--qga", f"vm={vm.agent_path}"],
         control, guest_workdir / "daemon.log",
     )  # fmt: skip
     daemon.start()
@@ -104,12 +105,12 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
     assert daemon.status()["vms"][0]["disks"] == [DISK_ID]
     uri = f"nbd+unix:///vm/{DISK_ID}?socket={nbd}"
     files = Files(vm)
-    points: list[tuple[Path, dict[str, bytes]]] = []
+    points: list[tuple[Path, dict[str, bytes], bool]] = []  # image, files, quiesced
 
     # The full backup.
     for i, size in enumerate((1 * K, 100 * K, 1024 * K, 300 * K)):
         files.write(f"a{i}", size)
-    points.append((work / "pit0.raw", dict(files.now)))
+    points.append((work / "pit0.raw", dict(files.now), False))
     churn = vm.start_churn()
     session = cli("backup", "begin", "vm", "--checkpoint", "c0")
     vm.stop_churn(churn)
@@ -129,10 +130,18 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
         if n == 2:
             files.remove("during0")
         image = work / f"pit{n}.raw"
-        points.append((image, dict(files.now)))
+        quiesce = n == INCREMENTALS
+        points.append((image, dict(files.now), quiesce))
         churn = vm.start_churn()
-        session = cli("backup", "begin", "vm", "--from", f"c{n - 1}", "--checkpoint", f"c{n}")
+        begin = ["backup", "begin", "vm", "--from", f"c{n - 1}", "--checkpoint", f"c{n}"]
+        if quiesce:  # nbdsrv talks to the agent itself: its channel serves one client
+            vm.disconnect_agent()
+            session = cli(*begin, "--quiesce")
+            vm.connect_agent()
+        else:
+            session = cli(*begin)
         vm.stop_churn(churn)
+        assert session["quiesced"] is quiesce
         context = f"qemu:dirty-bitmap:c{n - 1}"
         assert session["disks"][DISK_ID]["contexts"] == ["base:allocation", context]
         files.write(f"during{n}", 64 * K)
@@ -145,8 +154,8 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
         assert sum(length for _, length in dirty) < 16 * 1024 * K, dirty
         end(session)
 
-    for image, expected in points:
-        check_point_in_time(image, expected)
+    for image, expected, quiesced in points:
+        check_point_in_time(image, expected, quiesced)
 
     listed = cli("checkpoint", "list", "vm")
     assert [(c["name"], c["valid"]) for c in listed] == [

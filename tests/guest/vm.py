@@ -86,19 +86,30 @@ class GuestVM:
         make_data_disk(self.disk)
         run(self.argv())
         self.qmp = SyncQMP(str(self.test_qmp_path))
+        self.connect_agent(BOOT_TIMEOUT)
+        assert self.agent is not None
+        mounts = self.agent.check("cat /proc/mounts")
+        assert " /data ext4 " in mounts, f"{mounts}\nconsole:\n{self.console_text()}"
+
+    def connect_agent(self, timeout: float = 30.0) -> None:
+        """Connect to the guest agent and wait until it answers."""
         self.agent = GuestAgent(str(self.agent_path))
-        deadline = time.monotonic() + BOOT_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 self.agent.sync(timeout=5.0)
-                break
+                return
             except AgentError:
                 if not self._alive() or time.monotonic() > deadline:
                     raise AgentError(
-                        f"guest did not come up; console:\n{self.console_text()}"
+                        f"the guest agent does not answer; console:\n{self.console_text()}"
                     ) from None
-        mounts = self.agent.check("cat /proc/mounts")
-        assert " /data ext4 " in mounts, f"{mounts}\nconsole:\n{self.console_text()}"
+
+    def disconnect_agent(self) -> None:
+        """Leave the agent's channel to another client (it serves one at a time)."""
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
 
     def console_text(self) -> str:
         try:
@@ -179,9 +190,7 @@ class GuestVM:
 
     def stop(self) -> None:
         """Power off (or kill) QEMU; safe to call twice."""
-        if self.agent is not None:
-            self.agent.close()
-            self.agent = None
+        self.disconnect_agent()
         if self.qmp is not None:
             with contextlib.suppress(OSError, ConnectionError):
                 self.qmp.execute("quit")
