@@ -14,9 +14,10 @@ from tests.guest.build import Guest, GuestBuildError, build_guest
 from tests.guest.vm import GuestVM
 from tests.tools import require_tool
 
-# On the host: to build the guest, boot it and read its disk.
+# On the host: to build the guest, boot it and read its disk (nbdsh: python3-libnbd, which
+# the incremental copy uses).
 TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "ldd", "cpio", "gzip", "qemu-system-x86_64",
-         "qemu-img", "mkfs.ext4", "e2fsck", "debugfs", "nbdcopy")  # fmt: skip
+         "qemu-img", "mkfs.ext4", "e2fsck", "debugfs", "nbdcopy", "nbdsh")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
