@@ -53,7 +53,9 @@ from .qemu.reopen import writable
 from .snapshots import (
     after_commit,
     after_snapshot,
+    commit_job,
     commit_merge_actions,
+    commit_result_problems,
     intent_disks,
     overlay_file,
     snapshot_actions,
@@ -365,7 +367,8 @@ class VM:
         return chain
 
     async def snapshot_commit(self) -> dict[str, str]:
-        """Commit every disk's top overlay into the layer below; disk → removed overlay."""
+        """Commit every disk's top overlay into the layer directly below it (never deeper:
+        QEMU's default base is the bottom of the chain); disk → removed overlay."""
         async with self.lock:
             state = await self.chains()
             chain = self.load_checked(state)
@@ -375,20 +378,28 @@ class VM:
                     raise SnapshotError(f"disk {disk} of VM {self.name} has no snapshot to commit")
                 disks[disk] = (layers[0].filename, layers[1].filename)
             op_id = uuid.uuid4().hex
+            jobs = {disk: commit_job(op_id, disk) for disk in disks}
             self.store.write_intent(
                 {
                     "id": op_id,
                     "op": "snapshot-commit",
-                    "disks": {d: {"top": t, "base": b} for d, (t, b) in disks.items()},
+                    "disks": {
+                        d: {"top": t, "base": b, "job": jobs[d]} for d, (t, b) in disks.items()
+                    },
                 }
             )
             crash_point("snapshot-commit:after-intent")
-            jobs = {disk: f"nbdsrv-commit-{disk}" for disk in disks}
             try:
                 for disk in disks:
+                    top, below = state[disk][0], state[disk][1]
                     await self.monitor.execute(
                         "block-commit",
-                        {"job-id": jobs[disk], "device": state[disk][0].node_name},
+                        {
+                            "job-id": jobs[disk],
+                            "device": top.node_name,
+                            "top-node": top.node_name,
+                            "base-node": below.node_name,
+                        },
                     )
                 for job in jobs.values():
                     await wait_job_ready(self.monitor, job)
@@ -408,11 +419,21 @@ class VM:
             except QEMUError as e:
                 for job in jobs.values():
                     with contextlib.suppress(QMPError):
-                        await self.monitor.execute("block-job-cancel", {"device": job})
+                        await self.monitor.execute(
+                            "block-job-cancel", {"device": job, "force": True}
+                        )
+                for job in jobs.values():
+                    with contextlib.suppress(QEMUError):
+                        await wait_job_gone(self.monitor, job)
                 self.store.clear_intent()
                 raise SnapshotError(f"snapshot commit on VM {self.name}: {e}") from e
             crash_point("snapshot-commit:after-complete")
-            return await self._complete_commit(chain, disks, op_id, await self.chains())
+            after = await self.chains()
+            removed = await self._complete_commit(chain, disks, op_id, after)
+            wrong = commit_result_problems(state, after, disks)
+            if wrong:
+                raise SnapshotError(f"snapshot commit on VM {self.name}: {wrong}")
+            return removed
 
     async def _complete_commit(
         self,
@@ -451,7 +472,8 @@ class VM:
     ) -> CheckpointChain:
         disks = intent_disks(intent)
         for disk in disks:
-            job = f"nbdsrv-commit-{disk}"
+            # Intents of older versions named the job after the disk.
+            job = intent["disks"][disk].get("job") or f"nbdsrv-commit-{disk}"
             # A job left running (ready or not) is cancelled: its disk stays as it was.
             with contextlib.suppress(QMPError):
                 await self.monitor.execute("block-job-cancel", {"device": job, "force": True})
