@@ -214,9 +214,9 @@ class SessionManager:
                     address, disk.export, DIRTY_BITMAP_PREFIX + name, disk.size, granularity
                 )
                 expected = counts_by_node[disk.scratch_node].get(name)
-                if expected != bitmap.dirty_bytes:
+                if expected != bitmap.qemu_count:
                     raise SessionError(
-                        f"bitmap {ckpt} of disk {disk.disk}: read {bitmap.dirty_bytes} dirty "
+                        f"bitmap {ckpt} of disk {disk.disk}: read {bitmap.qemu_count} dirty "
                         f"bytes over NBD but QEMU counts {expected}"
                     )
                 frozen[ckpt] = bitmap

@@ -49,6 +49,7 @@ from .qemu.jobs import (
     nodes_of_file as _nodes_of_file,
 )
 from .qemu.monitor import Monitor
+from .qemu.names import disk_name
 from .qemu.reopen import writable
 from .snapshots import (
     after_commit,
@@ -293,7 +294,7 @@ class VM:
             plan = {
                 disk: {
                     "file": overlay_file(layers[0].filename, directory),
-                    "node": f"nbdsrv-snap-{op_id[:8]}-{disk}",
+                    "node": disk_name("nbdsrv-snap", op_id[:8], disk),
                 }
                 for disk, layers in sorted(state.items())
             }
