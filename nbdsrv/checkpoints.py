@@ -32,13 +32,19 @@ class CheckpointError(NbdsrvError):
     """A checkpoint operation refused before anything changed."""
 
 
-def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+def check_name(name: object, what: str = "checkpoint name") -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CheckpointError(
-            f"bad checkpoint name {name!r}: use 1-128 letters, digits, '.', '_', '+', '-' "
+            f"bad {what} {name!r}: use 1-128 letters, digits, '.', '_', '+', '-' "
             "(starting with a letter or digit)"
         )
     return name
+
+
+def name_or_generated(name: str | None) -> str:
+    """``name`` checked, or a generated one when none was given (an empty name is refused,
+    never taken as "none")."""
+    return generated_name() if name is None else check_name(name)
 
 
 def check_granularity(granularity: int) -> int:

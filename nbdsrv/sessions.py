@@ -28,6 +28,7 @@ from .checkpoints import (
     CheckpointChain,
     CheckpointError,
     assess,
+    check_name,
     find_layer,
     now_iso,
 )
@@ -106,6 +107,9 @@ class SessionManager:
     # -- begin ----------------------------------------------------------------------------
 
     async def begin(self, vm: VM, request: BeginRequest) -> Session:
+        if request.bitmap_name is not None:
+            # It becomes an NBD context name: the checkpoint name rules keep it short and plain.
+            check_name(request.bitmap_name, "--bitmap-name")
         if request.no_checkpoint and request.checkpoint:
             raise SessionError("--checkpoint and --no-checkpoint exclude each other")
         if request.bitmap_name and not request.from_checkpoint:

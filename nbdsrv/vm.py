@@ -29,12 +29,11 @@ from .checkpoints import (
     CheckpointError,
     assess,
     check_granularity,
-    check_name,
     create_actions,
     delete_actions,
     find_layer,
-    generated_name,
     merged_parent,
+    name_or_generated,
 )
 from .errors import NbdsrvError
 from .faults import crash_point
@@ -224,7 +223,7 @@ class VM:
     ) -> tuple[Checkpoint, list[tuple[str, dict[str, Any]]]]:
         """Check the request; the new checkpoint and its transaction actions. Hold the lock."""
         granularity = check_granularity(granularity or DEFAULT_GRANULARITY)
-        name = check_name(name or generated_name())
+        name = name_or_generated(name)
         if chain.has(name):
             raise CheckpointError(f"VM {self.name} already has a checkpoint '{name}'")
         if not state:
