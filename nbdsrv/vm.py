@@ -64,6 +64,9 @@ from .store import VMStore
 
 log = logging.getLogger(__name__)
 
+# How long `nbdsrv status` waits for QEMU before it reports a VM as unresponsive.
+STATUS_TIMEOUT = 2.0
+
 
 class SnapshotError(NbdsrvError):
     """A snapshot operation refused or failed; QEMU's chain is as it was."""
@@ -91,6 +94,8 @@ class VM:
         # runs at most one. None: nbdsrv starts its own for each session.
         self.nbd_socket: str | None = None
         self.failure: str | None = None
+        # The disks QEMU showed last: what status reports while QEMU does not answer.
+        self.known_disks: list[str] = []
 
     # -- QEMU state ---------------------------------------------------------------------------
 
@@ -506,18 +511,29 @@ class VM:
             ]
 
     async def describe(self) -> dict[str, Any]:
+        """What ``nbdsrv status`` shows. Never waits long on QEMU: when QEMU does not answer
+        within STATUS_TIMEOUT (stopped, hung), the last known disks are shown and the VM is
+        marked unresponsive."""
         info: dict[str, Any] = {
             "name": self.name,
             "qmp": self.monitor.path,
             "qmp_connected": self.monitor.connected,
+            "responsive": self.monitor.connected,
             "live_socket": self.live_socket,
             "error": self.failure,
+            "disks": [],
         }
-        try:
-            info["disks"] = await self.disks() if self.monitor.connected else []
-        except (QMPError, QEMUGoneError) as e:
-            info["disks"] = []
-            info["error"] = str(e)
+        if self.monitor.connected:
+            try:
+                async with asyncio.timeout(STATUS_TIMEOUT):
+                    self.known_disks = await self.disks()
+                info["disks"] = self.known_disks
+            except TimeoutError:
+                info["responsive"] = False
+                info["disks"] = self.known_disks
+                info["error"] = f"QEMU did not answer within {STATUS_TIMEOUT:g} s (unresponsive)"
+            except (QMPError, QEMUGoneError) as e:
+                info["error"] = str(e)
         chain, _ = self._load()
         info["checkpoints"] = [c.name for c in chain]
         return info
