@@ -88,4 +88,3 @@ class Timeline:
             dirty, rebuilt = self.incremental(name)
             assert dirty == since, f"{step}: since {name}: {sorted(dirty ^ since)} differ"
             assert sha(rebuilt) == sha(self.model), f"{step}: point in time {name} rebuilt"
-
