@@ -57,8 +57,6 @@ def test_commit_repeatedly_down_to_one_layer(
             assert sha(Path(chain[-1]).read_bytes()) == base_before
         write(vm, timeline, 0x80 + step, (9 + step) * MiB)
         timeline.verify(f"after commit {step + 1}")
-        for name in timeline.points:  # checkpoints keep their bitmap segments in QEMU
-            assert vm.qmp is not None
     assert "no snapshot to commit" in nbdsrv.error("snapshot", "commit", "vm1")
 
 
