@@ -2,9 +2,9 @@
 
 import pytest
 
+from nbdsrv.backup.snapshots import commit_job
 from nbdsrv.qemu.fleece import frozen_bitmap_name, session_names
 from nbdsrv.qemu.names import MAX_NODE_NAME, disk_name, qemu_name
-from nbdsrv.snapshots import commit_job
 
 DISK_IDS = ["disk0", "drive-virtio-disk0", "x" * 300, "/machine/peripheral/vdisk0/virtio-backend"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdsrv.store import VMStore, write_atomic
+from nbdsrv.backup.store import VMStore, write_atomic
 from tests.tools import require_tool, run
 
 
@@ -40,7 +40,7 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
 
 FILL_AND_WRITE = """
 import os, sys
-from nbdsrv.store import StoreError, write_atomic
+from nbdsrv.backup.store import StoreError, write_atomic
 directory = sys.argv[1]
 path = os.path.join(directory, "checkpoints.json")
 write_atomic(path, b"old")

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from .errors import NbdsrvError
+from ..errors import NbdsrvError
 
 FORMAT_VERSION = 1
 

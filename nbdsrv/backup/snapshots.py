@@ -25,8 +25,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from ..qemu.names import disk_name
 from .checkpoints import Action, ChainState, CheckpointChain, Segment
-from .qemu.names import disk_name
 
 
 def overlay_file(top_file: str, directory: str | None, now: datetime | None = None) -> str:
