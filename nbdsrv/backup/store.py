@@ -10,11 +10,14 @@ Per VM (``<state-dir>/vms/<VM>/``):
 - ``intent.json`` — present only while an operation on QEMU is under way: what it is about to
   do, written *before* the QMP transaction. At start-up an intent whose id differs from
   ``last_op`` is finished or rolled back by looking at what QEMU holds.
+- ``counts.json`` — the dirty count and recording state of every checkpoint bitmap as nbdsrv
+  saw it last, tagged with ``last_op``: a later operation of nbdsrv's own makes them stale.
 """
 
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import NbdsrvError
@@ -84,6 +87,7 @@ class VMStore:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.checkpoints_path = os.path.join(self.directory, "checkpoints.json")
         self.intent_path = os.path.join(self.directory, "intent.json")
+        self.counts_path = os.path.join(self.directory, "counts.json")
 
     def load_checkpoints(self) -> dict[str, Any]:
         document = read_json(self.checkpoints_path)
@@ -107,6 +111,28 @@ class VMStore:
 
     def clear_intent(self) -> None:
         remove_durably(self.intent_path)
+
+    # -- bitmap counts nbdsrv saw last, to notice bits that someone else removed -------------
+
+    def load_counts(self, op_id: str | None) -> dict[tuple[str, str], tuple[int, bool]]:
+        """The counts seen since operation ``op_id`` (the document's ``last_op``); none when
+        they were taken before it: nbdsrv's own operations change counts."""
+        document = read_json(self.counts_path)
+        if not isinstance(document, dict) or document.get("op") != op_id:
+            return {}
+        return {
+            (str(s["file"]), str(s["bitmap"])): (int(s["count"]), bool(s["recording"]))
+            for s in document.get("seen", [])
+        }
+
+    def save_counts(
+        self, op_id: str | None, seen: Mapping[tuple[str, str], tuple[int, bool]]
+    ) -> None:
+        records = [
+            {"file": file, "bitmap": bitmap, "count": count, "recording": recording}
+            for (file, bitmap), (count, recording) in sorted(seen.items())
+        ]
+        write_json(self.counts_path, {"op": op_id, "seen": records})
 
     # -- backup sessions: one record per session, written before QEMU is touched --------------
 

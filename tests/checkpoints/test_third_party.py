@@ -59,7 +59,21 @@ def test_clear_of_the_recording_bitmap(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
     assert_invalid(nbdsrv, "c1", "lost")
 
 
-def test_clear_of_an_older_frozen_bitmap(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"command": "block-dirty-bitmap-clear", "name": "c1"}, "lost dirty bits"),
+        ({"command": "block-dirty-bitmap-merge", "target": "c1", "bitmaps": ["c2"]}, "frozen"),
+    ],
+    ids=["clear", "merge-into"],
+)
+def test_change_of_an_older_frozen_bitmap(
+    vm: ExternalQSD,
+    nbdsrv: Nbdsrv,
+    workdir: Path,
+    change: dict,  # type: ignore[type-arg]
+    words: str,
+) -> None:
     assert vm.qmp is not None
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c0")
     vm.write(0, 0x20, 8 * MiB, 64 * K)
@@ -68,8 +82,8 @@ def test_clear_of_an_older_frozen_bitmap(vm: ExternalQSD, nbdsrv: Nbdsrv, workdi
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
     vm.write(0, 0x22, 2 * MiB, 64 * K)
     assert all(c["valid"] for c in listed(nbdsrv).values())
-    vm.qmp.execute("block-dirty-bitmap-clear", node="disk0", name="c1")
-    assert_invalid(nbdsrv, "c1", "changed")
+    vm.qmp.execute(node="disk0", **change)
+    assert_invalid(nbdsrv, "c1", words)
     # "since c0" = c0 | c1 | c2 depends on c1: invalid too; "since c2" does not.
     assert_invalid(nbdsrv, "c0", "later checkpoint 'c1'")
     assert listed(nbdsrv)["c2"]["valid"]

@@ -26,6 +26,7 @@ class Bitmap:
     persistent: bool = True
     inconsistent: bool = False
     granularity: int = 65536
+    count: int = 0
 
 
 @dataclass
