@@ -134,6 +134,11 @@ class VMStore:
         ]
         write_json(self.counts_path, {"op": op_id, "seen": records})
 
+    def clear_counts(self) -> None:
+        """Forget the counts: after an operation of ours that changed bitmaps but failed
+        (and so wrote no new ``last_op``), the next look takes new ones."""
+        remove_durably(self.counts_path)
+
     # -- backup sessions: one record per session, written before QEMU is touched --------------
 
     @property

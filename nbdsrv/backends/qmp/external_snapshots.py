@@ -181,6 +181,8 @@ async def commit(vm: QmpVM) -> dict[str, str]:
         for job in jobs.values():
             with contextlib.suppress(QEMUError):
                 await wait_job_gone(vm.monitor, job)
+        # The merge may have run: the layers below hold more bits than nbdsrv saw.
+        vm.store.clear_counts()
         vm.store.clear_intent()
         raise SnapshotError(f"snapshot commit on VM {vm.name}: {e}") from e
     crash_point("snapshot-commit:after-complete")
