@@ -5,6 +5,7 @@ not depend on the changed bitmap keep serving exactly the writes made since them
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,6 @@ def listed(nbdsrv: Nbdsrv) -> dict[str, dict]:  # type: ignore[type-arg]
 
 def served_since(nbdsrv: Nbdsrv, since: str, workdir: Path) -> set[int]:
     """The blocks an incremental since ``since`` serves as changed (read with libnbd)."""
-    import subprocess
-
     session = nbdsrv.json("backup", "begin", "vm1", "--from", since, "--no-checkpoint")
     try:
         out = subprocess.run(
@@ -179,3 +178,18 @@ def test_the_periodic_poll_sees_a_clear_that_later_writes_would_hide(
     vm.write(0, 0x62, 2 * MiB, 2 * MiB)  # the count grows past what was seen before
     assert_invalid(nbdsrv, "c1", "lost")
     assert os.path.exists(counts)
+
+
+def test_a_clear_across_a_qemu_restart(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+    """QEMU restarts (cleanly: the bitmaps are saved); someone clears the bitmap on the new
+    QEMU: the counts nbdsrv saw before the restart still count."""
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    vm.write(0, 0x71, 0, 1 * MiB)
+    assert listed(nbdsrv)["c1"]["valid"]
+    vm.stop()
+    vm.start()
+    assert vm.qmp is not None
+    vm.qmp.execute("block-dirty-bitmap-clear", node="disk0", name="c1")
+    vm.write(0, 0x72, 4 * MiB, 64 * K)
+    wait_for(lambda: nbdsrv.json("status")["vms"][0]["qmp_connected"], "QMP reconnect", 30)
+    assert_invalid(nbdsrv, "c1", "lost")
