@@ -3,7 +3,7 @@
 import pytest
 
 from nbdsrv.backup.snapshots import commit_job
-from nbdsrv.qemu.fleece import frozen_bitmap_name, session_names
+from nbdsrv.qemu.fleece import frozen_bitmap_name
 from nbdsrv.qemu.names import MAX_NODE_NAME, disk_name, qemu_name
 
 DISK_IDS = ["disk0", "drive-virtio-disk0", "x" * 300, "/machine/peripheral/vdisk0/virtio-backend"]
@@ -12,7 +12,6 @@ DISK_IDS = ["disk0", "drive-virtio-disk0", "x" * 300, "/machine/peripheral/vdisk
 @pytest.mark.parametrize("disk", DISK_IDS)
 def test_every_name_fits(disk: str) -> None:
     names = [
-        *session_names("0123456789ab", disk),
         disk_name("nbdsrv-snap", "01234567", disk),
         commit_job("0123456789abcdef", disk),
     ]
@@ -21,8 +20,8 @@ def test_every_name_fits(disk: str) -> None:
 
 
 def test_names_are_stable_and_distinct() -> None:
-    assert session_names("s", "a") == session_names("s", "a")
-    assert session_names("s", "a") != session_names("s", "b")
+    assert disk_name("p", "op", "a") == disk_name("p", "op", "a")
+    assert disk_name("p", "op", "a") != disk_name("p", "op", "b")
 
 
 def test_a_name_that_does_not_fit_is_refused() -> None:
