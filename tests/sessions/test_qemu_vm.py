@@ -19,16 +19,17 @@ K = 1024
 
 
 class QemuVM:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, drive: str = "drive0", size: str = "16M") -> None:
+        self.drive = drive
         self.image = workdir / "d.qcow2"
-        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), "16M"])
+        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), size])
         self.qmp_path = workdir / "vm.qmp"
         test_qmp = workdir / "test.qmp"
         self.pidfile = workdir / "qemu.pid"
         run([
             require_tool("qemu-system-x86_64"), "-machine", "none", "-nodefaults",
             "-display", "none",
-            "-drive", f"if=none,id=drive0,file={self.image},format=qcow2,node-name=disk0",
+            "-drive", f"if=none,id={drive},file={self.image},format=qcow2,node-name=disk0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp", f"unix:{test_qmp},server=on,wait=off",
             "-daemonize", "-pidfile", str(self.pidfile),
@@ -37,10 +38,10 @@ class QemuVM:
         self.qmp = SyncQMP(str(test_qmp))
 
     def write(self, pattern: int, offset: int, length: int) -> None:
-        """As the guest writes: through drive0, the BlockBackend that exists all along."""
+        """As the guest writes: through the drive, the BlockBackend that exists all along."""
         # QEMU 7.2 prints qemu-io's success to its own stdout; the reply is empty unless
         # something failed.
-        out = self.qmp.hmp(f'qemu-io drive0 "write -P {pattern} {offset} {length}"')
+        out = self.qmp.hmp(f'qemu-io {self.drive} "write -P {pattern} {offset} {length}"')
         assert "error" not in out.lower() and "failed" not in out.lower(), out
 
     def stop(self) -> None:
