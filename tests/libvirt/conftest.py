@@ -3,7 +3,7 @@
 - ``libvirtd`` (session) — a libvirtd that answers. There is no systemd on these machines, so
   when none runs it starts ``virtlogd -d`` and ``libvirtd -d`` as root and stops them again at
   the end of the session. A fresh libvirtd probes QEMU before it answers (about 10 s here).
-- ``libvirt_conn`` (session) — a ``virConnect`` of the test process itself.
+- ``libvirt_conn`` — a ``virConnect`` of the test process itself.
 - ``domains`` — a :class:`~tests.libvirt.domains.DomainFactory`; every domain it made is
   destroyed and its images removed at teardown.
 """
@@ -90,8 +90,22 @@ def libvirtd() -> Iterator[str]:
         _stop(pid)
 
 
-@pytest.fixture(scope="session")
+def restart_libvirtd() -> None:
+    """Stop the running libvirtd and start another (QEMU and its jobs keep running)."""
+    pidfile = Path("/run/libvirtd.pid")
+    _stop(int(pidfile.read_text()))
+    pidfile.unlink(missing_ok=True)
+    _start("libvirtd", pidfile)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not _answers():
+        if time.monotonic() > deadline:
+            pytest.fail(f"libvirtd does not answer after {READY_TIMEOUT:g} s", pytrace=False)
+        time.sleep(0.2)
+
+
+@pytest.fixture
 def libvirt_conn(libvirtd: str) -> Iterator[Any]:
+    """The test's own connection (one per test: a libvirtd restart closes it)."""
     libvirt = system_libvirt()
     conn = libvirt.open(libvirtd)
     yield conn

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.libvirt.conftest import restart_libvirtd
 from tests.libvirt.domains import URI, Domain, DomainFactory, MiB
 from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run, run_fails, run_result
 from tests.vmharness import COPY_SCRIPT
@@ -39,6 +40,12 @@ class Nbdsrv:
             self.control,
             workdir / "daemon.log",
         )
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL the daemon (mid-whatever) and start a new one on the same state dir."""
+        self.daemon.kill()
+        self.daemon = DaemonProcess(self.daemon.args, self.control, self.daemon.log_path)
+        self.daemon.start()
 
     def cli(self, *args: str) -> Any:
         return json.loads(run(nbdsrv_argv(*args, "--control", self.control, "--json")))
@@ -267,3 +274,84 @@ def _format_node(domain: Domain, target: str) -> str:
         if alias in device.get("qdev", ""):
             return str(device["inserted"]["node-name"])
     raise AssertionError(f"no node for {target}")
+
+
+def rebuild(
+    nbdsrv: Nbdsrv, domain: Domain, backups: dict[str, Path], since: str | None, new: str
+) -> None:
+    """One backup session: full (``since`` None) or incremental onto ``backups``; each
+    rebuilt disk must equal what the test wrote before the point in time."""
+    vm = domain.name
+    args = ["--from", since] if since else []
+    session = nbdsrv.cli("backup", "begin", vm, *args, "--checkpoint", new)
+    expected = {t: d.sha256() for t, d in domain.disks.items()}
+    domain.write("vda", 0x7E, 0, 64 * K)  # after the point in time: never read
+    for target in domain.disks:
+        uri = nbdsrv.uri(f"{vm}/{target}")
+        if since is None:
+            backups[target].write_bytes(read_all(uri))
+        else:
+            copy_dirty(uri, f"qemu:dirty-bitmap:{since}", backups[target])
+        assert sha(backups[target].read_bytes()) == expected[target], (since, new, target)
+    nbdsrv.cli("backup", "end", vm, session["id"])
+
+
+def test_libvirt_snapshot_and_blockcommit_keep_the_chain(
+    domains: DomainFactory, nbdsrv: Nbdsrv
+) -> None:
+    domain = started_vm(domains, nbdsrv)
+    vm = domain.name
+    virsh = [require_tool("virsh"), "-c", URI]
+    backups = {t: domains.dir / f"backup-{t}.raw" for t in domain.disks}
+    domain.write("vda", 0x11, 0, 256 * K)
+    rebuild(nbdsrv, domain, backups, None, "c0")
+    domain.write("sda", 0x21, 1 * MiB, 64 * K)
+    run([*virsh, "snapshot-create-as", vm, "s1", "--disk-only"])
+    domain.write("vda", 0x22, 2 * MiB, 64 * K)
+    rebuild(nbdsrv, domain, backups, "c0", "c1")
+    for target in domain.disks:
+        run([*virsh, "blockcommit", vm, target, "--active", "--pivot"], timeout=60)
+    domain.write("sda", 0x31, 3 * MiB, 64 * K)
+    rebuild(nbdsrv, domain, backups, "c1", "c2")
+    listed = nbdsrv.cli("checkpoint", "list", vm)
+    assert [(c["name"], c["valid"]) for c in listed] == [("c0", True), ("c1", True), ("c2", True)]
+
+
+def test_session_survives_a_libvirtd_restart(domains: DomainFactory, nbdsrv: Nbdsrv) -> None:
+    domain = started_vm(domains, nbdsrv)
+    vm = domain.name
+    domain.write("vda", 0x11, 0, 1 * MiB)
+    session = nbdsrv.cli("backup", "begin", vm)
+    expected = domain.disks["vda"].sha256()
+    uri = nbdsrv.uri(f"{vm}/vda")
+    restart_libvirtd()
+    assert sha(read_all(uri)) == expected
+    # nbdsrv reconnects and still finds libvirt's job: the session ends cleanly.
+    deadline = time.monotonic() + 30
+    while not nbdsrv.vm(vm)["connected"]:  # type: ignore[index]
+        assert time.monotonic() < deadline, nbdsrv.daemon.log()
+        time.sleep(0.1)
+    [listed] = nbdsrv.cli("backup", "list", vm)
+    assert listed["state"] == "running"
+    nbdsrv.cli("backup", "end", vm, session["id"])
+    domain.wait_no_backup_job()
+    created = nbdsrv.cli("checkpoint", "create", vm, "--name", "after-restart")
+    assert created["name"] == "after-restart"
+
+
+def test_restarted_daemon_aborts_the_job_a_killed_one_left(
+    domains: DomainFactory, nbdsrv: Nbdsrv
+) -> None:
+    domain = started_vm(domains, nbdsrv)
+    vm = domain.name
+    nbdsrv.cli("backup", "begin", vm, "--checkpoint", "c1")
+    domain.write("vda", 0x11, 0, 64 * K)  # scratch data
+    nbdsrv.kill_and_restart()
+    nbdsrv.wait_vm(vm)
+    domain.wait_no_backup_job()
+    assert nbdsrv.cli("backup", "list", vm) == []
+    for sub in ("state/libvirt", "state/scratch/libvirt"):
+        path = domains.dir / sub / vm
+        assert not path.exists() or not list(path.iterdir()), sub
+    # The checkpoint made in the begin call is libvirt's and stays usable.
+    rebuild(nbdsrv, domain, {t: domains.dir / f"b-{t}" for t in domain.disks}, None, "c2")
