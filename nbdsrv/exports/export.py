@@ -9,8 +9,8 @@ past the asked range — the protocol core clips, merges and caps them.
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from .proto.constants import MAX_BLOCK_STATUS_EXTENTS
-from .proto.extents import Extent
+from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
+from ..proto.extents import Extent
 
 Segment = tuple[int, int, bytes | bytearray | memoryview | None]
 
