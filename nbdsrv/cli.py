@@ -140,6 +140,13 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         default=[],
         help="start a private qemu-storage-daemon for these images",
     )
+    daemon.add_argument(
+        "--libvirt",
+        metavar="URI",
+        action="append",
+        default=[],
+        help="follow the running domains of a libvirt connection, e.g. qemu:///system",
+    )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     add_security_options(daemon)
@@ -155,6 +162,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         qmp=[_name_value(q, "--qmp") for q in args.qmp],
         qemu_nbd=dict(_name_value(q, "--qemu-nbd") for q in args.qemu_nbd),
         images=_images(args),
+        libvirt=list(dict.fromkeys(args.libvirt)),
         scratch_dir=args.scratch_dir,
         policy=policy_from_args(args),
     )
@@ -200,8 +208,12 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  {export['name']}: {export['size']} bytes, {', '.join(export['contexts'])}")
     print(f"VMs ({len(status['vms'])}):")
     for vm in status["vms"]:
-        connected = "connected" if vm.get("qmp_connected") else "not connected"
-        print(f"  {vm['name']}: QMP {connected}, disks {', '.join(vm.get('disks', []))}")
+        if vm.get("backend") == "libvirt":
+            connected = "connected" if vm.get("connected") else "not connected"
+            via = f"libvirt {vm['libvirt']} {connected}"
+        else:
+            via = "QMP " + ("connected" if vm.get("qmp_connected") else "not connected")
+        print(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}")
     print(f"sessions ({len(status['sessions'])}):")
     for session in status["sessions"]:
         print(f"  {session['id']}: VM {session['vm']}, {session.get('state', '')}")

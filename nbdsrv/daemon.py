@@ -34,6 +34,7 @@ class DaemonConfig:
     qmp: list[tuple[str, str]] = field(default_factory=list)
     qemu_nbd: dict[str, str] = field(default_factory=dict)
     images: list[tuple[str, list[str]]] = field(default_factory=list)
+    libvirt: list[str] = field(default_factory=list)
     scratch_dir: str | None = None
     policy: ServerPolicy = field(default_factory=ServerPolicy)
 
@@ -61,6 +62,7 @@ class Daemon:
             },
         )
         self._stop = asyncio.Event()
+        self.libvirt: list[Any] = []
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -106,6 +108,13 @@ class Daemon:
             )
         for name, images in self.config.images:
             await self.vms.add(EmbeddedVM(name, images, state_dir, self.scratch_dir))
+        for uri in self.config.libvirt:
+            # Imported only here: the libvirt binding is needed only with --libvirt.
+            from .backends.libvirt.domains import LibvirtDomains
+
+            domains = LibvirtDomains(uri, self.vms, state_dir, self.scratch_dir)
+            self.libvirt.append(domains)
+            await domains.start()
         for address in self.config.listen:
             try:
                 await self.server.listen(address)
@@ -125,6 +134,8 @@ class Daemon:
         await self.server.stop()
         self.catalog.close_all()
         await self.vms.stop()
+        for domains in self.libvirt:
+            await domains.stop()
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         exports = []
