@@ -182,7 +182,8 @@ class LibvirtVM:
         }
         if self.connected:
             try:
-                snap = await self._call(self._snapshot, True)
+                # Names only: validating every checkpoint costs QEMU work on each status.
+                snap = await self._call(self._snapshot, "names")
                 info["disks"] = sorted(d.target for d in snap.disks)
                 info["checkpoints"] = [c.name for c, _ in snap.checkpoints]
             except LibvirtError as e:
@@ -190,7 +191,7 @@ class LibvirtVM:
         return info
 
     async def disks(self) -> list[str]:
-        snap = await self._call(self._snapshot, False)
+        snap = await self._call(self._snapshot, None)
         return sorted(d.target for d in snap.disks)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class LibvirtVM:
             return created
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
-        snap = await self._call(self._snapshot, True)
+        snap = await self._call(self._snapshot, "validated")
         return [
             {
                 "name": c.name,
@@ -267,7 +268,7 @@ class LibvirtVM:
         new = None
         if not request.no_checkpoint:
             new = check_name(request.checkpoint) if request.checkpoint else generated_name()
-        snap = await self._call(self._snapshot, request.from_checkpoint is not None)
+        snap = await self._call(self._snapshot, None, request.from_checkpoint)
         if snap.job is not None:
             # A second BackupBegin would wait 30 s for libvirt's job lock and then fail.
             raise LibvirtError(
@@ -397,22 +398,28 @@ class LibvirtVM:
                 raise LibvirtError(f"VM {self.name}: the domain is gone", e.get_error_code()) from e
             raise
 
-    def _snapshot(self, with_checkpoints: bool) -> _Snapshot:
+    def _snapshot(self, checkpoints: str | None, only: str | None = None) -> _Snapshot:
+        """The domain's disks and backup job, and its checkpoints: ``checkpoints`` None (none,
+        unless ``only`` names one), ``names`` (not validated) or ``validated``."""
         libvirt = self.libvirt
         dom = self._domain()
         xml = dom.XMLDesc(0)
         disks = [d for d in domain_disks(xml) if d.source and d.kind in ("file", "block")]
         snap = _Snapshot(disks, qemu_ids(xml), job=self._job_xml(dom))
-        if with_checkpoints:
-            flags = (
-                libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN | libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE
-            )
+        if checkpoints is not None or only is not None:
+            validate = checkpoints == "validated" or only is not None
+            flags = libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN
+            if validate:
+                # A disk whose bitmap libvirt cannot use has no size.
+                flags |= libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE
             found = []
             for index, checkpoint in enumerate(
                 dom.listAllCheckpoints(libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
             ):
+                if only is not None and checkpoint.getName() != only:
+                    continue
                 desc = parse_checkpoint(checkpoint.getXMLDesc(flags))
-                reason = self._invalid_reason(dom, checkpoint, desc)
+                reason = self._invalid_reason(dom, checkpoint, desc) if validate else None
                 found.append((desc.creation_time, index, desc, reason))
             # Oldest first; topological order among checkpoints of the same second.
             snap.checkpoints = [(desc, reason) for _, _, desc, reason in sorted(found)]
