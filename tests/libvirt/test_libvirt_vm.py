@@ -30,9 +30,9 @@ class Nbdsrv:
     """An nbdsrv daemon following ``qemu:///system``, listening on a unix socket."""
 
     def __init__(self, workdir: Path) -> None:
-        # QEMU (libvirt-qemu) must reach the state dir: it holds libvirt's NBD socket.
+        # 0700 like the default state dir: nbdsrv lets libvirt's QEMU search it.
         state = workdir / "state"
-        state.mkdir(mode=0o711)
+        state.mkdir(mode=0o700)
         self.control = str(state / "control.sock")
         self.socket = workdir / "nbd.sock"
         self.daemon = DaemonProcess(

@@ -2,23 +2,33 @@
 backup job's NBD socket and its scratch images live in nbdsrv's state and scratch dirs.
 
 Each VM gets ``<dir>/libvirt/<VM>/``, owned by QEMU's user, mode 0700. The directories above
-it only need to let that user through (search permission); nbdsrv grants that on the
-``libvirt`` directory it made, and says clearly when a parent it did not make is in the way.
+it only need to let that user through (search permission, no listing): nbdsrv grants that on
+``<dir>/libvirt`` and on ``<dir>`` itself when it owns it (the default state dir is 0700), and
+says clearly when a parent it does not own is in the way.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
 
 from ...errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 def vm_dir(base: str, vm: str, owner: tuple[int, int] | None) -> Path:
     """``<base>/libvirt/<vm>``, created when missing, owned by ``owner`` (QEMU's uid, gid)."""
-    top = Path(base) / "libvirt"
-    top.mkdir(parents=True, exist_ok=True)
+    root = Path(base)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.stat()
+    if owner is not None and st.st_uid == os.getuid() and not st.st_mode & stat.S_IXOTH:
+        log.info("letting libvirt's QEMU search %s (chmod o+x) for its backup socket", root)
+        root.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+    top = root / "libvirt"
+    top.mkdir(exist_ok=True)
     # Search only: QEMU may pass through, not list.
     top.chmod(0o711)
     path = top / vm
