@@ -147,7 +147,7 @@ class LibvirtConnection:
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
         except self.libvirt.libvirtError as e:
-            raise LibvirtError(str(e), e.get_error_code()) from e
+            raise LibvirtError(f"libvirt: {e}", e.get_error_code()) from e
 
     # -- connecting ---------------------------------------------------------------------------
 

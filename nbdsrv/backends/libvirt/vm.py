@@ -232,7 +232,7 @@ class LibvirtVM:
                     raise NotFoundError(f"VM {self.name} has no checkpoint '{name}'") from e
                 if "not found in backing chain" in str(e):
                     raise LibvirtError(
-                        f"VM {self.name}: libvirt cannot delete checkpoint {name}: {e}; "
+                        f"VM {self.name}: cannot delete checkpoint {name} ({e}); "
                         f"`virsh checkpoint-delete {self.name} {name} --metadata` forgets it"
                     ) from e
                 raise
