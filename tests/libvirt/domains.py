@@ -126,6 +126,25 @@ class Domain:
             return int(uid), int(gid)
         return os.getuid(), os.getgid()
 
+    def begin_libvirt_backup(self, directory: Path) -> Path:
+        """libvirt's own full pull-mode backup of every disk (as ``virsh backup-begin`` with
+        XML would), socket and scratch files in ``directory``; its NBD socket."""
+        directory.mkdir(exist_ok=True)
+        os.chown(directory, *self.qemu_ids())  # QEMU's user creates the socket there
+        socket = directory / "nbd.sock"
+        disks = "".join(
+            f"<disk name='{t}' backup='yes' type='file'>"
+            f"<scratch file='{directory}/{t}.scratch'/></disk>"
+            for t in self.disks
+        )
+        self.dom.backupBegin(
+            f"<domainbackup mode='pull'><server transport='unix' socket='{socket}'/>"
+            f"<disks>{disks}</disks></domainbackup>",
+            None,
+            0,
+        )
+        return socket
+
     def wait_no_backup_job(self, timeout: float = 30.0) -> None:
         """Wait until libvirt reports no backup job (abortJob returns before it is gone)."""
         deadline = time.monotonic() + timeout

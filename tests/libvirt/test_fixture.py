@@ -5,7 +5,6 @@ back through libvirt's own pull-mode backup export)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 
 from tests.libvirt.domains import DomainFactory, MiB
@@ -26,21 +25,7 @@ def test_writes_reach_the_disks(domains: DomainFactory) -> None:
     domain.write("sda", 0x66, 1 * MiB, 64 * 1024)
     assert domain.tainted() == ["custom-monitor"]  # the test's monitor command, not nbdsrv's
 
-    # libvirt's own full pull backup; its socket directory must belong to QEMU's user.
-    sockdir = domains.dir / f"{domain.name}-backup"
-    sockdir.mkdir()
-    os.chown(sockdir, *domain.qemu_ids())
-    socket = sockdir / "nbd.sock"
-    disks = "".join(
-        f"<disk name='{t}' backup='yes' type='file'><scratch file='{sockdir}/{t}.scratch'/></disk>"
-        for t in domain.disks
-    )
-    domain.dom.backupBegin(
-        f"<domainbackup mode='pull'><server transport='unix' socket='{socket}'/>"
-        f"<disks>{disks}</disks></domainbackup>",
-        None,
-        0,
-    )
+    socket = domain.begin_libvirt_backup(domains.dir / f"{domain.name}-backup")
     try:
         for target, disk in domain.disks.items():
             data = subprocess.run(

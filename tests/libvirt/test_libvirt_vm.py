@@ -355,3 +355,21 @@ def test_restarted_daemon_aborts_the_job_a_killed_one_left(
         assert not path.exists() or not list(path.iterdir()), sub
     # The checkpoint made in the begin call is libvirt's and stays usable.
     rebuild(nbdsrv, domain, {t: domains.dir / f"b-{t}" for t in domain.disks}, None, "c2")
+
+
+def test_begin_refused_while_libvirt_runs_another_backup(
+    domains: DomainFactory, nbdsrv: Nbdsrv
+) -> None:
+    domain = started_vm(domains, nbdsrv)
+    vm = domain.name
+    domain.begin_libvirt_backup(domains.dir / "theirs")
+    try:
+        # At once: libvirt itself would make a second begin wait 30 s for its job lock.
+        line = nbdsrv.fails("backup", "begin", vm)
+        assert "already runs a backup job" in line and "virsh domjobabort" in line
+        assert nbdsrv.cli("checkpoint", "list", vm) == []
+    finally:
+        domain.dom.abortJob()
+        domain.wait_no_backup_job()
+    session = nbdsrv.cli("backup", "begin", vm)
+    nbdsrv.cli("backup", "end", vm, session["id"])

@@ -89,7 +89,7 @@ class LibvirtDomains:
             # Domain jobs are also migrations, dumps, …: only backup jobs matter here.
             operation = event.params.get("operation", libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
             if vm is not None and operation == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
-                vm.job_completed(event.params)
+                await vm.job_completed(event.params)
         elif event.event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
             await self._adopt(event.domain)
         elif (

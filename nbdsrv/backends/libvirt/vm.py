@@ -128,10 +128,14 @@ class LibvirtVM:
     async def start(self) -> None:
         """Abort a backup job an earlier daemon left on the domain (its sessions are gone
         with it) and remove the files it left."""
-        job = await self._call(self._job_xml)
-        if job is not None and self._is_ours(backup_socket(job)):
-            log.warning("VM %s: aborting the backup job an earlier nbdsrv left", self.name)
-            await self._abort_and_wait()
+        try:
+            job = await self._call(self._job_xml)
+            if job is not None and self._is_ours(backup_socket(job)):
+                log.warning("VM %s: aborting the backup job an earlier nbdsrv left", self.name)
+                await self._abort_and_wait()
+        except LibvirtError as e:
+            log.warning("VM %s: %s", self.name, e)
+            return
         for base in (self.state_dir, self.scratch_dir):
             path = Path(base) / "libvirt" / self.name
             if path.is_dir() and (job is None or self._is_ours(backup_socket(job))):
@@ -149,11 +153,20 @@ class LibvirtVM:
         if not self.points and self.on_released is not None:
             self.on_released(self)
 
-    def job_completed(self, params: dict[str, Any]) -> None:
-        """libvirt's backup job ended; unless nbdsrv ended it, the session fails."""
+    async def job_completed(self, params: dict[str, Any]) -> None:
+        """A backup job of the domain ended; unless nbdsrv ended it, the session fails. The
+        event names no job: one that comes late for an earlier session's job must not break
+        the next session, so the job is looked up first."""
+        if not self.points:
+            return
         message = params.get("errmsg") or ("completed" if params.get("success") else "failed")
+        try:
+            job = await self._call(self._job_xml)
+        except LibvirtError:
+            job = None
         for held in self.points.values():
-            held.break_(f"libvirt's backup job ended behind nbdsrv's back ({message})")
+            if job is None or backup_socket(job) != str(held.socket):
+                held.break_(f"libvirt's backup job ended behind nbdsrv's back ({message})")
 
     async def reconnected(self) -> None:
         """libvirtd came back: the jobs of running sessions must still be there."""
