@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,8 @@ from tests.libvirt.domains import URI, DomainFactory, system_libvirt
 from tests.tools import require_tool, run_result
 
 READY_TIMEOUT = 120.0
+LIBVIRTD_PID = Path("/run/libvirtd.pid")
+VIRTLOGD_PID = Path("/run/virtlogd.pid")
 
 
 def _answers() -> bool:
@@ -73,10 +76,10 @@ def libvirtd() -> Iterator[str]:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     started = [
-        pid
-        for pid in (
-            _start("virtlogd", Path("/run/virtlogd.pid")),
-            _start("libvirtd", Path("/run/libvirtd.pid")),
+        pidfile
+        for pidfile, pid in (
+            (VIRTLOGD_PID, _start("virtlogd", VIRTLOGD_PID)),
+            (LIBVIRTD_PID, _start("libvirtd", LIBVIRTD_PID)),
         )
         if pid is not None
     ]
@@ -86,16 +89,17 @@ def libvirtd() -> Iterator[str]:
             pytest.fail(f"libvirtd does not answer after {READY_TIMEOUT:g} s", pytrace=False)
         time.sleep(0.2)
     yield URI
-    for pid in reversed(started):  # libvirtd before virtlogd
-        _stop(pid)
+    # By pid file: a test may have restarted libvirtd (restart_libvirtd).
+    for pidfile in reversed(started):  # libvirtd before virtlogd
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            _stop(int(pidfile.read_text()))
 
 
 def restart_libvirtd() -> None:
     """Stop the running libvirtd and start another (QEMU and its jobs keep running)."""
-    pidfile = Path("/run/libvirtd.pid")
-    _stop(int(pidfile.read_text()))
-    pidfile.unlink(missing_ok=True)
-    _start("libvirtd", pidfile)
+    _stop(int(LIBVIRTD_PID.read_text()))
+    LIBVIRTD_PID.unlink(missing_ok=True)
+    _start("libvirtd", LIBVIRTD_PID)
     deadline = time.monotonic() + READY_TIMEOUT
     while not _answers():
         if time.monotonic() > deadline:

@@ -263,6 +263,8 @@ def test_invalid_checkpoint_has_libvirts_reason(domains: DomainFactory, nbdsrv: 
     line = nbdsrv.fails("backup", "begin", vm, "--from", "c1")
     assert "not valid" in line and "full backup" in line
     assert nbdsrv.cli("backup", "list", vm) == []
+    line = nbdsrv.fails("checkpoint", "delete", vm, "c1")
+    assert "not found in backing chain" in line and "--metadata" in line
 
 
 def _format_node(domain: Domain, target: str) -> str:
