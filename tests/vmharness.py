@@ -146,6 +146,7 @@ class Nbdsrv:
         self.control = str(workdir / "control.sock")
         self.qmp_path = qmp_path
         self.nbd_socket = str(workdir / "nbd.sock")
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def uri(self, export: str) -> str:
@@ -173,6 +174,7 @@ class Nbdsrv:
                     f"vm1={self.qmp_path}",
                     "--qemu-nbd",
                     f"vm1={self.qemu_nbd}",
+                    *self.extra_args,
                 ],
                 stderr=log,
                 env=env,

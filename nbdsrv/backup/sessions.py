@@ -51,6 +51,7 @@ class BeginRequest:
     all_checkpoints: bool = False
     bitmap_name: str | None = None
     granularity: int | None = None
+    quiesce: bool = False
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Session:
     created: str
     from_checkpoint: str | None
     checkpoint: str | None = None
+    quiesced: bool = False
     exports: dict[str, UpstreamExport] = field(default_factory=dict)
     state: str = "running"
     error: str | None = None
@@ -129,10 +131,12 @@ class SessionManager:
                 no_checkpoint=request.no_checkpoint,
                 all_checkpoints=request.all_checkpoints,
                 granularity=request.granularity,
+                quiesce=request.quiesce,
             ),
             session.fail,
         )
         session.checkpoint = point.checkpoint
+        session.quiesced = point.quiesced
         try:
             await self._open_exports(session, request, point)
         except BaseException as e:
@@ -208,15 +212,23 @@ class SessionManager:
                 "uris": [a.uri(export.name) for a in self.addresses],
                 "contexts": list(export.contexts),
                 "size": export.size,
+                "dirty_bytes": {
+                    context: bitmap.dirty_bytes for context, bitmap in export.bitmaps.items()
+                },
+                "bytes_read": export.coverage.bytes,
+                "clients": export.clients,
             }
         return {
             "id": session.id,
             "vm": session.vm.name,
             "checkpoint": session.checkpoint,
             "from": session.from_checkpoint,
+            "quiesced": session.quiesced,
+            "started": session.created,
             "created": session.created,
             "state": session.state,
             "error": session.error,
+            "scratch_bytes": session.vm.scratch_bytes(session.id),
             "disks": disks,
         }
 

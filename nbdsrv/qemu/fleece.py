@@ -207,6 +207,12 @@ async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 3
             os.unlink(plan.nbd_socket)
 
 
+async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
+    """Stop copying old data into the scratch images (the point in time is given up)."""
+    for disk in plan.disks:
+        await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
+
+
 def frozen_bitmap_name(session: str, checkpoint: str) -> str:
     return f"nbdsrv-{session}-{checkpoint}"
 

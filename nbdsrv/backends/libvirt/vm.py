@@ -23,6 +23,7 @@ No monitor is added and nothing taints the domain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -37,6 +38,7 @@ from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ..base import (
     BrokenCallback,
     CheckpointRef,
+    CreatedCheckpoint,
     PointInTime,
     PointInTimeRequest,
     UpstreamBitmap,
@@ -210,8 +212,8 @@ class LibvirtVM:
     # -- checkpoints ----------------------------------------------------------------------------
 
     async def create_checkpoint(
-        self, name: str | None, granularity: int | None = None, quiesce: bool = False
-    ) -> CheckpointDesc:
+        self, name: str | None, granularity: int | None = None, *, quiesce: bool = False
+    ) -> CreatedCheckpoint:
         if granularity is not None:
             raise LibvirtRefusal(
                 f"VM {self.name} is a libvirt domain: libvirt gives each bitmap the image's "
@@ -219,8 +221,8 @@ class LibvirtVM:
             )
         name = check_name(name) if name is not None else generated_name()
         async with self.lock:
-            created: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
-            return created
+            desc: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
+        return CreatedCheckpoint(desc.name, desc.parent, desc.created, quiesced=quiesce)
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         snap = await self._call(self._snapshot, "validated")
@@ -308,7 +310,7 @@ class LibvirtVM:
         backup_doc = backup_xml(str(socket), backup, request.from_checkpoint, skip=[])
         checkpoint_doc = checkpoint_xml(new, snap.disks) if new is not None else None
         started = time.monotonic()
-        await self._call(self._backup_begin, backup_doc, checkpoint_doc)
+        await self._call(self._backup_begin, backup_doc, checkpoint_doc, request.quiesce)
         self.points[request.session] = held
         log.info(
             "VM %s: libvirt backup job begun in %.2f s (session %s, from %s, checkpoint %s)",
@@ -338,7 +340,19 @@ class LibvirtVM:
         checkpoints: tuple[CheckpointRef, ...] = ()
         if request.from_checkpoint is not None:
             checkpoints = (CheckpointRef(request.from_checkpoint, DEFAULT_GRANULARITY),)
-        return PointInTime(request.session, new, checkpoints, tuple(upstream))
+        return PointInTime(
+            request.session, new, checkpoints, tuple(upstream), quiesced=request.quiesce
+        )
+
+    def scratch_bytes(self, session: str) -> int:
+        """Space the session's scratch images take on disk (libvirt's ``disk_temp_used``
+        needs a call to libvirtd; this is what the file system says, metadata included)."""
+        held = self.points.get(session)
+        total = 0
+        for path in held.scratch if held is not None else []:
+            with contextlib.suppress(OSError):
+                total += path.stat().st_blocks * 512
+        return total
 
     def _incremental_disks(self, snap: _Snapshot, from_checkpoint: str | None) -> set[str]:
         """The disks whose "since ``from_checkpoint``" libvirt can export; the others (added
@@ -480,8 +494,18 @@ class LibvirtVM:
                 return None
             raise
 
-    def _backup_begin(self, backup_doc: str, checkpoint_doc: str | None) -> None:
-        self._domain().backupBegin(backup_doc, checkpoint_doc, 0)
+    def _backup_begin(self, backup_doc: str, checkpoint_doc: str | None, quiesce: bool) -> None:
+        dom = self._domain()
+        if not quiesce:
+            dom.backupBegin(backup_doc, checkpoint_doc, 0)
+            return
+        # libvirt 9.0's backup API has no quiesce flag: freeze through libvirt's guest agent
+        # (fails, changing nothing, without one) and always thaw.
+        dom.fsFreeze()
+        try:
+            dom.backupBegin(backup_doc, checkpoint_doc, 0)
+        finally:
+            dom.fsThaw()
 
     def _abort_job(self) -> None:
         libvirt = self.libvirt

@@ -41,10 +41,12 @@ from ...backup.crash_points import crash_point
 from ...backup.store import VMStore
 from ...qemu.chain import discover_chains
 from ...qemu.errors import QEMUError, QEMUGoneError, QEMUUnreachableError, QMPError, QMPTimeoutError
+from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
-from ..base import BrokenCallback, PointInTime, PointInTimeRequest
+from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
 from . import external_snapshots, point_in_time
+from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class QmpVM:
         *,
         roots: Sequence[str] | None = None,
         nbd_socket: str | None = None,
+        guest_agent: str | None = None,
     ) -> None:
         self.name = name
         self.monitor = monitor
@@ -74,6 +77,10 @@ class QmpVM:
         # An NBD server QEMU already runs (unix socket): sessions export there, since QEMU
         # runs at most one. None: nbdsrv starts its own for each session.
         self.nbd_socket = nbd_socket
+        # The unix socket of the guest agent (--qga), for --quiesce.
+        self.guest_agent = guest_agent
+        # --scratch-limit: a session whose scratch data grows past it breaks (0: no limit).
+        self.scratch_limit = 0
         self.failure: str | None = None
         self.points: dict[str, point_in_time.HeldPoint] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -135,6 +142,7 @@ class QmpVM:
         try:
             await self.reconcile()
             await point_in_time.clean_stale(self)
+            await thaw_left_frozen(self.name, self.store.directory)
             self.failure = None
         except QEMUError as e:
             self.failure = str(e)
@@ -149,6 +157,9 @@ class QmpVM:
 
     async def end_point_in_time(self, session: str, *, drop_checkpoint: bool = False) -> None:
         await point_in_time.end(self, session, drop_checkpoint=drop_checkpoint)
+
+    def scratch_bytes(self, session: str) -> int:
+        return point_in_time.scratch_bytes(self, session)
 
     # -- QEMU state ---------------------------------------------------------------------------
 
@@ -258,10 +269,23 @@ class QmpVM:
 
     # -- operations -----------------------------------------------------------------------
 
-    async def transaction(self, what: str, actions: list[tuple[str, dict[str, Any]]]) -> None:
-        """Run a transaction whose intent is written (see the module docstring)."""
+    async def transaction(
+        self,
+        what: str,
+        actions: list[tuple[str, dict[str, Any]]],
+        quiescer: Quiescer | None = None,
+    ) -> None:
+        """Run a transaction whose intent is written (see the module docstring), with the
+        guest frozen around it when ``quiescer`` quiesces."""
         try:
-            await self.monitor.transaction(actions)
+            if quiescer is None:
+                await self.monitor.transaction(actions)
+            else:
+                async with quiescer.frozen():
+                    await self.monitor.transaction(actions)
+        except QuiesceError:
+            self.store.clear_intent()  # the freeze failed: the transaction never ran
+            raise
         except QMPTimeoutError:
             raise  # the intent stays: QEMU may still have done it; reconcile decides
         except QMPError as e:
@@ -303,16 +327,24 @@ class QmpVM:
         log.info("VM %s: checkpoint %s created", self.name, checkpoint.name)
 
     async def create_checkpoint(
-        self, name: str | None = None, granularity: int | None = None
-    ) -> Checkpoint:
+        self, name: str | None = None, granularity: int | None = None, *, quiesce: bool = False
+    ) -> CreatedCheckpoint:
         async with self.lock:
             state = await self.chains()
             chain = self.load_checked(state)
             checkpoint, actions = self.plan_checkpoint(chain, state, name, granularity)
-            op_id = self.begin_create(checkpoint)
-            await self.transaction(f"checkpoint create {checkpoint.name}", actions)
+            async with contextlib.aclosing(await self.quiescer(quiesce)) as quiescer:
+                op_id = self.begin_create(checkpoint)
+                await self.transaction(f"checkpoint create {checkpoint.name}", actions, quiescer)
             self.commit_create(chain, checkpoint, op_id)
-            return checkpoint
+            return CreatedCheckpoint(
+                checkpoint.name, checkpoint.parent, checkpoint.created, quiescer.quiesced
+            )
+
+    async def quiescer(self, wanted: bool) -> Quiescer:
+        """The guest agent, connected and answering, when ``wanted``; fails before anything
+        is done otherwise."""
+        return await Quiescer.open(self.name, self.guest_agent, self.store.directory, wanted)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
@@ -376,10 +408,20 @@ class QmpVM:
             "qmp": self.monitor.path,
             "qmp_connected": self.monitor.connected,
             "live_socket": self.live_socket,
+            "guest_agent": self.guest_agent,
+            "guest_agent_connected": (
+                await agent_answers(self.guest_agent) if self.guest_agent else False
+            ),
             "error": self.failure,
         }
+        info["jobs"] = []
         try:
             info["disks"] = await self.disks() if self.monitor.connected else []
+            if self.monitor.connected:
+                info["jobs"] = [
+                    {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
+                    for job in await self.monitor.execute("query-block-jobs")
+                ]
         except (QMPError, QEMUGoneError) as e:
             info["disks"] = []
             info["error"] = str(e)
