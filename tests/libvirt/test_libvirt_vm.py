@@ -375,3 +375,17 @@ def test_begin_refused_while_libvirt_runs_another_backup(
         domain.wait_no_backup_job()
     session = nbdsrv.cli("backup", "begin", vm)
     nbdsrv.cli("backup", "end", vm, session["id"])
+
+
+def test_quiesce_without_guest_agent_fails_and_leaves_nothing(
+    domains: DomainFactory, nbdsrv: Nbdsrv
+) -> None:
+    domain = started_vm(domains, nbdsrv)
+    vm = domain.name
+    line = nbdsrv.fails("backup", "begin", vm, "--quiesce", "--checkpoint", "c1")
+    assert "agent" in line
+    line = nbdsrv.fails("checkpoint", "create", vm, "--quiesce", "--name", "c2")
+    assert "agent" in line
+    assert nbdsrv.cli("checkpoint", "list", vm) == []
+    assert nbdsrv.cli("backup", "list", vm) == []
+    domain.wait_no_backup_job(timeout=1)

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,8 +476,10 @@ class LibvirtVM:
         disks = domain_disks(dom.XMLDesc(0))
         if not any(d.can_checkpoint for d in disks):
             raise LibvirtError(f"VM {self.name} has no qcow2 disk to hold a checkpoint")
-        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE if quiesce else 0
-        checkpoint = dom.checkpointCreateXML(checkpoint_xml(name, disks), flags)
+        # libvirt 9.0's QEMU driver refuses VIR_DOMAIN_CHECKPOINT_CREATE_QUIESCE ("unsupported
+        # flags (0x2)"): freeze through libvirt's guest agent instead, and always thaw.
+        with self._frozen(dom, quiesce):
+            checkpoint = dom.checkpointCreateXML(checkpoint_xml(name, disks), 0)
         return parse_checkpoint(checkpoint.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
 
     def _delete_checkpoint(self, name: str) -> None:
@@ -496,14 +498,20 @@ class LibvirtVM:
 
     def _backup_begin(self, backup_doc: str, checkpoint_doc: str | None, quiesce: bool) -> None:
         dom = self._domain()
-        if not quiesce:
+        # libvirt 9.0's backup API has no quiesce flag.
+        with self._frozen(dom, quiesce):
             dom.backupBegin(backup_doc, checkpoint_doc, 0)
+
+    @contextlib.contextmanager
+    def _frozen(self, dom: Any, quiesce: bool) -> Iterator[None]:
+        """The guest's filesystems frozen through libvirt's guest agent (without one the
+        freeze fails and nothing was done), thawed whatever happens."""
+        if not quiesce:
+            yield
             return
-        # libvirt 9.0's backup API has no quiesce flag: freeze through libvirt's guest agent
-        # (fails, changing nothing, without one) and always thaw.
         dom.fsFreeze()
         try:
-            dom.backupBegin(backup_doc, checkpoint_doc, 0)
+            yield
         finally:
             dom.fsThaw()
 
