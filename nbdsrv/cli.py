@@ -260,7 +260,10 @@ def _print_status(status: dict[str, Any]) -> None:
             connected = "connected" if vm.get("connected") else "not connected"
             via = f"libvirt {vm['libvirt']} {connected}"
         else:
-            via = "QMP " + ("connected" if vm.get("qmp_connected") else "not connected")
+            connected = "connected" if vm.get("qmp_connected") else "not connected"
+            if vm.get("qmp_connected") and vm.get("responsive") is False:
+                connected = "connected but unresponsive"
+            via = f"QMP {connected}"
         print(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}")
     print(f"sessions ({len(status['sessions'])}):")
     for session in status["sessions"]:

@@ -23,6 +23,7 @@ from typing import Any
 from .errors import QEMUError, QMPError
 from .images import scratch_file
 from .monitor import Monitor
+from .names import qemu_name, tag
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,9 @@ def frozen_bitmap_name(session: str, checkpoint: str) -> str:
 
 
 def session_names(session: str, disk: str) -> tuple[str, str, str]:
-    """(scratch node, job id, QEMU export name) of one disk of a session."""
-    base = f"nbdsrv-{session}-{disk}"
+    """(scratch node, job id, QEMU export name) of one disk of a session: a hash of the disk
+    id, never the id itself (node names are at most 31 characters)."""
+    base = qemu_name("nbdsrv", session, tag(disk))
     return base, base, base
 
 
@@ -237,7 +239,7 @@ def plan_disk(
         disk=disk,
         top_node=top_node,
         size=size,
-        scratch_file=os.path.join(scratch_dir, f"{session}-{disk}.qcow2"),
+        scratch_file=os.path.join(scratch_dir, f"{session}-{tag(disk)}.qcow2"),
         scratch_node=node,
         job=job,
         export=export,
