@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd nbdkit python3-venv openssl cpio e2fsprogs
+APT_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd nbdkit python3-venv openssl cpio e2fsprogs \
+  libvirt-daemon-system libvirt-clients python3-libvirt
+# libvirt's postinst scripts only add systemd links and users: without systemd nothing is
+# started, and the tests start `virtlogd -d` and `libvirtd -d` themselves.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps demo test lint bench clean

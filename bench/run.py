@@ -8,6 +8,8 @@ Scenarios (each on a unix socket and on TCP to 127.0.0.1, servers interleaved ro
   target (QEMU's client: one connection, 8 coroutines).
 * ``map``: ``nbdinfo --map`` of a whole large sparse file (64 GiB apparent size, 20,000
   small data regions); the extent lists must agree between servers or the run fails.
+* ``libvirt``: a libvirt domain followed with ``--libvirt``: session reads against libvirt's
+  own pull-mode export, begin/end against libvirt alone (``bench/libvirt_session.py``).
 * ``session``: backup sessions on the embedded default (nbdsrv's own qemu-storage-daemon):
   reads through a session against QEMU's fleecing export, time to begin and end a session,
   and the dirty map of a 1 TiB disk with 100,000 dirty blocks against ``qemu-nbd -B``
@@ -16,7 +18,7 @@ Scenarios (each on a unix socket and on TCP to 127.0.0.1, servers interleaved ro
 Work files live in ``bench/work/`` (git-ignored) and are reused when they already fit.
 Servers are stopped and their sockets removed at the end, also on Ctrl-C or an error.
 
-Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick] [--only read|map|session]
+Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick] [--only read|map|session|libvirt]
 [--json FILE]``.
 """
 
@@ -571,7 +573,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="save the results as JSON")
     p.add_argument(
         "--only",
-        choices=("read", "map", "session"),
+        choices=("read", "map", "session", "libvirt"),
         action="append",
         help="run only this scenario (repeatable)",
     )
@@ -595,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick
         else SparseSpec(size=64 * GiB, regions=20_000, region_size=4096)
     )
-    scenarios = args.only or ["read", "map", "session"]
+    scenarios = args.only or ["read", "map", "session", "libvirt"]
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     try:
@@ -625,6 +627,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["scenarios"]["session"] = sessions.scenario_session(
                 args.quick, rounds, size, read_path
             )
+        if "libvirt" in scenarios:
+            import libvirt_session
+
+            results["scenarios"]["libvirt"] = libvirt_session.scenario_libvirt(
+                args.quick, rounds, size, read_path
+            )
         results["load_after"] = os.getloadavg()
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
@@ -652,6 +660,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print()
         print(sessions.report(results["scenarios"]["session"]))
+    if "libvirt" in results["scenarios"]:
+        import libvirt_session
+
+        print()
+        print(libvirt_session.report(results["scenarios"]["libvirt"]))
     print(
         "\nload average (1/5/15 min) at the end: "
         + " ".join(f"{x:.2f}" for x in results["load_after"])

@@ -157,6 +157,13 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         default=[],
         help="unix socket of a --qmp VM's QEMU guest agent, for --quiesce",
     )
+    daemon.add_argument(
+        "--libvirt",
+        metavar="URI",
+        action="append",
+        default=[],
+        help="follow the running domains of a libvirt connection, e.g. qemu:///system",
+    )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
     daemon.add_argument(
         "--scratch-limit",
@@ -186,6 +193,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         qemu_nbd=dict(_name_value(q, "--qemu-nbd") for q in args.qemu_nbd),
         guest_agents=dict(_name_value(q, "--qga") for q in args.qga),
         images=_images(args),
+        libvirt=list(dict.fromkeys(args.libvirt)),
         scratch_dir=args.scratch_dir,
         policy=policy_from_args(args),
         metrics=_metrics_address(args.metrics),
@@ -248,10 +256,15 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  {export['name']}: {export['size']} bytes, {', '.join(export['contexts'])}")
     print(f"VMs ({len(status['vms'])}):")
     for vm in status["vms"]:
-        connected = "connected" if vm.get("qmp_connected") else "not connected"
-        if vm.get("qmp_connected") and vm.get("responsive") is False:
-            connected = "connected but unresponsive"
-        print(f"  {vm['name']}: QMP {connected}, disks {', '.join(vm.get('disks', []))}")
+        if vm.get("backend") == "libvirt":
+            connected = "connected" if vm.get("connected") else "not connected"
+            via = f"libvirt {vm['libvirt']} {connected}"
+        else:
+            connected = "connected" if vm.get("qmp_connected") else "not connected"
+            if vm.get("qmp_connected") and vm.get("responsive") is False:
+                connected = "connected but unresponsive"
+            via = f"QMP {connected}"
+        print(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}")
     print(f"sessions ({len(status['sessions'])}):")
     for session in status["sessions"]:
         print(f"  {session['id']}: VM {session['vm']}, {session.get('state', '')}")

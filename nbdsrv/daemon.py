@@ -37,6 +37,7 @@ class DaemonConfig:
     qemu_nbd: dict[str, str] = field(default_factory=dict)
     guest_agents: dict[str, str] = field(default_factory=dict)
     images: list[tuple[str, list[str]]] = field(default_factory=list)
+    libvirt: list[str] = field(default_factory=list)
     scratch_dir: str | None = None
     policy: ServerPolicy = field(default_factory=ServerPolicy)
     metrics: Address | None = None
@@ -71,6 +72,7 @@ class Daemon:
             },
         )
         self._stop = asyncio.Event()
+        self.libvirt: list[Any] = []
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -122,6 +124,13 @@ class Daemon:
             embedded = EmbeddedVM(name, images, state_dir, self.scratch_dir)
             embedded.scratch_limit = self.config.scratch_limit
             await self.vms.add(embedded)
+        for uri in self.config.libvirt:
+            # Imported only here: the libvirt binding is needed only with --libvirt.
+            from .backends.libvirt.domains import LibvirtDomains
+
+            domains = LibvirtDomains(uri, self.vms, state_dir, self.scratch_dir)
+            self.libvirt.append(domains)
+            await domains.start()
         for address in self.config.listen:
             try:
                 await self.server.listen(address)
@@ -150,6 +159,8 @@ class Daemon:
         await self.server.stop()
         self.catalog.close_all()
         await self.vms.stop()
+        for domains in self.libvirt:
+            await domains.stop()
 
     async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
         exports = []
