@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from nbdsrv.qemu.monitor import Monitor
 from nbdsrv.qemu.storage_daemon import StorageDaemon
 from tests.tools import READY_TIMEOUT, DaemonProcess, SyncQMP, require_tool
 
@@ -69,12 +68,7 @@ class ExternalQSD:
 
     def _storage_daemon(self) -> StorageDaemon:
         qsd = require_tool("qemu-storage-daemon")
-        daemon = StorageDaemon("vm", self.images, self.workdir, test_monitor=True, qsd=qsd)
-        # Start-up talks on the test's socket: nbdsrv may already be knocking on its own
-        # (after a restart), and a QMP socket serves one client at a time.
-        assert daemon.test_qmp_path is not None
-        daemon.monitor = Monitor(str(daemon.test_qmp_path), name="qsd-vm-test")
-        return daemon
+        return StorageDaemon("vm", self.images, self.workdir, test_monitor=True, qsd=qsd)
 
     @property
     def pid(self) -> int:
@@ -89,7 +83,7 @@ class ExternalQSD:
 
     async def _start(self) -> None:
         await self.daemon.start()
-        # Its monitor holds the test's socket; the test's own client takes it next.
+        # Its monitor holds the socket nbdsrv is given; a QMP socket serves one client.
         await self.daemon.monitor.close()
 
     def write(self, disk: int, pattern: int, offset: int, length: int) -> None:
