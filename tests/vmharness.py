@@ -57,8 +57,10 @@ class ExternalQSD:
         self.images = images
         self.daemon = self._storage_daemon()
         assert self.daemon.test_qmp_path is not None
-        self.qmp_path = str(self.daemon.qmp_path)
-        self.test_qmp_path = str(self.daemon.test_qmp_path)
+        # nbdsrv gets StorageDaemon's second ("test") socket, so that the harness's clients
+        # (StorageDaemon's monitor while it starts, then `qmp`) never race nbdsrv's reconnects.
+        self.qmp_path = str(self.daemon.test_qmp_path)
+        self.test_qmp_path = str(self.daemon.qmp_path)
         self.nbd_path = str(self.daemon.live_socket)
         # StorageDaemon is asynchronous; the test drives it on a loop of its own.
         self.loop = asyncio.new_event_loop()
@@ -83,7 +85,7 @@ class ExternalQSD:
 
     async def _start(self) -> None:
         await self.daemon.start()
-        # Its monitor holds the socket nbdsrv is given; a QMP socket serves one client.
+        # A QMP socket serves one client: make room for `qmp`.
         await self.daemon.monitor.close()
 
     def write(self, disk: int, pattern: int, offset: int, length: int) -> None:
