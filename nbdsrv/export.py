@@ -8,9 +8,13 @@ past the asked range — the protocol core clips, merges and caps them.
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .proto.constants import MAX_BLOCK_STATUS_EXTENTS
 from .proto.extents import Extent
+
+if TYPE_CHECKING:
+    from .net.client import NBDClient
 
 Segment = tuple[int, int, bytes | bytearray | memoryview | None]
 
@@ -21,6 +25,10 @@ class ExportGone(Exception):
 
 class Export(ABC):
     """A read-only NBD export."""
+
+    # Whether each client connection gets an upstream connection of its own for its READs
+    # (open_upstream), relayed by the server instead of going through read().
+    relays_reads = False
 
     def __init__(self, name: str, size: int, description: str = "") -> None:
         self.name = name
@@ -43,6 +51,15 @@ class Export(ABC):
     ) -> list[Extent]:
         """At least one extent starting at ``offset`` for ``context``; no need for more than
         ``limit`` (1 for a REQ_ONE request: QEMU's clients ask one extent at a time)."""
+
+    async def open_upstream(self) -> "NBDClient":
+        """A new NBD connection to where the data lives, for one client connection's READs
+        (only when ``relays_reads``); the server closes it with the client connection."""
+        raise NotImplementedError
+
+    def broken(self) -> str | None:
+        """Why data read from upstream can no longer be handed out, if it cannot."""
+        return None
 
     def close(self) -> None:
         """Release resources; later requests get ESHUTDOWN."""

@@ -17,7 +17,7 @@ from ..catalog import ExportCatalog
 from ..errors import nbd_errno
 from ..export import Export, ExportGone
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
-from ..proto.errors import ProtocolError
+from ..proto.errors import NBDError, ProtocolError
 from ..proto.server import (
     Disconnect,
     Negotiated,
@@ -27,6 +27,7 @@ from ..proto.server import (
     TLSMode,
 )
 from .address import Address
+from .relay import ReadRelay
 from .socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ class NBDConnection(asyncio.Protocol):
         self._export: Export | None = None
         self._contexts: list[tuple[int, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # READs relayed to an upstream connection of this connection's own (session exports):
+        # no task each; counted here until their reply is written.
+        self._relay: ReadRelay | None = None
+        self._relayed = 0
+        self._attaching: asyncio.Task[None] | None = None
         self._pending: deque[Request] = deque()
         self._in_flight_bytes = 0
         self._reading_paused = False
@@ -229,6 +235,10 @@ class NBDConnection(asyncio.Protocol):
         self._pending.clear()
         for task in self._tasks:
             task.cancel()
+        if self._attaching is not None:
+            self._attaching.cancel()
+        if self._relay is not None:
+            self._relay.close()
         reason = self._reason or (f"connection lost: {exc}" if exc else "closed")
         if not self._counted:
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
@@ -248,7 +258,7 @@ class NBDConnection(asyncio.Protocol):
         )
 
     def _receive(self, data: bytes) -> None:
-        room = self._policy.max_in_flight - len(self._tasks) - len(self._pending)
+        room = self._policy.max_in_flight - self._busy() - len(self._pending)
         try:
             events = self._core.receive(data, max(room, 0))
         except ProtocolError as e:
@@ -278,9 +288,14 @@ class NBDConnection(asyncio.Protocol):
         when every bound leaves room."""
         if self._lost_done:
             return
+        relay = self._relay
+        if relay is not None:
+            relay.cork()  # the requests started now go upstream in one write
         while self._pending and self._may_start(self._pending[0]):
             self._start(self._pending.popleft())
-        room = self._policy.max_in_flight - len(self._tasks) - len(self._pending)
+        if relay is not None:
+            relay.uncork()
+        room = self._policy.max_in_flight - self._busy() - len(self._pending)
         if self._core.backlog and room > 0 and not self._continue_scheduled:
             self._continue_scheduled = True
             self._loop.call_soon(self._continue)
@@ -292,10 +307,13 @@ class NBDConnection(asyncio.Protocol):
         if not self._lost_done and self._core.backlog:
             self._receive(b"")
 
+    def _busy(self) -> int:
+        return len(self._tasks) + self._relayed
+
     def _may_start(self, request: Request) -> bool:
-        if self._writing_paused:
+        if self._writing_paused or self._attaching is not None:
             return False
-        if not self._tasks:
+        if not self._busy():
             return True
         assert self._transport is not None
         unsent = self._transport.get_write_buffer_size()
@@ -315,7 +333,7 @@ class NBDConnection(asyncio.Protocol):
         # requests finish), including those not started yet or not parsed yet.
         if (
             self._closing
-            and not self._tasks
+            and not self._busy()
             and not self._pending
             and not self._core.backlog
             and self._transport is not None
@@ -330,7 +348,7 @@ class NBDConnection(asyncio.Protocol):
             self._writing_paused
             or bool(self._pending)
             or self._core.backlog
-            or len(self._tasks) >= self._policy.max_in_flight
+            or self._busy() >= self._policy.max_in_flight
         )
         if want_pause and not self._reading_paused:
             self._transport.pause_reading()
@@ -353,7 +371,7 @@ class NBDConnection(asyncio.Protocol):
     def _idle_check(self) -> None:
         timeout = self._policy.idle_timeout
         idle = self._loop.time() - self._last_activity
-        if self._tasks or self._pending or idle < timeout:
+        if self._busy() or self._pending or idle < timeout:
             self._idle_timer = self._loop.call_later(max(timeout - idle, 0.05), self._idle_check)
             return
         self._idle_timer = None
@@ -423,10 +441,32 @@ class NBDConnection(asyncio.Protocol):
             self._core.tls,
             [name for _, name in self._contexts],
         )
+        if export is not None and export.relays_reads:
+            self._attaching = self._loop.create_task(self._attach(export))
+
+    async def _attach(self, export: Export) -> None:
+        """Open this connection's own upstream connection; requests wait until then."""
+        try:
+            upstream = await export.open_upstream()
+        except (OSError, NBDError) as e:
+            # Reads then go through export.read(), which answers for itself.
+            self.log.warning("no upstream connection of its own: %s", e)
+            return
+        finally:
+            self._attaching = None
+            self._loop.call_soon(self._pump)
+        if self._lost_done:
+            upstream.abort()
+            return
+        self._relay = ReadRelay(export, upstream, self._core, self._writelines, self._relayed_done)
 
     def _start(self, request: Request) -> None:
         cost = _cost(request)
         self._in_flight_bytes += cost
+        if request.command == Command.READ and self._relay is not None:
+            self._relayed += 1
+            self._relay.read(request)
+            return
         task = self._loop.create_task(self._serve(request, cost))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
@@ -441,6 +481,20 @@ class NBDConnection(asyncio.Protocol):
         self._last_activity = self._loop.time()
         self._pump()
         self._close_when_idle()
+
+    def _relayed_done(self, request: Request, served: int, error: tuple[Errno, str] | None) -> None:
+        self._relayed -= 1
+        self._in_flight_bytes -= _cost(request)
+        self.bytes_served += served
+        if error is not None and error[0] != Errno.ESHUTDOWN:
+            self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
+        self._last_activity = self._loop.time()
+        self._pump()
+        self._close_when_idle()
+
+    def _writelines(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(buffers)
 
     def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

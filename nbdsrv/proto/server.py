@@ -579,7 +579,12 @@ class ServerConnection:
 
     # -- replies to requests (called by the I/O layer, or internally) -------------------------
 
-    def _chunk(self, request: Request, flags: int, rtype: int, payload_length: int) -> bytes:
+    @property
+    def chunk_header_size(self) -> int:
+        return wire.EXTENDED_REPLY.size if self.extended else wire.STRUCTURED_REPLY.size
+
+    def chunk_header(self, request: Request, flags: int, rtype: int, payload_length: int) -> bytes:
+        """The header of one structured (or extended) reply chunk."""
         if self.extended:
             return wire.EXTENDED_REPLY.pack(
                 EXTENDED_REPLY_MAGIC, flags, rtype, request.cookie, request.offset, payload_length
@@ -591,7 +596,7 @@ class ServerConnection:
     def ok_reply(self, request: Request) -> bytes:
         """A successful reply without payload."""
         if self.extended:
-            return self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)
+            return self.chunk_header(request, ReplyFlag.DONE, ReplyType.NONE, 0)
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
 
     def error_reply(self, request: Request, errno: Errno, message: str) -> bytes:
@@ -599,7 +604,8 @@ class ServerConnection:
         if self.structured:
             text = _short(message)
             payload = wire.ERROR_CHUNK.pack(errno, len(text)) + text
-            return self._chunk(request, ReplyFlag.DONE, ReplyType.ERROR, len(payload)) + payload
+            head = self.chunk_header(request, ReplyFlag.DONE, ReplyType.ERROR, len(payload))
+            return head + payload
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, request.cookie)
 
     def read_reply(
@@ -617,25 +623,25 @@ class ServerConnection:
             return out
         if request.length == 0:
             # OFFSET_DATA must carry at least one byte, so an empty read is just DONE.
-            return [self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
+            return [self.chunk_header(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
         if request.flags & CommandFlag.DF or (len(segments) == 1 and segments[0][2] is not None):
             datas = [data if data is not None else bytes(n) for _, n, data in segments]
             payload_length = 8 + request.length
-            head = self._chunk(request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, payload_length)
+            head = self.chunk_header(request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, payload_length)
             return [head + wire.OFFSET_DATA.pack(request.offset), *datas]
         if not segments:
-            return [self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
+            return [self.chunk_header(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
         out = []
         last = len(segments) - 1
         for i, (offset, length, data) in enumerate(segments):
             flags = ReplyFlag.DONE if i == last else 0
             if data is None:
                 out.append(
-                    self._chunk(request, flags, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.size)
+                    self.chunk_header(request, flags, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.size)
                     + wire.OFFSET_HOLE.pack(offset, length)
                 )
             else:
-                head = self._chunk(request, flags, ReplyType.OFFSET_DATA, 8 + length)
+                head = self.chunk_header(request, flags, ReplyType.OFFSET_DATA, 8 + length)
                 out.append(head + wire.OFFSET_DATA.pack(offset))
                 out.append(data)
         return out
@@ -668,7 +674,7 @@ class ServerConnection:
                 rtype = ReplyType.BLOCK_STATUS
             if not items:
                 raise ValueError("block status source returned no extent")
-            parts.append(self._chunk(request, flags, rtype, len(payload)))
+            parts.append(self.chunk_header(request, flags, rtype, len(payload)))
             parts.append(payload)
         return b"".join(parts)
 

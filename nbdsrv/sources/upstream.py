@@ -1,10 +1,17 @@
 """A session export: data and allocation read from QEMU's fleecing export through nbdsrv's own
-NBD client; dirty-bitmap contexts answered from memory."""
+NBD client; dirty-bitmap contexts answered from memory.
+
+Each client connection gets an upstream connection of its own for its READs, which the server
+relays (nbdsrv.net.relay): QEMU allows 16 requests in flight per connection, so clients with
+several connections (nbdcopy, multi-conn) get the same parallelism as on QEMU's own export.
+Block status and read() share a small pool.
+"""
 
 import contextlib
 import errno
 import itertools
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 
 from ..bitmap import DirtyBitmap
@@ -17,7 +24,7 @@ from ..proto.extents import Extent
 
 log = logging.getLogger(__name__)
 
-# Connections to QEMU's export per session disk; each carries many requests at once.
+# Shared connections to QEMU's export per session disk (block status, read()).
 UPSTREAM_CONNECTIONS = 2
 # Largest block-status request sent upstream (compact headers: 32-bit lengths).
 MAX_UPSTREAM_STATUS = (1 << 32) - (1 << 20)
@@ -68,11 +75,29 @@ class UpstreamExport(Export):
         self.bitmaps = dict(bitmaps)
         self.failure: str | None = None
         self._clients: list[NBDClient] = []
+        self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
+
+    relays_reads = True
 
     @property
     def contexts(self) -> Sequence[str]:
         return (BASE_ALLOCATION, *self.bitmaps)
+
+    async def open_upstream(self) -> NBDClient:
+        self._check()
+        try:
+            link = await NBDClient.connect(self.address, self.upstream_export)
+        except (OSError, NBDError) as e:
+            raise OSError(errno.EIO, f"connecting to QEMU: {e}") from e
+        if self.closed:
+            link.abort()
+            raise OSError(errno.ESHUTDOWN, "export is gone")
+        self._links.add(link)
+        return link
+
+    def broken(self) -> str | None:
+        return self.failure
 
     async def open(self) -> None:
         for _ in range(UPSTREAM_CONNECTIONS):
@@ -130,6 +155,8 @@ class UpstreamExport(Export):
     async def aclose(self) -> None:
         """Close the export (its clients get ESHUTDOWN) and the connections to QEMU."""
         self.close()
+        for link in list(self._links):
+            link.abort()
         clients, self._clients = self._clients, []
         for client in clients:
             with contextlib.suppress(Exception):
