@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, control
+from .config.memory import keep_read_buffers
+from .config.paths import default_control, default_state_dir
+from .config.security import add_security_options, policy_from_args
 from .daemon import Daemon, DaemonConfig
 from .errors import ConfigError, NbdsrvError
-from .memory import keep_read_buffers
 from .net.address import parse_address
-from .paths import default_control, default_state_dir
-from .security import add_security_options, policy_from_args
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 

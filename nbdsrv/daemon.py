@@ -7,15 +7,19 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from .catalog import ExportCatalog
+from .backends.base import VMBackend
+from .backends.embedded import EmbeddedVM
+from .backends.qmp.vm import QmpVM
+from .backup.sessions import BeginRequest, SessionError, SessionManager
+from .backup.store import VMStore
 from .control import ControlServer, control_peer
 from .errors import ConfigError
+from .exports.catalog import ExportCatalog
+from .exports.file import FileExport
 from .net.address import Address
 from .net.server import NBDServer, ServerPolicy
-from .sessions import BeginRequest, SessionError, SessionManager
-from .sources.file import FileExport
-from .vm import VM
-from .vms import VMRegistry
+from .qemu.monitor import Monitor
+from .registry import VMRegistry
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("nbdsrv.audit")
@@ -39,16 +43,9 @@ class Daemon:
         self.config = config
         self.catalog = ExportCatalog()
         self.server = NBDServer(self.catalog, config.policy)
-        self.sessions = SessionManager(
-            self.catalog,
-            config.scratch_dir or os.path.join(config.state_dir, "scratch"),
-            self.server.addresses,
-        )
-        self.vms = VMRegistry(
-            config.state_dir,
-            after_reconcile=self.sessions.clean_stale,
-            on_lost=self._vm_lost,
-        )
+        self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
+        self.sessions = SessionManager(self.catalog, self.server.addresses)
+        self.vms = VMRegistry()
         self.control = ControlServer(
             config.control,
             {
@@ -94,10 +91,21 @@ class Daemon:
         for vm in self.config.qemu_nbd:
             if vm not in dict(self.config.qmp):
                 raise ConfigError(f"--qemu-nbd names VM '{vm}' that has no --qmp")
+        state_dir = self.config.state_dir
         for name, path in self.config.qmp:
-            await self.vms.add_qmp(name, path, self.config.qemu_nbd.get(name))
+            # A QEMU run by someone else; nbdsrv must have the QMP socket to itself.
+            monitor = Monitor(path, name=f"vm-{name}")
+            await self.vms.add(
+                QmpVM(
+                    name,
+                    monitor,
+                    VMStore(state_dir, name),
+                    self.scratch_dir,
+                    nbd_socket=self.config.qemu_nbd.get(name),
+                )
+            )
         for name, images in self.config.images:
-            await self.vms.add_images(name, images)
+            await self.vms.add(EmbeddedVM(name, images, state_dir, self.scratch_dir))
         for address in self.config.listen:
             try:
                 await self.server.listen(address)
@@ -151,11 +159,6 @@ class Daemon:
         await vm.delete_checkpoint(str(args["name"]))
         return {"deleted": args["name"]}
 
-    def _vm_lost(self, vm: VM, reason: str) -> None:
-        for session in self.sessions.sessions.values():
-            if session.vm is vm:
-                session.fail(reason)
-
     async def _backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         request = BeginRequest(
@@ -204,6 +207,6 @@ class Daemon:
         self._no_session(vm, "snapshot commit")
         return {"vm": vm.name, "committed": await vm.snapshot_commit()}
 
-    def _no_session(self, vm: VM, what: str) -> None:
-        if any(s.vm is vm for s in self.sessions.sessions.values()):
+    def _no_session(self, vm: VMBackend, what: str) -> None:
+        if self.sessions.has_session(vm):
             raise SessionError(f"{what}: VM {vm.name} has a backup session running; end it first")

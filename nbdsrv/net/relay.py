@@ -17,7 +17,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from ..export import Export
+from ..exports.export import Export
 from ..proto import wire
 from ..proto.constants import Command, CommandFlag, Errno, ReplyFlag, ReplyType
 from ..proto.errors import ReplyError

@@ -12,12 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..access import AccessPolicy, Peer, subject_of
-from ..catalog import ExportCatalog
-from ..errors import nbd_errno
-from ..export import Export, ExportGone
+from ..exports.catalog import ExportCatalog
+from ..exports.export import Export, ExportGone
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
-from ..proto.errors import NBDError, ProtocolError
+from ..proto.errors import NBDError, ProtocolError, nbd_errno
 from ..proto.server import (
     Disconnect,
     Negotiated,
@@ -26,6 +24,7 @@ from ..proto.server import (
     StartTLS,
     TLSMode,
 )
+from .access import AccessPolicy, Peer, subject_of
 from .address import Address
 from .relay import ReadRelay
 from .socket_path import clear_stale_socket

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..faults import scratch_file
 from .errors import QEMUError, QMPError
+from .images import scratch_file
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -70,21 +70,6 @@ class FleecePlan:
             for d in data["disks"]
         )
         return cls(data["session"], data["nbd_socket"], bool(data["start_nbd_server"]), disks)
-
-
-async def create_scratch_image(path: str, size: int) -> None:
-    """An empty qcow2 of ``size`` bytes; its backing is set when the node is added."""
-    old = os.umask(0o077)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", path, str(size),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await proc.communicate()
-    finally:
-        os.umask(old)
-    if proc.returncode != 0:
-        raise QEMUError(f"cannot create scratch image {path}: {err.decode().strip()}")
 
 
 def scratch_node_options(plan: DiskPlan) -> dict[str, Any]:

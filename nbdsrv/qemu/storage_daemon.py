@@ -29,7 +29,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -38,11 +37,11 @@ from pathlib import Path
 from typing import IO
 
 from .errors import ImageError, QEMUError, StorageDaemonError
+from .images import SUPPORTED_FORMATS, detect_format, one_line
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = ("qcow2", "raw")
 UNIX_PATH_MAX = 107
 _LOG_MARK = "--- nbdsrv:"  # sun_path is 108 bytes with the terminating NUL
 
@@ -62,48 +61,6 @@ class Image:
     """Format node name, also the disk's name and its live export's name: "disk0", ..."""
     file_node: str
     """Protocol (file) node name under it: "disk0-file", ..."""
-
-
-async def detect_format(path: str | os.PathLike[str], qemu_img: str = "qemu-img") -> str:
-    """The image format of `path` as `qemu-img info` sees it: "qcow2" or "raw".
-
-    Raises `ImageError` for a missing or unreadable file, or any other format.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"image {path} does not exist")
-    if not path.is_file() and not path.is_block_device():
-        raise ImageError(f"image {path} is not a file or block device")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            qemu_img,
-            "info",
-            "--output=json",
-            "--",
-            str(path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise ImageError(f"{qemu_img} is not installed (package qemu-utils)") from None
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        detail = _one_line(err.decode(errors="replace")) or "qemu-img failed"
-        raise ImageError(f"cannot read image {path}: {detail}")
-    try:
-        fmt = json.loads(out)["format"]
-    except (ValueError, KeyError, TypeError):
-        raise ImageError(f"cannot read image {path}: qemu-img info gave no format") from None
-    if fmt not in SUPPORTED_FORMATS:
-        raise ImageError(f"image {path} is in {fmt} format; only qcow2 and raw are supported")
-    return str(fmt)
-
-
-def _one_line(text: str) -> str:
-    """QEMU's multi-line message as one line, without the "program: " prefixes."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " ".join(re.sub(r"^qemu-(img|storage-daemon): ", "", line) for line in lines)
 
 
 def _opt(value: str | os.PathLike[str]) -> str:
@@ -330,7 +287,7 @@ class StorageDaemon:
             await self._kill()
             rc = proc.returncode
             status = describe_status(rc) if rc is not None else "did not answer"
-            tail = _one_line(self.log_tail(5)) or (str(error) if error else "no message")
+            tail = one_line(self.log_tail(5)) or (str(error) if error else "no message")
             raise StorageDaemonError(
                 f"qemu-storage-daemon for {self.vm} {status} while starting: {tail}"
             )

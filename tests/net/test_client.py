@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from nbdsrv.catalog import ExportCatalog
+from nbdsrv.exports.catalog import ExportCatalog
+from nbdsrv.exports.file import FileExport
 from nbdsrv.net.address import Address, parse_uri
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.server import NBDServer
 from nbdsrv.proto.constants import BASE_ALLOCATION, Command, Errno, TransmissionFlag
 from nbdsrv.proto.errors import ReplyError
-from nbdsrv.sources.file import FileExport
 
 MiB = 1024 * 1024
 # Layout of the test file: data at [1 MiB, 1 MiB + 64 KiB) and [3 MiB, 4 MiB), holes elsewhere.

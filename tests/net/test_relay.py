@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from nbdsrv.catalog import ExportCatalog
+from nbdsrv.exports.catalog import ExportCatalog
+from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.server import NBDServer
@@ -35,7 +36,6 @@ from nbdsrv.proto.constants import (
 )
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import Event, OptionError, Request, ServerConnection
-from nbdsrv.sources.upstream import UpstreamExport
 from tests.proto.harness import FakeCatalog, FakeExport
 
 KiB = 1024

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from nbdsrv.catalog import ExportCatalog
-from nbdsrv.export import Segment
+from nbdsrv.exports.catalog import ExportCatalog
+from nbdsrv.exports.export import Segment
+from nbdsrv.exports.file import FileExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.server import NBDServer
-from nbdsrv.sources.file import FileExport
 
 IMAGE_SIZE = 1 << 20
 # (offset, length) of the data runs; the rest of the image is a hole.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdsrv.access import AccessPolicy, Peer, parse_allow
+from nbdsrv.net.access import AccessPolicy, Peer, parse_allow
 from tests.conftest import ImageFile, StartDaemon
 from tests.tools import require_tool, run, run_fails
 

@@ -1,9 +1,9 @@
-"""nbdsrv.bitmap against a byte-per-block model."""
+"""nbdsrv.exports.dirty_bitmap against a byte-per-block model."""
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdsrv.bitmap import DirtyBitmap
+from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 
 K = 1024
 

@@ -1,10 +1,10 @@
-"""Chain rules of nbdsrv.checkpoints, on hand-made QEMU states."""
+"""Chain rules of nbdsrv.backup.checkpoints, on hand-made QEMU states."""
 
 from dataclasses import dataclass, field
 
 import pytest
 
-from nbdsrv.checkpoints import (
+from nbdsrv.backup.checkpoints import (
     Checkpoint,
     CheckpointChain,
     CheckpointError,

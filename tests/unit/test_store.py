@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdsrv.store import VMStore, write_atomic
+from nbdsrv.backup.store import VMStore, write_atomic
 
 
 def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path) -> None:

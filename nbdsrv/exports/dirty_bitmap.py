@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 from bitarray import bitarray
 
-from .proto.constants import DIRTY
-from .proto.extents import Extent
+from ..proto.constants import DIRTY
+from ..proto.extents import Extent
 
 CLEAN = 0
 

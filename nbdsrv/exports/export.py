@@ -10,11 +10,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .proto.constants import MAX_BLOCK_STATUS_EXTENTS
-from .proto.extents import Extent
+from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
+from ..proto.extents import Extent
 
 if TYPE_CHECKING:
-    from .net.client import NBDClient
+    from ..net.client import NBDClient
 
 Segment = tuple[int, int, bytes | bytearray | memoryview | None]
 

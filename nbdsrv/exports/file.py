@@ -5,9 +5,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from ..export import Export, Segment
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS, AllocationState
 from ..proto.extents import Extent
+from .export import Export, Segment
 
 HOLE_ZERO = int(AllocationState.HOLE | AllocationState.ZERO)
 # Holes smaller than this inside a read are sent as data: a chunk header costs more.

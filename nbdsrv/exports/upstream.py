@@ -14,13 +14,13 @@ import logging
 import weakref
 from collections.abc import Mapping, Sequence
 
-from ..bitmap import DirtyBitmap
-from ..export import Export, Segment
 from ..net.address import Address
 from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
 from ..proto.extents import Extent
+from .dirty_bitmap import DirtyBitmap
+from .export import Export, Segment
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,15 @@
 
 import argparse
 
-from .access import AccessPolicy, parse_allow
-from .errors import ConfigError
-from .net.server import (
+from ..errors import ConfigError
+from ..net.access import AccessPolicy, parse_allow
+from ..net.server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     ServerPolicy,
 )
-from .net.tls import server_context
-from .proto.server import TLSMode
+from ..net.tls import server_context
+from ..proto.server import TLSMode
 
 
 def add_security_options(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,1 @@
+"""Ways of driving a VM, behind one small interface (base.py): qmp, embedded."""

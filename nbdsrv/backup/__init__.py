@@ -1,0 +1,2 @@
+"""What a backup is, whatever drives the VM: checkpoint chains, snapshot bitmap rules,
+sessions, the crash-safe store."""

@@ -1,0 +1,33 @@
+"""Every VM of the daemon, by name, whatever backend drives it."""
+
+import logging
+
+from .backends.base import VMBackend
+from .errors import ConfigError, NbdsrvError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+class VMRegistry:
+    def __init__(self) -> None:
+        self.vms: dict[str, VMBackend] = {}
+
+    def get(self, name: str) -> VMBackend:
+        vm = self.vms.get(name)
+        if vm is None:
+            raise NotFoundError(f"no VM named '{name}'")
+        return vm
+
+    async def add(self, vm: VMBackend) -> None:
+        """Register ``vm`` and start it (it connects, or keeps trying in the background)."""
+        if vm.name in self.vms:
+            raise ConfigError(f"VM '{vm.name}' given twice")
+        self.vms[vm.name] = vm
+        await vm.start()
+
+    async def stop(self) -> None:
+        for vm in self.vms.values():
+            try:
+                await vm.stop()
+            except NbdsrvError as e:
+                log.error("VM %s: %s", vm.name, e)
