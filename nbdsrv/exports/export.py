@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
-from ..proto.extents import Extent
+from ..proto.extents import Extent, PackedExtents
 
 if TYPE_CHECKING:
     from ..net.client import NBDClient
@@ -56,6 +56,13 @@ class Export(ABC):
         """A new NBD connection to where the data lives, for one client connection's READs
         (only when ``relays_reads``); the server closes it with the client connection."""
         raise NotImplementedError
+
+    def packed_extents(
+        self, context: str, offset: int, length: int, limit: int, *, extended: bool
+    ) -> PackedExtents | None:
+        """The extents of ``context`` in wire form, at once (no await), when the export keeps
+        them so (a session's frozen dirty bitmaps); None: ask :meth:`extents`."""
+        return None
 
     def broken(self) -> str | None:
         """Why data read from upstream can no longer be handed out, if it cannot."""

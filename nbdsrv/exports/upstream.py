@@ -18,8 +18,9 @@ from ..net.address import Address
 from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
-from ..proto.extents import Extent
+from ..proto.extents import Extent, PackedExtents
 from .dirty_bitmap import DirtyBitmap
+from .dirty_runs import DirtyRuns
 from .export import Export, Segment
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class UpstreamExport(Export):
         super().__init__(name, size, description)
         self.address = address
         self.upstream_export = upstream_export
-        self.bitmaps = dict(bitmaps)
+        # Frozen for the session: runs found and descriptors packed once, bitarrays dropped.
+        self.bitmaps = {context: DirtyRuns(bitmap) for context, bitmap in bitmaps.items()}
         self.failure: str | None = None
         self._clients: list[NBDClient] = []
         self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
@@ -135,9 +137,9 @@ class UpstreamExport(Export):
         self, context: str, offset: int, length: int, limit: int = MAX_BLOCK_STATUS_EXTENTS
     ) -> list[Extent]:
         self._check()
-        bitmap = self.bitmaps.get(context)
-        if bitmap is not None:
-            return bitmap.extents(offset, length, limit)
+        runs = self.bitmaps.get(context)
+        if runs is not None:
+            return runs.extents(offset, length, limit)
         if context != BASE_ALLOCATION:
             raise OSError(errno.EINVAL, f"unknown context {context}")
         try:
@@ -149,8 +151,22 @@ class UpstreamExport(Export):
         self._check()
         return status.get(BASE_ALLOCATION, [])
 
+    def packed_extents(
+        self, context: str, offset: int, length: int, limit: int, *, extended: bool
+    ) -> PackedExtents | None:
+        runs = self.bitmaps.get(context)
+        if runs is None:
+            return None
+        self._check()
+        return runs.packed(offset, length, limit, extended=extended)
+
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "kind": "session", "failure": self.failure}
+        return {
+            **super().describe(),
+            "kind": "session",
+            "failure": self.failure,
+            "dirty_map_bytes": sum(runs.nbytes() for runs in self.bitmaps.values()),
+        }
 
     async def aclose(self) -> None:
         """Close the export (its clients get ESHUTDOWN) and the connections to QEMU."""

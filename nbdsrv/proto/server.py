@@ -61,7 +61,7 @@ from .constants import (
 )
 from .contexts import MetaContext, select_contexts
 from .errors import ProtocolError
-from .extents import Extent, normalize_extents
+from .extents import Extent, PackedExtents, normalize_extents
 
 # Longest option payload we buffer; a hostile length beyond this closes the connection.
 MAX_OPTION_LENGTH = 1024 * 1024
@@ -647,15 +647,31 @@ class ServerConnection:
         return out
 
     def block_status_reply(
-        self, request: Request, per_context: Sequence[tuple[int, Sequence[Extent]]]
+        self,
+        request: Request,
+        per_context: Sequence[tuple[int, Sequence[Extent] | PackedExtents]],
     ) -> bytes:
-        """One chunk per context, DONE on the last; extents clipped, merged and capped."""
+        """One chunk per context, DONE on the last; extents clipped, merged and capped
+        (packed ones are sent as they are)."""
         req_one = bool(request.flags & CommandFlag.REQ_ONE)
         limit = 1 if req_one else MAX_BLOCK_STATUS_EXTENTS
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         last = len(per_context) - 1
         for i, (context_id, extents) in enumerate(per_context):
             flags = ReplyFlag.DONE if i == last else 0
+            if isinstance(extents, PackedExtents):
+                if extents.extended != self.extended or not extents.count:
+                    raise ValueError("packed extents of the wrong kind, or none")
+                if self.extended:
+                    head = wire.BLOCK_STATUS_EXT_HEADER.pack(context_id, extents.count)
+                    rtype = ReplyType.BLOCK_STATUS_EXT
+                else:
+                    head = wire.BLOCK_STATUS_HEADER.pack(context_id)
+                    rtype = ReplyType.BLOCK_STATUS
+                payload_length = len(head) + len(extents.data)
+                parts.append(self.chunk_header(request, flags, rtype, payload_length) + head)
+                parts.append(extents.data)
+                continue
             if self.extended:
                 items = normalize_extents(
                     extents, request.length, limit=limit, max_extent=INT64_MAX
