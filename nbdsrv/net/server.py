@@ -26,6 +26,7 @@ from ..proto.server import (
 )
 from .access import AccessPolicy, Peer, subject_of
 from .address import Address
+from .limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from .relay import ReadRelay
 from .socket_path import clear_stale_socket
 
@@ -39,8 +40,6 @@ MAX_IN_FLIGHT = 64
 MAX_BUFFERED = 64 * 1024 * 1024
 # What a block status reply may take, for that budget (2 MiB at most: 131072 extents).
 BLOCK_STATUS_COST = 256 * 1024
-DEFAULT_MAX_CONNECTIONS = 128
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
 
