@@ -64,6 +64,11 @@ class Export(ABC):
         them so (a session's frozen dirty bitmaps); None: ask :meth:`extents`."""
         return None
 
+    def release(self, segments: Sequence[Segment]) -> None:
+        """The server is done with what read() returned (the reply has left): buffers may be
+        used again."""
+        return None
+
     def broken(self) -> str | None:
         """Why data read from upstream can no longer be handed out, if it cannot."""
         return None

@@ -540,8 +540,11 @@ class NBDConnection(asyncio.Protocol):
                 if export.closed:
                     raise ExportGone()
                 buffers = core.read_reply(request, segments)
-                if self._transport is not None and not self._transport.is_closing():
-                    self._transport.writelines(buffers)
+                transport = self._transport
+                if transport is not None and not transport.is_closing():
+                    transport.writelines(buffers)
+                    if not transport.get_write_buffer_size():
+                        export.release(segments)  # all sent: the transport holds none of it
                 self.bytes_served += request.length
             elif request.command == Command.BLOCK_STATUS:
                 limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
