@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exports.catalog import ExportCatalog
-from ..exports.export import Export, ExportGone
+from ..exports.export import Export, ExportGone, Segment
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
 from ..proto.errors import NBDError, ProtocolError, nbd_errno
 from ..proto.server import (
@@ -121,6 +121,8 @@ class NBDConnection(asyncio.Protocol):
         self._relay: ReadRelay | None = None
         self._relayed = 0
         self._attaching: asyncio.Task[None] | None = None
+        # What read() returned for replies written but maybe not sent yet (Export.release).
+        self._in_transit: list[list[Segment]] = []
         self._pending: deque[Request] = deque()
         self._in_flight_bytes = 0
         self._reading_paused = False
@@ -543,8 +545,12 @@ class NBDConnection(asyncio.Protocol):
                 transport = self._transport
                 if transport is not None and not transport.is_closing():
                     transport.writelines(buffers)
+                    self._in_transit.append(segments)
                     if not transport.get_write_buffer_size():
-                        export.release(segments)  # all sent: the transport holds none of it
+                        # All sent: the transport holds none of these buffers any more.
+                        for sent in self._in_transit:
+                            export.release(sent)
+                        self._in_transit.clear()
                 self.bytes_served += request.length
             elif request.command == Command.BLOCK_STATUS:
                 limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
