@@ -8,10 +8,11 @@ point in time as ``VM/DISK``, reading through QEMU's fleecing export.
 * ``session begin/end``: how long ``backup begin`` and ``backup end`` take, for a VM with one
   and with two disks, full and ``--from`` a checkpoint with dirty data, with a new checkpoint
   (the default) and with ``--no-checkpoint``; through the CLI and through the control socket.
-* ``session map``: a whole-disk dirty map of a 1 TiB qcow2 with 100,000 dirty blocks since a
-  checkpoint: ``nbdinfo --map`` and ``qemu-img map`` (one extent per request) against nbdsrv
-  and against ``qemu-nbd -B`` serving a copy of the same image with the same persistent
-  bitmap, interleaved; the extent lists must agree.
+* ``session map``: a whole-disk dirty map of a 1 TiB qcow2 with 100,000 dirty blocks since
+  c1, written a tenth after each of checkpoints c1 … c10: ``nbdinfo --map`` and ``qemu-img
+  map`` (one extent per request) against nbdsrv and against ``qemu-nbd -B c1`` serving a copy
+  of the same image with c2 … c10 merged into c1, interleaved; the extent lists must agree.
+  Then begin with all 10 contexts (timed) and the memory of its bitmaps.
 
 Everything lives in ``bench/work/session/``, removed at the end (logs kept on failure).
 """
