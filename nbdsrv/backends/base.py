@@ -33,6 +33,8 @@ class PointInTimeRequest:
     no_checkpoint: bool = False
     all_checkpoints: bool = False
     granularity: int | None = None
+    quiesce: bool = False
+    """Freeze the guest's filesystems for the instant (guest agent); fail if impossible."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,15 @@ class PointInTime:
     checkpoints: tuple[CheckpointRef, ...]
     """The checkpoints whose "since" maps the session offers or needs, oldest first."""
     disks: tuple[UpstreamDisk, ...]
+    quiesced: bool = False
+
+
+@dataclass(frozen=True)
+class CreatedCheckpoint:
+    name: str
+    parent: str | None
+    created: str
+    quiesced: bool = False
 
 
 BrokenCallback = Callable[[str], None]
@@ -99,8 +110,9 @@ class VMBackend(Protocol):
 
     async def describe(self) -> dict[str, Any]: ...
 
-    async def create_checkpoint(self, name: str | None, granularity: int | None) -> Any:
-        """The new checkpoint (``.name``, ``.parent``, ``.created``)."""
+    async def create_checkpoint(
+        self, name: str | None, granularity: int | None, *, quiesce: bool = False
+    ) -> CreatedCheckpoint: ...
 
     async def list_checkpoints(self) -> list[dict[str, Any]]: ...
 
@@ -115,6 +127,9 @@ class VMBackend(Protocol):
     ) -> PointInTime:
         """Hold the lock. Fix one point in time over all disks (and create the checkpoint);
         on failure nothing is left behind."""
+
+    def scratch_bytes(self, session: str) -> int:
+        """What copy-before-write has stored for ``session`` so far."""
 
     async def end_point_in_time(self, session: str, *, drop_checkpoint: bool = False) -> None:
         """Hold the lock. Release everything of ``session``; with ``drop_checkpoint`` also

@@ -33,7 +33,7 @@ from ..exports.dirty_bitmap import DirtyBitmap
 from ..exports.upstream import UpstreamExport, fetch_bitmap
 from ..net.address import Address
 from ..proto.constants import DIRTY_BITMAP_PREFIX
-from .checkpoints import now_iso
+from .checkpoints import check_name, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class BeginRequest:
     all_checkpoints: bool = False
     bitmap_name: str | None = None
     granularity: int | None = None
+    quiesce: bool = False
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Session:
     created: str
     from_checkpoint: str | None
     checkpoint: str | None = None
+    quiesced: bool = False
     exports: dict[str, UpstreamExport] = field(default_factory=dict)
     state: str = "running"
     error: str | None = None
@@ -99,6 +101,9 @@ class SessionManager:
     # -- begin ----------------------------------------------------------------------------
 
     async def begin(self, vm: VMBackend, request: BeginRequest) -> Session:
+        if request.bitmap_name is not None:
+            # It becomes an NBD context name: the checkpoint name rules keep it short and plain.
+            check_name(request.bitmap_name, "--bitmap-name")
         if request.no_checkpoint and request.checkpoint:
             raise SessionError("--checkpoint and --no-checkpoint exclude each other")
         if request.bitmap_name and not request.from_checkpoint:
@@ -129,10 +134,12 @@ class SessionManager:
                 no_checkpoint=request.no_checkpoint,
                 all_checkpoints=request.all_checkpoints,
                 granularity=request.granularity,
+                quiesce=request.quiesce,
             ),
             session.fail,
         )
         session.checkpoint = point.checkpoint
+        session.quiesced = point.quiesced
         try:
             await self._open_exports(session, request, point)
         except BaseException as e:
@@ -208,15 +215,23 @@ class SessionManager:
                 "uris": [a.uri(export.name) for a in self.addresses],
                 "contexts": list(export.contexts),
                 "size": export.size,
+                "dirty_bytes": {
+                    context: bitmap.dirty_bytes for context, bitmap in export.bitmaps.items()
+                },
+                "bytes_read": export.coverage.bytes,
+                "clients": export.clients,
             }
         return {
             "id": session.id,
             "vm": session.vm.name,
             "checkpoint": session.checkpoint,
             "from": session.from_checkpoint,
+            "quiesced": session.quiesced,
+            "started": session.created,
             "created": session.created,
             "state": session.state,
             "error": session.error,
+            "scratch_bytes": session.vm.scratch_bytes(session.id),
             "disks": disks,
         }
 
@@ -226,9 +241,10 @@ async def _fetch_checked(
 ) -> DirtyBitmap:
     """A frozen bitmap read over NBD, checked against what QEMU counts for it."""
     bitmap = await fetch_bitmap(address, export, upstream.context, size, upstream.granularity)
-    if upstream.dirty_bytes is not None and upstream.dirty_bytes != bitmap.dirty_bytes:
+    # QEMU counts whole granules, the last one too where the disk ends inside it.
+    if upstream.dirty_bytes is not None and upstream.dirty_bytes != bitmap.qemu_count:
         raise SessionError(
-            f"bitmap {upstream.checkpoint} of disk {disk}: read {bitmap.dirty_bytes} dirty "
+            f"bitmap {upstream.checkpoint} of disk {disk}: read {bitmap.qemu_count} dirty "
             f"bytes over NBD but QEMU counts {upstream.dirty_bytes}"
         )
     return bitmap

@@ -76,6 +76,7 @@ class DirtyRuns:
     def __init__(self, bitmap: DirtyBitmap) -> None:
         self.size = bitmap.size
         self.grain = bitmap.granularity
+        self.dirty_bytes = bitmap.dirty_bytes  # as QMP counts them (session progress)
         self._bitmap: DirtyBitmap | None = bitmap
         self._runs: array[int] = array("Q")
         self._first_dirty = False

@@ -35,6 +35,8 @@ class Export(ABC):
         self.size = size
         self.description = description
         self.closed = False
+        self.clients = 0
+        """Connections in transmission on this export now (kept by the server)."""
 
     @property
     @abstractmethod
@@ -67,6 +69,10 @@ class Export(ABC):
     def release(self, segments: Sequence[Segment]) -> None:
         """The server is done with what read() returned (the reply has left): buffers may be
         used again."""
+        return None
+
+    def read_served(self, offset: int, length: int) -> None:
+        """A READ that bypassed read() (relayed) was answered with data."""
         return None
 
     def broken(self) -> str | None:

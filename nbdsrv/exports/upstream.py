@@ -20,6 +20,7 @@ from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
 from ..proto.extents import Extent, PackedExtents
+from .coverage import ReadCoverage
 from .dirty_bitmap import DirtyBitmap
 from .dirty_runs import DirtyRuns
 from .export import Export, Segment
@@ -85,6 +86,7 @@ class UpstreamExport(Export):
         # Frozen for the session: runs found and descriptors packed once, bitarrays dropped.
         self.bitmaps = {context: DirtyRuns(bitmap) for context, bitmap in bitmaps.items()}
         self.failure: str | None = None
+        self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
         self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
@@ -109,6 +111,9 @@ class UpstreamExport(Export):
 
     def broken(self) -> str | None:
         return self.failure
+
+    def read_served(self, offset: int, length: int) -> None:
+        self.coverage.add(offset, length)
 
     async def open(self) -> None:
         for _ in range(UPSTREAM_CONNECTIONS):
@@ -140,6 +145,7 @@ class UpstreamExport(Export):
         # A failure noticed while the read was under way may mean data from after the point
         # in time: never hand it out.
         self._check()
+        self.coverage.add(offset, length)
         return [(offset, length, data)]
 
     async def extents(

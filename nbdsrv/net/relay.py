@@ -103,6 +103,7 @@ class _Read(ABC):
             relay.write([relay.core.error_reply(request, *self.error)])
             relay.finished(request, 0, self.error)
         else:
+            relay.export.read_served(request.offset, request.length)
             relay.finished(request, request.length, None)
 
     @abstractmethod

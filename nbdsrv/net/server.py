@@ -8,7 +8,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,9 @@ MAX_IN_FLIGHT = 64
 MAX_BUFFERED = 64 * 1024 * 1024
 # What a block status reply may take, for that budget (2 MiB at most: 131072 extents).
 BLOCK_STATUS_COST = 256 * 1024
+# asyncio's default of 100 refuses a burst of clients (EAGAIN on a unix socket) before the
+# event loop gets to accept them; the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
 
@@ -244,6 +247,8 @@ class NBDConnection(asyncio.Protocol):
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
             return
         self._server.connections.discard(self)
+        if self._export is not None:
+            self._export.clients -= 1
         audit.info(
             "connection closed: peer=%s export=%s tls=%s subject=%s bytes=%d requests=%d "
             "duration=%.3fs reason=%s",
@@ -432,6 +437,8 @@ class NBDConnection(asyncio.Protocol):
             self._idle_timer = self._loop.call_later(self._policy.idle_timeout, self._idle_check)
         export = self._server.catalog.find_export(event.export.name)
         self._export = export
+        if export is not None:
+            export.clients += 1
         self._contexts = [(c.id, c.name) for c in event.contexts]
         self.log = ConnectionLog(log, {"peer": f"{self.peer_text} {event.export.name}"})
         self.log.debug(
@@ -506,12 +513,15 @@ class NBDConnection(asyncio.Protocol):
                 per_context.append((cid, packed))
         except OSError as e:
             return self._core.error_reply(request, nbd_errno(e), str(e))
+        self._counted_request(export, request, 0)
         return self._core.block_status_reply(request, per_context)
 
     def _relayed_done(self, request: Request, served: int, error: tuple[Errno, str] | None) -> None:
         self._relayed -= 1
         self._in_flight_bytes -= _cost(request)
         self.bytes_served += served
+        if error is None and self._export is not None:
+            self._counted_request(self._export, request, request.length)
         if error is not None and error[0] != Errno.ESHUTDOWN:
             self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
         self._last_activity = self._loop.time()
@@ -525,6 +535,10 @@ class NBDConnection(asyncio.Protocol):
     def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
+
+    def _counted_request(self, export: Export, request: Request, read_bytes: int) -> None:
+        if self._server.on_request is not None:
+            self._server.on_request(export.name, request.command.name, read_bytes)
 
     async def _serve(self, request: Request, cost: int) -> None:
         try:
@@ -552,6 +566,8 @@ class NBDConnection(asyncio.Protocol):
                             export.release(sent)
                         self._in_transit.clear()
                 self.bytes_served += request.length
+                self._counted_request(export, request, request.length)
+                return
             elif request.command == Command.BLOCK_STATUS:
                 limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
                 per_context = [
@@ -565,6 +581,7 @@ class NBDConnection(asyncio.Protocol):
                 self._send(core.block_status_reply(request, per_context))
             else:  # CACHE: a hint we have no use for
                 self._send(core.ok_reply(request))
+            self._counted_request(export, request, 0)
         except ExportGone:
             self._send(core.error_reply(request, Errno.ESHUTDOWN, "export is gone"))
         except OSError as e:
@@ -586,6 +603,8 @@ class NBDServer:
         self.policy = policy or ServerPolicy()
         self.connections: set[NBDConnection] = set()
         self.stopping = False
+        # Called for every request answered: (export, command name, bytes read).
+        self.on_request: Callable[[str, str, int], None] | None = None
         self._servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
 
@@ -593,10 +612,16 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         if address.kind == "unix":
             clear_stale_socket(address.path)  # never another daemon's live socket
-            server = await loop.create_unix_server(lambda: NBDConnection(self), address.path)
+            server = await loop.create_unix_server(
+                lambda: NBDConnection(self), address.path, backlog=LISTEN_BACKLOG
+            )
         else:
             server = await loop.create_server(
-                lambda: NBDConnection(self), address.host or None, address.port, reuse_address=True
+                lambda: NBDConnection(self),
+                address.host or None,
+                address.port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
             )
             if address.port == 0:
                 port = server.sockets[0].getsockname()[1]

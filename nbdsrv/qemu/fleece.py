@@ -23,6 +23,7 @@ from typing import Any
 from .errors import QEMUError, QMPError
 from .images import scratch_file
 from .monitor import Monitor
+from .names import qemu_name, tag
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,20 @@ async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 3
             os.unlink(plan.nbd_socket)
 
 
+async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
+    """Stop copying old data into the scratch images (the point in time is given up)."""
+    for disk in plan.disks:
+        await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
+
+
 def frozen_bitmap_name(session: str, checkpoint: str) -> str:
     return f"nbdsrv-{session}-{checkpoint}"
 
 
 def session_names(session: str, disk: str) -> tuple[str, str, str]:
-    """(scratch node, job id, QEMU export name) of one disk of a session."""
-    base = f"nbdsrv-{session}-{disk}"
+    """(scratch node, job id, QEMU export name) of one disk of a session: a hash of the disk
+    id, never the id itself (node names are at most 31 characters)."""
+    base = qemu_name("nbdsrv", session, tag(disk))
     return base, base, base
 
 
@@ -231,7 +239,7 @@ def plan_disk(
         disk=disk,
         top_node=top_node,
         size=size,
-        scratch_file=os.path.join(scratch_dir, f"{session}-{disk}.qcow2"),
+        scratch_file=os.path.join(scratch_dir, f"{session}-{tag(disk)}.qcow2"),
         scratch_node=node,
         job=job,
         export=export,

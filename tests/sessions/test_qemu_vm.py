@@ -12,24 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.qmp_sync import SyncQMP
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
 from tests.vmharness import wait_for
 
 K = 1024
 
 
 class QemuVM:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, drive: str = "drive0", size: str = "16M") -> None:
+        self.drive = drive
         self.image = workdir / "d.qcow2"
-        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), "16M"])
+        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), size])
         self.qmp_path = workdir / "vm.qmp"
         test_qmp = workdir / "test.qmp"
         self.pidfile = workdir / "qemu.pid"
         run([
             require_tool("qemu-system-x86_64"), "-machine", "none", "-nodefaults",
             "-display", "none",
-            "-drive", f"if=none,id=drive0,file={self.image},format=qcow2,node-name=disk0",
+            "-drive", f"if=none,id={drive},file={self.image},format=qcow2,node-name=disk0",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp", f"unix:{test_qmp},server=on,wait=off",
             "-daemonize", "-pidfile", str(self.pidfile),
@@ -38,15 +38,14 @@ class QemuVM:
         self.qmp = SyncQMP(str(test_qmp))
 
     def write(self, pattern: int, offset: int, length: int) -> None:
-        """As the guest writes: through drive0, the BlockBackend that exists all along."""
+        """As the guest writes: through the drive, the BlockBackend that exists all along."""
         # QEMU 7.2 prints qemu-io's success to its own stdout; the reply is empty unless
         # something failed.
-        out = self.qmp.hmp(f'qemu-io drive0 "write -P {pattern} {offset} {length}"')
+        out = self.qmp.hmp(f'qemu-io {self.drive} "write -P {pattern} {offset} {length}"')
         assert "error" not in out.lower() and "failed" not in out.lower(), out
 
     def stop(self) -> None:
-        self.qmp.execute("quit")
-        self.qmp.close()
+        self.qmp.quit()
 
 
 @pytest.fixture
@@ -112,9 +111,9 @@ def _backup_snapshot_commit(vm: QemuVM, daemon: DaemonProcess, control: str, nbd
         (2048 * K, 64 * K),
     ]
     assert daemon.stop() == 0  # ends the session too
-    assert vm.qmp.execute("query-block-jobs") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
     assert not [
         n["node-name"]
-        for n in vm.qmp.execute("query-named-block-nodes", flat=True)
+        for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
         if n["node-name"].startswith("nbdsrv-")
     ]

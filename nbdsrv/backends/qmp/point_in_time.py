@@ -14,6 +14,8 @@ QMP connection breaks the point in time: the session's ``on_broken`` is called.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SCRATCH_POLL = 0.5
 JOB_EVENTS = ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
 
@@ -57,6 +60,7 @@ class HeldPoint:
     checkpoint: str | None
     on_broken: BrokenCallback
     unsubscribe: Any = None
+    watcher: asyncio.Task[None] | None = None
 
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
@@ -74,49 +78,53 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             )
         except CheckpointError as e:
             raise CheckpointError(f"{e}; --no-checkpoint backs up without creating one") from e
-    os.makedirs(vm.scratch_dir, mode=0o700, exist_ok=True)
-    plan = fleece.FleecePlan(
-        session=request.session,
-        nbd_socket=vm.nbd_socket or os.path.join(vm.store.directory, "fleece.sock"),
-        start_nbd_server=vm.nbd_socket is None,
-        disks=tuple(
-            _plan_disk(request.session, disk, layers, wanted, vm.scratch_dir)
-            for disk, layers in sorted(state.items())
-        ),
-    )
-    held = HeldPoint(plan, new_checkpoint.name if new_checkpoint else None, on_broken)
-    vm.store.write_session(request.session, _record(vm, held))
-    vm.points[request.session] = held
-    committed = False
-    try:
-        if plan.start_nbd_server:
-            await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
-        for disk in plan.disks:
-            await create_scratch_image(disk.scratch_file, disk.size)
-            await vm.monitor.execute("blockdev-add", fleece.scratch_node_options(disk))
-        actions = [a for d in plan.disks for a in fleece.freeze_actions(d)]
-        actions += checkpoint_actions
-        actions += [fleece.backup_action(d) for d in plan.disks]
-        op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
-        held.unsubscribe = vm.monitor.subscribe(JOB_EVENTS, _job_event(held))
-        await vm.transaction(f"backup begin on VM {vm.name}", actions)
-        if new_checkpoint is not None and op_id is not None:
-            vm.commit_create(chain, new_checkpoint, op_id)
-            committed = True
-        for disk in plan.disks:
-            await fleece.add_export(vm.monitor, disk)
-        counts = {d.scratch_node: await fleece.bitmap_counts(vm.monitor, d.scratch_node)
-                  for d in plan.disks}  # fmt: skip
-    except BaseException as e:
-        log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
-        await end(vm, request.session, drop_checkpoint=committed)
-        raise
-    return PointInTime(
-        session=request.session,
-        checkpoint=held.checkpoint,
-        checkpoints=tuple(CheckpointRef(c.name, c.granularity) for c in wanted),
-        disks=tuple(_upstream_disk(plan, d, counts[d.scratch_node]) for d in plan.disks),
-    )
+    async with contextlib.aclosing(await vm.quiescer(request.quiesce)) as quiescer:
+        os.makedirs(vm.scratch_dir, mode=0o700, exist_ok=True)
+        plan = fleece.FleecePlan(
+            session=request.session,
+            nbd_socket=vm.nbd_socket or os.path.join(vm.store.directory, "fleece.sock"),
+            start_nbd_server=vm.nbd_socket is None,
+            disks=tuple(
+                _plan_disk(request.session, disk, layers, wanted, vm.scratch_dir)
+                for disk, layers in sorted(state.items())
+            ),
+        )
+        held = HeldPoint(plan, new_checkpoint.name if new_checkpoint else None, on_broken)
+        vm.store.write_session(request.session, _record(vm, held))
+        vm.points[request.session] = held
+        committed = False
+        try:
+            if plan.start_nbd_server:
+                await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
+            for disk in plan.disks:
+                await create_scratch_image(disk.scratch_file, disk.size)
+                await vm.monitor.execute("blockdev-add", fleece.scratch_node_options(disk))
+            actions = [a for d in plan.disks for a in fleece.freeze_actions(d)]
+            actions += checkpoint_actions
+            actions += [fleece.backup_action(d) for d in plan.disks]
+            op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
+            held.unsubscribe = vm.monitor.subscribe(JOB_EVENTS, _job_event(held))
+            await vm.transaction(f"backup begin on VM {vm.name}", actions, quiescer)
+            if new_checkpoint is not None and op_id is not None:
+                vm.commit_create(chain, new_checkpoint, op_id)
+                committed = True
+            for disk in plan.disks:
+                await fleece.add_export(vm.monitor, disk)
+            counts = {d.scratch_node: await fleece.bitmap_counts(vm.monitor, d.scratch_node)
+                      for d in plan.disks}  # fmt: skip
+        except BaseException as e:
+            log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
+            await end(vm, request.session, drop_checkpoint=committed)
+            raise
+        if vm.scratch_limit:
+            held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))
+        return PointInTime(
+            session=request.session,
+            checkpoint=held.checkpoint,
+            checkpoints=tuple(CheckpointRef(c.name, c.granularity) for c in wanted),
+            disks=tuple(_upstream_disk(plan, d, counts[d.scratch_node]) for d in plan.disks),
+            quiesced=quiescer.quiesced,
+        )
 
 
 def _upstream_disk(
@@ -158,6 +166,8 @@ async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None
         return
     if held.unsubscribe is not None:
         held.unsubscribe()
+    if held.watcher is not None:
+        held.watcher.cancel()
     monitor = vm.monitor
     try:
         await fleece.teardown(monitor if monitor.connected else None, held.plan)
@@ -167,6 +177,29 @@ async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None
     vm.store.remove_session(session)
     if drop_checkpoint and held.checkpoint:
         await vm.delete_checkpoint_locked(held.checkpoint)
+
+
+def scratch_bytes(vm: QmpVM, session: str) -> int:
+    """Bytes allocated in the session's scratch images (what copy-before-write stored)."""
+    held = vm.points.get(session)
+    total = 0
+    for disk in held.plan.disks if held else ():
+        with contextlib.suppress(OSError):
+            total += os.stat(disk.scratch_file).st_blocks * 512
+    return total
+
+
+async def _watch_scratch(vm: QmpVM, held: HeldPoint, limit: int) -> None:
+    """Break the point in time when its scratch data passes ``limit`` (--scratch-limit):
+    its readers get EIO, and copy-before-write stops so the scratch stops growing; the
+    guest's writes go on."""
+    while True:
+        await asyncio.sleep(SCRATCH_POLL)
+        used = scratch_bytes(vm, held.plan.session)
+        if used > limit:
+            held.on_broken(f"scratch data {used} bytes passed --scratch-limit {limit}")
+            await fleece.stop_copy_before_write(vm.monitor, held.plan)
+            return
 
 
 def broken(vm: QmpVM, reason: str) -> None:
