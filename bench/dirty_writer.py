@@ -9,7 +9,11 @@ Write ``i`` (0 ≤ i < COUNT) goes to one 64 KiB-aligned slot inside stride ``i`
 writes share or touch a 64 KiB block: a 64 KiB-granularity dirty bitmap then has exactly
 COUNT dirty runs and ``2 * COUNT + 1`` extents.
 
-Usage: ``dirty_writer.py URI COUNT SIZE [--length BYTES] [--seed N]``; prints one JSON line
+``--part K/N`` makes only the writes with ``i % N == K``: N runs with parts 0..N-1 (say with a
+checkpoint between each) make the same blocks dirty as one run without.
+
+Usage: ``dirty_writer.py URI COUNT SIZE [--length BYTES] [--seed N] [--part K/N]``; prints one
+JSON line
 ``{"writes": COUNT, "seconds": ...}``.
 """
 
@@ -43,7 +47,9 @@ def main() -> int:
     p.add_argument("size", type=int)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--part", default="0/1")
     args = p.parse_args()
+    part, parts = (int(x) for x in args.part.split("/"))
     if not 0 < args.length <= GRAIN:
         raise SystemExit("dirty_writer: --length must be 1..65536")
     rng = random.Random(args.seed)
@@ -59,7 +65,7 @@ def main() -> int:
         return 1  # retire the command
 
     t0 = time.perf_counter()
-    for offset in offsets(args.count, args.size, args.seed):
+    for offset in offsets(args.count, args.size, args.seed)[part::parts]:
         while h.aio_in_flight() >= IN_FLIGHT:
             h.poll(-1)
         h.aio_pwrite(buf, offset, completion=done)
@@ -70,7 +76,8 @@ def main() -> int:
     h.flush()
     elapsed = time.perf_counter() - t0
     h.shutdown()
-    print(json.dumps({"writes": args.count, "seconds": round(elapsed, 3)}))
+    written = len(range(part, args.count, parts))
+    print(json.dumps({"writes": written, "seconds": round(elapsed, 3)}))
     return 0
 
 

@@ -8,10 +8,11 @@ point in time as ``VM/DISK``, reading through QEMU's fleecing export.
 * ``session begin/end``: how long ``backup begin`` and ``backup end`` take, for a VM with one
   and with two disks, full and ``--from`` a checkpoint with dirty data, with a new checkpoint
   (the default) and with ``--no-checkpoint``; through the CLI and through the control socket.
-* ``session map``: a whole-disk dirty map of a 1 TiB qcow2 with 100,000 dirty blocks since a
-  checkpoint: ``nbdinfo --map`` and ``qemu-img map`` (one extent per request) against nbdsrv
-  and against ``qemu-nbd -B`` serving a copy of the same image with the same persistent
-  bitmap, interleaved; the extent lists must agree.
+* ``session map``: a whole-disk dirty map of a 1 TiB qcow2 with 100,000 dirty blocks since
+  c1, written a tenth after each of checkpoints c1 … c10: ``nbdinfo --map`` and ``qemu-img
+  map`` (one extent per request) against nbdsrv and against ``qemu-nbd -B c1`` serving a copy
+  of the same image with c2 … c10 merged into c1, interleaved; the extent lists must agree.
+  Then begin with all 10 contexts (timed) and the memory of its bitmaps.
 
 Everything lives in ``bench/work/session/``, removed at the end (logs kept on failure).
 """
@@ -55,7 +56,9 @@ SESSION_WORK = WORK / "session"
 SYSTEM_PYTHON = "/usr/bin/python3"  # has libnbd's bindings (python3-libnbd); the venv has not
 WRITER = Path(__file__).resolve().with_name("dirty_writer.py")
 TiB = 1 << 40
+MiB = 1 << 20
 KiB = 1 << 10
+MAP_CHECKPOINTS = 10  # dirty map: checkpoints c1..c10, a tenth of the writes after each
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,11 @@ def qcow2(path: Path, size: int) -> None:
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)])
 
 
-def write_dirty(uri: str, count: int, size: int) -> float:
-    """``count`` 4 KiB writes at spread 64 KiB-aligned offsets; seconds taken."""
-    out = run([SYSTEM_PYTHON, str(WRITER), uri, str(count), str(size)], timeout=1200)
+def write_dirty(uri: str, count: int, size: int, part: str = "0/1") -> float:
+    """``count`` 4 KiB writes at spread 64 KiB-aligned offsets (only part K of N of them);
+    seconds taken."""
+    cmd = [SYSTEM_PYTHON, str(WRITER), uri, str(count), str(size), "--part", part]
+    out = run(cmd, timeout=1200)
     return float(json.loads(out.strip().splitlines()[-1])["seconds"])
 
 
@@ -422,22 +427,32 @@ def scenario_map(base: Path, spec: SessionSpec, rounds: int) -> dict[str, Any]:
     setup: dict[str, float] = {}
     t_setup = time.perf_counter()
     with daemon(base, {"vm": [image]}, "map") as d:
-        d.cli("checkpoint", "create", "vm", "--name", "c1")
         live = d.live_socket("vm")
         log(
             f"map: {spec.map_writes:,} writes of 4 KiB at spread offsets into a "
-            f"{spec.map_size / GiB:,.0f} GiB qcow2 through the live disk"
+            f"{spec.map_size / GiB:,.0f} GiB qcow2 through the live disk, a tenth after each "
+            f"of {MAP_CHECKPOINTS} checkpoints"
         )
-        setup["writes s"] = write_dirty(
-            f"nbd+unix:///disk0?socket={live}", spec.map_writes, spec.map_size
-        )
+        setup["writes s"] = 0.0
+        for k in range(MAP_CHECKPOINTS):
+            d.cli("checkpoint", "create", "vm", "--name", f"c{k + 1}")
+            setup["writes s"] += write_dirty(
+                f"nbd+unix:///disk0?socket={live}",
+                spec.map_writes,
+                spec.map_size,
+                part=f"{k}/{MAP_CHECKPOINTS}",
+            )
     # nbdsrv stopped (SIGTERM): the QSD closed the image, the bitmap is on disk.
     bitmaps = {b["name"]: b for b in image_bitmaps(image)}
-    if "c1" not in bitmaps or "in-use" in bitmaps["c1"].get("flags", []):
-        raise BenchError(f"{image.name}: no clean persistent bitmap c1: {bitmaps}")
+    for k in range(1, MAP_CHECKPOINTS + 1):
+        if f"c{k}" not in bitmaps or "in-use" in bitmaps[f"c{k}"].get("flags", []):
+            raise BenchError(f"{image.name}: no clean persistent bitmap c{k}: {bitmaps}")
     log(f"map: copying {image.name} ({image.stat().st_blocks * 512 / GiB:.1f} GiB allocated)")
     t0 = time.perf_counter()
     run(["cp", "--sparse=always", "--reflink=auto", str(image), str(copy)])
+    # qemu-nbd serves one bitmap: merge c2..c10 into c1 of the copy, = nbdsrv's "since c1".
+    for k in range(2, MAP_CHECKPOINTS + 1):
+        run(["qemu-img", "bitmap", "--merge", f"c{k}", "-f", "qcow2", str(copy), "c1"])
     setup["copy s"] = time.perf_counter() - t0
     setup["total s"] = time.perf_counter() - t_setup
     log(f"map: set up in {setup['total s']:.1f} s ({setup})")
@@ -501,6 +516,8 @@ def scenario_map(base: Path, spec: SessionSpec, rounds: int) -> dict[str, Any]:
             times |= interleaved(
                 servers, [qmap], spec.qemu_img_map_rounds, warmup=False, transports=("unix",)
             )
+            d.call("backup-end", {"vm": "vm", "id": begun["id"]})
+            all_begins, memory = begin_all_checkpoints(d, rounds, spec.map_size)
     finally:
         qemu_nbd.stop()
     rows = []
@@ -523,6 +540,17 @@ def scenario_map(base: Path, spec: SessionSpec, rounds: int) -> dict[str, Any]:
         f"\n\nbackup begin --from c1 --no-checkpoint (control socket), {len(begins)} cycles: "
         f"median {b['median']:.3f} s, min {b['min']:.3f} s, max {b['max']:.3f} s"
     )
+    a = stats(all_begins)
+    text += (
+        f"\nbackup begin --from c1 --all-checkpoints --no-checkpoint ({MAP_CHECKPOINTS} "
+        f"contexts), {len(all_begins)} cycles: median {a['median']:.3f} s, "
+        f"min {a['min']:.3f} s, max {a['max']:.3f} s"
+    )
+    text += "\nbitmap memory of that session: " + ", ".join(
+        f"{k} {v / MiB:.2f} MiB ({v / MiB / (spec.map_size / TiB) / MAP_CHECKPOINTS:.2f} "
+        "MiB per TiB per checkpoint)"
+        for k, v in memory.items()
+    )
     text += "\nentries per map (merged runs; all runs of both servers agreed): " + ", ".join(
         f"{client} {sorted(n)}" for client, n in counts.items()
     )
@@ -534,9 +562,40 @@ def scenario_map(base: Path, spec: SessionSpec, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
         "setup": setup,
         "begin": begins,
+        "begin_all": all_begins,
+        "memory": memory,
         "times": times,
         "table": text,
     }
+
+
+def begin_all_checkpoints(d: Daemon, rounds: int, size: int) -> tuple[list[float], dict[str, int]]:
+    """Begin/end ``--all-checkpoints`` cycles (control socket), then one more session whose
+    dirty-map memory is read from ``status`` right after begin and after a whole-disk
+    ``nbdinfo --map`` of every context."""
+    times = []
+    args = {"vm": "vm", "from": "c1", "all_checkpoints": True, "no_checkpoint": True}
+    for _ in range(max(2, min(rounds, 5))):
+        t0 = time.perf_counter()
+        begun = d.call("backup-begin", args)
+        times.append(time.perf_counter() - t0)
+        d.call("backup-end", {"vm": "vm", "id": begun["id"]})
+    begun = d.call("backup-begin", args)
+
+    def map_bytes() -> int:
+        exports = d.call("status", {})["exports"]
+        return sum(int(e.get("dirty_map_bytes", 0)) for e in exports)
+
+    memory = {"after begin": map_bytes()}
+    disk = begun["disks"]["disk0"]
+    if len([c for c in disk["contexts"] if c.startswith("qemu:dirty-bitmap:")]) != MAP_CHECKPOINTS:
+        raise BenchError(f"--all-checkpoints offers {disk['contexts']}")
+    for context in disk["contexts"]:
+        if context.startswith("qemu:dirty-bitmap:"):
+            run(["nbdinfo", f"--map={context}", disk["uri"]])
+    memory["after a map of each"] = map_bytes()
+    d.call("backup-end", {"vm": "vm", "id": begun["id"]})
+    return times, memory
 
 
 # -- entry ----------------------------------------------------------------------------------

@@ -1,22 +1,25 @@
 """Command-line front end: `nbdsrv daemon` and the client commands (CONTRACT.md)."""
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, control
-from .config.memory import keep_read_buffers
+from . import __version__, control_client
 from .config.paths import default_control, default_state_dir
-from .config.security import add_security_options, policy_from_args
-from .daemon import Daemon, DaemonConfig
+from .config.security import add_security_options
 from .errors import ConfigError, NbdsrvError
-from .net.address import Address, parse_address
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from .daemon import DaemonConfig
+    from .net.address import Address
+
+# Client commands (status, backup begin, ...) import only the above: the standard library's
+# argparse, json, os, socket. The daemon and everything it needs load in _cmd_daemon.
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 
@@ -182,7 +185,11 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     add_security_options(daemon)
 
 
-def _config(args: argparse.Namespace) -> DaemonConfig:
+def _config(args: argparse.Namespace) -> "DaemonConfig":
+    from .config.security import policy_from_args
+    from .daemon import DaemonConfig
+    from .net.address import parse_address
+
     state_dir = args.state_dir or default_state_dir()
     return DaemonConfig(
         state_dir=state_dir,
@@ -207,7 +214,9 @@ def _non_negative(value: int, option: str) -> int:
     return value
 
 
-def _metrics_address(text: str | None) -> Address | None:
+def _metrics_address(text: str | None) -> "Address | None":
+    from .net.address import parse_address
+
     if text is None:
         return None
     address = parse_address(text)
@@ -222,12 +231,14 @@ def _images(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         name, paths = _name_value(text, "--image")
         images.append((name, [os.path.abspath(p) for p in paths.split(",") if p]))
     if getattr(args, "image_paths", None):
-        name = args.name or Path(args.image_paths[0]).stem
+        name = args.name or os.path.splitext(os.path.basename(args.image_paths[0]))[0]
         images.append((name, [os.path.abspath(p) for p in args.image_paths]))
     return images
 
 
-def _run_async(coro: Coroutine[Any, Any, None]) -> None:
+def _run_async(coro: "Coroutine[Any, Any, None]") -> None:
+    import asyncio
+
     try:
         import uvloop
 
@@ -239,6 +250,11 @@ def _run_async(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config.memory import keep_read_buffers
+    from .daemon import Daemon
+
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(
         level=level, format="%(asctime)s nbdsrv[%(process)d] %(levelname)s %(name)s: %(message)s"
@@ -275,7 +291,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
-    return control.call(args.control or default_control(), op, kwargs)
+    return control_client.call(args.control or default_control(), op, kwargs)
 
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
@@ -413,7 +429,7 @@ def _with_progress(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
         if not worker.is_alive():
             break
         try:
-            status = control.call(args.control or default_control(), "status", timeout=5)
+            status = control_client.call(args.control or default_control(), "status", timeout=5)
         except NbdsrvError:
             continue
         jobs = [
@@ -438,7 +454,7 @@ def _with_progress(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    status = control.call(args.control or default_control(), "status")
+    status = control_client.call(args.control or default_control(), "status")
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         print()

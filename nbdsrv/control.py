@@ -19,15 +19,16 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
+from .control_client import MAX_LINE, call
 from .control_requests import parse_request
 from .errors import ControlError, NbdsrvError
 from .net.socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ControlServer", "call", "control_peer", "peer_credentials"]
+
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-# One request or response line; status of a big daemon stays far below this.
-MAX_LINE = 16 * 1024 * 1024
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # Who sent the control request being handled ("uid=0 pid=123"), for audit lines.
@@ -113,26 +114,3 @@ class ControlServer:
                 "ok": False,
                 "error": {"class": "InternalError", "message": f"internal error: {e}"},
             }
-
-
-def call(path: str, op: str, args: dict[str, Any] | None = None, timeout: float = 600) -> Any:
-    """Send one request to a daemon and return its result; ControlError on any failure."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
-            with sock.makefile("rb") as f:
-                line = f.readline(MAX_LINE)
-    except FileNotFoundError:
-        raise ControlError(f"no daemon at {path} (control socket not found)") from None
-    except ConnectionRefusedError:
-        raise ControlError(f"no daemon at {path} (connection refused)") from None
-    except OSError as e:
-        raise ControlError(f"cannot talk to the daemon at {path}: {e.strerror or e}") from None
-    if not line:
-        raise ControlError(f"the daemon at {path} closed the connection without answering")
-    response = json.loads(line)
-    if not response.get("ok"):
-        raise ControlError(response["error"]["message"])
-    return response["result"]

@@ -1,16 +1,17 @@
 """The daemon's security options (docs/security.md): TLS, allow rules and limits."""
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..net.access import AccessPolicy, parse_allow
-from ..net.server import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
-    ServerPolicy,
-)
-from ..net.tls import server_context
-from ..proto.server import TLSMode
+from ..net.limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+
+if TYPE_CHECKING:
+    from ..net.server import ServerPolicy
+
+# TLSMode's values (proto.server), spelt out: the parser is built for every client command too,
+# which must not import the server (tests/unit/test_cli_imports.py keeps them equal).
+TLS_MODES = ("off", "on", "require")
 
 
 def add_security_options(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tls",
-        choices=[m.value for m in TLSMode],
+        choices=TLS_MODES,
         help="off: no TLS; on: TLS offered, plain text allowed; require: TLS before anything "
         "(default: require with --tls-cert, else off)",
     )
@@ -62,8 +63,13 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def policy_from_args(args: argparse.Namespace) -> ServerPolicy:
+def policy_from_args(args: argparse.Namespace) -> "ServerPolicy":
     """The ServerPolicy the options describe; ConfigError for a contradiction."""
+    from ..net.access import AccessPolicy, parse_allow
+    from ..net.server import ServerPolicy
+    from ..net.tls import server_context
+    from ..proto.server import TLSMode
+
     cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
     if (cert is None) != (key is None):
         raise ConfigError("--tls-cert and --tls-key go together")

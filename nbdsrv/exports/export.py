@@ -8,9 +8,13 @@ past the asked range — the protocol core clips, merges and caps them.
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
-from ..proto.extents import Extent
+from ..proto.extents import Extent, PackedExtents
+
+if TYPE_CHECKING:
+    from ..net.client import NBDClient
 
 Segment = tuple[int, int, bytes | bytearray | memoryview | None]
 
@@ -21,6 +25,10 @@ class ExportGone(Exception):
 
 class Export(ABC):
     """A read-only NBD export."""
+
+    # Whether each client connection gets an upstream connection of its own for its READs
+    # (open_upstream), relayed by the server instead of going through read().
+    relays_reads = False
 
     def __init__(self, name: str, size: int, description: str = "") -> None:
         self.name = name
@@ -45,6 +53,31 @@ class Export(ABC):
     ) -> list[Extent]:
         """At least one extent starting at ``offset`` for ``context``; no need for more than
         ``limit`` (1 for a REQ_ONE request: QEMU's clients ask one extent at a time)."""
+
+    async def open_upstream(self) -> "NBDClient":
+        """A new NBD connection to where the data lives, for one client connection's READs
+        (only when ``relays_reads``); the server closes it with the client connection."""
+        raise NotImplementedError
+
+    def packed_extents(
+        self, context: str, offset: int, length: int, limit: int, *, extended: bool
+    ) -> PackedExtents | None:
+        """The extents of ``context`` in wire form, at once (no await), when the export keeps
+        them so (a session's frozen dirty bitmaps); None: ask :meth:`extents`."""
+        return None
+
+    def release(self, segments: Sequence[Segment]) -> None:
+        """The server is done with what read() returned (the reply has left): buffers may be
+        used again."""
+        return None
+
+    def read_served(self, offset: int, length: int) -> None:
+        """A READ that bypassed read() (relayed) was answered with data."""
+        return None
+
+    def broken(self) -> str | None:
+        """Why data read from upstream can no longer be handed out, if it cannot."""
+        return None
 
     def close(self) -> None:
         """Release resources; later requests get ESHUTDOWN."""

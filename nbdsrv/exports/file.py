@@ -1,8 +1,16 @@
-"""A local file exported read-only; allocation from SEEK_DATA / SEEK_HOLE."""
+"""A local file exported read-only; allocation from SEEK_DATA / SEEK_HOLE.
 
+Reads never block the event loop on the disk: each is tried with RWF_NOWAIT (served only
+from the page cache), and what the cache does not hold is read in a worker thread. They go
+into pooled buffers (no fresh memory to fault in and zero per request), which the server
+hands back once the reply has left. Holes are searched for only while the file has some.
+"""
+
+import asyncio
 import errno
 import os
 import stat
+import time
 from collections.abc import Sequence
 
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS, AllocationState
@@ -12,6 +20,10 @@ from .export import Export, Segment
 HOLE_ZERO = int(AllocationState.HOLE | AllocationState.ZERO)
 # Holes smaller than this inside a read are sent as data: a chunk header costs more.
 MIN_READ_HOLE = 4096
+# How often a file without holes is looked at again (st_blocks) in case it got some.
+HOLE_RECHECK = 1.0
+# Free read buffers kept per export, in bytes.
+POOL_BYTES = 64 * 1024 * 1024
 
 
 class FileExport(Export):
@@ -34,6 +46,12 @@ class FileExport(Export):
         self.path = path
         self._fd = fd
         self._seekable_holes = stat.S_ISREG(st.st_mode)
+        self._has_holes = self._seekable_holes
+        self._holes_checked = -HOLE_RECHECK
+        self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._pool: dict[int, list[bytearray]] = {}
+        self._threads = 0  # reads in worker threads: the fd is closed after the last one
+        self._pooled = 0
 
     @property
     def contexts(self) -> Sequence[str]:
@@ -43,7 +61,7 @@ class FileExport(Export):
         return {**super().describe(), "kind": "file", "path": self.path}
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and not self._threads:
             os.close(self._fd)
         super().close()
 
@@ -79,17 +97,77 @@ class FileExport(Export):
                 data = self._next(os.SEEK_DATA, pos)
         return runs
 
+    def _may_have_holes(self) -> bool:
+        """Whether a read must look for holes: the file had fewer blocks than bytes when last
+        looked at (within HOLE_RECHECK seconds)."""
+        if not self._seekable_holes:
+            return False
+        now = time.monotonic()
+        if now - self._holes_checked >= HOLE_RECHECK:
+            st = os.fstat(self._fd)
+            self._has_holes = st.st_blocks * 512 < st.st_size
+            self._holes_checked = now
+        return self._has_holes
+
     async def read(self, offset: int, length: int) -> list[Segment]:
+        end = offset + length
+        runs = self._read_runs(offset, end) if self._may_have_holes() else [(offset, end, True)]
         segments: list[Segment] = []
-        for start, end, is_data in self._read_runs(offset, offset + length):
+        for start, stop, is_data in runs:
             if not is_data:
-                segments.append((start, end - start, None))
+                segments.append((start, stop - start, None))
                 continue
-            data = os.pread(self._fd, end - start, start)
-            if len(data) != end - start:
-                raise OSError(errno.EIO, f"short read at {start} from {self.path}")
-            segments.append((start, end - start, data))
+            segments.append((start, stop - start, await self._pread(start, stop - start)))
         return segments
+
+    async def _pread(self, offset: int, length: int) -> bytearray:
+        buffer = self._buffer(length)
+        done = 0
+        if self._nowait:
+            try:
+                done = os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                pass  # not in the page cache
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = False  # not on this file system: every read in a thread
+        if done < length:
+            # The disk would be read: in a worker thread, never on the event loop.
+            loop = asyncio.get_running_loop()
+            self._threads += 1
+            try:
+                done += await loop.run_in_executor(None, self._pread_rest, buffer, done, offset)
+            finally:
+                self._threads -= 1
+                if self.closed and not self._threads:
+                    os.close(self._fd)
+        if done != length:
+            raise OSError(errno.EIO, f"short read at {offset} from {self.path}")
+        return buffer
+
+    def _pread_rest(self, buffer: bytearray, done: int, offset: int) -> int:
+        view = memoryview(buffer)
+        start = done
+        while done < len(buffer):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done - start
+
+    def _buffer(self, length: int) -> bytearray:
+        free = self._pool.get(length)
+        if free:
+            self._pooled -= length
+            return free.pop()
+        return bytearray(length)
+
+    def release(self, segments: Sequence[Segment]) -> None:
+        for _, length, data in segments:
+            if isinstance(data, bytearray) and self._pooled + length <= POOL_BYTES:
+                self._pool.setdefault(length, []).append(data)
+                self._pooled += length
 
     def _read_runs(self, offset: int, end: int) -> list[tuple[int, int, bool]]:
         """Allocation runs with small holes folded into the data around them."""

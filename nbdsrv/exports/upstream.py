@@ -1,24 +1,33 @@
 """A session export: data and allocation read from QEMU's fleecing export through nbdsrv's own
-NBD client; dirty-bitmap contexts answered from memory."""
+NBD client; dirty-bitmap contexts answered from memory.
 
+Each client connection gets an upstream connection of its own for its READs, which the server
+relays (nbdsrv.net.relay): QEMU allows 16 requests in flight per connection, so clients with
+several connections (nbdcopy, multi-conn) get the same parallelism as on QEMU's own export.
+Block status and read() share a small pool.
+"""
+
+import asyncio
 import contextlib
 import errno
 import itertools
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 
 from ..net.address import Address
 from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
-from ..proto.extents import Extent
+from ..proto.extents import Extent, PackedExtents
 from .coverage import ReadCoverage
 from .dirty_bitmap import DirtyBitmap
+from .dirty_runs import DirtyRuns
 from .export import Export, Segment
 
 log = logging.getLogger(__name__)
 
-# Connections to QEMU's export per session disk; each carries many requests at once.
+# Shared connections to QEMU's export per session disk (block status, read()).
 UPSTREAM_CONNECTIONS = 2
 # Largest block-status request sent upstream (compact headers: 32-bit lengths).
 MAX_UPSTREAM_STATUS = (1 << 32) - (1 << 20)
@@ -27,25 +36,33 @@ MAX_UPSTREAM_STATUS = (1 << 32) - (1 << 20)
 async def fetch_bitmap(
     address: Address, export: str, context: str, size: int, granularity: int
 ) -> DirtyBitmap:
-    """Read a whole bitmap context from an NBD export into memory."""
+    """Read a whole bitmap context from an NBD export into memory.
+
+    The disk is cut into windows of the largest request, all asked for at once (one round
+    trip per window in a row made a 1 TiB disk 256 round trips per bitmap); a window whose
+    reply stops early is asked again from where it stopped."""
     client = await NBDClient.connect(address, export, contexts=[context])
     try:
         if context not in client.contexts.values():
             raise NBDError(f"QEMU's export {export} does not offer {context}")
         bitmap = DirtyBitmap(size, granularity)
-        offset = 0
-        while offset < size:
-            status = await client.block_status(offset, min(size - offset, MAX_UPSTREAM_STATUS))
-            extents = status.get(context)
-            if not extents:
-                raise NBDError(f"no extents for {context} at {offset}")
-            for length, flags in extents:
-                length = min(length, size - offset)
-                if flags & 1:
-                    bitmap.mark(offset, length)
-                offset += length
-                if offset >= size:
-                    break
+
+        async def window(offset: int, end: int) -> None:
+            while offset < end:
+                status = await client.block_status(offset, end - offset)
+                extents = status.get(context)
+                if not extents:
+                    raise NBDError(f"no extents for {context} at {offset}")
+                for length, flags in extents:
+                    length = min(length, end - offset)
+                    if flags & 1:
+                        bitmap.mark(offset, length)
+                    offset += length
+                    if offset >= end:
+                        break
+
+        step = MAX_UPSTREAM_STATUS
+        await asyncio.gather(*(window(o, min(o + step, size)) for o in range(0, size, step)))
         return bitmap
     finally:
         await client.close()
@@ -66,15 +83,37 @@ class UpstreamExport(Export):
         super().__init__(name, size, description)
         self.address = address
         self.upstream_export = upstream_export
-        self.bitmaps = dict(bitmaps)
+        # Frozen for the session: runs found and descriptors packed once, bitarrays dropped.
+        self.bitmaps = {context: DirtyRuns(bitmap) for context, bitmap in bitmaps.items()}
         self.failure: str | None = None
         self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
+        self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
+
+    relays_reads = True
 
     @property
     def contexts(self) -> Sequence[str]:
         return (BASE_ALLOCATION, *self.bitmaps)
+
+    async def open_upstream(self) -> NBDClient:
+        self._check()
+        try:
+            link = await NBDClient.connect(self.address, self.upstream_export)
+        except (OSError, NBDError) as e:
+            raise OSError(errno.EIO, f"connecting to QEMU: {e}") from e
+        if self.closed:
+            link.abort()
+            raise OSError(errno.ESHUTDOWN, "export is gone")
+        self._links.add(link)
+        return link
+
+    def broken(self) -> str | None:
+        return self.failure
+
+    def read_served(self, offset: int, length: int) -> None:
+        self.coverage.add(offset, length)
 
     async def open(self) -> None:
         for _ in range(UPSTREAM_CONNECTIONS):
@@ -113,9 +152,9 @@ class UpstreamExport(Export):
         self, context: str, offset: int, length: int, limit: int = MAX_BLOCK_STATUS_EXTENTS
     ) -> list[Extent]:
         self._check()
-        bitmap = self.bitmaps.get(context)
-        if bitmap is not None:
-            return bitmap.extents(offset, length, limit)
+        runs = self.bitmaps.get(context)
+        if runs is not None:
+            return runs.extents(offset, length, limit)
         if context != BASE_ALLOCATION:
             raise OSError(errno.EINVAL, f"unknown context {context}")
         try:
@@ -127,12 +166,28 @@ class UpstreamExport(Export):
         self._check()
         return status.get(BASE_ALLOCATION, [])
 
+    def packed_extents(
+        self, context: str, offset: int, length: int, limit: int, *, extended: bool
+    ) -> PackedExtents | None:
+        runs = self.bitmaps.get(context)
+        if runs is None:
+            return None
+        self._check()
+        return runs.packed(offset, length, limit, extended=extended)
+
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "kind": "session", "failure": self.failure}
+        return {
+            **super().describe(),
+            "kind": "session",
+            "failure": self.failure,
+            "dirty_map_bytes": sum(runs.nbytes() for runs in self.bitmaps.values()),
+        }
 
     async def aclose(self) -> None:
         """Close the export (its clients get ESHUTDOWN) and the connections to QEMU."""
         self.close()
+        for link in list(self._links):
+            link.abort()
         clients, self._clients = self._clients, []
         for client in clients:
             with contextlib.suppress(Exception):

@@ -5,143 +5,183 @@ client for tests. Many requests may be in flight; replies are matched by cookie.
     data = await client.read(0, 65536)
     extents = await client.block_status(0, client.size)   # {context name: [(length, flags)]}
     await client.close()
+
+The connection is a ``BufferedProtocol``: the protocol core names the memory each received
+byte belongs in, so a READ payload lands directly in the buffer its sink provides (for a
+relayed read, the reply that goes on to nbdsrv's own client) — see :meth:`NBDClient.submit`.
 """
 
 import asyncio
 import contextlib
 import itertools
+import logging
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from ..proto import client as proto
-from ..proto import wire
-from ..proto.constants import (
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
-    ClientFlag,
-    Command,
-    CommandFlag,
-    HandshakeFlag,
-    Info,
-    Option,
-    Reply,
-    ReplyFlag,
-    ReplyType,
-    TransmissionFlag,
-)
+from ..proto.client import Handshake, Negotiated, ReplySink, Transmission
+from ..proto.constants import Command, CommandFlag, Errno
 from ..proto.errors import NBDError, ProtocolError, ReplyError
 from ..proto.extents import Extent
 from .address import Address
 
-MAX_OPTION_REPLY = 64 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+# Socket buffers of an upstream connection: a 2 MiB read reply passes in one go (QEMU sizes
+# its own NBD sockets the same way).
+SOCKET_BUFFER = 4 * 1024 * 1024
 
 
-class ConnectionClosed(NBDError):
-    """The connection ended while requests were in flight."""
+class ConnectionClosed(ReplyError):
+    """The connection ended while requests were in flight (they fail with EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Errno.EIO, message)
 
 
-@dataclass
-class _Pending:
-    command: Command
-    offset: int
-    length: int
-    future: "asyncio.Future[object]"
-    # A READ's data: the one chunk's payload as it came (no copy) when a single chunk covers
-    # the request, else a zeroed buffer the chunks are copied into.
-    data: bytes | bytearray | memoryview | None = None
-    extents: dict[int, list[Extent]] = field(default_factory=dict)
-    error: ReplyError | None = None
+class _Link(asyncio.BufferedProtocol):
+    """One socket: the handshake first, then the transmission core."""
 
+    def __init__(self, handshake: Handshake) -> None:
+        self._handshake = handshake
+        self.core: Transmission | None = None
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[Negotiated] = asyncio.get_running_loop().create_future()
+        self.closed: BaseException | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._hs_buffer = bytearray(64 * 1024)
 
-def _buffer(pending: _Pending) -> bytearray:
-    """The request's zeroed buffer, holding whatever chunk arrived before."""
-    if not isinstance(pending.data, bytearray):
-        buffer = bytearray(pending.length)
-        if pending.data is not None:
-            buffer[: len(pending.data)] = pending.data
-        pending.data = buffer
-    return pending.data
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.core is not None:
+            return self.core.get_buffer()
+        return memoryview(self._hs_buffer)
 
-async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    limit = 64 * 1024 * 1024
-    if address.kind == "unix":
-        return await asyncio.open_unix_connection(address.path, limit=limit)
-    reader, writer = await asyncio.open_connection(address.host, address.port, limit=limit)
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return reader, writer
-
-
-class _Handshake:
-    """Option haggling on an open stream."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def greet(self) -> None:
-        flags = proto.parse_greeting(await self.reader.readexactly(wire.GREETING.size))
-        client_flags = ClientFlag.C_FIXED_NEWSTYLE
-        if flags & HandshakeFlag.NO_ZEROES:
-            client_flags |= ClientFlag.C_NO_ZEROES
-        self.writer.write(wire.CLIENT_FLAGS.pack(client_flags))
-
-    async def send(self, option: Option, data: bytes = b"") -> None:
-        self.writer.write(proto.option(option, data))
-        await self.writer.drain()
-
-    async def reply(self, option: Option) -> tuple[int, bytes]:
-        header = proto.parse_option_reply(await self.reader.readexactly(20))
-        if header.option != option:
-            raise ProtocolError(f"reply to option {header.option}, expected {option}")
-        if header.length > MAX_OPTION_REPLY:
-            raise ProtocolError(f"option reply of {header.length} bytes")
-        payload = await self.reader.readexactly(header.length)
-        if header.reply & (1 << 31):
-            message = payload.decode("utf-8", "replace") or Reply(header.reply).name
-            raise ReplyError(header.reply, message)
-        return header.reply, payload
-
-    async def simple_option(self, option: Option) -> bool:
-        """Send a data-less option; True on ACK, False on an error reply."""
-        await self.send(option)
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            await self.reply(option)
-        except ReplyError:
-            return False
-        return True
+            if self.core is not None:
+                self.core.buffer_updated(nbytes)
+                if self._drained is not None and not len(self.core):
+                    self._drained.set_result(None)
+                    self._drained = None
+            else:
+                self._negotiate(bytes(self._hs_buffer[:nbytes]))
+        except (ProtocolError, ReplyError) as e:
+            self.abort(e)
+        except Exception as e:  # a bug must not leave callers waiting forever
+            log.exception("NBD client failed on a reply")
+            self.abort(e)
+
+    def _negotiate(self, data: bytes) -> None:
+        rest = self._handshake.receive(data)
+        out = self._handshake.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        if self._handshake.done:
+            result = self._handshake.result
+            self.core = Transmission(structured=result.structured, extended=result.extended)
+            if not self.ready.done():
+                self.ready.set_result(result)
+            if rest:
+                self.core.feed(rest)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(exc or ConnectionClosed("server closed the connection"))
+
+    def abort(self, error: BaseException) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._lose(error)
+
+    def _lose(self, error: BaseException) -> None:
+        if self.closed is None:
+            self.closed = error
+        if not self.ready.done():
+            self.ready.set_exception(
+                error if isinstance(error, NBDError) else ConnectionClosed(str(error))
+            )
+        if self.core is not None:
+            self.core.fail_all(ConnectionClosed(f"connection lost: {self.closed}"))
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+
+async def _open(address: Address, handshake: Handshake) -> _Link:
+    loop = asyncio.get_running_loop()
+    link = _Link(handshake)
+    if address.kind == "unix":
+        await loop.create_unix_connection(lambda: link, address.path)
+    else:
+        await loop.create_connection(lambda: link, address.host, address.port)
+    try:
+        await link.ready
+    except BaseException:
+        if link.transport is not None:
+            link.transport.abort()
+        raise
+    return link
+
+
+class _Collect:
+    """A sink that gathers a READ into one buffer (holes left zero) for a future."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+        self.buffer: bytearray | None = None
+        self.extents: dict[int, list[Extent]] = {}
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_buffer(self, offset: int, length: int) -> memoryview:
+        if self.buffer is None:
+            self.buffer = bytearray(self.length)
+        start = offset - self.offset
+        return memoryview(self.buffer)[start : start + length]
+
+    def data(self, offset: int, length: int) -> None:
+        pass
+
+    def hole(self, offset: int, length: int) -> None:
+        pass
+
+    def block_status(self, context_id: int, extents: list[Extent]) -> None:
+        self.extents[context_id] = extents
+
+    def done(self, error: ReplyError | None) -> None:
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(None)
 
 
 class NBDClient:
     """A connection in transmission phase on one export."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        export: str,
-        size: int,
-        flags: TransmissionFlag,
-        structured: bool,
-        extended: bool,
-        contexts: dict[int, str],
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, link: _Link, export: str, negotiated: Negotiated) -> None:
+        assert link.core is not None
+        self._link = link
+        self._core = link.core
         self.export = export
-        self.size = size
-        self.flags = flags
-        self.structured = structured
-        self.extended = extended
-        self.contexts = contexts
-        self._pending: dict[int, _Pending] = {}
+        self.size = negotiated.size
+        self.flags = negotiated.flags
+        self.structured = negotiated.structured
+        self.extended = negotiated.extended
+        self.contexts = negotiated.contexts
         self._cookies = itertools.count(1)
-        self._closed: BaseException | None = None
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies())
+        self._corked: list[bytes] | None = None
 
     @classmethod
     async def connect(
@@ -153,210 +193,96 @@ class NBDClient:
         structured: bool = True,
         extended: bool = True,
     ) -> "NBDClient":
-        reader, writer = await _open(address)
-        try:
-            hs = _Handshake(reader, writer)
-            await hs.greet()
-            is_extended = extended and await hs.simple_option(Option.EXTENDED_HEADERS)
-            is_structured = is_extended or (
-                structured and await hs.simple_option(Option.STRUCTURED_REPLY)
-            )
-            selected: dict[int, str] = {}
-            if contexts and is_structured:
-                await hs.send(
-                    Option.SET_META_CONTEXT, proto.meta_context_data(export, list(contexts))
-                )
-                while True:
-                    reply, payload = await hs.reply(Option.SET_META_CONTEXT)
-                    if reply == Reply.ACK:
-                        break
-                    (context_id,) = wire.UINT32.unpack_from(payload, 0)
-                    selected[context_id] = payload[4:].decode()
-            await hs.send(Option.GO, proto.info_go_data(export, [Info.BLOCK_SIZE]))
-            size, flags = -1, TransmissionFlag(0)
-            while True:
-                reply, payload = await hs.reply(Option.GO)
-                if reply == Reply.ACK:
-                    break
-                if reply == Reply.INFO and wire.UINT16.unpack_from(payload, 0)[0] == Info.EXPORT:
-                    _, size, raw_flags = wire.INFO_EXPORT.unpack(payload)
-                    flags = TransmissionFlag(raw_flags)
-            if size < 0:
-                raise ProtocolError("server sent no NBD_INFO_EXPORT")
-        except BaseException:
-            writer.close()
-            raise
-        return cls(
-            reader,
-            writer,
-            export=export,
-            size=size,
-            flags=flags,
-            structured=is_structured,
-            extended=is_extended,
-            contexts=selected,
-        )
+        handshake = Handshake(export, contexts=contexts, structured=structured, extended=extended)
+        link = await _open(address, handshake)
+        return cls(link, export, link.ready.result())
 
     @staticmethod
     async def list_exports(address: Address) -> list[tuple[str, str]]:
         """``(name, description)`` of every export, by NBD_OPT_LIST."""
-        reader, writer = await _open(address)
-        try:
-            hs = _Handshake(reader, writer)
-            await hs.greet()
-            await hs.send(Option.LIST)
-            out = []
-            while True:
-                reply, payload = await hs.reply(Option.LIST)
-                if reply == Reply.ACK:
-                    break
-                (name_len,) = wire.UINT32.unpack_from(payload, 0)
-                name = payload[4 : 4 + name_len].decode()
-                out.append((name, payload[4 + name_len :].decode()))
-            await hs.send(Option.ABORT)
-            with contextlib.suppress(ReplyError, asyncio.IncompleteReadError, ConnectionError):
-                await hs.reply(Option.ABORT)
-            return out
-        finally:
-            writer.close()
+        link = await _open(address, Handshake(None))
+        assert link.transport is not None
+        link.transport.close()
+        return link.ready.result().exports
+
+    @property
+    def closed(self) -> bool:
+        return self._link.closed is not None
 
     # -- requests -------------------------------------------------------------------------
 
-    def _submit(self, command: Command, flags: int, offset: int, length: int) -> _Pending:
-        if self._closed is not None:
-            raise ConnectionClosed(f"connection closed: {self._closed}")
-        cookie = next(self._cookies)
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        pending = _Pending(command, offset, length, future)
-        self._pending[cookie] = pending
-        self._writer.write(
-            proto.request(cookie, command, flags, offset, length, extended=self.extended)
-        )
-        return pending
+    def submit(
+        self,
+        command: int,
+        flags: int,
+        offset: int,
+        length: int,
+        sink: ReplySink,
+        cookie: int | None = None,
+    ) -> None:
+        """Send a request whose reply goes to ``sink``; ``cookie`` is used unless it is in
+        flight already. Raises ConnectionClosed once the connection is gone."""
+        if self._link.closed is not None:
+            raise ConnectionClosed(f"connection closed: {self._link.closed}")
+        if cookie is None or cookie in self._core:
+            cookie = next(self._cookies)
+            while cookie in self._core:
+                cookie = next(self._cookies)
+        data = self._core.request(cookie, command, flags, offset, length, sink)
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            assert self._link.transport is not None
+            self._link.transport.write(data)
 
-    async def read(
-        self, offset: int, length: int, *, flags: int = 0
-    ) -> bytes | bytearray | memoryview:
-        pending = self._submit(Command.READ, flags, offset, length)
-        await pending.future
-        return pending.data if pending.data is not None else bytes(length)
+    def cork(self) -> None:
+        """Hold requests until :meth:`uncork`, to send a burst in one write."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and self._link.closed is None and self._link.transport is not None:
+            self._link.transport.write(b"".join(corked))
+
+    async def _call(self, command: int, flags: int, offset: int, length: int) -> _Collect:
+        sink = _Collect(offset, length)
+        self.submit(command, flags, offset, length, sink)
+        await sink.future
+        return sink
+
+    async def read(self, offset: int, length: int, *, flags: int = 0) -> bytearray:
+        sink = await self._call(Command.READ, flags, offset, length)
+        return sink.buffer if sink.buffer is not None else bytearray(length)
 
     async def block_status(
         self, offset: int, length: int, *, req_one: bool = False
     ) -> dict[str, list[Extent]]:
         flags = CommandFlag.REQ_ONE if req_one else 0
-        pending = self._submit(Command.BLOCK_STATUS, flags, offset, length)
-        await pending.future
-        return {self.contexts.get(cid, str(cid)): ext for cid, ext in pending.extents.items()}
+        sink = await self._call(Command.BLOCK_STATUS, flags, offset, length)
+        return {self.contexts.get(cid, str(cid)): ext for cid, ext in sink.extents.items()}
 
     async def flush(self) -> None:
-        await self._submit(Command.FLUSH, 0, 0, 0).future
+        await self._call(Command.FLUSH, 0, 0, 0)
 
     async def request(self, command: int, flags: int, offset: int, length: int) -> None:
         """Any payload-less request, for tests that probe error handling."""
-        await self._submit(Command(command), flags, offset, length).future
+        await self._call(command, flags, offset, length)
+
+    def abort(self) -> None:
+        """Close at once; requests in flight fail."""
+        self._link.abort(ConnectionClosed("closed by client"))
 
     async def close(self) -> None:
         """NBD_CMD_DISC after outstanding requests, then close."""
-        if self._closed is None:
-            if self._pending:
-                await asyncio.gather(
-                    *(p.future for p in self._pending.values()), return_exceptions=True
-                )
-            with contextlib.suppress(ConnectionError):
-                self._writer.write(proto.request(0, Command.DISC, 0, 0, 0, extended=self.extended))
-            self._closed = ConnectionClosed("closed by client")
-        self._reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader_task
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
-
-    # -- replies --------------------------------------------------------------------------
-
-    async def _read_replies(self) -> None:
-        try:
-            while True:
-                await self._read_one()
-        except asyncio.CancelledError:
-            raise
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
-            self._fail_all(e)
-        except Exception as e:  # a bug must not leave callers waiting forever
-            self._fail_all(e)
-            raise
-
-    def _fail_all(self, error: BaseException) -> None:
-        self._closed = error
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(ConnectionClosed(f"connection lost: {error}"))
-        self._pending.clear()
-
-    async def _read_one(self) -> None:
-        read = self._reader.readexactly
-        if self.extended:
-            header = proto.parse_extended_reply(await read(wire.EXTENDED_REPLY.size))
-        else:
-            head = await read(4)
-            magic = proto.parse_reply_magic(head)
-            if magic == SIMPLE_REPLY_MAGIC:
-                header = proto.parse_simple_reply(head + await read(wire.SIMPLE_REPLY.size - 4))
-            elif magic == STRUCTURED_REPLY_MAGIC:
-                rest = await read(wire.STRUCTURED_REPLY.size - 4)
-                header = proto.parse_structured_reply(head + rest)
-            else:
-                raise ProtocolError(f"bad reply magic 0x{magic:x}")
-        pending = self._pending.get(header.cookie)
-        if pending is None:
-            raise ProtocolError(f"reply for unknown cookie {header.cookie}")
-        if header.simple:
-            if header.error:
-                pending.error = ReplyError(header.error, f"server error {header.error}")
-            elif pending.command == Command.READ:
-                pending.data = await read(pending.length)
-            self._complete(header.cookie, pending)
-            return
-        payload = await read(header.length)
-        self._chunk(pending, header.type, payload)
-        if header.flags & ReplyFlag.DONE:
-            self._complete(header.cookie, pending)
-
-    def _chunk(self, pending: _Pending, rtype: int, payload: bytes) -> None:
-        if rtype == ReplyType.OFFSET_DATA:
-            (offset,) = wire.OFFSET_DATA.unpack_from(payload, 0)
-            start = offset - pending.offset
-            data = memoryview(payload)[8:]
-            if pending.command != Command.READ or start < 0 or start + len(data) > pending.length:
-                raise ProtocolError("OFFSET_DATA chunk outside the request")
-            if pending.data is None and start == 0 and len(data) == pending.length:
-                pending.data = data  # the common case: one chunk, kept as it came
-            else:
-                _buffer(pending)[start : start + len(data)] = data
-        elif rtype == ReplyType.OFFSET_HOLE:
-            offset, hole = wire.OFFSET_HOLE.unpack(payload)
-            start = offset - pending.offset
-            if pending.command != Command.READ or start < 0 or start + hole > pending.length:
-                raise ProtocolError("OFFSET_HOLE chunk outside the request")
-            _buffer(pending)  # zeroed: a hole needs no copy
-        elif rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
-            context_id, extents = proto.parse_block_status(rtype, payload)
-            pending.extents[context_id] = extents
-        elif rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-            code, message = proto.parse_error_chunk(payload)
-            pending.error = ReplyError(code, message)
-        elif rtype != ReplyType.NONE:
-            if rtype & 0x8000:
-                pending.error = ReplyError(5, f"unknown error chunk type {rtype}")
-            else:
-                raise ProtocolError(f"unknown reply chunk type {rtype}")
-
-    def _complete(self, cookie: int, pending: _Pending) -> None:
-        del self._pending[cookie]
-        if pending.future.done():
-            return
-        if pending.error is not None:
-            pending.future.set_exception(pending.error)
-        else:
-            pending.future.set_result(None)
+        link = self._link
+        if link.closed is None and len(self._core):
+            link._drained = asyncio.get_running_loop().create_future()
+            await link._drained
+        transport = link.transport
+        if link.closed is None and transport is not None:
+            transport.write(self._core.disconnect())
+            link.closed = ConnectionClosed("closed by client")
+            transport.close()
+        if transport is not None and not transport.is_closing():
+            transport.abort()

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exports.catalog import ExportCatalog
-from ..exports.export import Export, ExportGone
+from ..exports.export import Export, ExportGone, Segment
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
-from ..proto.errors import ProtocolError, nbd_errno
+from ..proto.errors import NBDError, ProtocolError, nbd_errno
 from ..proto.server import (
     Disconnect,
     Negotiated,
@@ -26,6 +26,8 @@ from ..proto.server import (
 )
 from .access import AccessPolicy, Peer, subject_of
 from .address import Address
+from .limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from .relay import ReadRelay
 from .socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,9 @@ MAX_IN_FLIGHT = 64
 MAX_BUFFERED = 64 * 1024 * 1024
 # What a block status reply may take, for that budget (2 MiB at most: 131072 extents).
 BLOCK_STATUS_COST = 256 * 1024
-DEFAULT_MAX_CONNECTIONS = 128
 # asyncio's default of 100 refuses a burst of clients (EAGAIN on a unix socket) before the
 # event loop gets to accept them; the kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
 
@@ -119,6 +119,13 @@ class NBDConnection(asyncio.Protocol):
         self._export: Export | None = None
         self._contexts: list[tuple[int, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # READs relayed to an upstream connection of this connection's own (session exports):
+        # no task each; counted here until their reply is written.
+        self._relay: ReadRelay | None = None
+        self._relayed = 0
+        self._attaching: asyncio.Task[None] | None = None
+        # What read() returned for replies written but maybe not sent yet (Export.release).
+        self._in_transit: list[list[Segment]] = []
         self._pending: deque[Request] = deque()
         self._in_flight_bytes = 0
         self._reading_paused = False
@@ -231,6 +238,10 @@ class NBDConnection(asyncio.Protocol):
         self._pending.clear()
         for task in self._tasks:
             task.cancel()
+        if self._attaching is not None:
+            self._attaching.cancel()
+        if self._relay is not None:
+            self._relay.close()
         reason = self._reason or (f"connection lost: {exc}" if exc else "closed")
         if not self._counted:
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
@@ -252,7 +263,7 @@ class NBDConnection(asyncio.Protocol):
         )
 
     def _receive(self, data: bytes) -> None:
-        room = self._policy.max_in_flight - len(self._tasks) - len(self._pending)
+        room = self._policy.max_in_flight - self._busy() - len(self._pending)
         try:
             events = self._core.receive(data, max(room, 0))
         except ProtocolError as e:
@@ -282,9 +293,14 @@ class NBDConnection(asyncio.Protocol):
         when every bound leaves room."""
         if self._lost_done:
             return
+        relay = self._relay
+        if relay is not None:
+            relay.cork()  # the requests started now go upstream in one write
         while self._pending and self._may_start(self._pending[0]):
             self._start(self._pending.popleft())
-        room = self._policy.max_in_flight - len(self._tasks) - len(self._pending)
+        if relay is not None:
+            relay.uncork()
+        room = self._policy.max_in_flight - self._busy() - len(self._pending)
         if self._core.backlog and room > 0 and not self._continue_scheduled:
             self._continue_scheduled = True
             self._loop.call_soon(self._continue)
@@ -296,10 +312,13 @@ class NBDConnection(asyncio.Protocol):
         if not self._lost_done and self._core.backlog:
             self._receive(b"")
 
+    def _busy(self) -> int:
+        return len(self._tasks) + self._relayed
+
     def _may_start(self, request: Request) -> bool:
-        if self._writing_paused:
+        if self._writing_paused or self._attaching is not None:
             return False
-        if not self._tasks:
+        if not self._busy():
             return True
         assert self._transport is not None
         unsent = self._transport.get_write_buffer_size()
@@ -319,7 +338,7 @@ class NBDConnection(asyncio.Protocol):
         # requests finish), including those not started yet or not parsed yet.
         if (
             self._closing
-            and not self._tasks
+            and not self._busy()
             and not self._pending
             and not self._core.backlog
             and self._transport is not None
@@ -334,7 +353,7 @@ class NBDConnection(asyncio.Protocol):
             self._writing_paused
             or bool(self._pending)
             or self._core.backlog
-            or len(self._tasks) >= self._policy.max_in_flight
+            or self._busy() >= self._policy.max_in_flight
         )
         if want_pause and not self._reading_paused:
             self._transport.pause_reading()
@@ -357,7 +376,7 @@ class NBDConnection(asyncio.Protocol):
     def _idle_check(self) -> None:
         timeout = self._policy.idle_timeout
         idle = self._loop.time() - self._last_activity
-        if self._tasks or self._pending or idle < timeout:
+        if self._busy() or self._pending or idle < timeout:
             self._idle_timer = self._loop.call_later(max(timeout - idle, 0.05), self._idle_check)
             return
         self._idle_timer = None
@@ -429,10 +448,38 @@ class NBDConnection(asyncio.Protocol):
             self._core.tls,
             [name for _, name in self._contexts],
         )
+        if export is not None and export.relays_reads:
+            self._attaching = self._loop.create_task(self._attach(export))
+
+    async def _attach(self, export: Export) -> None:
+        """Open this connection's own upstream connection; requests wait until then."""
+        try:
+            upstream = await export.open_upstream()
+        except (OSError, NBDError) as e:
+            # Reads then go through export.read(), which answers for itself.
+            self.log.warning("no upstream connection of its own: %s", e)
+            return
+        finally:
+            self._attaching = None
+            self._loop.call_soon(self._pump)
+        if self._lost_done:
+            upstream.abort()
+            return
+        self._relay = ReadRelay(export, upstream, self._core, self._writelines, self._relayed_done)
 
     def _start(self, request: Request) -> None:
         cost = _cost(request)
         self._in_flight_bytes += cost
+        if request.command == Command.READ and self._relay is not None:
+            self._relayed += 1
+            self._relay.read(request)
+            return
+        if request.command == Command.BLOCK_STATUS:
+            reply = self._status_now(request)
+            if reply is not None:  # answered from memory: no task
+                self._in_flight_bytes -= cost
+                self._send(reply)
+                return
         task = self._loop.create_task(self._serve(request, cost))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
@@ -447,6 +494,43 @@ class NBDConnection(asyncio.Protocol):
         self._last_activity = self._loop.time()
         self._pump()
         self._close_when_idle()
+
+    def _status_now(self, request: Request) -> bytes | None:
+        """The block status reply, if every context can answer at once (packed)."""
+        export = self._export
+        if export is None or export.closed or self._server.stopping:
+            return None  # _answer says why
+        limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+        extended = self._core.extended
+        per_context = []
+        try:
+            for cid, name in self._contexts:
+                packed = export.packed_extents(
+                    name, request.offset, request.length, limit, extended=extended
+                )
+                if packed is None:
+                    return None
+                per_context.append((cid, packed))
+        except OSError as e:
+            return self._core.error_reply(request, nbd_errno(e), str(e))
+        self._counted_request(export, request, 0)
+        return self._core.block_status_reply(request, per_context)
+
+    def _relayed_done(self, request: Request, served: int, error: tuple[Errno, str] | None) -> None:
+        self._relayed -= 1
+        self._in_flight_bytes -= _cost(request)
+        self.bytes_served += served
+        if error is None and self._export is not None:
+            self._counted_request(self._export, request, request.length)
+        if error is not None and error[0] != Errno.ESHUTDOWN:
+            self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
+        self._last_activity = self._loop.time()
+        self._pump()
+        self._close_when_idle()
+
+    def _writelines(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(buffers)
 
     def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -472,8 +556,15 @@ class NBDConnection(asyncio.Protocol):
                 if export.closed:
                     raise ExportGone()
                 buffers = core.read_reply(request, segments)
-                if self._transport is not None and not self._transport.is_closing():
-                    self._transport.writelines(buffers)
+                transport = self._transport
+                if transport is not None and not transport.is_closing():
+                    transport.writelines(buffers)
+                    self._in_transit.append(segments)
+                    if not transport.get_write_buffer_size():
+                        # All sent: the transport holds none of these buffers any more.
+                        for sent in self._in_transit:
+                            export.release(sent)
+                        self._in_transit.clear()
                 self.bytes_served += request.length
                 self._counted_request(export, request, request.length)
                 return

@@ -11,6 +11,7 @@ With REQ_ONE only the first extent is sent, clipped to the request length.
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 Extent = tuple[int, int]
 
@@ -50,3 +51,14 @@ def normalize_extents(
             break
         out.append((ext_length, flags))
     return out
+
+
+@dataclass(frozen=True)
+class PackedExtents:
+    """Descriptors already in wire form — ``count`` of them, compact (length u32, flags u32)
+    or ``extended`` (u64, u64), clipped to the request, merged and within its limit — sent
+    as they are (a frozen dirty bitmap packs its whole disk once)."""
+
+    data: bytes | bytearray
+    count: int
+    extended: bool

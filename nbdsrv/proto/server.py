@@ -61,7 +61,7 @@ from .constants import (
 )
 from .contexts import MetaContext, select_contexts
 from .errors import ProtocolError
-from .extents import Extent, normalize_extents
+from .extents import Extent, PackedExtents, normalize_extents
 
 # Longest option payload we buffer; a hostile length beyond this closes the connection.
 MAX_OPTION_LENGTH = 1024 * 1024
@@ -579,7 +579,12 @@ class ServerConnection:
 
     # -- replies to requests (called by the I/O layer, or internally) -------------------------
 
-    def _chunk(self, request: Request, flags: int, rtype: int, payload_length: int) -> bytes:
+    @property
+    def chunk_header_size(self) -> int:
+        return wire.EXTENDED_REPLY.size if self.extended else wire.STRUCTURED_REPLY.size
+
+    def chunk_header(self, request: Request, flags: int, rtype: int, payload_length: int) -> bytes:
+        """The header of one structured (or extended) reply chunk."""
         if self.extended:
             return wire.EXTENDED_REPLY.pack(
                 EXTENDED_REPLY_MAGIC, flags, rtype, request.cookie, request.offset, payload_length
@@ -591,7 +596,7 @@ class ServerConnection:
     def ok_reply(self, request: Request) -> bytes:
         """A successful reply without payload."""
         if self.extended:
-            return self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)
+            return self.chunk_header(request, ReplyFlag.DONE, ReplyType.NONE, 0)
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
 
     def error_reply(self, request: Request, errno: Errno, message: str) -> bytes:
@@ -599,7 +604,8 @@ class ServerConnection:
         if self.structured:
             text = _short(message)
             payload = wire.ERROR_CHUNK.pack(errno, len(text)) + text
-            return self._chunk(request, ReplyFlag.DONE, ReplyType.ERROR, len(payload)) + payload
+            head = self.chunk_header(request, ReplyFlag.DONE, ReplyType.ERROR, len(payload))
+            return head + payload
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, request.cookie)
 
     def read_reply(
@@ -617,39 +623,55 @@ class ServerConnection:
             return out
         if request.length == 0:
             # OFFSET_DATA must carry at least one byte, so an empty read is just DONE.
-            return [self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
+            return [self.chunk_header(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
         if request.flags & CommandFlag.DF or (len(segments) == 1 and segments[0][2] is not None):
             datas = [data if data is not None else bytes(n) for _, n, data in segments]
             payload_length = 8 + request.length
-            head = self._chunk(request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, payload_length)
+            head = self.chunk_header(request, ReplyFlag.DONE, ReplyType.OFFSET_DATA, payload_length)
             return [head + wire.OFFSET_DATA.pack(request.offset), *datas]
         if not segments:
-            return [self._chunk(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
+            return [self.chunk_header(request, ReplyFlag.DONE, ReplyType.NONE, 0)]
         out = []
         last = len(segments) - 1
         for i, (offset, length, data) in enumerate(segments):
             flags = ReplyFlag.DONE if i == last else 0
             if data is None:
                 out.append(
-                    self._chunk(request, flags, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.size)
+                    self.chunk_header(request, flags, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.size)
                     + wire.OFFSET_HOLE.pack(offset, length)
                 )
             else:
-                head = self._chunk(request, flags, ReplyType.OFFSET_DATA, 8 + length)
+                head = self.chunk_header(request, flags, ReplyType.OFFSET_DATA, 8 + length)
                 out.append(head + wire.OFFSET_DATA.pack(offset))
                 out.append(data)
         return out
 
     def block_status_reply(
-        self, request: Request, per_context: Sequence[tuple[int, Sequence[Extent]]]
+        self,
+        request: Request,
+        per_context: Sequence[tuple[int, Sequence[Extent] | PackedExtents]],
     ) -> bytes:
-        """One chunk per context, DONE on the last; extents clipped, merged and capped."""
+        """One chunk per context, DONE on the last; extents clipped, merged and capped
+        (packed ones are sent as they are)."""
         req_one = bool(request.flags & CommandFlag.REQ_ONE)
         limit = 1 if req_one else MAX_BLOCK_STATUS_EXTENTS
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         last = len(per_context) - 1
         for i, (context_id, extents) in enumerate(per_context):
             flags = ReplyFlag.DONE if i == last else 0
+            if isinstance(extents, PackedExtents):
+                if extents.extended != self.extended or not extents.count:
+                    raise ValueError("packed extents of the wrong kind, or none")
+                if self.extended:
+                    head = wire.BLOCK_STATUS_EXT_HEADER.pack(context_id, extents.count)
+                    rtype = ReplyType.BLOCK_STATUS_EXT
+                else:
+                    head = wire.BLOCK_STATUS_HEADER.pack(context_id)
+                    rtype = ReplyType.BLOCK_STATUS
+                payload_length = len(head) + len(extents.data)
+                parts.append(self.chunk_header(request, flags, rtype, payload_length) + head)
+                parts.append(extents.data)
+                continue
             if self.extended:
                 items = normalize_extents(
                     extents, request.length, limit=limit, max_extent=INT64_MAX
@@ -668,7 +690,7 @@ class ServerConnection:
                 rtype = ReplyType.BLOCK_STATUS
             if not items:
                 raise ValueError("block status source returned no extent")
-            parts.append(self._chunk(request, flags, rtype, len(payload)))
+            parts.append(self.chunk_header(request, flags, rtype, len(payload)))
             parts.append(payload)
         return b"".join(parts)
 

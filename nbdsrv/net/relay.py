@@ -1,0 +1,203 @@
+"""Relayed reads: the READs of one client connection to a session export go over an NBD
+connection of its own to QEMU's export, with the client's cookie, and each reply chunk is
+written to the client from the callback that completes it — from the very buffer the
+upstream payload was received into (one copy in user space fewer than a read() that returns
+data, no Future, no Task, no event-loop hop per request).
+
+Structured clients get the chunks as QEMU sent them (holes stay holes); the last chunk is
+held back until QEMU's reply is known to be complete and correct, so it can carry DONE or be
+replaced by an error. Simple-reply clients and DF reads get one reply once all is in.
+
+A chunk is only sent while the export can still be trusted: once the session has failed
+(its point in time may be gone) or the export was removed, the rest of the reply becomes an
+error (EIO, or ESHUTDOWN for a removed export), like any reply that QEMU got wrong.
+"""
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from ..exports.export import Export
+from ..proto import wire
+from ..proto.constants import Command, CommandFlag, Errno, ReplyFlag, ReplyType
+from ..proto.errors import ReplyError
+from ..proto.server import Request, ServerConnection
+from .client import ConnectionClosed, NBDClient
+
+# Called once per relayed request: its cost, bytes served (0 on error), and the error text.
+Finished = Callable[[Request, int, tuple[Errno, str] | None], None]
+Write = Callable[[list[bytes | bytearray | memoryview]], None]  # writelines
+
+
+class ReadRelay:
+    """READs of one client connection, relayed over ``upstream``."""
+
+    def __init__(
+        self,
+        export: Export,
+        upstream: NBDClient,
+        core: ServerConnection,
+        write: Write,
+        finished: Finished,
+    ) -> None:
+        self.export = export
+        self.upstream = upstream
+        self.core = core
+        self.write = write
+        self.finished = finished
+
+    def read(self, request: Request) -> None:
+        whole = not self.core.structured or bool(request.flags & CommandFlag.DF)
+        sink: _Read = _Whole(self, request) if whole else _Streamed(self, request)
+        flags = CommandFlag.DF if request.flags & CommandFlag.DF else 0
+        sink.error = self.refusal()
+        if sink.error is not None:
+            asyncio.get_running_loop().call_soon(sink.finish)
+            return
+        try:
+            self.upstream.submit(
+                Command.READ, flags, request.offset, request.length, sink, cookie=request.cookie
+            )
+        except ConnectionClosed as e:
+            # Never call back into the connection from inside its own start of the request.
+            asyncio.get_running_loop().call_soon(sink.done, e)
+
+    def cork(self) -> None:
+        self.upstream.cork()
+
+    def uncork(self) -> None:
+        self.upstream.uncork()
+
+    def close(self) -> None:
+        self.upstream.abort()
+
+    def refusal(self) -> tuple[Errno, str] | None:
+        """Why nothing more may be sent from upstream, if anything."""
+        if self.export.closed:
+            return Errno.ESHUTDOWN, "export is gone"
+        reason = self.export.broken()
+        if reason is not None:
+            return Errno.EIO, f"backup session failed: {reason}"
+        return None
+
+
+class _Read(ABC):
+    """The reply to one relayed READ (a ReplySink of the upstream client)."""
+
+    def __init__(self, relay: ReadRelay, request: Request) -> None:
+        self.relay = relay
+        self.request = request
+        self.error: tuple[Errno, str] | None = None
+
+    def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
+        self.error = (Errno.EIO, "block status in a READ reply")  # QEMU never sends it
+
+    def upstream_error(self, error: ReplyError | None) -> None:
+        if error is not None and self.error is None:
+            # Whatever QEMU said, the client sees EIO: the data is not there.
+            self.error = (Errno.EIO, f"reading from QEMU: {error}")
+
+    def finish(self) -> None:
+        relay, request = self.relay, self.request
+        if self.error is not None:
+            relay.write([relay.core.error_reply(request, *self.error)])
+            relay.finished(request, 0, self.error)
+        else:
+            relay.export.read_served(request.offset, request.length)
+            relay.finished(request, request.length, None)
+
+    @abstractmethod
+    def data_buffer(self, offset: int, length: int) -> memoryview: ...
+
+    @abstractmethod
+    def data(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def hole(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    def done(self, error: ReplyError | None) -> None: ...
+
+
+class _Streamed(_Read):
+    """A structured client's reply, chunk by chunk as QEMU sends it."""
+
+    def __init__(self, relay: ReadRelay, request: Request) -> None:
+        super().__init__(relay, request)
+        self.prefix = relay.core.chunk_header_size + wire.OFFSET_DATA.size
+        self.buffer: bytearray | None = None
+        self.held: bytearray | None = None  # the last complete chunk, not sent yet
+
+    def data_buffer(self, offset: int, length: int) -> memoryview:
+        self.buffer = bytearray(self.prefix + length)
+        return memoryview(self.buffer)[self.prefix :]
+
+    def data(self, offset: int, length: int) -> None:
+        chunk, self.buffer = self.buffer, None
+        assert chunk is not None
+        core = self.relay.core
+        chunk[: self.prefix] = core.chunk_header(
+            self.request, 0, ReplyType.OFFSET_DATA, wire.OFFSET_DATA.size + length
+        ) + wire.OFFSET_DATA.pack(offset)
+        self._hold(chunk)
+
+    def hole(self, offset: int, length: int) -> None:
+        core = self.relay.core
+        chunk = bytearray(
+            core.chunk_header(self.request, 0, ReplyType.OFFSET_HOLE, wire.OFFSET_HOLE.size)
+            + wire.OFFSET_HOLE.pack(offset, length)
+        )
+        self._hold(chunk)
+
+    def _hold(self, chunk: bytearray) -> None:
+        if self.error is None:
+            self.error = self.relay.refusal()
+        if self.error is not None:
+            self.held = None
+            return
+        if self.held is not None:
+            self.relay.write([self.held])
+        self.held = chunk
+
+    def done(self, error: ReplyError | None) -> None:
+        if self.error is None:
+            self.error = self.relay.refusal()  # first: a removed export explains a lost link
+        self.upstream_error(error)
+        held, self.held = self.held, None
+        if self.error is None:
+            if held is None:
+                held = bytearray(self.relay.core.chunk_header(self.request, 0, ReplyType.NONE, 0))
+            held[5] |= ReplyFlag.DONE  # flags: bytes 4-5 of either chunk header
+            self.relay.write([held])
+        self.finish()
+
+
+class _Whole(_Read):
+    """One reply once everything is in: simple replies, and DF (one data chunk)."""
+
+    def __init__(self, relay: ReadRelay, request: Request) -> None:
+        super().__init__(relay, request)
+        self.buffer: bytearray | None = None
+
+    def data_buffer(self, offset: int, length: int) -> memoryview:
+        request = self.request
+        if self.buffer is None:
+            self.buffer = bytearray(request.length)  # holes stay zero
+        start = offset - request.offset
+        return memoryview(self.buffer)[start : start + length]
+
+    def data(self, offset: int, length: int) -> None:
+        pass
+
+    def hole(self, offset: int, length: int) -> None:
+        pass
+
+    def done(self, error: ReplyError | None) -> None:
+        if self.error is None:
+            self.error = self.relay.refusal()  # first: a removed export explains a lost link
+        self.upstream_error(error)
+        if self.error is None:
+            request = self.request
+            segment = (request.offset, request.length, self.buffer)
+            self.relay.write(self.relay.core.read_reply(request, [segment]))
+        self.finish()
