@@ -62,7 +62,9 @@ class ExternalQSD:
         self.models = [bytearray(DISK_SIZE) for _ in images]
 
     def start(self) -> None:
-        argv = [require_tool("qemu-storage-daemon")]
+        # A passthrough throttle node under each export, as nbdsrv's own QSD has: a backup
+        # session switches its copy-before-write filters in there (nbdsrv/qemu/fleece.py).
+        argv = [require_tool("qemu-storage-daemon"), "--object", "throttle-group,id=tg"]
         for i, image in enumerate(self.images):
             fmt = "qcow2" if image.suffix == ".qcow2" else "raw"
             argv += [
@@ -70,6 +72,8 @@ class ExternalQSD:
                 f"driver=file,filename={image},node-name=disk{i}-file",
                 "--blockdev",
                 f"driver={fmt},file=disk{i}-file,node-name=disk{i}",
+                "--blockdev",
+                f"driver=throttle,throttle-group=tg,file=disk{i},node-name=disk{i}-live",
             ]
         argv += [
             "--chardev",
@@ -84,7 +88,10 @@ class ExternalQSD:
             f"addr.type=unix,addr.path={self.nbd_path}",
         ]
         for i in range(len(self.images)):
-            argv += ["--export", f"type=nbd,id=disk{i},node-name=disk{i},name=disk{i},writable=on"]
+            argv += [
+                "--export",
+                f"type=nbd,id=disk{i},node-name=disk{i}-live,name=disk{i},writable=on",
+            ]
         with open(self.workdir / "qsd.log", "ab") as log:
             self.proc = subprocess.Popen(argv, stderr=log)
         wait_for(

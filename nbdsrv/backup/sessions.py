@@ -1,24 +1,36 @@
 """Pull-mode backup sessions: one point in time over every disk of a VM, exported read-only.
 
-begin (one VM lock held throughout)::
+begin (one VM lock held throughout; the point-in-time parts are in nbdsrv/qemu/fleece.py)::
 
-    session record (the plan)  ─►  scratch images + nodes  ─►  checkpoint intent
-      ─►  ONE transaction: frozen bitmaps on the scratch nodes, the next checkpoint,
-          blockdev-backup sync=none for every disk               (the point in time)
-      ─►  checkpoint commit  ─►  QEMU exports  ─►  bitmaps read into memory, OR-merged
-      ─►  VM/DISK exports on every listener
+    session record (the plan)  ─►  scratch images, scratch nodes, copy-before-write filters
+      ─►  checkpoint intent
+      ─►  a VM (has vCPUs): stop if running ─► every filter into its path ─► ONE transaction:
+          frozen bitmaps, the next checkpoint ─► cont if nbdsrv stopped it        (exact)
+          a qemu-storage-daemon (cannot pause): transaction adding the next checkpoint's
+          bitmap ─► ONE reopen puts every filter into its path ─► transaction disabling the
+          old one and adding the frozen bitmaps          (dirty maps are supersets: safe)
+      ─►  checkpoint commit  ─►  snapshot-access nodes, QEMU exports  ─►  bitmaps read into
+          memory, OR-merged  ─►  VM/DISK exports on every listener
 
-Any failure on the way tears down what exists and, when the transaction had run, deletes
-the new checkpoint again: a failed begin leaves nothing behind. end — and daemon stop —
-remove the exports (clients get ESHUTDOWN), then everything in the plan from QEMU and disk.
-A daemon restart finds left-over session records and cleans them out of QEMU.
+Any failure on the way tears down what exists and, when the checkpoint was committed,
+deletes it again: a failed begin leaves nothing behind. end — and daemon stop — remove the
+exports (clients get ESHUTDOWN), then everything in the plan from QEMU and disk. The record
+stays until QEMU holds none of it (QEMU unreachable: cleaned when it reconnects).
+
+A session breaks when QEMU can no longer read its point in time (a copy into the scratch
+image failed: QEMU then fails every snapshot read and says nothing on QMP), when QEMU's
+export goes away, or when QEMU is lost. nbdsrv learns it from a failed upstream read or
+from a one-sector probe read every PROBE_INTERVAL; the session is then "failed" with the
+reason, and its readers get EIO.
 """
 
+import asyncio
+import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..backends.qmp.vm import VM
@@ -29,7 +41,7 @@ from ..exports.upstream import UpstreamExport, fetch_bitmap
 from ..net.address import Address
 from ..proto.constants import DIRTY_BITMAP_PREFIX
 from ..qemu import fleece
-from ..qemu.errors import QEMUError
+from ..qemu.errors import QEMUError, QMPError
 from ..qemu.monitor import QMPEvent
 from .checkpoints import (
     Checkpoint,
@@ -42,7 +54,8 @@ from .checkpoints import (
 
 log = logging.getLogger(__name__)
 
-JOB_EVENTS = ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+# Seconds between the probe reads that find a broken point in time without a reader.
+PROBE_INTERVAL = 1.0
 
 
 class SessionError(NbdsrvError):
@@ -73,6 +86,7 @@ class Session:
     error: str | None = None
     ending: bool = False
     unsubscribe: Any = None
+    watcher: "asyncio.Task[None] | None" = None
 
     def fail(self, reason: str) -> None:
         if self.state == "running":
@@ -135,6 +149,7 @@ class SessionManager:
                 )
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; --no-checkpoint backs up without creating one") from e
+        switches = await fleece.find_switches(vm.monitor, vm.roots)
         session_id = uuid.uuid4().hex[:12]
         os.makedirs(self.scratch_dir, mode=0o700, exist_ok=True)
         plan = fleece.FleecePlan(
@@ -142,8 +157,8 @@ class SessionManager:
             nbd_socket=vm.nbd_socket or os.path.join(vm.store.directory, "fleece.sock"),
             start_nbd_server=vm.nbd_socket is None,
             disks=tuple(
-                _plan_disk(session_id, disk, layers, wanted, self.scratch_dir)
-                for disk, layers in sorted(state.items())
+                _plan_disk(session_id, i, disk, layers, switches[disk], wanted, self.scratch_dir)
+                for i, (disk, layers) in enumerate(sorted(state.items()))
             ),
         )
         session = Session(
@@ -161,42 +176,111 @@ class SessionManager:
                 await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
             for disk in plan.disks:
                 await fleece.create_scratch_image(disk.scratch_file, disk.size)
-                await vm.monitor.execute("blockdev-add", fleece.scratch_node_options(disk))
-            actions = [a for d in plan.disks for a in fleece.freeze_actions(d)]
-            actions += checkpoint_actions
-            actions += [fleece.backup_action(d) for d in plan.disks]
+                await fleece.add_filter(vm.monitor, disk)
+            session.unsubscribe = vm.monitor.subscribe(
+                "BLOCK_EXPORT_DELETED", self._export_event(session)
+            )
+            freeze = [a for d in plan.disks for a in fleece.freeze_actions(d)]
+            running = await fleece.run_state(vm.monitor)
             op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
-            session.unsubscribe = vm.monitor.subscribe(JOB_EVENTS, self._job_event(session))
-            await vm.transaction(f"backup begin on VM {vm.name}", actions)
-            if new_checkpoint is not None and op_id is not None:
-                vm.commit_create(chain, new_checkpoint, op_id)
-                committed = True
+            if running is None:
+                # Nothing can pause the writers: keep every dirty map a superset (the new
+                # bitmap records from before the switch, the frozen ones until after it).
+                adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
+                rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
+                if new_checkpoint is not None and op_id is not None:
+                    await vm.transaction(f"backup begin on VM {vm.name}", adds)
+                    vm.commit_create(chain, new_checkpoint, op_id)
+                    committed = True
+                await fleece.switch_in(vm.monitor, plan.disks)
+                await self._transaction(vm, freeze + rest)
+            else:
+                await self._paused_switch(session, running, freeze + checkpoint_actions)
+                if new_checkpoint is not None and op_id is not None:
+                    vm.commit_create(chain, new_checkpoint, op_id)
+                    committed = True
             for disk in plan.disks:
                 await fleece.add_export(vm.monitor, disk)
             await self._open_exports(session, request, wanted)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
-            await self._teardown(session)
-            if committed and session.checkpoint:
+            with contextlib.suppress(QEMUError):
+                await self._teardown(session)
+            if committed and session.checkpoint and vm.monitor.connected:
                 await vm.delete_checkpoint_locked(session.checkpoint)
             raise
         self.sessions[session_id] = session
+        session.watcher = asyncio.create_task(
+            self._probe(session), name=f"session-probe {session_id}"
+        )
         log.info(
             "VM %s: backup session %s begun (checkpoint %s, from %s)",
             vm.name, session_id, session.checkpoint, request.from_checkpoint,
         )  # fmt: skip
         return session
 
-    def _job_event(self, session: Session) -> Any:
-        jobs = {d.job for d in session.plan.disks}
+    async def _paused_switch(
+        self, session: Session, running: bool, actions: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Switch every disk and run ``actions`` with the vCPUs stopped (``stop`` drains all
+        I/O), so the point in time and the bitmaps are one exact instant. A VM that was not
+        running is left as it was: never ``cont`` what nbdsrv did not stop."""
+        vm = session.vm
+        if running:
+            session.plan = replace(session.plan, paused=True)
+            vm.store.write_session(session.id, self._record(session))
+            await vm.monitor.execute("stop")
+        try:
+            await fleece.switch_in(vm.monitor, session.plan.disks)
+            if actions:
+                await vm.transaction(f"backup begin on VM {vm.name}", actions)
+        finally:
+            if running:
+                await vm.monitor.execute("cont")
+                session.plan = replace(session.plan, paused=False)
+                vm.store.write_session(session.id, self._record(session))
+
+    @staticmethod
+    async def _transaction(vm: VM, actions: list[tuple[str, dict[str, Any]]]) -> None:
+        if not actions:
+            return
+        try:
+            await vm.monitor.transaction(actions)
+        except QMPError as e:
+            raise SessionError(f"backup begin on VM {vm.name}: QEMU refused: {e.desc}") from e
+
+    def _export_event(self, session: Session) -> Any:
+        exports = {d.export for d in session.plan.disks}
 
         def on_event(event: QMPEvent) -> None:
-            if event.data.get("device") not in jobs or session.ending:
-                return
-            detail = event.data.get("error") or event.data.get("action") or ""
-            session.fail(f"fleecing job {event.data.get('device')}: {event.name} {detail}".strip())
+            if event.data.get("id") in exports and not session.ending:
+                session.fail(f"QEMU's export {event.data.get('id')} was deleted")
 
         return on_event
+
+    def _broken(self, session: Session) -> Any:
+        def on_failure(detail: str) -> None:
+            if session.ending:
+                return
+            reason = f"QEMU can no longer read the point in time: {detail}"
+            free = _free_bytes(self.scratch_dir)
+            if free is not None and free < 1 << 20:
+                reason += (
+                    f" (the scratch directory {self.scratch_dir} is full: a copy-before-write "
+                    "failed and QEMU broke the snapshot; the guest's writes went on)"
+                )
+            session.fail(reason)
+
+        return on_failure
+
+    async def _probe(self, session: Session) -> None:
+        """Find a broken point in time without waiting for a reader."""
+        while session.state == "running" and not session.ending:
+            await asyncio.sleep(PROBE_INTERVAL)
+            for export in list(session.exports.values()):
+                if session.state != "running" or session.ending:
+                    return
+                await export.probe()
 
     async def _open_exports(
         self, session: Session, request: BeginRequest, wanted: list[Checkpoint]
@@ -228,6 +312,7 @@ class SessionManager:
                 disk.export,
                 contexts,
                 description=f"VM {vm.name} disk {disk.disk}, backup session {session.id}",
+                on_failure=self._broken(session),
             )
             await export.open()
             session.exports[disk.disk] = export
@@ -244,20 +329,32 @@ class SessionManager:
         log.info("VM %s: backup session %s ended", vm.name, session_id)
 
     async def _teardown(self, session: Session) -> None:
+        """Close the session's exports, then remove it from QEMU. The record goes only when
+        QEMU holds nothing of it any more; QEMU unreachable: the next reconnect cleans it."""
         session.ending = True
+        if session.watcher is not None and session.watcher is not asyncio.current_task():
+            session.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.watcher
         for export in session.exports.values():
             if self.catalog.find_export(export.name) is export:
                 self.catalog.remove(export.name)
             await export.aclose()
         if session.unsubscribe is not None:
             session.unsubscribe()
-        monitor = session.vm.monitor
         try:
-            await fleece.teardown(monitor if monitor.connected else None, session.plan)
+            gone = await fleece.teardown(session.vm.monitor, session.plan)
         except QEMUError as e:
             log.error("session %s: cleanup in QEMU failed: %s", session.id, e)
             raise
-        session.vm.store.remove_session(session.id)
+        if gone:
+            session.vm.store.remove_session(session.id)
+        else:
+            log.warning(
+                "session %s: QEMU is not connected; its nodes and files are removed when it "
+                "reconnects",
+                session.id,
+            )
 
     async def end_all(self) -> None:
         for session in list(self.sessions.values()):
@@ -275,8 +372,13 @@ class SessionManager:
                 continue
             log.info("VM %s: cleaning up stale backup session %s", vm.name, record["id"])
             plan = fleece.FleecePlan.from_json(record["plan"])
-            await fleece.teardown(vm.monitor if vm.monitor.connected else None, plan)
-            vm.store.remove_session(record["id"])
+            try:
+                gone = await fleece.teardown(vm.monitor, plan)
+            except QEMUError as e:
+                log.error("VM %s: stale session %s stays: %s", vm.name, record["id"], e)
+                continue
+            if gone:
+                vm.store.remove_session(record["id"])
 
     # -- views ----------------------------------------------------------------------------
 
@@ -333,8 +435,10 @@ def _wanted_checkpoints(
 
 def _plan_disk(
     session_id: str,
+    index: int,
     disk: str,
     layers: Sequence[Any],
+    switch: fleece.Switch,
     wanted: list[Checkpoint],
     scratch_dir: str,
 ) -> fleece.DiskPlan:
@@ -348,7 +452,17 @@ def _plan_disk(
                 sources.append((layer.node_name, segment.bitmap))
         if sources:
             bitmaps.append((checkpoint.name, checkpoint.granularity, sources))
-    return fleece.plan_disk(session_id, disk, top.node_name, top.virtual_size, scratch_dir, bitmaps)
+    return fleece.plan_disk(
+        session_id, index, disk, top.node_name, top.virtual_size, scratch_dir, switch, bitmaps
+    )
+
+
+def _free_bytes(directory: str) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _since_contexts(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.qmp_sync import QMPFailed
 from tests.tools import require_tool
 from tests.vmharness import (
     COPY_SCRIPT,
@@ -284,50 +285,80 @@ def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: Nbdsrv) -> No
     end(nbdsrv, session)
 
 
-def test_copy_before_write_error_keeps_the_point_in_time(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
-    """QEMU 7.2's fleecing job fails the guest's write when it cannot save the old data
-    (blkdebug makes every write to the scratch image fail): the export stays exact."""
+def read_snapshot(nbdsrv: Nbdsrv, command: str) -> str:
+    result = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", command, nbdsrv.uri("vm1/disk0")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
+def test_copy_before_write_error_breaks_the_snapshot_not_the_guest(
+    vm: ExternalQSD, nbdsrv: Nbdsrv
+) -> None:
+    """blkdebug makes every write to the scratch image fail: the guest's write still
+    succeeds (on-cbw-error=break-snapshot), the session fails with a reason, reads get EIO."""
     vm.write(0, 0x11, 0, 1 * MiB)
     nbdsrv.stop()
     nbdsrv.start(fault="scratch-write-error")
     session = begin(nbdsrv)
-    guest = subprocess.run(
-        [require_tool("qemu-io"), "-f", "raw", "-c", "write -P 0x99 0 64k",
+    vm.write(0, 0x99, 0, 64 * K)  # raises if the guest's write fails
+    live = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x99 0 64k",
          f"nbd+unix:///disk0?socket={vm.nbd_path}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert "Input/output error" in guest.stdout + guest.stderr
-    result = subprocess.run(
-        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x11 0 1M",
-         nbdsrv.uri("vm1/disk0")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert "read 1048576/1048576" in result.stdout, result.stdout + result.stderr
-    end(nbdsrv, session)
-    assert qemu_leftovers(vm) == []
-
-
-def test_fleecing_job_gone_fails_session_and_never_serves_new_data(
-    vm: ExternalQSD, nbdsrv: Nbdsrv
-) -> None:
-    vm.write(0, 0x11, 0, 1 * MiB)
-    session = begin(nbdsrv)
-    assert vm.qmp is not None
-    job = vm.qmp.execute("query-block-jobs")[0]["device"]
-    vm.qmp.execute("block-job-cancel", device=job, force=True)
+    assert "read 65536/65536" in live.stdout, live.stdout + live.stderr
     wait_for(
         lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
         "the session to fail",
     )
-    assert "fleecing job" in nbdsrv.json("backup", "list", "vm1")[0]["error"]
-    # Without the job nothing saves old data any more: reads must fail, not show this.
-    vm.write(0, 0x99, 0, 64 * K)
-    result = subprocess.run(
-        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read 0 64k",
-         nbdsrv.uri("vm1/disk0")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert "Input/output error" in result.stdout + result.stderr
+    assert (
+        "can no longer read the point in time" in nbdsrv.json("backup", "list", "vm1")[0]["error"]
+    )
+    assert "Input/output error" in read_snapshot(nbdsrv, "read 0 64k")
+    assert "Input/output error" in read_snapshot(nbdsrv, "read 4M 64k")  # never written
+    end(nbdsrv, session)
+    assert qemu_leftovers(vm) == []
+
+
+def test_third_party_cannot_take_the_filter_out_while_exported(
+    vm: ExternalQSD, nbdsrv: Nbdsrv
+) -> None:
+    """What a second monitor can do to a running session: QEMU refuses to take the filter
+    out of the path or delete a node; deleting the export is allowed, and the session then
+    fails (EIO) before the filter can leave the path. New data is never served."""
+    vm.write(0, 0x11, 0, 1 * MiB)
+    session = begin(nbdsrv)
+    qmp = vm.qmp
+    assert qmp is not None
+    nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
+    cbw = next(n for n in nodes if n.startswith("nbdsrv-") and "-cbw" in n)
+    acc = next(n for n in nodes if n.startswith("nbdsrv-") and "-acc" in n)
+    back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "tg",
+             "file": "disk0"}]  # fmt: skip
+    for command, args in [
+        ("blockdev-reopen", {"options": back}),
+        ("blockdev-del", {"node-name": cbw}),
+        ("blockdev-del", {"node-name": acc}),
+    ]:
+        with pytest.raises(QMPFailed):
+            qmp.execute(command, **args)
+    assert qmp.execute("query-block-jobs") == []  # nothing to cancel any more
+    vm.write(0, 0x22, 0, 64 * K)
+    assert "read 65536/65536" in read_snapshot(nbdsrv, "read -P 0x11 0 64k")
+    export = next(e["id"] for e in qmp.execute("query-block-exports") if e["id"] != "disk0")
+    with pytest.raises(QMPFailed, match="still in use"):  # nbdsrv is connected
+        qmp.execute("block-export-del", id=export)
+    qmp.execute("block-export-del", id=export, mode="hard")
+    wait_for(
+        lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
+        "the session to fail",
+    )
+    qmp.execute("blockdev-del", **{"node-name": acc})
+    qmp.execute("blockdev-reopen", options=back)
+    vm.write(0, 0x33, 0, 64 * K)
+    assert "Input/output error" in read_snapshot(nbdsrv, "read 0 64k")
     end(nbdsrv, session)
     assert qemu_leftovers(vm) == []
 
