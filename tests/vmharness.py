@@ -153,6 +153,7 @@ class Nbdsrv:
         self.control = str(workdir / "control.sock")
         self.qmp_path = qmp_path
         self.nbd_socket = str(workdir / "nbd.sock")
+        self.scratch_dir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def uri(self, export: str) -> str:
@@ -180,6 +181,7 @@ class Nbdsrv:
                     f"vm1={self.qmp_path}",
                     "--qemu-nbd",
                     f"vm1={self.qemu_nbd}",
+                    *(["--scratch-dir", self.scratch_dir] if self.scratch_dir else []),
                 ],
                 stderr=log,
                 env=env,

@@ -385,10 +385,17 @@ class VM:
             crash_point("snapshot-commit:after-intent")
             jobs = {disk: f"nbdsrv-commit-{disk}" for disk in disks}
             try:
+                # A QSD disk's export sits on a passthrough node above the top layer: the job
+                # starts at that root and commits the top below it (the export keeps its node).
+                roots = {
+                    str(e["id"]): str(e["node-name"])
+                    for e in await self.monitor.execute("query-block-exports")
+                }
                 for disk in disks:
+                    top = state[disk][0].node_name
                     await self.monitor.execute(
                         "block-commit",
-                        {"job-id": jobs[disk], "device": state[disk][0].node_name},
+                        {"job-id": jobs[disk], "device": roots.get(disk, top), "top-node": top},
                     )
                 for job in jobs.values():
                     await wait_job_ready(self.monitor, job)
