@@ -10,6 +10,7 @@
 """
 
 import json
+import os
 import subprocess
 import tempfile
 import threading
@@ -74,7 +75,8 @@ class GuestVM:
 def guest_workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="nbdsrv-p-", dir="/tmp"))
     yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
+    if not os.environ.get("KEEP"):
+        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def start_daemon(workdir: Path, qmp_path: Path) -> tuple[DaemonProcess, Callable[..., Any]]:
@@ -105,14 +107,13 @@ class Readers:
         self.stop_file = workdir / "readers.stop"
         expected_file = workdir / "expected.raw"
         expected_file.write_bytes(expected)
+        ready = [workdir / f"reader{i}.ready" for i in range(count)]
+        argv = ["/usr/bin/python3", str(READER), uri, str(expected_file), str(self.stop_file)]
         self.procs = [
-            subprocess.Popen(
-                ["/usr/bin/python3", str(READER), uri, str(expected_file), str(self.stop_file)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(count)
+            subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, text=True)
+            for path in ready
         ]
+        wait_for(lambda: all(p.exists() for p in ready), "every reader's first good read")
 
     def finish(self) -> list[dict[str, Any]]:
         self.stop_file.touch()
@@ -137,12 +138,12 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
         # -S: the VM was not running, so nbdsrv must not have started it.
         assert vm.qmp.execute("query-status")["status"] == "prelaunch"
         disk0 = next(d for d in session["disks"] if "vdisk0" in d)
-        uri = f"nbd+unix:///{session['disks'][disk0]['export']}?socket={guest_workdir}/nbd.sock"
+        uri = session["disks"][disk0]["uri"]
         readers = Readers(guest_workdir, uri, b"\x11" * DISK_SIZE)
         vm.write(0, 0x22, 0, 4 * MiB)
         nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
-        cbw = next(n for n in nodes if n.startswith("nbdsrv-") and "-cbw" in n)
-        acc = next(n for n in nodes if n.startswith("nbdsrv-") and "-acc" in n)
+        cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
+        acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
         back = {"path": GuestVM.DEVICES[0], "property": "drive", "value": "n0"}
         for command, args in [
             ("qom-set", back),
@@ -182,8 +183,8 @@ def test_qsd_third_party_cannot_make_reads_see_new_data(
     assert qmp is not None
     vm.write(0, 0x22, 0, 4 * MiB)
     nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
-    cbw = next(n for n in nodes if n.startswith("nbdsrv-") and "-cbw" in n)
-    acc = next(n for n in nodes if n.startswith("nbdsrv-") and "-acc" in n)
+    cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
+    acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
     back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "tg",
              "file": "disk0"}]  # fmt: skip
     with pytest.raises(QMPFailed, match="Permission conflict"):
@@ -283,7 +284,6 @@ def one_cut(
 def test_running_vm_two_disks_one_exact_point_in_time(guest_workdir: Path) -> None:
     vm = GuestVM(guest_workdir, running=True)
     daemon, cli = start_daemon(guest_workdir, vm.qmp_path)
-    nbd = guest_workdir / "nbd.sock"
     blocks = 120
     try:
         cli("checkpoint", "create", "vm", "--name", "c0")
@@ -291,7 +291,7 @@ def test_running_vm_two_disks_one_exact_point_in_time(guest_workdir: Path) -> No
         def read_disk(session: dict[str, Any], disk: int) -> bytes:
             name = sorted(session["disks"])[disk]
             target = guest_workdir / f"pit{disk}.raw"
-            uri = f"nbd+unix:///{session['disks'][name]['export']}?socket={nbd}"
+            uri = session["disks"][name]["uri"]
             run([require_tool("nbdcopy"), uri, str(target)])
             return target.read_bytes()
 
@@ -313,7 +313,7 @@ def test_running_vm_two_disks_one_exact_point_in_time(guest_workdir: Path) -> No
         run(nbdsrv_argv("backup", "end", "vm", state["session"]["id"], "--control", daemon.control))
         session = cli("backup", "begin", "vm", "--from", "c1", "--no-checkpoint")
         name = sorted(session["disks"])[0]
-        uri = f"nbd+unix:///{session['disks'][name]['export']}?socket={nbd}"
+        uri = session["disks"][name]["uri"]
         # stop/cont: the new checkpoint starts exactly at the point in time.
         assert dirty_blocks(uri, "qemu:dirty-bitmap:c1") == set(range(n0, blocks))
         assert daemon.stop() == 0

@@ -333,8 +333,8 @@ def test_third_party_cannot_take_the_filter_out_while_exported(
     qmp = vm.qmp
     assert qmp is not None
     nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
-    cbw = next(n for n in nodes if n.startswith("nbdsrv-") and "-cbw" in n)
-    acc = next(n for n in nodes if n.startswith("nbdsrv-") and "-acc" in n)
+    cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
+    acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
     back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "tg",
              "file": "disk0"}]  # fmt: skip
     for command, args in [
