@@ -51,6 +51,7 @@ from .checkpoints import (
     find_layer,
     now_iso,
 )
+from .crash_points import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ class SessionManager:
                     vm.commit_create(chain, new_checkpoint, op_id)
                     committed = True
                 await fleece.switch_in(vm.monitor, plan.disks)
+                crash_point("backup-begin:after-switch")
                 await self._transaction(vm, freeze + rest)
             else:
                 await self._paused_switch(session, running, freeze + checkpoint_actions)
@@ -201,6 +203,7 @@ class SessionManager:
                     committed = True
             for disk in plan.disks:
                 await fleece.add_export(vm.monitor, disk)
+            crash_point("backup-begin:after-exports")
             await self._open_exports(session, request, wanted)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
@@ -232,6 +235,7 @@ class SessionManager:
             await vm.monitor.execute("stop")
         try:
             await fleece.switch_in(vm.monitor, session.plan.disks)
+            crash_point("backup-begin:after-switch")  # a VM nbdsrv stopped stays stopped
             if actions:
                 await vm.transaction(f"backup begin on VM {vm.name}", actions)
         finally:
