@@ -16,7 +16,7 @@ from .config.paths import default_control, default_state_dir
 from .config.security import add_security_options, policy_from_args
 from .daemon import Daemon, DaemonConfig
 from .errors import ConfigError, NbdsrvError
-from .net.address import parse_address
+from .net.address import Address, parse_address
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 
@@ -31,6 +31,14 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", metavar="PATH", help="control socket of the daemon")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def _add_quiesce_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiesce",
+        action="store_true",
+        help="freeze the guest's filesystems for the instant (needs --qga on the daemon)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--granularity", metavar="BYTES", type=int, help="bitmap granularity (default 65536)"
     )
+    _add_quiesce_option(create)
     _add_client_options(create)
     listing = ckpt.add_parser("list", help="checkpoints of VM, oldest first")
     listing.add_argument("vm", metavar="VM")
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     begin.add_argument(
         "--bitmap-name", metavar="NAME", help="name the --from context qemu:dirty-bitmap:NAME"
     )
+    _add_quiesce_option(begin)
     _add_client_options(begin)
     blist = bk.add_parser("list", help="backup sessions of VM")
     blist.add_argument("vm", metavar="VM")
@@ -140,7 +150,27 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
         default=[],
         help="start a private qemu-storage-daemon for these images",
     )
+    daemon.add_argument(
+        "--qga",
+        metavar="VM=PATH",
+        action="append",
+        default=[],
+        help="unix socket of a --qmp VM's QEMU guest agent, for --quiesce",
+    )
     daemon.add_argument("--scratch-dir", metavar="DIR", help="scratch images (default: state dir)")
+    daemon.add_argument(
+        "--scratch-limit",
+        metavar="BYTES",
+        type=int,
+        default=0,
+        help="a session whose scratch data grows past this breaks (readers get EIO; the "
+        "guest is never affected; default: no limit)",
+    )
+    daemon.add_argument(
+        "--metrics",
+        metavar="tcp:HOST:PORT",
+        help="serve Prometheus metrics at GET /metrics (default: off)",
+    )
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     add_security_options(daemon)
 
@@ -154,10 +184,28 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         files=[_name_value(f, "--file") for f in args.file],
         qmp=[_name_value(q, "--qmp") for q in args.qmp],
         qemu_nbd=dict(_name_value(q, "--qemu-nbd") for q in args.qemu_nbd),
+        guest_agents=dict(_name_value(q, "--qga") for q in args.qga),
         images=_images(args),
         scratch_dir=args.scratch_dir,
         policy=policy_from_args(args),
+        metrics=_metrics_address(args.metrics),
+        scratch_limit=_non_negative(args.scratch_limit, "--scratch-limit"),
     )
+
+
+def _non_negative(value: int, option: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{option} must be 0 or more bytes")
+    return value
+
+
+def _metrics_address(text: str | None) -> Address | None:
+    if text is None:
+        return None
+    address = parse_address(text)
+    if address.kind != "tcp":
+        raise ConfigError(f"--metrics {text}: use tcp:HOST:PORT")
+    return address
 
 
 def _images(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -226,7 +274,12 @@ def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
     if args.action == "create":
         result = _client(
-            args, "checkpoint-create", vm=args.vm, name=args.name, granularity=args.granularity
+            args,
+            "checkpoint-create",
+            vm=args.vm,
+            name=args.name,
+            granularity=args.granularity,
+            quiesce=args.quiesce,
         )
         parent = f" (parent {result['parent']})" if result["parent"] else ""
         _emit(args, result, f"checkpoint {result['name']} created{parent}")
@@ -255,6 +308,36 @@ def _describe_session(session: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _session_table(sessions: list[dict[str, Any]]) -> str:
+    """One line per session disk, with the share of its dirty (or, for a full backup, all)
+    bytes read so far."""
+    rows = [("SESSION", "STATE", "STARTED", "DISK", "READ", "OF", "%", "CLIENTS")]
+    for session in sessions:
+        for disk, info in session["disks"].items():
+            dirty = info.get("dirty_bytes") or {}
+            wanted = next(iter(dirty.values())) if len(dirty) == 1 else info["size"]
+            read = info.get("bytes_read", 0)
+            share = f"{100 * min(read, wanted) / wanted:.1f}" if wanted else "100.0"
+            rows.append(
+                (
+                    session["id"],
+                    session["state"],
+                    session.get("started", ""),
+                    disk,
+                    str(read),
+                    str(wanted),
+                    share,
+                    str(info.get("clients", 0)),
+                )
+            )
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
 def _cmd_backup(args: argparse.Namespace) -> int:
     if args.action == "begin":
         result = _client(
@@ -266,12 +349,12 @@ def _cmd_backup(args: argparse.Namespace) -> int:
             no_checkpoint=args.no_checkpoint,
             all_checkpoints=args.all_checkpoints,
             bitmap_name=args.bitmap_name,
+            quiesce=args.quiesce,
         )
         _emit(args, result, _describe_session(result))
     elif args.action == "list":
         result = _client(args, "backup-list", vm=args.vm)
-        text = "\n".join(_describe_session(s) for s in result)
-        _emit(args, result, text or f"VM {args.vm} has no backup session")
+        _emit(args, result, _session_table(result) or f"VM {args.vm} has no backup session")
     else:
         result = _client(args, "backup-end", vm=args.vm, id=args.id)
         _emit(args, result, f"session {args.id} ended")
@@ -285,10 +368,58 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         lines = [f"{disk}: {file}" for disk, file in result["overlays"].items()]
         _emit(args, result, "\n".join(["snapshot created:", *lines]))
     else:
-        result = _client(args, "snapshot-commit", vm=args.vm)
+        if sys.stderr.isatty() and not args.json:
+            result = _with_progress(args, lambda: _client(args, "snapshot-commit", vm=args.vm))
+        else:
+            result = _client(args, "snapshot-commit", vm=args.vm)
         lines = [f"{disk}: {file} committed" for disk, file in result["committed"].items()]
         _emit(args, result, "\n".join(lines))
     return 0
+
+
+def _with_progress(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
+    """Run ``call`` while showing the VM's commit jobs' progress on the terminal (stderr)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    sys.stderr.write("committing:   0.0%")
+    sys.stderr.flush()
+    while worker.is_alive():
+        worker.join(0.25)
+        if not worker.is_alive():
+            break
+        try:
+            status = control.call(args.control or default_control(), "status", timeout=5)
+        except NbdsrvError:
+            continue
+        jobs = [
+            job
+            for vm in status.get("vms", [])
+            if vm.get("name") == args.vm
+            for job in vm.get("jobs", [])
+            if job.get("type") == "commit"
+        ]
+        done = sum(int(job.get("offset") or 0) for job in jobs)
+        total = sum(int(job.get("len") or 0) for job in jobs)
+        if total:
+            sys.stderr.write(f"\rcommitting: {100 * done / total:5.1f}% of {total} bytes")
+            sys.stderr.flush()
+    # Ends the line either way; a failure's message follows on its own line.
+    sys.stderr.write(
+        "\rcommitting: " + ("failed" if "error" in outcome else "100.0%") + " " * 24 + "\n"
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -4,17 +4,23 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.qmp.vm import VM
+from .backends.base import VMBackend
+from .backends.embedded import EmbeddedVM
+from .backends.qmp.vm import QmpVM
 from .backup.sessions import BeginRequest, SessionError, SessionManager
+from .backup.store import VMStore
 from .control import ControlServer, control_peer
-from .errors import ConfigError
+from .errors import ConfigError, NbdsrvError
 from .exports.catalog import ExportCatalog
 from .exports.file import FileExport
+from .metrics import Labels, Metrics, Sample
 from .net.address import Address
 from .net.server import NBDServer, ServerPolicy
+from .qemu.monitor import Monitor
 from .registry import VMRegistry
 
 log = logging.getLogger(__name__)
@@ -29,9 +35,12 @@ class DaemonConfig:
     files: list[tuple[str, str]] = field(default_factory=list)
     qmp: list[tuple[str, str]] = field(default_factory=list)
     qemu_nbd: dict[str, str] = field(default_factory=dict)
+    guest_agents: dict[str, str] = field(default_factory=dict)
     images: list[tuple[str, list[str]]] = field(default_factory=list)
     scratch_dir: str | None = None
     policy: ServerPolicy = field(default_factory=ServerPolicy)
+    metrics: Address | None = None
+    scratch_limit: int = 0
 
 
 class Daemon:
@@ -39,16 +48,14 @@ class Daemon:
         self.config = config
         self.catalog = ExportCatalog()
         self.server = NBDServer(self.catalog, config.policy)
-        self.sessions = SessionManager(
-            self.catalog,
-            config.scratch_dir or os.path.join(config.state_dir, "scratch"),
-            self.server.addresses,
-        )
-        self.vms = VMRegistry(
-            config.state_dir,
-            after_reconcile=self.sessions.clean_stale,
-            on_lost=self._vm_lost,
-        )
+        self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
+        self.sessions = SessionManager(self.catalog, self.server.addresses)
+        self.vms = VMRegistry()
+        self.metrics: Metrics | None = None
+        if config.metrics is not None:
+            self.metrics = Metrics()
+            self.metrics.collect = self._gauges
+            self.server.on_request = self.metrics.count_request
         self.control = ControlServer(
             config.control,
             {
@@ -91,18 +98,42 @@ class Daemon:
                 raise ConfigError(f"cannot export {path} as '{name}': {e.strerror or e}") from e
             except ValueError as e:
                 raise ConfigError(str(e)) from e
-        for vm in self.config.qemu_nbd:
-            if vm not in dict(self.config.qmp):
-                raise ConfigError(f"--qemu-nbd names VM '{vm}' that has no --qmp")
+        for option, names in (
+            ("--qemu-nbd", self.config.qemu_nbd),
+            ("--qga", self.config.guest_agents),
+        ):
+            for vm in names:
+                if vm not in dict(self.config.qmp):
+                    raise ConfigError(f"{option} names VM '{vm}' that has no --qmp")
+        state_dir = self.config.state_dir
         for name, path in self.config.qmp:
-            await self.vms.add_qmp(name, path, self.config.qemu_nbd.get(name))
+            # A QEMU run by someone else; nbdsrv must have the QMP socket to itself.
+            qmp_vm = QmpVM(
+                name,
+                Monitor(path, name=f"vm-{name}"),
+                VMStore(state_dir, name),
+                self.scratch_dir,
+                nbd_socket=self.config.qemu_nbd.get(name),
+                guest_agent=self.config.guest_agents.get(name),
+            )
+            qmp_vm.scratch_limit = self.config.scratch_limit
+            await self.vms.add(qmp_vm)
         for name, images in self.config.images:
-            await self.vms.add_images(name, images)
+            embedded = EmbeddedVM(name, images, state_dir, self.scratch_dir)
+            embedded.scratch_limit = self.config.scratch_limit
+            await self.vms.add(embedded)
         for address in self.config.listen:
             try:
                 await self.server.listen(address)
             except OSError as e:
                 raise ConfigError(f"cannot listen on {address}: {e.strerror or e}") from e
+        if self.metrics is not None and self.config.metrics is not None:
+            try:
+                await self.metrics.listen(self.config.metrics)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot serve metrics on {self.config.metrics}: {e.strerror or e}"
+                ) from e
         # The control socket comes last: `nbdsrv status` succeeding means ready.
         try:
             await self.control.start()
@@ -111,6 +142,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         await self.control.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         for session in self.sessions.sessions.values():
             audit.info("session ended: id=%s vm=%s by=daemon-stop", session.id, session.vm.name)
         await self.sessions.end_all()
@@ -139,9 +172,47 @@ class Daemon:
         vm = self.vms.get(str(args["vm"]))
         granularity = args.get("granularity")
         checkpoint = await vm.create_checkpoint(
-            args.get("name"), int(granularity) if granularity is not None else None
+            args.get("name"),
+            int(granularity) if granularity is not None else None,
+            quiesce=bool(args.get("quiesce")),
         )
-        return {"name": checkpoint.name, "parent": checkpoint.parent, "created": checkpoint.created}
+        return {
+            "name": checkpoint.name,
+            "parent": checkpoint.parent,
+            "created": checkpoint.created,
+            "quiesced": checkpoint.quiesced,
+        }
+
+    async def _gauges(self) -> list[tuple[str, str, str, Sample]]:
+        """Gauges read at scrape time."""
+        rows: list[tuple[str, str, str, Sample]] = []
+
+        def gauge(name: str, text: str, labels: Labels, value: float) -> None:
+            rows.append((name, "gauge", text, (name, labels, value)))
+
+        gauge("nbdsrv_sessions_active", "Backup sessions running.", (), len(self.sessions.sessions))
+        gauge(
+            "nbdsrv_connections_active", "NBD connections open.", (), len(self.server.connections)
+        )
+        for vm in self.vms.vms.values():
+            gauge(
+                "nbdsrv_qmp_connected",
+                "1 when the VM's QEMU (QMP or libvirt) is connected.",
+                (("vm", vm.name),),
+                1 if vm.connected else 0,
+            )
+            try:
+                checkpoints = await vm.list_checkpoints()
+            except NbdsrvError:
+                continue
+            for valid in (True, False):
+                gauge(
+                    "nbdsrv_checkpoints",
+                    "Checkpoints per VM, by validity.",
+                    (("vm", vm.name), ("valid", str(valid).lower())),
+                    sum(1 for c in checkpoints if c["valid"] is valid),
+                )
+        return rows
 
     async def _checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return await self.vms.get(str(args["vm"])).list_checkpoints()
@@ -150,11 +221,6 @@ class Daemon:
         vm = self.vms.get(str(args["vm"]))
         await vm.delete_checkpoint(str(args["name"]))
         return {"deleted": args["name"]}
-
-    def _vm_lost(self, vm: VM, reason: str) -> None:
-        for session in self.sessions.sessions.values():
-            if session.vm is vm:
-                session.fail(reason)
 
     async def _backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
@@ -165,7 +231,9 @@ class Daemon:
             no_checkpoint=bool(args.get("no_checkpoint")),
             all_checkpoints=bool(args.get("all_checkpoints")),
             bitmap_name=args.get("bitmap_name"),
+            quiesce=bool(args.get("quiesce")),
         )
+        started = time.monotonic()
         try:
             session = await self.sessions.begin(vm, request)
         except Exception as e:
@@ -182,6 +250,8 @@ class Daemon:
             ",".join(export.name for export in session.exports.values()),
             control_peer.get(),
         )
+        if self.metrics is not None:
+            self.metrics.observe("backup_begin", time.monotonic() - started)
         return self.sessions.describe(session)
 
     async def _backup_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -190,7 +260,10 @@ class Daemon:
 
     async def _backup_end(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
+        started = time.monotonic()
         await self.sessions.end(vm, str(args["id"]))
+        if self.metrics is not None:
+            self.metrics.observe("backup_end", time.monotonic() - started)
         audit.info("session ended: id=%s vm=%s by=%s", args["id"], vm.name, control_peer.get())
         return {"ended": args["id"]}
 
@@ -204,6 +277,6 @@ class Daemon:
         self._no_session(vm, "snapshot commit")
         return {"vm": vm.name, "committed": await vm.snapshot_commit()}
 
-    def _no_session(self, vm: VM, what: str) -> None:
-        if any(s.vm is vm for s in self.sessions.sessions.values()):
+    def _no_session(self, vm: VMBackend, what: str) -> None:
+        if self.sessions.has_session(vm):
             raise SessionError(f"{what}: VM {vm.name} has a backup session running; end it first")

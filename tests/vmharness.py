@@ -153,7 +153,7 @@ class Nbdsrv:
         self.control = str(workdir / "control.sock")
         self.qmp_path = qmp_path
         self.nbd_socket = str(workdir / "nbd.sock")
-        self.scratch_dir: str | None = None
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def uri(self, export: str) -> str:
@@ -181,7 +181,7 @@ class Nbdsrv:
                     f"vm1={self.qmp_path}",
                     "--qemu-nbd",
                     f"vm1={self.qemu_nbd}",
-                    *(["--scratch-dir", self.scratch_dir] if self.scratch_dir else []),
+                    *self.extra_args,
                 ],
                 stderr=log,
                 env=env,

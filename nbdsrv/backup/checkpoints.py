@@ -16,6 +16,7 @@ identify layers because node names change when QEMU restarts.
 Everything here is pure: no QMP, no files. nbdsrv.vm runs it against QEMU and the store.
 """
 
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -196,9 +197,16 @@ class CheckpointChain:
 
 
 def find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
-    """The layer whose image is ``file`` (the name a segment records), if any."""
+    """The layer whose image is ``file`` (the name a segment records): the same string,
+    else the same real path (a chain opened through a symlink or a relative name)."""
     for layer in layers:
         if layer.filename == file:
+            return layer
+    if file.startswith("json:"):
+        return None
+    real = os.path.realpath(file)
+    for layer in layers:
+        if not layer.filename.startswith("json:") and os.path.realpath(layer.filename) == real:
             return layer
     return None
 
@@ -386,3 +394,25 @@ def merged_parent(checkpoints: CheckpointChain, name: str) -> CheckpointChain:
                 disks[disk] = (*disks.get(disk, ()), *extra)
         chain = chain.replaced(replace(parent, disks=disks))
     return chain.removed(name)
+
+
+def wanted_checkpoints(
+    chain: CheckpointChain,
+    reasons: Mapping[str, str | None],
+    from_checkpoint: str | None,
+    all_checkpoints: bool,
+) -> list[Checkpoint]:
+    """The checkpoints whose frozen bitmaps a backup session needs, oldest first: those
+    since ``from_checkpoint`` (which must be valid), or every valid one."""
+    if from_checkpoint:
+        start = chain.find(from_checkpoint)
+        if reasons[start.name] is not None:
+            raise CheckpointError(
+                f"checkpoint '{start.name}' cannot be used: {reasons[start.name]}; "
+                "take a full backup"
+            )
+    if all_checkpoints:
+        return [c for c in chain if reasons[c.name] is None]
+    if from_checkpoint:
+        return chain.since(from_checkpoint)
+    return []

@@ -27,6 +27,8 @@ class Export(ABC):
         self.size = size
         self.description = description
         self.closed = False
+        self.clients = 0
+        """Connections in transmission on this export now (kept by the server)."""
 
     @property
     @abstractmethod

@@ -12,6 +12,7 @@ from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
 from ..proto.extents import Extent
+from .coverage import ReadCoverage
 from .dirty_bitmap import DirtyBitmap
 from .export import Export, Segment
 
@@ -71,6 +72,7 @@ class UpstreamExport(Export):
         self.upstream_export = upstream_export
         self.bitmaps = dict(bitmaps)
         self.failure: str | None = None
+        self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
 
@@ -123,6 +125,7 @@ class UpstreamExport(Export):
         # A failure noticed while the read was under way may mean data from after the point
         # in time: never hand it out.
         self._check()
+        self.coverage.add(offset, length)
         return [(offset, length, data)]
 
     async def extents(

@@ -8,15 +8,14 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import nbd_errno
 from ..exports.catalog import ExportCatalog
 from ..exports.export import Export, ExportGone
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
-from ..proto.errors import ProtocolError
+from ..proto.errors import ProtocolError, nbd_errno
 from ..proto.server import (
     Disconnect,
     Negotiated,
@@ -234,6 +233,8 @@ class NBDConnection(asyncio.Protocol):
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
             return
         self._server.connections.discard(self)
+        if self._export is not None:
+            self._export.clients -= 1
         audit.info(
             "connection closed: peer=%s export=%s tls=%s subject=%s bytes=%d requests=%d "
             "duration=%.3fs reason=%s",
@@ -414,6 +415,8 @@ class NBDConnection(asyncio.Protocol):
             self._idle_timer = self._loop.call_later(self._policy.idle_timeout, self._idle_check)
         export = self._server.catalog.find_export(event.export.name)
         self._export = export
+        if export is not None:
+            export.clients += 1
         self._contexts = [(c.id, c.name) for c in event.contexts]
         self.log = ConnectionLog(log, {"peer": f"{self.peer_text} {event.export.name}"})
         self.log.debug(
@@ -446,6 +449,10 @@ class NBDConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    def _counted_request(self, export: Export, request: Request, read_bytes: int) -> None:
+        if self._server.on_request is not None:
+            self._server.on_request(export.name, request.command.name, read_bytes)
+
     async def _serve(self, request: Request, cost: int) -> None:
         try:
             await self._answer(request)
@@ -465,6 +472,8 @@ class NBDConnection(asyncio.Protocol):
                 if self._transport is not None and not self._transport.is_closing():
                     self._transport.writelines(buffers)
                 self.bytes_served += request.length
+                self._counted_request(export, request, request.length)
+                return
             elif request.command == Command.BLOCK_STATUS:
                 limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
                 per_context = [
@@ -478,6 +487,7 @@ class NBDConnection(asyncio.Protocol):
                 self._send(core.block_status_reply(request, per_context))
             else:  # CACHE: a hint we have no use for
                 self._send(core.ok_reply(request))
+            self._counted_request(export, request, 0)
         except ExportGone:
             self._send(core.error_reply(request, Errno.ESHUTDOWN, "export is gone"))
         except OSError as e:
@@ -499,6 +509,8 @@ class NBDServer:
         self.policy = policy or ServerPolicy()
         self.connections: set[NBDConnection] = set()
         self.stopping = False
+        # Called for every request answered: (export, command name, bytes read).
+        self.on_request: Callable[[str, str, int], None] | None = None
         self._servers: list[asyncio.Server] = []
         self.addresses: list[Address] = []
 

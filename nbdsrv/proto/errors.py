@@ -1,9 +1,13 @@
-"""Errors of the protocol core.
+"""Errors of the protocol core, and the one mapping from OSError to an NBD errno.
 
 NBDError
  ├── ProtocolError      the peer broke the protocol: close the connection
  └── ReplyError         the server answered a request or option with an error (client side)
 """
+
+import errno as _errno
+
+from .constants import Errno
 
 
 class NBDError(Exception):
@@ -21,3 +25,24 @@ class ReplyError(NBDError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+_OS_TO_NBD = {
+    _errno.EPERM: Errno.EPERM,
+    _errno.EACCES: Errno.EPERM,
+    _errno.EROFS: Errno.EPERM,
+    _errno.EIO: Errno.EIO,
+    _errno.ENOMEM: Errno.ENOMEM,
+    _errno.EINVAL: Errno.EINVAL,
+    _errno.ENOSPC: Errno.ENOSPC,
+    _errno.EDQUOT: Errno.ENOSPC,
+    _errno.EFBIG: Errno.ENOSPC,
+    _errno.EOVERFLOW: Errno.EOVERFLOW,
+    _errno.ENOTSUP: Errno.ENOTSUP,
+    _errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(error: OSError) -> Errno:
+    """The NBD error value for an OSError; EIO when there is no closer one."""
+    return _OS_TO_NBD.get(error.errno or 0, Errno.EIO)

@@ -84,7 +84,7 @@ class ExportDescription(Protocol):
     def contexts(self) -> Sequence[str]: ...
 
 
-class ExportCatalog(Protocol):
+class ExportDirectory(Protocol):
     """The exports a connection may choose from; looked up at the moment of each option."""
 
     def find_export(self, name: str) -> ExportDescription | None: ...
@@ -193,7 +193,7 @@ def _short(message: str) -> bytes:
 class ServerConnection:
     """One client connection, from greeting to close."""
 
-    def __init__(self, catalog: ExportCatalog, tls: TLSMode = TLSMode.OFF) -> None:
+    def __init__(self, catalog: ExportDirectory, tls: TLSMode = TLSMode.OFF) -> None:
         self._catalog = catalog
         self._buf = bytearray()
         self._pos = 0

@@ -1,4 +1,4 @@
-"""Block jobs and image files for snapshots: overlays, waiting for jobs, nodes of a file."""
+"""Waiting for block jobs: ready (an active commit's first copy done), gone."""
 
 import asyncio
 
@@ -6,18 +6,6 @@ from .errors import QEMUError
 from .monitor import Monitor
 
 JOB_TIMEOUT = 600.0
-
-
-async def create_overlay(path: str, backing: str, backing_format: str) -> None:
-    """A qcow2 overlay whose header names its backing image (so QEMU finds the chain again
-    after a restart)."""
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing, path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise QEMUError(f"cannot create overlay {path}: {err.decode().strip()}")
 
 
 async def _job(monitor: Monitor, job: str) -> dict[str, object] | None:
@@ -51,11 +39,3 @@ async def wait_job_gone(monitor: Monitor, job: str, timeout: float = JOB_TIMEOUT
         if loop.time() > deadline:
             raise QEMUError(f"block job {job} still running after {timeout:g}s")
         await asyncio.sleep(0.05)
-
-
-async def nodes_of_file(monitor: Monitor, filename: str) -> list[str]:
-    """Format nodes (then their file nodes) that open ``filename``."""
-    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
-    matching = [n for n in nodes if n.get("file") == filename]
-    matching.sort(key=lambda n: n.get("drv") == "file")
-    return [str(n["node-name"]) for n in matching]

@@ -22,9 +22,8 @@ named `disk0`, `disk1`, ... that `StorageDaemon` creates.
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,38 +86,6 @@ class Disk:
     @property
     def top(self) -> Layer:
         return self.layers[0]
-
-    @property
-    def base(self) -> Layer:
-        return self.layers[-1]
-
-    def layer(self, filename: str) -> Layer | None:
-        """The layer whose image is `filename`, if any."""
-        return find_layer(self.layers, filename)
-
-
-def find_layer(layers: Iterable[Layer], filename: str) -> Layer | None:
-    """The layer of `layers` whose image is `filename` (same string, else same real path)."""
-    layers = list(layers)
-    for layer in layers:
-        if layer.filename == filename:
-            return layer
-    if filename.startswith("json:"):
-        return None
-    real = os.path.realpath(filename)
-    for layer in layers:
-        if not layer.filename.startswith("json:") and os.path.realpath(layer.filename) == real:
-            return layer
-    return None
-
-
-def node_for_file(disks: Iterable[Disk], filename: str) -> str | None:
-    """The node name now holding image `filename` in any of `disks`, if any."""
-    for disk in disks:
-        layer = disk.layer(filename)
-        if layer is not None:
-            return layer.node_name
-    return None
 
 
 async def discover_disks(monitor: Monitor, roots: Sequence[str] | None = None) -> list[Disk]:
@@ -289,3 +256,11 @@ def _layer(node: Mapping[str, Any]) -> Layer:
         read_only=bool(node.get("ro", False)),
         bitmaps=bitmaps,
     )
+
+
+async def nodes_of_file(monitor: Monitor, filename: str) -> list[str]:
+    """Format nodes (then their file nodes) that open ``filename``."""
+    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+    matching = [n for n in nodes if n.get("file") == filename]
+    matching.sort(key=lambda n: n.get("drv") == "file")
+    return [str(n["node-name"]) for n in matching]

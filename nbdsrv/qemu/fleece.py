@@ -34,9 +34,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..backup.crash_points import scratch_file
 from .chain import FORMAT_DRIVERS, discover_disks
 from .errors import QEMUError, QMPError
+from .images import scratch_file
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -237,22 +237,6 @@ def plan_disk(
 
 
 # -- building -----------------------------------------------------------------------------
-
-
-async def create_scratch_image(path: str, size: int) -> None:
-    """An empty qcow2 of ``size`` bytes, with no backing (the filter reads unchanged data
-    from the disk itself)."""
-    old = os.umask(0o077)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", path, str(size),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await proc.communicate()
-    finally:
-        os.umask(old)
-    if proc.returncode != 0:
-        raise QEMUError(f"cannot create scratch image {path}: {err.decode().strip()}")
 
 
 async def add_filter(monitor: Monitor, plan: DiskPlan) -> None:
@@ -495,6 +479,24 @@ async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 3
         raise QEMUError(f"session {plan.session}: QEMU still holds {', '.join(sorted(left))}")
     remove_files(plan)
     return True
+
+
+async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
+    """Give the point in time up in QEMU: its export, snapshot-access nodes, filters and
+    scratch nodes go, so nothing is copied any more and the scratch stops growing; the
+    writers go on. The files and the record stay until the session ends."""
+    for disk in plan.disks:
+        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
+    for disk in plan.disks:
+        await _gone(monitor, "query-block-exports", "id", disk.export, 30.0)
+    for disk in plan.disks:
+        if disk.access_node:
+            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
+    await _switch_out(monitor, plan.disks)
+    for disk in plan.disks:
+        for node in (disk.cbw_node, disk.scratch_node):
+            if node:
+                await _quietly(monitor, "blockdev-del", {"node-name": node})
 
 
 def remove_files(plan: FleecePlan) -> None:

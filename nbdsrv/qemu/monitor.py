@@ -337,19 +337,13 @@ class Monitor:
         self,
         actions: Sequence[tuple[str, Mapping[str, object]]],
         *,
-        grouped: bool = False,
         timeout: float = 30.0,
     ) -> None:
         """Run `actions`, a list of `(type, data)`, as one atomic QMP `transaction`.
-
-        `grouped=True` sets completion-mode "grouped" (block jobs started by the
-        transaction fail together). Errors as for `execute`, named "transaction".
-        """
+        Errors as for `execute`, named "transaction"."""
         arguments: dict[str, object] = {
             "actions": [{"type": kind, "data": dict(data)} for kind, data in actions]
         }
-        if grouped:
-            arguments["properties"] = {"completion-mode": "grouped"}
         await self.execute("transaction", arguments, timeout=timeout)
 
     # --------------------------------------------------------------- events

@@ -35,7 +35,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -44,11 +43,11 @@ from pathlib import Path
 from typing import IO
 
 from .errors import ImageError, QEMUError, StorageDaemonError
+from .images import SUPPORTED_FORMATS, detect_format, one_line
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = ("qcow2", "raw")
 # A throttle group with no limits: its nodes only give a backup a node to reopen.
 THROTTLE_GROUP = "nbdsrv-tg"
 UNIX_PATH_MAX = 107
@@ -72,48 +71,6 @@ class Image:
     """Protocol (file) node name under it: "disk0-file", ..."""
     live_node: str
     """Passthrough throttle node above it, where the live export sits: "disk0-live", ..."""
-
-
-async def detect_format(path: str | os.PathLike[str], qemu_img: str = "qemu-img") -> str:
-    """The image format of `path` as `qemu-img info` sees it: "qcow2" or "raw".
-
-    Raises `ImageError` for a missing or unreadable file, or any other format.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"image {path} does not exist")
-    if not path.is_file() and not path.is_block_device():
-        raise ImageError(f"image {path} is not a file or block device")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            qemu_img,
-            "info",
-            "--output=json",
-            "--",
-            str(path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except FileNotFoundError:
-        raise ImageError(f"{qemu_img} is not installed (package qemu-utils)") from None
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        detail = _one_line(err.decode(errors="replace")) or "qemu-img failed"
-        raise ImageError(f"cannot read image {path}: {detail}")
-    try:
-        fmt = json.loads(out)["format"]
-    except (ValueError, KeyError, TypeError):
-        raise ImageError(f"cannot read image {path}: qemu-img info gave no format") from None
-    if fmt not in SUPPORTED_FORMATS:
-        raise ImageError(f"image {path} is in {fmt} format; only qcow2 and raw are supported")
-    return str(fmt)
-
-
-def _one_line(text: str) -> str:
-    """QEMU's multi-line message as one line, without the "program: " prefixes."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " ".join(re.sub(r"^qemu-(img|storage-daemon): ", "", line) for line in lines)
 
 
 def _opt(value: str | os.PathLike[str]) -> str:
@@ -349,7 +306,7 @@ class StorageDaemon:
             await self._kill()
             rc = proc.returncode
             status = describe_status(rc) if rc is not None else "did not answer"
-            tail = _one_line(self.log_tail(5)) or (str(error) if error else "no message")
+            tail = one_line(self.log_tail(5)) or (str(error) if error else "no message")
             raise StorageDaemonError(
                 f"qemu-storage-daemon for {self.vm} {status} while starting: {tail}"
             )

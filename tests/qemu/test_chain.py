@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdsrv.qemu.chain import discover_chains, discover_disks, find_layer, node_for_file
+from nbdsrv.backup.checkpoints import find_layer
+from nbdsrv.qemu.chain import discover_chains, discover_disks
 from nbdsrv.qemu.errors import QEMUError
 from nbdsrv.qemu.storage_daemon import StorageDaemon
 
@@ -46,9 +47,8 @@ async def test_layers_are_found_by_file_name(layered: StorageDaemon, tmp_path: P
     disks = await discover_disks(layered.monitor)
     base = disks[0].layers[1]
     assert find_layer(disks[0].layers, str(tmp_path / "base.qcow2")) == base
-    assert disks[0].layer(str(tmp_path / "." / "base.qcow2")) == base
-    assert node_for_file(disks, str(tmp_path / "base.qcow2")) == base.node_name
-    assert node_for_file(disks, "/nowhere.qcow2") is None
+    assert find_layer(disks[0].layers, str(tmp_path / "." / "base.qcow2")) == base
+    assert find_layer(disks[0].layers, "/nowhere.qcow2") is None
 
 
 async def test_bitmaps_of_each_layer(qsd: StorageDaemon) -> None:

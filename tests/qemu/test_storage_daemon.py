@@ -13,7 +13,8 @@ import pytest
 
 from nbdsrv.qemu.chain import discover_chains
 from nbdsrv.qemu.errors import ImageError, QEMUGoneError, QMPError, StorageDaemonError
-from nbdsrv.qemu.storage_daemon import StorageDaemon, detect_format
+from nbdsrv.qemu.images import detect_format
+from nbdsrv.qemu.storage_daemon import StorageDaemon
 
 from .conftest import Exits, make_image, qemu_io, require_tool
 

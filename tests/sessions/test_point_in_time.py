@@ -216,7 +216,7 @@ def test_full_scratch_breaks_the_snapshot_not_the_writer(
 ) -> None:
     vm.write(0, 0x11, 0, DISK_SIZE)
     nbdsrv.stop()
-    nbdsrv.scratch_dir = str(small_tmpfs)
+    nbdsrv.extra_args = ["--scratch-dir", str(small_tmpfs)]
     nbdsrv.start()
     session = nbdsrv.json("backup", "begin", "vm1", "--no-checkpoint")
     uri = nbdsrv.uri("vm1/disk0")

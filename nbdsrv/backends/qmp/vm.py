@@ -7,17 +7,18 @@ restarts into a state that agrees with QEMU::
          crash here: QEMU unchanged       crash here: QEMU changed,       crash here: already
          → roll back (drop intent)        metadata not → finish it         committed → drop intent
 
-At start-up and whenever QMP reconnects, :meth:`VM.reconcile` looks at a left-over intent and
+At start-up and whenever QMP reconnects, :meth:`QmpVM.reconcile` looks at a left-over intent and
 at what QEMU holds, and finishes or drops it. QMP errors mean QEMU refused the whole
 transaction (nothing changed); a lost connection leaves the intent for the next reconcile.
 """
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -37,58 +38,131 @@ from ...backup.checkpoints import (
     merged_parent,
 )
 from ...backup.crash_points import crash_point
-from ...backup.snapshots import (
-    after_commit,
-    after_snapshot,
-    commit_merge_actions,
-    intent_disks,
-    overlay_file,
-    snapshot_actions,
-)
 from ...backup.store import VMStore
-from ...errors import NbdsrvError
-from ...qemu.block_jobs import (
-    create_overlay,
-    wait_job_gone,
-    wait_job_ready,
-)
-from ...qemu.block_jobs import (
-    nodes_of_file as _nodes_of_file,
-)
 from ...qemu.chain import discover_chains
-from ...qemu.errors import QEMUError, QEMUGoneError, QMPError, QMPTimeoutError
+from ...qemu.errors import QEMUError, QEMUGoneError, QEMUUnreachableError, QMPError, QMPTimeoutError
+from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
+from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
+from . import external_snapshots, point_in_time
+from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
 
 log = logging.getLogger(__name__)
 
 
-class SnapshotError(NbdsrvError):
-    """A snapshot operation refused or failed; QEMU's chain is as it was."""
-
-
-class VM:
-    """Checkpoints of one VM, kept in step with the QEMU behind ``monitor``."""
+class QmpVM:
+    """Checkpoints and points in time of one VM, kept in step with the QEMU behind
+    ``monitor`` (a :class:`~nbdsrv.backends.base.VMBackend`)."""
 
     def __init__(
         self,
         name: str,
         monitor: Monitor,
         store: VMStore,
+        scratch_dir: str,
         *,
         roots: Sequence[str] | None = None,
+        nbd_socket: str | None = None,
+        guest_agent: str | None = None,
     ) -> None:
         self.name = name
         self.monitor = monitor
         self.store = store
+        self.scratch_dir = scratch_dir
         # The disks' root node names when known (a private QSD), else found from query-block.
         self.roots = list(roots) if roots is not None else None
         self.lock = asyncio.Lock()
         self.live_socket: str | None = None
         # An NBD server QEMU already runs (unix socket): sessions export there, since QEMU
         # runs at most one. None: nbdsrv starts its own for each session.
-        self.nbd_socket: str | None = None
+        self.nbd_socket = nbd_socket
+        # The unix socket of the guest agent (--qga), for --quiesce.
+        self.guest_agent = guest_agent
+        # --scratch-limit: a session whose scratch data grows past it breaks (0: no limit).
+        self.scratch_limit = 0
         self.failure: str | None = None
+        self.points: dict[str, point_in_time.HeldPoint] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self.monitor.connected
+
+    # -- life -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (else keep trying in the background) and reconcile; reconcile again
+        whenever QMP comes back."""
+        self._watch()
+        try:
+            await self.monitor.connect(timeout=5)
+        except QEMUUnreachableError as e:
+            self.failure = str(e)
+            log.warning("VM %s: %s; retrying in the background", self.name, e)
+            self._spawn(self._connect_later())
+            return
+        await self._reconcile()
+
+    def _watch(self) -> None:
+        self.monitor.on_reconnect = lambda: self._spawn(self._reconcile())
+        self.monitor.on_disconnect = lambda reason: self.lost(f"QMP connection lost: {reason}")
+
+    async def stop(self) -> None:
+        await self._cancel_tasks()
+        await self.monitor.close()
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def lost(self, reason: str) -> None:
+        """QEMU went away: every point in time it held is broken."""
+        self.failure = reason
+        point_in_time.broken(self, reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_later(self) -> None:
+        while True:
+            try:
+                await self.monitor.connect(timeout=3600)
+            except QEMUUnreachableError:
+                continue
+            await self._reconcile()
+            return
+
+    async def _reconcile(self) -> None:
+        try:
+            await self.reconcile()
+            await point_in_time.clean_stale(self)
+            await thaw_left_frozen(self.name, self.store.directory)
+            self.failure = None
+        except QEMUError as e:
+            self.failure = str(e)
+            log.error("VM %s: reconciliation failed: %s", self.name, e)
+
+    # -- points in time (point_in_time.py) --------------------------------------------------
+
+    async def begin_point_in_time(
+        self, request: PointInTimeRequest, on_broken: BrokenCallback
+    ) -> PointInTime:
+        return await point_in_time.begin(self, request, on_broken)
+
+    async def end_point_in_time(self, session: str, *, drop_checkpoint: bool = False) -> None:
+        await point_in_time.end(self, session, drop_checkpoint=drop_checkpoint)
+
+    def scratch_bytes(self, session: str) -> int:
+        return point_in_time.scratch_bytes(self, session)
+
+    def why_broken(self, session: str, detail: str) -> str:
+        return point_in_time.why_broken(self, session, detail)
 
     # -- QEMU state ---------------------------------------------------------------------------
 
@@ -101,11 +175,11 @@ class VM:
 
     # -- metadata ---------------------------------------------------------------------------
 
-    def _load(self) -> tuple[CheckpointChain, dict[str, Any]]:
+    def load(self) -> tuple[CheckpointChain, dict[str, Any]]:
         document = self.store.load_checkpoints()
         return CheckpointChain.from_json(document.get("checkpoints", [])), document
 
-    def _commit(
+    def save_chain(
         self,
         chain: CheckpointChain,
         op_id: str | None,
@@ -127,7 +201,7 @@ class VM:
             }
         )
 
-    def _overlays(self) -> list[str]:
+    def overlays(self) -> list[str]:
         return list(self.store.load_checkpoints().get("overlays", []))
 
     def _record_problems(self, chain: CheckpointChain, state: ChainState) -> CheckpointChain:
@@ -142,8 +216,8 @@ class VM:
                 )
                 changed = changed.replaced(replace(checkpoint, invalid=reason))
         if changed is not chain:
-            _, document = self._load()
-            self._commit(changed, document.get("last_op"))
+            _, document = self.load()
+            self.save_chain(changed, document.get("last_op"))
         return changed
 
     # -- reconciliation ------------------------------------------------------------------------
@@ -153,7 +227,7 @@ class VM:
         async with self.lock:
             state = await self.chains()
             intent = self.store.read_intent()
-            chain, document = self._load()
+            chain, document = self.load()
             if intent is not None:
                 if document.get("last_op") == intent["id"]:
                     log.info("VM %s: operation %s was committed", self.name, intent["id"])
@@ -172,7 +246,7 @@ class VM:
             if present and all(present):
                 log.info("VM %s: finishing checkpoint create %s", self.name, checkpoint.name)
                 chain = chain.added(checkpoint)
-                self._commit(chain, intent["id"])
+                self.save_chain(chain, intent["id"])
             else:
                 # A transaction is all or nothing: no bitmap means nothing happened.
                 log.info("VM %s: rolling back checkpoint create %s", self.name, checkpoint.name)
@@ -185,23 +259,36 @@ class VM:
             if not any(present):
                 log.info("VM %s: finishing checkpoint delete %s", self.name, name)
                 chain = merged_parent(chain, name)
-                self._commit(chain, intent["id"])
+                self.save_chain(chain, intent["id"])
             else:
                 log.info("VM %s: rolling back checkpoint delete %s", self.name, name)
             return chain
         if op == "snapshot-create":
-            return await self._finish_snapshot_create(intent, chain, state)
+            return await external_snapshots.finish_create(self, intent, chain, state)
         if op == "snapshot-commit":
-            return await self._finish_snapshot_commit(intent, chain, state)
+            return await external_snapshots.finish_commit(self, intent, chain, state)
         log.warning("VM %s: dropping unknown intent %r", self.name, op)
         return chain
 
     # -- operations -----------------------------------------------------------------------
 
-    async def transaction(self, what: str, actions: list[tuple[str, dict[str, Any]]]) -> None:
-        """Run a transaction whose intent is written (see the module docstring)."""
+    async def transaction(
+        self,
+        what: str,
+        actions: list[tuple[str, dict[str, Any]]],
+        quiescer: Quiescer | None = None,
+    ) -> None:
+        """Run a transaction whose intent is written (see the module docstring), with the
+        guest frozen around it when ``quiescer`` quiesces."""
         try:
-            await self.monitor.transaction(actions)
+            if quiescer is None:
+                await self.monitor.transaction(actions)
+            else:
+                async with quiescer.frozen():
+                    await self.monitor.transaction(actions)
+        except QuiesceError:
+            self.store.clear_intent()  # the freeze failed: the transaction never ran
+            raise
         except QMPTimeoutError:
             raise  # the intent stays: QEMU may still have done it; reconcile decides
         except QMPError as e:
@@ -213,7 +300,7 @@ class VM:
 
     def load_checked(self, state: ChainState) -> CheckpointChain:
         """The committed chain with every problem QEMU shows now written down."""
-        chain, _ = self._load()
+        chain, _ = self.load()
         return self._record_problems(chain, state)
 
     def plan_checkpoint(
@@ -237,22 +324,30 @@ class VM:
 
     def commit_create(self, chain: CheckpointChain, checkpoint: Checkpoint, op_id: str) -> None:
         crash_point("checkpoint-create:after-transaction")
-        self._commit(chain.added(checkpoint), op_id)
+        self.save_chain(chain.added(checkpoint), op_id)
         crash_point("checkpoint-create:after-commit")
         self.store.clear_intent()
         log.info("VM %s: checkpoint %s created", self.name, checkpoint.name)
 
     async def create_checkpoint(
-        self, name: str | None = None, granularity: int | None = None
-    ) -> Checkpoint:
+        self, name: str | None = None, granularity: int | None = None, *, quiesce: bool = False
+    ) -> CreatedCheckpoint:
         async with self.lock:
             state = await self.chains()
             chain = self.load_checked(state)
             checkpoint, actions = self.plan_checkpoint(chain, state, name, granularity)
-            op_id = self.begin_create(checkpoint)
-            await self.transaction(f"checkpoint create {checkpoint.name}", actions)
+            async with contextlib.aclosing(await self.quiescer(quiesce)) as quiescer:
+                op_id = self.begin_create(checkpoint)
+                await self.transaction(f"checkpoint create {checkpoint.name}", actions, quiescer)
             self.commit_create(chain, checkpoint, op_id)
-            return checkpoint
+            return CreatedCheckpoint(
+                checkpoint.name, checkpoint.parent, checkpoint.created, quiescer.quiesced
+            )
+
+    async def quiescer(self, wanted: bool) -> Quiescer:
+        """The guest agent, connected and answering, when ``wanted``; fails before anything
+        is done otherwise."""
+        return await Quiescer.open(self.name, self.guest_agent, self.store.directory, wanted)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
@@ -260,7 +355,7 @@ class VM:
 
     async def delete_checkpoint_locked(self, name: str) -> None:
         state = await self.chains()
-        chain, _ = self._load()
+        chain, _ = self.load()
         chain.find(name)
         actions = delete_actions(chain, state, name)
         op_id = uuid.uuid4().hex
@@ -271,206 +366,26 @@ class VM:
             async with writable(self.monitor, list(state.values()), nodes):  # type: ignore[arg-type]
                 await self.transaction(f"checkpoint delete {name}", actions)
         crash_point("checkpoint-delete:after-transaction")
-        self._commit(merged_parent(chain, name), op_id)
+        self.save_chain(merged_parent(chain, name), op_id)
         crash_point("checkpoint-delete:after-commit")
         self.store.clear_intent()
         log.info("VM %s: checkpoint %s deleted", self.name, name)
 
-    # -- external snapshots ---------------------------------------------------------------
+    # -- external snapshots (external_snapshots.py) ----------------------------------------
 
     async def snapshot_create(self, directory: str | None = None) -> dict[str, str]:
         """New qcow2 overlays on every disk in one transaction; disk → overlay file."""
         async with self.lock:
-            state = await self.chains()
-            chain = self.load_checked(state)
-            if not state:
-                raise SnapshotError(f"VM {self.name} has no disks")
-            if directory is not None and not os.path.isdir(directory):
-                raise SnapshotError(f"{directory} is not a directory")
-            op_id = uuid.uuid4().hex
-            plan = {
-                disk: {
-                    "file": overlay_file(layers[0].filename, directory),
-                    "node": f"nbdsrv-snap-{op_id[:8]}-{disk}",
-                }
-                for disk, layers in sorted(state.items())
-            }
-            for disk, item in plan.items():
-                if os.path.exists(item["file"]):
-                    raise SnapshotError(f"disk {disk}: {item['file']} already exists")
-            self.store.write_intent({"id": op_id, "op": "snapshot-create", "overlays": plan})
-            crash_point("snapshot-create:after-intent")
-            try:
-                for disk, item in plan.items():
-                    top = state[disk][0]
-                    await create_overlay(item["file"], top.filename, top.format)
-                    await self.monitor.execute(
-                        "blockdev-add",
-                        {
-                            "driver": "qcow2",
-                            "node-name": item["node"],
-                            "file": {"driver": "file", "filename": item["file"]},
-                            "backing": None,
-                        },
-                    )
-                nodes = {disk: item["node"] for disk, item in plan.items()}
-                await self.transaction(
-                    f"snapshot create on VM {self.name}", snapshot_actions(chain, state, nodes)
-                )
-            except QEMUGoneError:
-                raise  # the intent stays; reconciliation decides once QEMU is back
-            except (QEMUError, CheckpointError) as e:
-                await self._drop_overlays(plan)
-                self.store.clear_intent()
-                raise SnapshotError(f"snapshot create on VM {self.name}: {e}") from e
-            crash_point("snapshot-create:after-transaction")
-            files = {disk: item["file"] for disk, item in plan.items()}
-            self._commit(
-                after_snapshot(chain, state, files),
-                op_id,
-                self._overlays() + list(files.values()),
-                tops=files,
-            )
-            crash_point("snapshot-create:after-commit")
-            self.store.clear_intent()
-            log.info("VM %s: snapshot overlays %s", self.name, files)
-            return files
-
-    async def _drop_overlays(self, plan: Mapping[str, Mapping[str, str]]) -> None:
-        """Remove overlays that did not make it into a chain (nodes, then files)."""
-        for item in plan.values():
-            if self.monitor.connected:
-                with contextlib.suppress(QMPError):
-                    await self.monitor.execute("blockdev-del", {"node-name": item["node"]})
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(item["file"])
-
-    async def _finish_snapshot_create(
-        self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
-    ) -> CheckpointChain:
-        plan = intent["overlays"]
-        done = all(
-            disk in state and state[disk][0].filename == item["file"] for disk, item in plan.items()
-        )
-        if not done:
-            log.info("VM %s: rolling back snapshot create", self.name)
-            await self._drop_overlays(plan)
-            return chain
-        log.info("VM %s: finishing snapshot create", self.name)
-        files = {disk: item["file"] for disk, item in plan.items()}
-        # The chain now starts at the overlays: describe it as it was before them.
-        before = {disk: tuple(layers[1:]) for disk, layers in state.items()}
-        chain = after_snapshot(chain, before, files)
-        self._commit(chain, intent["id"], self._overlays() + list(files.values()), tops=files)
-        return chain
+            return await external_snapshots.create(self, directory)
 
     async def snapshot_commit(self) -> dict[str, str]:
         """Commit every disk's top overlay into the layer below; disk → removed overlay."""
         async with self.lock:
-            state = await self.chains()
-            chain = self.load_checked(state)
-            disks: dict[str, tuple[str, str]] = {}
-            for disk, layers in sorted(state.items()):
-                if len(layers) < 2:
-                    raise SnapshotError(f"disk {disk} of VM {self.name} has no snapshot to commit")
-                disks[disk] = (layers[0].filename, layers[1].filename)
-            op_id = uuid.uuid4().hex
-            self.store.write_intent(
-                {
-                    "id": op_id,
-                    "op": "snapshot-commit",
-                    "disks": {d: {"top": t, "base": b} for d, (t, b) in disks.items()},
-                }
-            )
-            crash_point("snapshot-commit:after-intent")
-            jobs = {disk: f"nbdsrv-commit-{disk}" for disk in disks}
-            try:
-                # A QSD disk's export sits on a passthrough node above the top layer: the job
-                # starts at that root and commits the top below it (the export keeps its node).
-                roots = {
-                    str(e["id"]): str(e["node-name"])
-                    for e in await self.monitor.execute("query-block-exports")
-                }
-                for disk in disks:
-                    top = state[disk][0].node_name
-                    await self.monitor.execute(
-                        "block-commit",
-                        {"job-id": jobs[disk], "device": roots.get(disk, top), "top-node": top},
-                    )
-                for job in jobs.values():
-                    await wait_job_ready(self.monitor, job)
-                crash_point("snapshot-commit:after-ready")
-                # The base is writable while the job runs: merge now, then let the job pivot.
-                ready_state = await self.chains()
-                actions = commit_merge_actions(chain, ready_state, disks)
-                if actions:
-                    await self.monitor.transaction(actions)
-                crash_point("snapshot-commit:after-merge")
-                for job in jobs.values():
-                    await self.monitor.execute("job-complete", {"id": job})
-                for job in jobs.values():
-                    await wait_job_gone(self.monitor, job)
-            except QEMUGoneError:
-                raise
-            except QEMUError as e:
-                for job in jobs.values():
-                    with contextlib.suppress(QMPError):
-                        await self.monitor.execute("block-job-cancel", {"device": job})
-                self.store.clear_intent()
-                raise SnapshotError(f"snapshot commit on VM {self.name}: {e}") from e
-            crash_point("snapshot-commit:after-complete")
-            return await self._complete_commit(chain, disks, op_id, await self.chains())
-
-    async def _complete_commit(
-        self,
-        chain: CheckpointChain,
-        disks: Mapping[str, tuple[str, str]],
-        op_id: str,
-        state: ChainState,
-    ) -> dict[str, str]:
-        """Metadata for the disks whose top is now their old base; drop the old tops."""
-        done = {
-            disk: files
-            for disk, files in disks.items()
-            if disk in state and state[disk][0].filename == files[1]
-        }
-        overlays = self._overlays()
-        removed: dict[str, str] = {}
-        for disk, (top_file, _) in done.items():
-            if self.monitor.connected:
-                for node in await _nodes_of_file(self.monitor, top_file):
-                    with contextlib.suppress(QMPError):
-                        await self.monitor.execute("blockdev-del", {"node-name": node})
-            if top_file in overlays:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(top_file)
-                overlays.remove(top_file)
-            removed[disk] = top_file
-        tops = {disk: base for disk, (_, base) in done.items()}
-        self._commit(after_commit(chain, done), op_id, overlays, tops=tops)
-        crash_point("snapshot-commit:after-commit")
-        self.store.clear_intent()
-        log.info("VM %s: committed %s", self.name, removed)
-        return removed
-
-    async def _finish_snapshot_commit(
-        self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
-    ) -> CheckpointChain:
-        disks = intent_disks(intent)
-        for disk in disks:
-            job = f"nbdsrv-commit-{disk}"
-            # A job left running (ready or not) is cancelled: its disk stays as it was.
-            with contextlib.suppress(QMPError):
-                await self.monitor.execute("block-job-cancel", {"device": job, "force": True})
-            with contextlib.suppress(QMPError):
-                await wait_job_gone(self.monitor, job)
-        state = await self.chains()
-        await self._complete_commit(chain, disks, intent["id"], state)
-        return self._load()[0]
+            return await external_snapshots.commit(self)
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         async with self.lock:
-            chain, _ = self._load()
+            chain, _ = self.load()
             if self.monitor.connected:
                 state = await self.chains()
                 chain = self._record_problems(chain, state)
@@ -496,14 +411,24 @@ class VM:
             "qmp": self.monitor.path,
             "qmp_connected": self.monitor.connected,
             "live_socket": self.live_socket,
+            "guest_agent": self.guest_agent,
+            "guest_agent_connected": (
+                await agent_answers(self.guest_agent) if self.guest_agent else False
+            ),
             "error": self.failure,
         }
+        info["jobs"] = []
         try:
             info["disks"] = await self.disks() if self.monitor.connected else []
+            if self.monitor.connected:
+                info["jobs"] = [
+                    {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
+                    for job in await self.monitor.execute("query-block-jobs")
+                ]
         except (QMPError, QEMUGoneError) as e:
             info["disks"] = []
             info["error"] = str(e)
-        chain, _ = self._load()
+        chain, _ = self.load()
         info["checkpoints"] = [c.name for c in chain]
         return info
 

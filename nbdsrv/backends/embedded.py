@@ -1,0 +1,52 @@
+"""The embedded default: a qemu-storage-daemon that nbdsrv starts, owns and stops.
+
+``nbdsrv serve disk.qcow2`` (``--image VM=PATH,...``): the images are opened by a private
+QSD (qemu/storage_daemon.py) whose live disks are writable NBD exports on
+``<state-dir>/VM.live.sock``; everything else is a QMP-driven VM like any other.
+"""
+
+import os
+
+from ..backup.store import VMStore
+from ..qemu.errors import QEMUError
+from ..qemu.storage_daemon import StorageDaemon, describe_status
+from .qmp.vm import QmpVM
+
+
+class EmbeddedVM(QmpVM):
+    """A :class:`QmpVM` whose QEMU is nbdsrv's own qemu-storage-daemon."""
+
+    def __init__(self, name: str, images: list[str], state_dir: str, scratch_dir: str) -> None:
+        store = VMStore(state_dir, name)
+        # After snapshots the disks continue in overlays: open the chain from its top.
+        tops = store.load_checkpoints().get("tops", {})
+        images = [
+            tops[f"disk{i}"] if os.path.exists(tops.get(f"disk{i}", "")) else path
+            for i, path in enumerate(images)
+        ]
+        self.storage_daemon = StorageDaemon(name, images, state_dir)
+        super().__init__(name, self.storage_daemon.monitor, store, scratch_dir)
+
+    async def start(self) -> None:
+        qsd = self.storage_daemon
+
+        def exited(returncode: int, tail: str) -> None:
+            last = tail.strip().splitlines()[-1] if tail.strip() else "no message"
+            self.lost(f"qemu-storage-daemon {describe_status(returncode)}: {last}")
+
+        qsd.on_exit = exited
+        self._watch()
+        await qsd.start()
+        self.roots = list(qsd.disks)
+        self.live_socket = self.nbd_socket = str(qsd.live_socket)
+        await self._reconcile()
+
+    async def stop(self) -> None:
+        await self._cancel_tasks()
+        try:
+            await self.storage_daemon.stop()
+        except QEMUError as e:
+            self.failure = str(e)
+            raise
+        finally:
+            await self.monitor.close()
