@@ -5,8 +5,8 @@
 - the scratch directory on a small tmpfs fills up: the writer's writes succeed, the session
   fails with the reason, reads get EIO;
 - several disks share one point in time (a writer alternating between two disks is cut
-  once), on a running VM (stop/cont: the next checkpoint's map is exact) and on a
-  qemu-storage-daemon (one reopen: the map is a superset).
+  once), on a running VM (stop/cont) and on a qemu-storage-daemon (one reopen); the next
+  checkpoint's map holds every block written after it.
 """
 
 import json
@@ -281,7 +281,7 @@ def one_cut(
     return n0
 
 
-def test_running_vm_two_disks_one_exact_point_in_time(guest_workdir: Path) -> None:
+def test_running_vm_two_disks_one_point_in_time(guest_workdir: Path) -> None:
     vm = GuestVM(guest_workdir, running=True)
     daemon, cli = start_daemon(guest_workdir, vm.qmp_path)
     blocks = 120
@@ -314,8 +314,9 @@ def test_running_vm_two_disks_one_exact_point_in_time(guest_workdir: Path) -> No
         session = cli("backup", "begin", "vm", "--from", "c1", "--no-checkpoint")
         name = sorted(session["disks"])[0]
         uri = session["disks"][name]["uri"]
-        # stop/cont: the new checkpoint starts exactly at the point in time.
-        assert dirty_blocks(uri, "qemu:dirty-bitmap:c1") == set(range(n0, blocks))
+        # The writer is HMP qemu-io, which `stop` does not hold (a guest's vCPUs it does):
+        # blocks written between the new bitmap and the switch may show too, none may miss.
+        assert dirty_blocks(uri, "qemu:dirty-bitmap:c1") >= set(range(n0, blocks))
         assert daemon.stop() == 0
         assert leftovers(vm.qmp) == []
     finally:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +50,9 @@ from ..base import (
     UpstreamBitmap,
     UpstreamDisk,
 )
+from .quiesce import QuiesceError
 
 if TYPE_CHECKING:
-    from .quiesce import Quiescer
     from .vm import QmpVM
 
 log = logging.getLogger(__name__)
@@ -111,26 +111,26 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
                 await fleece.add_filter(vm.monitor, disk)
             held.unsubscribe = vm.monitor.subscribe("BLOCK_EXPORT_DELETED", _export_event(held))
             freeze = [a for d in plan.disks for a in fleece.freeze_actions(d)]
+            # The next checkpoint's bitmap is added before the switch and the old one
+            # disabled (and the frozen ones built) after it: every dirty map is then a
+            # superset whatever writes meanwhile. A running VM is stopped around it all, so
+            # for its guest (whose vCPUs then issue nothing) they are exact.
+            adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
+            rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
             running = await fleece.run_state(vm.monitor)
             op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
-            if running is None:
-                # Nothing can pause the writers: keep every dirty map a superset (the new
-                # bitmap records from before the switch, the frozen ones until after it).
-                adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
-                rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
-                if new_checkpoint is not None and op_id is not None:
-                    await vm.transaction(f"backup begin on VM {vm.name}", adds)
-                    vm.commit_create(chain, new_checkpoint, op_id)
-                    committed = True
-                async with quiescer.frozen():
+            try:
+                async with quiescer.frozen(), _paused(vm, held, running):
+                    if new_checkpoint is not None and op_id is not None:
+                        await vm.transaction(f"backup begin on VM {vm.name}", adds)
+                        vm.commit_create(chain, new_checkpoint, op_id)
+                        committed = True
                     await fleece.switch_in(vm.monitor, plan.disks)
-                crash_point("backup-begin:after-switch")
-                await _transaction(vm, freeze + rest)
-            else:
-                await _paused_switch(vm, held, running, freeze + checkpoint_actions, quiescer)
-                if new_checkpoint is not None and op_id is not None:
-                    vm.commit_create(chain, new_checkpoint, op_id)
-                    committed = True
+                    crash_point("backup-begin:after-switch")
+                    await _transaction(vm, freeze + rest)
+            except QuiesceError:
+                vm.store.clear_intent()  # the freeze failed before anything was done
+                raise
             for disk in plan.disks:
                 await fleece.add_export(vm.monitor, disk)
             crash_point("backup-begin:after-exports")
@@ -182,32 +182,23 @@ def _export_event(held: HeldPoint) -> Any:
     return on_event
 
 
-async def _paused_switch(
-    vm: QmpVM,
-    held: HeldPoint,
-    running: bool,
-    actions: list[tuple[str, dict[str, Any]]],
-    quiescer: Quiescer,
-) -> None:
-    """Switch every disk and run ``actions`` with the vCPUs stopped (``stop`` drains all
-    I/O), so the point in time and the bitmaps are one exact instant. A VM that was not
-    running is left as it was: never ``cont`` what nbdsrv did not stop. The record says
-    ``paused`` meanwhile, so a daemon that dies here has the next one resume the VM."""
-    async with quiescer.frozen():
-        if running:
-            held.plan = replace(held.plan, paused=True)
-            vm.store.write_session(held.plan.session, _record(vm, held))
-            await vm.monitor.execute("stop")
-        try:
-            await fleece.switch_in(vm.monitor, held.plan.disks)
-            crash_point("backup-begin:after-switch")
-            if actions:
-                await vm.transaction(f"backup begin on VM {vm.name}", actions)
-        finally:
-            if running:
-                await vm.monitor.execute("cont")
-                held.plan = replace(held.plan, paused=False)
-                vm.store.write_session(held.plan.session, _record(vm, held))
+@contextlib.asynccontextmanager
+async def _paused(vm: QmpVM, held: HeldPoint, running: bool | None) -> AsyncIterator[None]:
+    """The body with the vCPUs stopped (``stop`` drains all I/O) when the VM runs. A VM that
+    was not running is left as it was: never ``cont`` what nbdsrv did not stop. The record
+    says ``paused`` meanwhile, so a daemon that dies here has the next one resume the VM."""
+    if not running:
+        yield
+        return
+    held.plan = replace(held.plan, paused=True)
+    vm.store.write_session(held.plan.session, _record(vm, held))
+    await vm.monitor.execute("stop")
+    try:
+        yield
+    finally:
+        await vm.monitor.execute("cont")
+        held.plan = replace(held.plan, paused=False)
+        vm.store.write_session(held.plan.session, _record(vm, held))
 
 
 async def _transaction(vm: QmpVM, actions: list[tuple[str, dict[str, Any]]]) -> None:
