@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd nbdkit python3-venv openssl
+APT_PACKAGES := qemu-utils qemu-system-common qemu-system-x86 libnbd-bin python3-libnbd nbdkit python3-venv openssl cpio e2fsprogs
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps demo test lint bench clean

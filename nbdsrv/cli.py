@@ -249,6 +249,8 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"VMs ({len(status['vms'])}):")
     for vm in status["vms"]:
         connected = "connected" if vm.get("qmp_connected") else "not connected"
+        if vm.get("qmp_connected") and vm.get("responsive") is False:
+            connected = "connected but unresponsive"
         print(f"  {vm['name']}: QMP {connected}, disks {', '.join(vm.get('disks', []))}")
     print(f"sessions ({len(status['sessions'])}):")
     for session in status["sessions"]:

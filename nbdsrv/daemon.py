@@ -163,7 +163,8 @@ class Daemon:
             "control": self.config.control,
             "listen": [str(address) for address in self.server.addresses],
             "exports": exports,
-            "vms": [await vm.describe() for vm in self.vms.vms.values()],
+            # All at once: one hung QEMU costs status one short timeout, not one per VM.
+            "vms": list(await asyncio.gather(*(vm.describe() for vm in self.vms.vms.values()))),
             "sessions": [self.sessions.describe(s) for s in self.sessions.sessions.values()],
             "connections": len(self.server.connections),
         }

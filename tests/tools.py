@@ -3,12 +3,16 @@
 - :func:`require_tool` — the path of a tool; a missing tool fails in CI
   (``NBDSRV_REQUIRE_TOOLS=1``) and skips elsewhere.
 - :func:`run` — run a command with a timeout; a failure shows the command, status and stderr.
-- :class:`DaemonProcess` — ``python -m nbdsrv daemon …`` as a subprocess: started, polled
-  until ``nbdsrv status`` answers, stopped with a signal and checked for a clean exit.
+- :class:`DaemonProcess` — ``python -m nbdsrv daemon …`` as a subprocess, and its CLI:
+  started (optionally with an injected fault), polled until ``nbdsrv status`` answers,
+  stopped with a signal and checked for a clean exit.
+- :class:`SyncQMP` — the test's own monitor on a QEMU under test: qemu.qmp's synchronous
+  client, connected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 # Generous for a loaded 2-core machine, far below a test's budget.
 TIMEOUT = 30.0
@@ -112,11 +117,40 @@ def nbdsrv_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "nbdsrv", *args]
 
 
-class DaemonProcess:
-    """``nbdsrv daemon`` in a subprocess; stderr goes to ``log_path``.
+class SyncQMP(QEMUMonitorProtocol):
+    """qemu.qmp's synchronous client, connected to ``path``: ``cmd(name, **arguments)``
+    returns QEMU's answer or raises ``qemu.qmp.ExecuteError``."""
 
-    >>> d = DaemonProcess(["--state-dir", s, "--control", c, "--file", "a=/x"], c, log)
-    >>> d.start(); status = d.status(); ...; d.stop()
+    def __init__(self, path: str | Path, timeout: float = TIMEOUT) -> None:
+        super().__init__(str(path))
+        self.settimeout(timeout)
+        self.connect()
+
+    def hmp(self, command: str) -> str:
+        return str(self.cmd("human-monitor-command", **{"command-line": command}))
+
+    def quit(self) -> None:
+        """Make QEMU exit, and close (QEMU's hang-up may come first: that is no error)."""
+        self.cmd("quit")
+        with contextlib.suppress(EOFError):
+            self.close()
+
+    def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
+        """Name → QEMU's info of every dirty bitmap on ``node``."""
+        for info in self.cmd("query-named-block-nodes", flat=True):
+            if info["node-name"] == node:
+                return {b["name"]: b for b in info.get("dirty-bitmaps", [])}
+        raise KeyError(node)
+
+
+class DaemonProcess:
+    """``nbdsrv daemon`` in a subprocess, and its CLI; stdout and stderr go to ``log_path``.
+
+    >>> d = DaemonProcess(["--state-dir", s, "--listen", f"unix:{n}", "--file", "a=/x"], c, log)
+    >>> d.start(); d.json("status"); d.uri("a"); ...; d.stop()
+
+    ``stop`` fails the test unless the daemon exits 0; a daemon a test killed (or that
+    crashed at an injected fault, see ``start(fault=…)``) can be started again.
     """
 
     def __init__(self, args: Sequence[str], control: str | Path, log_path: str | Path) -> None:
@@ -126,10 +160,34 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
+    def _option(self, name: str) -> str | None:
+        for option, value in zip(self.args, self.args[1:], strict=False):
+            if option == name:
+                return value
+        return None
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def state_dir(self) -> str:
+        """The ``--state-dir`` the daemon was given."""
+        value = self._option("--state-dir")
+        assert value is not None, "no --state-dir"
+        return value
+
+    @property
+    def nbd_socket(self) -> str:
+        """The first ``--listen unix:PATH``."""
+        for option, value in zip(self.args, self.args[1:], strict=False):
+            if option == "--listen" and value.startswith("unix:"):
+                return value.removeprefix("unix:")
+        raise AssertionError("no --listen unix:PATH")
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
 
     def log(self) -> str:
         """The daemon's stderr so far."""
@@ -138,13 +196,23 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
-    def start(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
-        """Start the daemon and wait until ``nbdsrv status`` answers; return the status."""
+    def start(self, timeout: float = READY_TIMEOUT, *, fault: str | None = None) -> dict[str, Any]:
+        """Start the daemon and wait until ``nbdsrv status`` answers; return the status.
+        ``fault`` is an injected crash point (``NBDSRV_FAULT``, see nbdsrv/faults)."""
         argv = nbdsrv_argv("daemon", "--control", self.control, *self.args)
+        env = {k: v for k, v in os.environ.items() if k != "NBDSRV_FAULT"}
+        if fault:
+            env["NBDSRV_FAULT"] = fault
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
             )
+        self.returncode = None
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -154,7 +222,7 @@ class DaemonProcess:
                     f"command: {shlex.join(argv)}\nstderr:\n{self.log()}",
                     pytrace=False,
                 )
-            result = run_result(nbdsrv_argv("status", "--control", self.control, "--json"))
+            result = self.cli("status", "--json")
             if result.returncode == 0:
                 status: dict[str, Any] = json.loads(result.stdout)
                 return status
@@ -167,15 +235,39 @@ class DaemonProcess:
                 )
             time.sleep(0.05)
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``nbdsrv ARGS --control …`` and return whatever happened."""
+        return run_result(nbdsrv_argv(*args, "--control", self.control), timeout=60)
+
+    def json(self, *args: str) -> Any:
+        """Run ``nbdsrv ARGS --json``, require success and return its answer."""
+        return json.loads(run(nbdsrv_argv(*args, "--control", self.control, "--json"), timeout=60))
+
+    def error(self, *args: str) -> str:
+        """Run a command that must fail; return its one error line."""
+        result = self.cli(*args)
+        assert result.returncode == 1, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
+        return lines[0].removeprefix("nbdsrv: error: ")
+
     def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = json.loads(
-            run(nbdsrv_argv("status", "--control", self.control, "--json"))
-        )
+        status: dict[str, Any] = self.json("status")
         return status
 
+    def checkpoints(self, vm: str = "vm1") -> list[dict[str, Any]]:
+        return list(self.json("checkpoint", "list", vm))
+
+    def wait_killed(self) -> None:
+        """Wait for a daemon that kills itself (an injected fault) to be gone."""
+        assert self.proc is not None
+        assert self.proc.wait(TIMEOUT) == -signal.SIGKILL
+        self.returncode = self.proc.returncode
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
-        """Send ``sig`` and wait for the exit status; a daemon that does not stop is killed
-        and fails the test."""
+        """Send ``sig`` to a running daemon; it must exit with status 0 within ``timeout``,
+        else the test fails (a daemon that does not stop is killed). A daemon that has
+        already exited is left alone. Returns the exit status."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -185,6 +277,12 @@ class DaemonProcess:
                 self.kill()
                 pytest.fail(
                     f"nbdsrv daemon still running {timeout:g} s after "
+                    f"{signal.Signals(sig).name}\nstderr:\n{self.log()}",
+                    pytrace=False,
+                )
+            if self.proc.returncode != 0:
+                pytest.fail(
+                    f"nbdsrv daemon exited with status {self.proc.returncode} after "
                     f"{signal.Signals(sig).name}\nstderr:\n{self.log()}",
                     pytrace=False,
                 )

@@ -33,13 +33,19 @@ class CheckpointError(NbdsrvError):
     """A checkpoint operation refused before anything changed."""
 
 
-def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+def check_name(name: object, what: str = "checkpoint name") -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CheckpointError(
-            f"bad checkpoint name {name!r}: use 1-128 letters, digits, '.', '_', '+', '-' "
+            f"bad {what} {name!r}: use 1-128 letters, digits, '.', '_', '+', '-' "
             "(starting with a letter or digit)"
         )
     return name
+
+
+def name_or_generated(name: str | None) -> str:
+    """``name`` checked, or a generated one when none was given (an empty name is refused,
+    never taken as "none")."""
+    return generated_name() if name is None else check_name(name)
 
 
 def check_granularity(granularity: int) -> int:
@@ -115,6 +121,10 @@ class BitmapState(Protocol):
     def inconsistent(self) -> bool: ...
     @property
     def granularity(self) -> int: ...
+    @property
+    def count(self) -> int:
+        """Dirty bytes, in whole granules."""
+        ...
 
 
 class LayerState(Protocol):
@@ -214,8 +224,10 @@ def find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
 def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) -> str | None:
     """Why QEMU's state cannot back ``checkpoint`` (None when it can).
 
-    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent and
-    consistent; the layers have one size; the newest checkpoint records on the top layer.
+    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent,
+    consistent, at the checkpoint's granularity; the layers have one size; the newest
+    checkpoint records on the top layer; a closed checkpoint records nowhere (its bitmaps
+    are frozen: one that records was enabled by someone else).
     """
     for disk, segments in checkpoint.disks.items():
         layers = chain.get(disk)
@@ -237,6 +249,17 @@ def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) 
                 )
             if not bitmap.persistent:
                 return f"bitmap '{segment.bitmap}' on {where} is not persistent"
+            if bitmap.granularity != checkpoint.granularity:
+                return (
+                    f"bitmap '{segment.bitmap}' on {where} has granularity "
+                    f"{bitmap.granularity}, the checkpoint was made with "
+                    f"{checkpoint.granularity} (re-created by someone else)"
+                )
+            if not newest and bitmap.recording:
+                return (
+                    f"bitmap '{segment.bitmap}' on {where} records writes, but its checkpoint "
+                    "is closed (enabled by someone else)"
+                )
             sizes.add(layer.virtual_size)
         if len(sizes) > 1:
             return f"disk {disk} changed size since the checkpoint"
@@ -248,6 +271,52 @@ def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) 
             bitmap = top.bitmap(last.bitmap)
             if bitmap is not None and not bitmap.recording:
                 return f"bitmap '{last.bitmap}' on disk {disk} stopped recording writes"
+    return None
+
+
+# (image file, bitmap name) → (dirty bytes, recording) as nbdsrv last saw that bitmap.
+SeenCounts = Mapping[tuple[str, str], tuple[int, bool]]
+
+
+def observed_counts(
+    checkpoints: CheckpointChain, chain: ChainState
+) -> dict[tuple[str, str], tuple[int, bool]]:
+    """The count and recording state of every checkpoint segment QEMU holds now."""
+    seen: dict[tuple[str, str], tuple[int, bool]] = {}
+    for checkpoint in checkpoints:
+        for disk, segments in checkpoint.disks.items():
+            for segment in segments:
+                layer = find_layer(chain.get(disk, ()), segment.file)
+                bitmap = layer.bitmap(segment.bitmap) if layer is not None else None
+                if bitmap is not None:
+                    seen[(segment.file, segment.bitmap)] = (bitmap.count, bitmap.recording)
+    return seen
+
+
+def count_problem(checkpoint: Checkpoint, chain: ChainState, seen: SeenCounts) -> str | None:
+    """Why the counts QEMU shows now cannot follow from the ones nbdsrv saw last (None when
+    they can). Between nbdsrv's own operations a recording bitmap only grows and a frozen one
+    never changes; anything else is a clear, a remove and add, or a merge by someone else."""
+    for disk, segments in checkpoint.disks.items():
+        for segment in segments:
+            before = seen.get((segment.file, segment.bitmap))
+            layer = find_layer(chain.get(disk, ()), segment.file)
+            bitmap = layer.bitmap(segment.bitmap) if layer is not None else None
+            if before is None or bitmap is None:
+                continue
+            count, was_recording = before
+            where = f"disk {disk} ({segment.file})"
+            if bitmap.count < count:
+                return (
+                    f"bitmap '{segment.bitmap}' on {where} lost dirty bits: QEMU counts "
+                    f"{bitmap.count} bytes, nbdsrv saw {count} (cleared or re-created by "
+                    "someone else)"
+                )
+            if not was_recording and not bitmap.recording and bitmap.count != count:
+                return (
+                    f"frozen bitmap '{segment.bitmap}' on {where} changed: QEMU counts "
+                    f"{bitmap.count} bytes, nbdsrv saw {count} (changed by someone else)"
+                )
     return None
 
 
@@ -386,6 +455,11 @@ def merged_parent(checkpoints: CheckpointChain, name: str) -> CheckpointChain:
     chain = checkpoints
     if victim.parent:
         parent = checkpoints.find(victim.parent)
+        if victim.invalid is not None and parent.invalid is None:
+            # The parent's bitmap now holds the victim's bits: as wrong as they were.
+            parent = replace(
+                parent, invalid=f"merged with invalid checkpoint '{name}': {victim.invalid}"
+            )
         disks = dict(parent.disks)
         for disk, segments in victim.disks.items():
             have = {s.file for s in disks.get(disk, ())}

@@ -40,7 +40,7 @@ from ..exports.dirty_bitmap import DirtyBitmap
 from ..exports.upstream import UpstreamExport, fetch_bitmap
 from ..net.address import Address
 from ..proto.constants import DIRTY_BITMAP_PREFIX
-from .checkpoints import now_iso
+from .checkpoints import check_name, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,9 @@ class SessionManager:
     # -- begin ----------------------------------------------------------------------------
 
     async def begin(self, vm: VMBackend, request: BeginRequest) -> Session:
+        if request.bitmap_name is not None:
+            # It becomes an NBD context name: the checkpoint name rules keep it short and plain.
+            check_name(request.bitmap_name, "--bitmap-name")
         if request.no_checkpoint and request.checkpoint:
             raise SessionError("--checkpoint and --no-checkpoint exclude each other")
         if request.bitmap_name and not request.from_checkpoint:
@@ -265,9 +268,10 @@ async def _fetch_checked(
 ) -> DirtyBitmap:
     """A frozen bitmap read over NBD, checked against what QEMU counts for it."""
     bitmap = await fetch_bitmap(address, export, upstream.context, size, upstream.granularity)
-    if upstream.dirty_bytes is not None and upstream.dirty_bytes != bitmap.dirty_bytes:
+    # QEMU counts whole granules, the last one too where the disk ends inside it.
+    if upstream.dirty_bytes is not None and upstream.dirty_bytes != bitmap.qemu_count:
         raise SessionError(
-            f"bitmap {upstream.checkpoint} of disk {disk}: read {bitmap.dirty_bytes} dirty "
+            f"bitmap {upstream.checkpoint} of disk {disk}: read {bitmap.qemu_count} dirty "
             f"bytes over NBD but QEMU counts {upstream.dirty_bytes}"
         )
     return bitmap

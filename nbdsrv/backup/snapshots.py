@@ -10,7 +10,9 @@ A checkpoint's bitmap follows the disk up and down its backing chain as *segment
 - snapshot create: one transaction over all disks — disable the recording bitmap on the old
   top, ``blockdev-snapshot`` onto the new overlay, add the recording bitmap (same name, same
   granularity, persistent) in the overlay. The recording checkpoint gains a segment.
-- snapshot commit: active ``block-commit`` of the top into the layer below; once the job is
+- snapshot commit: active ``block-commit`` of the top into the layer directly below it
+  (``top-node`` and ``base-node`` given: without them QEMU commits into the bottom of the
+  chain, rewriting a base that may be a shared template); once the job is
   ready, one transaction merges every segment of the top into the base (adding the base's
   bitmap where it lacks one) and enables the base's copy of the recording bitmap; then the
   job completes. Writes that land while the job runs are in the top's recording bitmap (merged)
@@ -23,6 +25,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from ..qemu.names import disk_name
 from .checkpoints import Action, ChainState, CheckpointChain, Segment
 
 
@@ -165,3 +168,24 @@ def after_commit(
 
 def intent_disks(intent: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return {disk: (d["top"], d["base"]) for disk, d in intent["disks"].items()}
+
+
+def commit_job(op_id: str, disk: str) -> str:
+    """The id of the commit job of ``disk`` in operation ``op_id``."""
+    return disk_name("nbdsrv-commit", op_id[:8], disk)
+
+
+def commit_result_problems(
+    before: ChainState, after: ChainState, disks: Mapping[str, tuple[str, str]]
+) -> str | None:
+    """What differs between QEMU's chains after a commit and the chains it should have made
+    (each committed disk loses its top, nothing else changes); None when all is as planned."""
+    for disk in sorted(disks):
+        expected = [layer.filename for layer in before[disk][1:]]
+        actual = [layer.filename for layer in after.get(disk, ())]
+        if actual != expected:
+            return (
+                f"disk {disk}: QEMU's chain is {' <- '.join(reversed(actual)) or 'gone'}, "
+                f"expected {' <- '.join(reversed(expected))}"
+            )
+    return None

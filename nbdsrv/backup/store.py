@@ -10,30 +10,46 @@ Per VM (``<state-dir>/vms/<VM>/``):
 - ``intent.json`` — present only while an operation on QEMU is under way: what it is about to
   do, written *before* the QMP transaction. At start-up an intent whose id differs from
   ``last_op`` is finished or rolled back by looking at what QEMU holds.
+- ``counts.json`` — the dirty count and recording state of every checkpoint bitmap as nbdsrv
+  saw it last, tagged with ``last_op``: a later operation of nbdsrv's own makes them stale.
 """
 
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
+
+from ..errors import NbdsrvError
 
 FORMAT_VERSION = 1
 
 
+class StoreError(NbdsrvError):
+    """Metadata could not be written (the disk is full, the directory is gone, ...)."""
+
+
 def write_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
+    On failure the old file stays, the temporary file is removed, and the error names
+    ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_directory(directory)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_directory(directory)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def fsync_directory(directory: str) -> None:
@@ -71,6 +87,7 @@ class VMStore:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.checkpoints_path = os.path.join(self.directory, "checkpoints.json")
         self.intent_path = os.path.join(self.directory, "intent.json")
+        self.counts_path = os.path.join(self.directory, "counts.json")
 
     def load_checkpoints(self) -> dict[str, Any]:
         document = read_json(self.checkpoints_path)
@@ -94,6 +111,33 @@ class VMStore:
 
     def clear_intent(self) -> None:
         remove_durably(self.intent_path)
+
+    # -- bitmap counts nbdsrv saw last, to notice bits that someone else removed -------------
+
+    def load_counts(self, op_id: str | None) -> dict[tuple[str, str], tuple[int, bool]]:
+        """The counts seen since operation ``op_id`` (the document's ``last_op``); none when
+        they were taken before it: nbdsrv's own operations change counts."""
+        document = read_json(self.counts_path)
+        if not isinstance(document, dict) or document.get("op") != op_id:
+            return {}
+        return {
+            (str(s["file"]), str(s["bitmap"])): (int(s["count"]), bool(s["recording"]))
+            for s in document.get("seen", [])
+        }
+
+    def save_counts(
+        self, op_id: str | None, seen: Mapping[tuple[str, str], tuple[int, bool]]
+    ) -> None:
+        records = [
+            {"file": file, "bitmap": bitmap, "count": count, "recording": recording}
+            for (file, bitmap), (count, recording) in sorted(seen.items())
+        ]
+        write_json(self.counts_path, {"op": op_id, "seen": records})
+
+    def clear_counts(self) -> None:
+        """Forget the counts: after an operation of ours that changed bitmaps but failed
+        (and so wrote no new ``last_op``), the next look takes new ones."""
+        remove_durably(self.counts_path)
 
     # -- backup sessions: one record per session, written before QEMU is touched --------------
 

@@ -68,8 +68,14 @@ class DirtyBitmap:
         raise TypeError("DirtyBitmap is mutable")
 
     @property
+    def qemu_count(self) -> int:
+        """What QMP's ``count`` reports for these bits: QEMU counts whole granules, even the
+        last one that runs past the end of the disk."""
+        return int(self.bits.count(1)) * self.granularity
+
+    @property
     def dirty_bytes(self) -> int:
-        """Dirty bytes as QMP's ``count`` reports them (whole blocks, the last one clipped)."""
+        """Dirty bytes of the disk (whole blocks, the last one clipped at the disk's end)."""
         total = self.bits.count(1) * self.granularity
         last = len(self.bits) - 1
         if last >= 0 and self.bits[last]:

@@ -39,6 +39,9 @@ MAX_BUFFERED = 64 * 1024 * 1024
 # What a block status reply may take, for that budget (2 MiB at most: 131072 extents).
 BLOCK_STATUS_COST = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 128
+# asyncio's default of 100 refuses a burst of clients (EAGAIN on a unix socket) before the
+# event loop gets to accept them; the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
 
@@ -518,10 +521,16 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         if address.kind == "unix":
             clear_stale_socket(address.path)  # never another daemon's live socket
-            server = await loop.create_unix_server(lambda: NBDConnection(self), address.path)
+            server = await loop.create_unix_server(
+                lambda: NBDConnection(self), address.path, backlog=LISTEN_BACKLOG
+            )
         else:
             server = await loop.create_server(
-                lambda: NBDConnection(self), address.host or None, address.port, reuse_address=True
+                lambda: NBDConnection(self),
+                address.host or None,
+                address.port,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
             )
             if address.port == 0:
                 port = server.sockets[0].getsockname()[1]

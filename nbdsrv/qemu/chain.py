@@ -13,8 +13,9 @@ file name is the node's backing file name. Filters that QEMU puts on top of a di
 copy-before-write filter of a running fleecing job, throttle, ...) are skipped: they share
 the file name of the node below them.
 
-Which disks: with `roots` given, exactly those (node names or BlockBackend / qdev names);
-otherwise every `query-block` entry with a medium (id: BlockBackend name, else qdev id);
+Which disks: with `roots` given, exactly those (node names or BlockBackend / device names);
+otherwise every `query-block` entry with a medium (id: BlockBackend name, else the guest
+device's id, else the root node name: never a QOM path, see CONTRACT.md "Disk names");
 and when there is none (qemu-storage-daemon has no named BlockBackends), the format nodes
 named `disk0`, `disk1`, ... that `StorageDaemon` creates.
 """
@@ -125,8 +126,8 @@ def disks_from(
             continue  # an empty drive
         device = entry.get("device") or None
         qdev = entry.get("qdev") or None
-        ident = device or qdev or str(inserted["node-name"])
-        devices.append((ident, device, qdev, str(inserted["node-name"])))
+        root_node = str(inserted["node-name"])
+        devices.append((device or _device_id(qdev) or root_node, device, qdev, root_node))
 
     if roots is not None:
         wanted: list[tuple[str, str | None, str | None, str]] = []
@@ -134,7 +135,7 @@ def disks_from(
             if root in by_name or root in moved:
                 wanted.append((root, None, None, root))
                 continue
-            match = [d for d in devices if root in (d[1], d[2])]
+            match = [d for d in devices if root in d[:3]]
             if not match:
                 raise QEMUError(f"QEMU has no disk or block node named {root}")
             wanted.append((root, match[0][1], match[0][2], match[0][3]))
@@ -158,6 +159,19 @@ def disks_from(
             continue
         disks.append(Disk(ident, tuple(_layers(node, nodes)), device, qdev))
     return disks
+
+
+def _device_id(qdev: str | None) -> str | None:
+    """The id of the guest device in `qdev`: query-block gives a plain id (`scsi0-0-0-0`) or,
+    for virtio devices, the QOM path of the backend inside the device the user named
+    (`/machine/peripheral/vdisk0/virtio-backend`). A device without id (under
+    `/machine/peripheral-anon/`) has no name to give."""
+    if qdev is None or not qdev.startswith("/"):
+        return qdev
+    parts = qdev.split("/")
+    if len(parts) > 3 and parts[1:3] == ["machine", "peripheral"] and parts[3]:
+        return parts[3]
+    return None
 
 
 def _is_format(node: Mapping[str, Any]) -> bool:

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, StateError
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, StateError
 from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
@@ -80,23 +80,30 @@ class _Subscription:
 
 @dataclass
 class _Waiter:
-    name: str
+    names: frozenset[str]
     predicate: EventPredicate | None
     future: asyncio.Future[QMPEvent]
 
 
-class _Client(QMPClient):
-    """A QMPClient that hands every event to the Monitor, and keeps no queue of its own.
+class _Recorder(EventListener):
+    """A listener that hands every event to the Monitor and queues none.
 
-    (The stock client queues every event in its default listener forever.)
+    qemu.qmp calls `accept` in its reader task, for each event in the order QEMU sent them,
+    before the replies that follow; saying no keeps the event out of this listener's queue
+    and its history (both unbounded).
     """
 
-    def __init__(self, name: str | None, sink: Callable[[Message], None]) -> None:
-        super().__init__(name)
+    def __init__(self, sink: Callable[[Message], None]) -> None:
+        super().__init__()
         self._sink = sink
 
-    async def _event_dispatch(self, msg: Message) -> None:
-        self._sink(msg)
+    def accept(self, event: Message) -> bool:
+        self._sink(event)
+        return False
+
+
+def _deaf(event: Message) -> bool:
+    return False
 
 
 class Monitor:
@@ -138,7 +145,7 @@ class Monitor:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.attempt_timeout = attempt_timeout
-        self._client: _Client | None = None
+        self._client: QMPClient | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._connected_event: asyncio.Event | None = None
         self._closing = False
@@ -238,7 +245,7 @@ class Monitor:
                 await client.disconnect()
         self._fail_waiters(QEMUGoneError(self._path, "monitor closed"))
 
-    async def _open(self) -> _Client:
+    async def _open(self) -> QMPClient:
         """One connection attempt: socket, greeting, capabilities negotiation."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -249,7 +256,11 @@ class Monitor:
         except OSError as e:
             sock.close()
             raise QEMUUnreachableError(self._path, e.strerror or str(e)) from None
-        client = _Client(self._name, self._on_message)
+        client = QMPClient(self._name)
+        # The stock all-events listener cannot be removed, and would queue every event for
+        # good: a filter that refuses all makes it keep nothing.
+        client.events.event_filter = _deaf
+        client.register_listener(_Recorder(self._on_message))
         try:
             async with asyncio.timeout(self.attempt_timeout):
                 await client.connect(sock)
@@ -265,12 +276,12 @@ class Monitor:
             raise QEMUUnreachableError(self._path, str(e)) from None
         return client
 
-    def _attach(self, client: _Client) -> None:
+    def _attach(self, client: QMPClient) -> None:
         self._client = client
         self._event().set()
         log.debug("QMP connected to %s", self._path)
 
-    async def _supervise(self, client: _Client) -> None:
+    async def _supervise(self, client: QMPClient) -> None:
         """Notice a lost session; reconnect with backoff when allowed."""
         while True:
             while client.runstate == Runstate.RUNNING:
@@ -371,34 +382,62 @@ class Monitor:
 
     async def wait_event(
         self,
-        name: str,
+        name: str | Iterable[str],
         predicate: EventPredicate | None = None,
         timeout: float = 30.0,
         *,
         after: int | None = None,
     ) -> QMPEvent:
-        """Wait for an event named `name` for which `predicate` (if given) is true.
+        """Wait for an event named `name` (or any of several names) for which `predicate`
+        (if given) is true.
 
         With `after=SEQ` (take it from `last_seq` before running the command that causes
         the event) an event already in the history newer than SEQ is returned at once, so
         a fast event is never missed. Raises `EventTimeoutError` after `timeout` seconds,
         `QEMUGoneError` when the connection is lost meanwhile.
         """
+        names = frozenset([name] if isinstance(name, str) else name)
         if after is not None:
-            for event in self.events(name, after=after):
-                if predicate is None or predicate(event):
+            for event in self.events(after=after):
+                if event.name in names and (predicate is None or predicate(event)):
                     return event
         future: asyncio.Future[QMPEvent] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(name, predicate, future)
+        waiter = _Waiter(names, predicate, future)
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise EventTimeoutError(name, timeout) from None
+            raise EventTimeoutError(" or ".join(sorted(names)), timeout) from None
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
+
+    async def wait_until(
+        self,
+        check: Callable[[], Awaitable[bool]],
+        names: str | Iterable[str],
+        predicate: EventPredicate | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Run `check()` (usually one query) until it is true, again after each event named
+        in `names` that `predicate` accepts: waiting on QEMU's word, not polling.
+
+        `last_seq` is taken before each check, so an event that comes while the query runs
+        is found in the history. `check` may raise to give up. Raises `EventTimeoutError`
+        after `timeout` seconds, `QEMUGoneError` when the connection is lost meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            seq = self.last_seq
+            if await check():
+                return
+            try:
+                await self.wait_event(names, predicate, deadline - loop.time(), after=seq)
+            except EventTimeoutError:
+                label = names if isinstance(names, str) else " or ".join(sorted(names))
+                raise EventTimeoutError(label, timeout) from None
 
     def _on_message(self, msg: Message) -> None:
         """Runs in qemu.qmp's reader task for every event: never raise from here."""
@@ -417,7 +456,7 @@ class Monitor:
         self._history.append(event)
         log.debug("QMP event from %s: %s %s", self._path, event.name, event.data)
         for waiter in list(self._waiters):
-            if waiter.future.done() or waiter.name != event.name:
+            if waiter.future.done() or event.name not in waiter.names:
                 continue
             try:
                 if waiter.predicate is None or waiter.predicate(event):

@@ -5,9 +5,10 @@ import subprocess
 import time
 
 import pytest
+from qemu.qmp import ExecuteError
 
-from tests.qmp_sync import QMPFailed
-from tests.vmharness import ExternalQSD, MiB, Nbdsrv
+from tests.tools import DaemonProcess
+from tests.vmharness import ExternalQSD, MiB
 
 K = 1024
 
@@ -17,10 +18,10 @@ def bitmap_extents(vm: ExternalQSD, names: list[str], disk: int = 0) -> list[tup
     frozen merge — what QEMU itself would hand a backup tool."""
     assert vm.qmp is not None
     node = f"disk{disk}"
-    vm.qmp.execute("block-dirty-bitmap-add", node=node, name="probe", disabled=True)
+    vm.qmp.cmd("block-dirty-bitmap-add", node=node, name="probe", disabled=True)
     try:
-        vm.qmp.execute("block-dirty-bitmap-merge", node=node, target="probe", bitmaps=names)
-        vm.qmp.execute(
+        vm.qmp.cmd("block-dirty-bitmap-merge", node=node, target="probe", bitmaps=names)
+        vm.qmp.cmd(
             "block-export-add",
             type="nbd",
             id="probe",
@@ -42,18 +43,18 @@ def bitmap_extents(vm: ExternalQSD, names: list[str], disk: int = 0) -> list[tup
                 timeout=60,
             ).stdout
         finally:
-            vm.qmp.execute("block-export-del", id="probe")
+            vm.qmp.cmd("block-export-del", id="probe")
     finally:
         for _ in range(100):
             try:
-                vm.qmp.execute("block-dirty-bitmap-remove", node=node, name="probe")
+                vm.qmp.cmd("block-dirty-bitmap-remove", node=node, name="probe")
                 break
-            except QMPFailed:  # busy until the export is really gone
+            except ExecuteError:  # busy until the export is really gone
                 time.sleep(0.05)
     return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] == 1]
 
 
-def test_create_records_exactly_the_writes_after_it(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_create_records_exactly_the_writes_after_it(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     vm.write(0, 0x11, 0, 64 * K)  # before any checkpoint: in no bitmap
     created = nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     assert created["name"] == "c1" and created["parent"] is None and created["created"]
@@ -72,7 +73,7 @@ def test_create_records_exactly_the_writes_after_it(vm: ExternalQSD, nbdsrv: Nbd
     ]
 
 
-def test_delete_middle_keeps_since_parent_exact(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_delete_middle_keeps_since_parent_exact(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     for i, name in enumerate(["c1", "c2", "c3"]):
         nbdsrv.json("checkpoint", "create", "vm1", "--name", name)
         vm.write(0, 0x40 + i, i * MiB, 64 * K)
@@ -83,7 +84,7 @@ def test_delete_middle_keeps_since_parent_exact(vm: ExternalQSD, nbdsrv: Nbdsrv)
     assert [(c["name"], c["parent"]) for c in nbdsrv.checkpoints()] == [("c1", None), ("c3", "c1")]
 
 
-def test_delete_newest_reenables_parent(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_delete_newest_reenables_parent(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
     vm.write(0, 0x11, 0, 64 * K)
@@ -96,7 +97,7 @@ def test_delete_newest_reenables_parent(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None
 
 
 @pytest.mark.parametrize("vm", [("qcow2", "qcow2")], indirect=True)
-def test_two_disks_get_one_checkpoint(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_two_disks_get_one_checkpoint(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     vm.write(1, 0x11, 0, 64 * K)
     assert vm.qmp is not None
@@ -111,7 +112,7 @@ def test_two_disks_get_one_checkpoint(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
     indirect=["vm"],
 )
 def test_unsupported_disk_is_refused_and_nothing_changes(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, message: str
+    vm: ExternalQSD, nbdsrv: DaemonProcess, message: str
 ) -> None:
     assert message in nbdsrv.error("checkpoint", "create", "vm1", "--name", "c1")
     assert vm.qmp is not None
@@ -119,7 +120,7 @@ def test_unsupported_disk_is_refused_and_nothing_changes(
     assert nbdsrv.checkpoints() == []
 
 
-def test_clear_errors_for_bad_requests(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_clear_errors_for_bad_requests(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     assert nbdsrv.error("checkpoint", "create", "vm1", "--name", "c1") == (
         "VM vm1 already has a checkpoint 'c1'"
@@ -131,7 +132,7 @@ def test_clear_errors_for_bad_requests(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
     assert [c["name"] for c in nbdsrv.checkpoints()] == ["c1"]
 
 
-def test_granularity_is_applied(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_granularity_is_applied(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1", "--granularity", "4096")
     assert vm.qmp is not None
     assert vm.qmp.bitmaps("disk0")["c1"]["granularity"] == 4096

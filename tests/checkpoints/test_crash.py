@@ -3,7 +3,8 @@ a state that agrees with QEMU."""
 
 import pytest
 
-from tests.vmharness import ExternalQSD, MiB, Nbdsrv, wait_for
+from tests.tools import DaemonProcess
+from tests.vmharness import ExternalQSD, MiB, wait_for
 
 K = 1024
 
@@ -22,7 +23,7 @@ def names_in_qemu(vm: ExternalQSD) -> set[str]:
     ],
 )
 def test_killed_during_create_restarts_consistent(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, fault: str, done: bool
+    vm: ExternalQSD, nbdsrv: DaemonProcess, fault: str, done: bool
 ) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     nbdsrv.stop()
@@ -50,7 +51,7 @@ def test_killed_during_create_restarts_consistent(
     ],
 )
 def test_killed_during_delete_restarts_consistent(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, fault: str, done: bool
+    vm: ExternalQSD, nbdsrv: DaemonProcess, fault: str, done: bool
 ) -> None:
     for name in ("c1", "c2", "c3"):
         nbdsrv.json("checkpoint", "create", "vm1", "--name", name)
@@ -70,7 +71,7 @@ def test_killed_during_delete_restarts_consistent(
 
 
 def test_qemu_killed_marks_checkpoints_invalid_and_new_chain_starts(
-    vm: ExternalQSD, nbdsrv: Nbdsrv
+    vm: ExternalQSD, nbdsrv: DaemonProcess
 ) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     vm.write(0, 0x11, 0, 64 * K)

@@ -65,6 +65,18 @@ async def test_wait_event_finds_an_event_that_came_before_the_wait(qsd: StorageD
     assert monitor.events("BLOCK_EXPORT_DELETED", after=seq) == [event]
 
 
+async def test_qemu_qmp_keeps_no_events_of_its_own(qsd: StorageDaemon) -> None:
+    """Events are kept in the Monitor's bounded history only: qemu.qmp's default listener
+    would otherwise queue every event for as long as the connection lives."""
+    monitor = qsd.monitor
+    seq = monitor.last_seq
+    await monitor.execute("block-export-del", {"id": "disk1"})
+    await monitor.wait_event("BLOCK_EXPORT_DELETED", timeout=5, after=seq)
+    client = monitor._client  # the library's state is what this test is about
+    assert client is not None
+    assert client.events.empty() and client.events.history == ()
+
+
 async def test_wait_event_times_out_clearly(qsd: StorageDaemon) -> None:
     with pytest.raises(QMPTimeoutError, match=r"^QEMU sent no SHUTDOWN event within 0\.1s$"):
         await qsd.monitor.wait_event("SHUTDOWN", timeout=0.1)

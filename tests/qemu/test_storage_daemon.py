@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import stat
@@ -15,6 +16,7 @@ from nbdsrv.qemu.chain import discover_chains
 from nbdsrv.qemu.errors import ImageError, QEMUGoneError, QMPError, StorageDaemonError
 from nbdsrv.qemu.images import detect_format
 from nbdsrv.qemu.storage_daemon import StorageDaemon
+from tests.tools import run
 
 from .conftest import Exits, make_image, qemu_io, require_tool
 
@@ -187,6 +189,8 @@ async def test_missing_qsd_binary_is_a_clear_error(images: list[Path], state_dir
         await daemon.start()
 
 
-def test_qemu_tools_present() -> None:
-    for tool in ("qemu-storage-daemon", "qemu-img", "qemu-io"):
-        require_tool(tool)
+@pytest.mark.parametrize("tool", ["qemu-storage-daemon", "qemu-img", "qemu-io"])
+def test_qemu_tool_runs_and_reports_its_version(tool: str) -> None:
+    """The QEMU programs nbdsrv and these tests drive are installed and run."""
+    out = run([require_tool(tool), "--version"])
+    assert re.match(rf"{tool} version \d+\.\d+\.\d+", out), out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import select
+import signal
 import socket
 import struct
 import time
@@ -366,3 +367,31 @@ def test_seeded_fuzzer_against_the_live_daemon(start: Callable[..., Secured], ce
     after = served.vm_rss_kib()
     print(f"fuzzer: {done} rounds, seed {seed}, RSS {before} -> peak {peak} -> {after} KiB")
     assert max(peak, after) - before < 64 * 1024
+
+
+def test_a_burst_of_200_clients_is_not_refused(start: Callable[..., Secured]) -> None:
+    """200 clients connect while the daemon is busy (stopped): none is refused by a full listen
+    backlog, and each gets the greeting once the daemon runs again."""
+    served = start("--max-connections", "300", "--handshake-timeout", "30")
+    socks, refused = [], 0
+    os.kill(served.daemon.pid, signal.SIGSTOP)
+    try:
+        for _ in range(200):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)  # as asyncio and libnbd connect
+            try:
+                sock.connect(served.unix_socket)
+                socks.append(sock)
+            except BlockingIOError:
+                refused += 1
+                sock.close()
+    finally:
+        os.kill(served.daemon.pid, signal.SIGCONT)
+    assert refused == 0
+    for sock in socks:
+        sock.setblocking(True)
+        sock.settimeout(GUARD)
+        assert recv_exactly(sock, 8) == b"NBDMAGIC"
+        sock.close()
+    wait_for(lambda: served.daemon.status()["connections"] == 0, "every connection gone")
+    well_behaved_read(served)

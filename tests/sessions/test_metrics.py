@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.tools import require_tool
-from tests.vmharness import ExternalQSD, MiB, Nbdsrv
+from tests.vmharness import ExternalQSD, MiB, attached_daemon
 
 SAMPLE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.eE]+|\+Inf)$"
@@ -57,8 +57,7 @@ def scrape(port: int, path: str = "/metrics", method: str = "GET") -> str:
 
 def test_metrics_of_a_backup_session(vm: ExternalQSD, workdir: Path) -> None:
     port = free_port()
-    daemon = Nbdsrv(workdir, vm.qmp_path, vm.nbd_path)
-    daemon.extra_args = ["--metrics", f"tcp:127.0.0.1:{port}"]
+    daemon = attached_daemon(workdir, vm, "--metrics", f"tcp:127.0.0.1:{port}")
     daemon.start()
     try:
         daemon.json("checkpoint", "create", "vm1", "--name", "c1")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 
-from tests.qmp_sync import QMPFailed, SyncQMP
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
-from tests.vmharness import DISK_SIZE, ExternalQSD, K, MiB, Nbdsrv, wait_for
+from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
+from tests.vmharness import DISK_SIZE, ExternalQSD, K, MiB, wait_for
 
 READER = Path(__file__).with_name("pit_reader.py")
 BLOCK = 64 * K
@@ -65,8 +65,7 @@ class GuestVM:
 
     def stop(self) -> None:
         try:
-            self.qmp.execute("quit")
-            self.qmp.close()
+            self.qmp.quit()
         except Exception:
             subprocess.run(["kill", "-9", self.pidfile.read_text().strip()], check=False)
 
@@ -79,14 +78,16 @@ def guest_workdir() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def start_daemon(workdir: Path, qmp_path: Path) -> tuple[DaemonProcess, Callable[..., Any]]:
+def start_daemon(
+    workdir: Path, qmp_path: Path, fault: str | None = None
+) -> tuple[DaemonProcess, Callable[..., Any]]:
     control = str(workdir / "control.sock")
     daemon = DaemonProcess(
         ["--state-dir", str(workdir / "state"), "--control", control,
          "--listen", f"unix:{workdir / 'nbd.sock'}", "--qmp", f"vm={qmp_path}"],
         control, workdir / "daemon.log",
     )  # fmt: skip
-    daemon.start()
+    daemon.start(fault=fault)
 
     def cli(*args: str) -> Any:
         return json.loads(run(nbdsrv_argv(*args, "--control", control, "--json")))
@@ -95,8 +96,8 @@ def start_daemon(workdir: Path, qmp_path: Path) -> tuple[DaemonProcess, Callable
 
 
 def leftovers(qmp: SyncQMP) -> list[str]:
-    nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
-    exports = [e["id"] for e in qmp.execute("query-block-exports")]
+    nodes = [n["node-name"] for n in qmp.cmd("query-named-block-nodes", flat=True)]
+    exports = [e["id"] for e in qmp.cmd("query-block-exports")]
     return [x for x in nodes + exports if x.startswith("nbdsrv-")]
 
 
@@ -136,12 +137,12 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
         vm.write(0, 0x11, 0, DISK_SIZE)
         session = cli("backup", "begin", "vm", "--no-checkpoint")
         # -S: the VM was not running, so nbdsrv must not have started it.
-        assert vm.qmp.execute("query-status")["status"] == "prelaunch"
+        assert vm.qmp.cmd("query-status")["status"] == "prelaunch"
         disk0 = next(d for d in session["disks"] if "vdisk0" in d)
         uri = session["disks"][disk0]["uri"]
         readers = Readers(guest_workdir, uri, b"\x11" * DISK_SIZE)
         vm.write(0, 0x22, 0, 4 * MiB)
-        nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
+        nodes = [n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes", flat=True)]
         cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
         acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
         back = {"path": GuestVM.DEVICES[0], "property": "drive", "value": "n0"}
@@ -150,16 +151,14 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
             ("blockdev-del", {"node-name": cbw}),
             ("blockdev-del", {"node-name": acc}),
         ]:
-            with pytest.raises(QMPFailed):
-                vm.qmp.execute(command, **args)
+            with pytest.raises(ExecuteError):
+                vm.qmp.cmd(command, **args)
         vm.write(0, 0x33, 4 * MiB, 4 * MiB)
-        export = next(
-            e["id"] for e in vm.qmp.execute("query-block-exports") if e["id"].endswith("-0")
-        )
-        vm.qmp.execute("block-export-del", id=export, mode="hard")
-        vm.qmp.execute("blockdev-del", **{"node-name": acc})
-        vm.qmp.execute("qom-set", **back)
-        vm.qmp.execute("blockdev-del", **{"node-name": cbw})
+        export = next(e["id"] for e in vm.qmp.cmd("query-block-exports") if e["id"].endswith("-0"))
+        vm.qmp.cmd("block-export-del", id=export, mode="hard")
+        vm.qmp.cmd("blockdev-del", **{"node-name": acc})
+        vm.qmp.cmd("qom-set", **back)
+        vm.qmp.cmd("blockdev-del", **{"node-name": cbw})
         vm.write(0, 0x44, 0, DISK_SIZE)  # live data everywhere now
         wait_for(lambda: cli("backup", "list", "vm")[0]["state"] == "failed", "session failed")
         judge(readers.finish())
@@ -173,7 +172,7 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
 
 
 def test_qsd_third_party_cannot_make_reads_see_new_data(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     require_tool("nbdsh")
     vm.write(0, 0x11, 0, DISK_SIZE)
@@ -182,19 +181,19 @@ def test_qsd_third_party_cannot_make_reads_see_new_data(
     qmp = vm.qmp
     assert qmp is not None
     vm.write(0, 0x22, 0, 4 * MiB)
-    nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
+    nodes = [n["node-name"] for n in qmp.cmd("query-named-block-nodes", flat=True)]
     cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
     acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
-    back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "tg",
+    back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "nbdsrv-tg",
              "file": "disk0"}]  # fmt: skip
-    with pytest.raises(QMPFailed, match="Permission conflict"):
-        qmp.execute("blockdev-reopen", options=back)
+    with pytest.raises(ExecuteError, match="Permission conflict"):
+        qmp.cmd("blockdev-reopen", options=back)
     vm.write(0, 0x33, 4 * MiB, 4 * MiB)
-    export = next(e["id"] for e in qmp.execute("query-block-exports") if e["id"] != "disk0")
-    qmp.execute("block-export-del", id=export, mode="hard")
-    qmp.execute("blockdev-del", **{"node-name": acc})
-    qmp.execute("blockdev-reopen", options=back)
-    qmp.execute("blockdev-del", **{"node-name": cbw})
+    export = next(e["id"] for e in qmp.cmd("query-block-exports") if e["id"] != "disk0")
+    qmp.cmd("block-export-del", id=export, mode="hard")
+    qmp.cmd("blockdev-del", **{"node-name": acc})
+    qmp.cmd("blockdev-reopen", options=back)
+    qmp.cmd("blockdev-del", **{"node-name": cbw})
     vm.write(0, 0x44, 0, DISK_SIZE)
     wait_for(lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed", "failed")
     judge(readers.finish())
@@ -212,11 +211,11 @@ def small_tmpfs(workdir: Path) -> Iterator[Path]:
 
 
 def test_full_scratch_breaks_the_snapshot_not_the_writer(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path, small_tmpfs: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path, small_tmpfs: Path
 ) -> None:
     vm.write(0, 0x11, 0, DISK_SIZE)
     nbdsrv.stop()
-    nbdsrv.extra_args = ["--scratch-dir", str(small_tmpfs)]
+    nbdsrv.args += ["--scratch-dir", str(small_tmpfs)]
     nbdsrv.start()
     session = nbdsrv.json("backup", "begin", "vm1", "--no-checkpoint")
     uri = nbdsrv.uri("vm1/disk0")
@@ -309,7 +308,7 @@ def test_running_vm_two_disks_one_point_in_time(guest_workdir: Path) -> None:
             return dict(state["session"])
 
         n0 = one_cut(write, begin, read_disk, blocks)
-        assert vm.qmp.execute("query-status")["status"] == "running"  # nbdsrv resumed it
+        assert vm.qmp.cmd("query-status")["status"] == "running"  # nbdsrv resumed it
         run(nbdsrv_argv("backup", "end", "vm", state["session"]["id"], "--control", daemon.control))
         session = cli("backup", "begin", "vm", "--from", "c1", "--no-checkpoint")
         name = sorted(session["disks"])[0]
@@ -326,7 +325,9 @@ def test_running_vm_two_disks_one_point_in_time(guest_workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("vm", [("qcow2", "qcow2")], indirect=True)
-def test_qsd_two_disks_one_point_in_time(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path) -> None:
+def test_qsd_two_disks_one_point_in_time(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
+) -> None:
     blocks = 60
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c0")
     writers = [

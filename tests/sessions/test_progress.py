@@ -6,17 +6,19 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.tools import require_tool
-from tests.vmharness import COPY_SCRIPT, ExternalQSD, MiB, Nbdsrv, wait_for
+from tests.tools import DaemonProcess, require_tool
+from tests.vmharness import COPY_SCRIPT, ExternalQSD, MiB, attached_daemon, wait_for
 
 
-def one_session(nbdsrv: Nbdsrv) -> dict:  # type: ignore[type-arg]
+def one_session(nbdsrv: DaemonProcess) -> dict:  # type: ignore[type-arg]
     sessions = nbdsrv.json("backup", "list", "vm1")
     assert len(sessions) == 1
     return dict(sessions[0])
 
 
-def test_backup_list_reports_progress(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path) -> None:
+def test_backup_list_reports_progress(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
+) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     vm.write(0, 0x11, 0, 1 * MiB)
     vm.write(0, 0x22, 4 * MiB, 512 * 1024)
@@ -68,7 +70,7 @@ def test_backup_list_reports_progress(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: 
 
 
 def test_quiesce_without_an_agent_is_refused_and_does_nothing(
-    vm: ExternalQSD, nbdsrv: Nbdsrv
+    vm: ExternalQSD, nbdsrv: DaemonProcess
 ) -> None:
     message = nbdsrv.error("checkpoint", "create", "vm1", "--name", "q1", "--quiesce")
     assert "--qga vm1=" in message
@@ -86,8 +88,7 @@ def test_quiesce_with_a_silent_agent_is_refused_and_does_nothing(
     silent = socket.socket(socket.AF_UNIX)
     silent.bind(str(workdir / "qga.sock"))
     silent.listen()
-    daemon = Nbdsrv(workdir, vm.qmp_path, vm.nbd_path)
-    daemon.extra_args = ["--qga", f"vm1={workdir / 'qga.sock'}"]
+    daemon = attached_daemon(workdir, vm, "--qga", f"vm1={workdir / 'qga.sock'}")
     daemon.start()
     try:
         status = daemon.json("status")
@@ -105,8 +106,7 @@ def test_quiesce_with_a_silent_agent_is_refused_and_does_nothing(
 
 
 def test_scratch_limit_breaks_the_session_not_the_guest(vm: ExternalQSD, workdir: Path) -> None:
-    daemon = Nbdsrv(workdir, vm.qmp_path, vm.nbd_path)
-    daemon.extra_args = ["--scratch-limit", str(1 * MiB)]
+    daemon = attached_daemon(workdir, vm, "--scratch-limit", str(1 * MiB))
     daemon.start()
     try:
         vm.write(0, 0x11, 0, 4 * MiB)

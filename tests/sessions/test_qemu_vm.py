@@ -14,25 +14,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.qmp_sync import SyncQMP
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
 from tests.vmharness import wait_for
 
 K = 1024
 
 
 class QemuVM:
-    def __init__(self, workdir: Path, device: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, drive: str = "drive0", size: str = "16M", device: bool = True
+    ) -> None:
+        self.drive = drive
         self.image = workdir / "d.qcow2"
-        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), "16M"])
+        run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), size])
         self.qmp_path = workdir / "vm.qmp"
         test_qmp = workdir / "test.qmp"
         self.pidfile = workdir / "qemu.pid"
         machine = ["-machine", "q35", "-S"] if device else ["-machine", "none"]
-        devices = ["-device", "virtio-blk-pci,drive=drive0,id=vdisk0"] if device else []
+        devices = ["-device", f"virtio-blk-pci,drive={drive},id=vdisk0"] if device else []
         run([
             require_tool("qemu-system-x86_64"), *machine, "-nodefaults", "-display", "none",
-            "-drive", f"if=none,id=drive0,file={self.image},format=qcow2,node-name=disk0",
+            "-drive", f"if=none,id={drive},file={self.image},format=qcow2,node-name=disk0",
             *devices,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp", f"unix:{test_qmp},server=on,wait=off",
@@ -42,16 +44,15 @@ class QemuVM:
         self.qmp = SyncQMP(str(test_qmp))
 
     def write(self, pattern: int, offset: int, length: int) -> None:
-        """As the guest writes: through drive0, the device's BlockBackend (it keeps its name
-        when nbdsrv puts a filter under it)."""
+        """As the guest writes: through the drive, the device's BlockBackend (it keeps its
+        name when nbdsrv puts a filter under it)."""
         # QEMU 7.2 prints qemu-io's success to its own stdout; the reply is empty unless
         # something failed.
-        out = self.qmp.hmp(f'qemu-io drive0 "write -P {pattern} {offset} {length}"')
+        out = self.qmp.hmp(f'qemu-io {self.drive} "write -P {pattern} {offset} {length}"')
         assert "error" not in out.lower() and "failed" not in out.lower(), out
 
     def stop(self) -> None:
-        self.qmp.execute("quit")
-        self.qmp.close()
+        self.qmp.quit()
 
 
 @pytest.fixture
@@ -117,10 +118,10 @@ def _backup_snapshot_commit(vm: QemuVM, daemon: DaemonProcess, control: str, nbd
         (2048 * K, 64 * K),
     ]
     assert daemon.stop() == 0  # ends the session too
-    assert vm.qmp.execute("query-block-jobs") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
     assert not [
         n["node-name"]
-        for n in vm.qmp.execute("query-named-block-nodes", flat=True)
+        for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
         if n["node-name"].startswith("nbdsrv-")
     ]
 
@@ -148,7 +149,7 @@ def test_drive_without_device_is_refused(tmp_path: Path) -> None:
         assert daemon.status()["sessions"] == []
         assert not [
             n["node-name"]
-            for n in vm.qmp.execute("query-named-block-nodes", flat=True)
+            for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
             if n["node-name"].startswith("nbdsrv-")
         ]
         assert daemon.stop() == 0

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.sessions.test_point_in_time import GuestVM, guest_workdir, leftovers, start_daemon
-from tests.tools import nbdsrv_argv
-from tests.vmharness import ExternalQSD, MiB, Nbdsrv, wait_for
+from tests.tools import DaemonProcess, nbdsrv_argv
+from tests.vmharness import ExternalQSD, MiB, wait_for
 
 __all__ = ["guest_workdir"]
 
@@ -27,12 +27,11 @@ def scratch_files(state_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("point", ["backup-begin:after-switch", "backup-begin:after-exports"])
 def test_daemon_killed_during_begin_resumes_the_vm_and_cleans_qemu(
-    guest_workdir: Path, point: str, monkeypatch: pytest.MonkeyPatch
+    guest_workdir: Path, point: str
 ) -> None:
     vm = GuestVM(guest_workdir, running=True)
     state = guest_workdir / "state"
-    monkeypatch.setenv("NBDSRV_FAULT", point)
-    daemon, _ = start_daemon(guest_workdir, vm.qmp_path)
+    daemon, _ = start_daemon(guest_workdir, vm.qmp_path, fault=point)
     try:
         vm.write(0, 0x11, 0, 1 * MiB)
         begin = subprocess.run(
@@ -47,20 +46,19 @@ def test_daemon_killed_during_begin_resumes_the_vm_and_cleans_qemu(
         assert leftovers(vm.qmp)
         assert len(records(state)) == 1
         if point == "backup-begin:after-switch":
-            assert vm.qmp.execute("query-status")["status"] == "paused"
-        monkeypatch.delenv("NBDSRV_FAULT")
+            assert vm.qmp.cmd("query-status")["status"] == "paused"
         daemon.start()
         wait_for(lambda: records(state) == [], "the stale session record to go")
         assert leftovers(vm.qmp) == []
         assert scratch_files(state) == []
-        assert vm.qmp.execute("query-status")["status"] == "running"
+        assert vm.qmp.cmd("query-status")["status"] == "running"
         assert daemon.stop() == 0
     finally:
         daemon.kill()
         vm.stop()
 
 
-def test_record_stays_until_qemu_is_back(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_record_stays_until_qemu_is_back(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     state = Path(nbdsrv.state_dir)
     vm.write(0, 0x11, 0, 1 * MiB)
     session = nbdsrv.json("backup", "begin", "vm1", "--no-checkpoint")

@@ -10,27 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 
-from tests.qmp_sync import QMPFailed
-from tests.tools import require_tool
+from tests.tools import DaemonProcess, require_tool
 from tests.vmharness import (
     COPY_SCRIPT,
     DISK_SIZE,
     ExternalQSD,
     K,
     MiB,
-    Nbdsrv,
     blocks,
     sha,
     wait_for,
 )
 
 
-def begin(nbdsrv: Nbdsrv, *args: str) -> dict[str, Any]:
+def begin(nbdsrv: DaemonProcess, *args: str) -> dict[str, Any]:
     return dict(nbdsrv.json("backup", "begin", "vm1", *args))
 
 
-def end(nbdsrv: Nbdsrv, session: dict[str, Any]) -> None:
+def end(nbdsrv: DaemonProcess, session: dict[str, Any]) -> None:
     result = nbdsrv.cli("backup", "end", "vm1", session["id"])
     assert result.returncode == 0, result.stderr
 
@@ -53,14 +52,14 @@ def incremental(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
 def qemu_leftovers(vm: ExternalQSD) -> list[str]:
     """Anything of nbdsrv's sessions still in QEMU."""
     assert vm.qmp is not None
-    nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
-    jobs = [j["device"] for j in vm.qmp.execute("query-block-jobs")]
-    exports = [e["id"] for e in vm.qmp.execute("query-block-exports")]
+    nodes = [n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes", flat=True)]
+    jobs = [j["device"] for j in vm.qmp.cmd("query-block-jobs")]
+    exports = [e["id"] for e in vm.qmp.cmd("query-block-exports")]
     return [x for x in nodes + jobs + exports if x.startswith("nbdsrv-")]
 
 
 def test_full_backup_reads_the_point_in_time(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     vm.write(0, 0x11, 0, 1 * MiB)
     vm.write(0, 0x22, 5 * MiB, 256 * K)
@@ -86,7 +85,7 @@ def test_full_backup_reads_the_point_in_time(
 
 
 def test_incremental_rounds_rebuild_every_point_in_time(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     rng = random.Random(4321)
 
@@ -121,7 +120,9 @@ def test_incremental_rounds_rebuild_every_point_in_time(
     assert qemu_leftovers(vm) == []
 
 
-def test_dirty_map_matches_with_nbdinfo_and_qemu_img(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_dirty_map_matches_with_nbdinfo_and_qemu_img(
+    vm: ExternalQSD, nbdsrv: DaemonProcess
+) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     vm.write(0, 0x44, 1 * MiB, 64 * K)
     vm.write(0, 0x45, 3 * MiB + 4 * K, 8 * K)
@@ -146,7 +147,7 @@ def test_dirty_map_matches_with_nbdinfo_and_qemu_img(vm: ExternalQSD, nbdsrv: Nb
     end(nbdsrv, session)
 
 
-def test_all_checkpoints_offers_each_since_context(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_all_checkpoints_offers_each_since_context(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     writes = {}
     for i in range(3):
         nbdsrv.json("checkpoint", "create", "vm1", "--name", f"c{i}")
@@ -168,7 +169,7 @@ def test_all_checkpoints_offers_each_since_context(vm: ExternalQSD, nbdsrv: Nbds
     assert [c["name"] for c in nbdsrv.checkpoints()] == ["c0", "c1", "c2"]
 
 
-def test_bitmap_name_renames_the_context(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_bitmap_name_renames_the_context(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     session = begin(nbdsrv, "--from", "c1", "--bitmap-name", "backup-vda")
     assert session["disks"]["disk0"]["contexts"] == [
@@ -179,7 +180,9 @@ def test_bitmap_name_renames_the_context(vm: ExternalQSD, nbdsrv: Nbdsrv) -> Non
 
 
 @pytest.mark.parametrize("vm", [("qcow2", "qcow2")], indirect=True)
-def test_two_disks_share_one_point_in_time(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path) -> None:
+def test_two_disks_share_one_point_in_time(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
+) -> None:
     vm.write(0, 0x61, 0, 1 * MiB)
     vm.write(1, 0x62, 2 * MiB, 1 * MiB)
     expected = [bytes(m) for m in vm.models]
@@ -192,7 +195,7 @@ def test_two_disks_share_one_point_in_time(vm: ExternalQSD, nbdsrv: Nbdsrv, work
     end(nbdsrv, session)
 
 
-def test_bad_begin_creates_nothing(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_bad_begin_creates_nothing(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     assert nbdsrv.error("backup", "begin", "vm1", "--from", "nope") == "no checkpoint 'nope'"
     assert "--bitmap-name" in nbdsrv.error("backup", "begin", "vm1", "--bitmap-name", "x")
@@ -205,17 +208,17 @@ def test_bad_begin_creates_nothing(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
     assert not scratch.exists() or os.listdir(scratch) == []
 
 
-def test_invalid_from_checkpoint_is_refused(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_invalid_from_checkpoint_is_refused(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
     assert vm.qmp is not None
-    vm.qmp.execute("block-dirty-bitmap-remove", node="disk0", name="c2")
+    vm.qmp.cmd("block-dirty-bitmap-remove", node="disk0", name="c2")
     message = nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
     assert "cannot be used" in message and "c2" in message
     assert qemu_leftovers(vm) == []
 
 
-def test_one_session_per_vm(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_one_session_per_vm(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     session = begin(nbdsrv)
     assert "already has a backup session" in nbdsrv.error("backup", "begin", "vm1")
     listed = nbdsrv.json("backup", "list", "vm1")
@@ -226,7 +229,7 @@ def test_one_session_per_vm(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
     assert "no backup session" in nbdsrv.error("backup", "end", "vm1", session["id"])
 
 
-def test_ended_session_export_is_gone(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_ended_session_export_is_gone(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     session = begin(nbdsrv)
     uri = nbdsrv.uri("vm1/disk0")
     script = (
@@ -255,7 +258,7 @@ def test_ended_session_export_is_gone(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
     assert "No such file or directory for export: vm1/disk0" in result.stderr
 
 
-def test_daemon_restart_cleans_stale_session(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_daemon_restart_cleans_stale_session(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     begin(nbdsrv)
     assert qemu_leftovers(vm) != []
     assert nbdsrv.proc is not None
@@ -267,7 +270,7 @@ def test_daemon_restart_cleans_stale_session(vm: ExternalQSD, nbdsrv: Nbdsrv) ->
     assert nbdsrv.json("backup", "list", "vm1") == []
 
 
-def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     session = begin(nbdsrv)
     vm.kill()
     wait_for(
@@ -285,7 +288,7 @@ def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: Nbdsrv) -> No
     end(nbdsrv, session)
 
 
-def read_snapshot(nbdsrv: Nbdsrv, command: str) -> str:
+def read_snapshot(nbdsrv: DaemonProcess, command: str) -> str:
     result = subprocess.run(
         [require_tool("qemu-io"), "-r", "-f", "raw", "-c", command, nbdsrv.uri("vm1/disk0")],
         capture_output=True, text=True, timeout=60,
@@ -294,7 +297,7 @@ def read_snapshot(nbdsrv: Nbdsrv, command: str) -> str:
 
 
 def test_copy_before_write_error_breaks_the_snapshot_not_the_guest(
-    vm: ExternalQSD, nbdsrv: Nbdsrv
+    vm: ExternalQSD, nbdsrv: DaemonProcess
 ) -> None:
     """blkdebug makes every write to the scratch image fail: the guest's write still
     succeeds (on-cbw-error=break-snapshot), the session fails with a reason, reads get EIO."""
@@ -323,7 +326,7 @@ def test_copy_before_write_error_breaks_the_snapshot_not_the_guest(
 
 
 def test_third_party_cannot_take_the_filter_out_while_exported(
-    vm: ExternalQSD, nbdsrv: Nbdsrv
+    vm: ExternalQSD, nbdsrv: DaemonProcess
 ) -> None:
     """What a second monitor can do to a running session: QEMU refuses to take the filter
     out of the path or delete a node; deleting the export is allowed, and the session then
@@ -332,32 +335,32 @@ def test_third_party_cannot_take_the_filter_out_while_exported(
     session = begin(nbdsrv)
     qmp = vm.qmp
     assert qmp is not None
-    nodes = [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
+    nodes = [n["node-name"] for n in qmp.cmd("query-named-block-nodes", flat=True)]
     cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
     acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
-    back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "tg",
+    back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "nbdsrv-tg",
              "file": "disk0"}]  # fmt: skip
     for command, args in [
         ("blockdev-reopen", {"options": back}),
         ("blockdev-del", {"node-name": cbw}),
         ("blockdev-del", {"node-name": acc}),
     ]:
-        with pytest.raises(QMPFailed):
-            qmp.execute(command, **args)
-    assert qmp.execute("query-block-jobs") == []  # nothing to cancel any more
+        with pytest.raises(ExecuteError):
+            qmp.cmd(command, **args)
+    assert qmp.cmd("query-block-jobs") == []  # nothing to cancel any more
     vm.write(0, 0x22, 0, 64 * K)
     out = read_snapshot(nbdsrv, "read -P 0x11 0 64k")
     assert "read 65536/65536" in out and "verification failed" not in out, out
-    export = next(e["id"] for e in qmp.execute("query-block-exports") if e["id"] != "disk0")
-    with pytest.raises(QMPFailed, match="still in use"):  # nbdsrv is connected
-        qmp.execute("block-export-del", id=export)
-    qmp.execute("block-export-del", id=export, mode="hard")
+    export = next(e["id"] for e in qmp.cmd("query-block-exports") if e["id"] != "disk0")
+    with pytest.raises(ExecuteError, match="still in use"):  # nbdsrv is connected
+        qmp.cmd("block-export-del", id=export)
+    qmp.cmd("block-export-del", id=export, mode="hard")
     wait_for(
         lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
         "the session to fail",
     )
-    qmp.execute("blockdev-del", **{"node-name": acc})
-    qmp.execute("blockdev-reopen", options=back)
+    qmp.cmd("blockdev-del", **{"node-name": acc})
+    qmp.cmd("blockdev-reopen", options=back)
     vm.write(0, 0x33, 0, 64 * K)
     assert "Input/output error" in read_snapshot(nbdsrv, "read 0 64k")
     end(nbdsrv, session)
@@ -366,7 +369,7 @@ def test_third_party_cannot_take_the_filter_out_while_exported(
 
 @pytest.mark.parametrize("vm", [("raw",)], indirect=True)
 def test_raw_disk_full_backup_needs_no_checkpoint(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     vm.write(0, 0x77, 0, 1 * MiB)
     message = nbdsrv.error("backup", "begin", "vm1")

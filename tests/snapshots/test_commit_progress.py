@@ -5,10 +5,11 @@ import pty
 import subprocess
 import sys
 
-from tests.vmharness import ExternalQSD, MiB, Nbdsrv
+from tests.tools import DaemonProcess
+from tests.vmharness import ExternalQSD, MiB
 
 
-def test_commit_progress_on_a_terminal_only(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_commit_progress_on_a_terminal_only(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("snapshot", "create", "vm1")
     vm.write(0, 0x5A, 0, 12 * MiB)
     primary, secondary = pty.openpty()

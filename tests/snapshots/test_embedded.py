@@ -5,6 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from tests.timeline import Timeline
 from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
 
 K = 1024
@@ -63,3 +64,61 @@ def test_snapshot_survives_daemon_restart_and_commit(workdir: Path) -> None:
 def cli_list(control: str) -> list[dict]:  # type: ignore[type-arg]
     return list(json.loads(run(nbdsrv_argv("checkpoint", "list", "vm", "--control", control,
                                            "--json"))))  # fmt: skip
+
+
+def test_commit_after_daemon_restart_goes_into_the_layer_below(workdir: Path) -> None:
+    """base ← snap1 ← snap2 with checkpoints in each layer; the daemon restarts (its private
+    QSD reopens the chain from the top, the middle layer read-only) and commits twice. The
+    base is untouched by the first commit, the QSD reopens the right top after each one, and
+    every "since" map and point in time stays exact."""
+    image = workdir / "disk.qcow2"
+    run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image), "16M"])
+    state, control = workdir / "state", str(workdir / "control.sock")
+    nbd = workdir / "nbd.sock"
+    args = ["--state-dir", str(state), "--control", control, "--listen", f"unix:{nbd}",
+            "--image", f"vm={image}"]  # fmt: skip
+    daemon = DaemonProcess(args, control, workdir / "daemon.log")
+    live = f"nbd+unix:///disk0?socket={state / 'vm.live.sock'}"
+    timeline = Timeline(
+        lambda *a: cli(control, *a) if a[:2] != ("checkpoint", "list") else cli_list(control),
+        lambda export: f"nbd+unix:///{export}?socket={nbd}",
+        "vm", "disk0", workdir,
+    )  # fmt: skip
+
+    def write(pattern: int, offset: int) -> None:
+        run([require_tool("qemu-io"), "-f", "raw", "-c", f"write -P {pattern} {offset} 64k", live])
+        timeline.wrote(offset, 64 * K, pattern)
+
+    daemon.start()
+    try:
+        write(0x10, 0)
+        timeline.full("c0")
+        write(0x11, 1024 * K)
+        overlays = []
+        for i in (1, 2):
+            overlays.append(cli(control, "snapshot", "create", "vm")["overlays"]["disk0"])
+            write(0x20 + i, 2048 * K * i)
+            timeline.checkpoint(f"c{i}")
+            write(0x30 + i, 1024 * K + 64 * K * i)
+        assert daemon.stop() == 0
+        daemon.start()
+        timeline.verify("after the restart")
+        base = image.read_bytes()
+        cli(control, "snapshot", "commit", "vm")
+        assert not Path(overlays[1]).exists() and Path(overlays[0]).exists()
+        assert image.read_bytes() == base, "the first commit must not write the base"
+        write(0x41, 5 * 1024 * K)
+        timeline.verify("after commit 1")
+        assert daemon.stop() == 0
+        daemon.start()  # must reopen snap1 as the top, over the unchanged base
+        timeline.verify("after commit 1 and a restart")
+        cli(control, "snapshot", "commit", "vm")
+        assert not Path(overlays[0]).exists()
+        write(0x42, 6 * 1024 * K)
+        timeline.verify("after commit 2")
+        assert daemon.stop() == 0
+        daemon.start()
+        timeline.verify("after commit 2 and a restart")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()

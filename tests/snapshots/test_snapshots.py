@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 
 from nbdsrv.qemu.chain import image_in_json
-from tests.tools import require_tool
-from tests.vmharness import COPY_SCRIPT, ExternalQSD, K, MiB, Nbdsrv, blocks, sha
+from tests.tools import DaemonProcess, require_tool
+from tests.vmharness import COPY_SCRIPT, ExternalQSD, K, MiB, blocks, sha
 
 
 def layers(vm: ExternalQSD) -> list[str]:
     """The files of disk0's chain, top first, as QEMU holds it."""
     assert vm.qmp is not None
-    nodes = vm.qmp.execute("query-named-block-nodes", flat=True)
-    export = next(e for e in vm.qmp.execute("query-block-exports") if e["id"] == "disk0")
+    nodes = vm.qmp.cmd("query-named-block-nodes", flat=True)
+    export = next(e for e in vm.qmp.cmd("query-block-exports") if e["id"] == "disk0")
     by_name = {n["node-name"]: n for n in nodes}
     node = by_name[export["node-name"]]
     if node["drv"] == "throttle":  # the passthrough node under the export
@@ -34,7 +34,7 @@ def layers(vm: ExternalQSD) -> list[str]:
     return out
 
 
-def full_backup(nbdsrv: Nbdsrv, name: str, target: Path) -> None:
+def full_backup(nbdsrv: DaemonProcess, name: str, target: Path) -> None:
     session = nbdsrv.json("backup", "begin", "vm1", "--checkpoint", name)
     subprocess.run(
         [require_tool("nbdcopy"), nbdsrv.uri("vm1/disk0"), str(target)], check=True, timeout=120
@@ -42,7 +42,7 @@ def full_backup(nbdsrv: Nbdsrv, name: str, target: Path) -> None:
     nbdsrv.cli("backup", "end", "vm1", session["id"])
 
 
-def incremental(nbdsrv: Nbdsrv, since: str, name: str | None, target: Path) -> list[Any]:
+def incremental(nbdsrv: DaemonProcess, since: str, name: str | None, target: Path) -> list[Any]:
     args = ["--checkpoint", name] if name else ["--no-checkpoint"]
     session = nbdsrv.json("backup", "begin", "vm1", "--from", since, *args)
     try:
@@ -56,16 +56,16 @@ def incremental(nbdsrv: Nbdsrv, since: str, name: str | None, target: Path) -> l
     return list(json.loads(out))
 
 
-def snapshot(nbdsrv: Nbdsrv) -> str:
+def snapshot(nbdsrv: DaemonProcess) -> str:
     return str(nbdsrv.json("snapshot", "create", "vm1")["overlays"]["disk0"])
 
 
-def all_valid(nbdsrv: Nbdsrv) -> bool:
+def all_valid(nbdsrv: DaemonProcess) -> bool:
     return all(c["valid"] for c in nbdsrv.checkpoints())
 
 
 def test_checkpoints_stay_exact_across_three_layers(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     image = workdir / "backup.raw"
     vm.write(0, 0x10, 0, 1 * MiB)
@@ -94,7 +94,7 @@ def test_checkpoints_stay_exact_across_three_layers(
 
 
 def test_commit_in_the_middle_of_a_chain_of_checkpoints(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     image = workdir / "backup.raw"
     full_backup(nbdsrv, "c1", image)
@@ -119,7 +119,7 @@ def test_commit_in_the_middle_of_a_chain_of_checkpoints(
 
 
 def test_delete_checkpoint_whose_bitmap_spans_layers(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     vm.write(0, 0x31, 1 * MiB, 64 * K)
@@ -130,11 +130,11 @@ def test_delete_checkpoint_whose_bitmap_spans_layers(
     # c1 lives on the read-only base and on the overlay.
     assert nbdsrv.cli("checkpoint", "delete", "vm1", "c1").returncode == 0
     assert vm.qmp is not None
-    for node in vm.qmp.execute("query-named-block-nodes", flat=True):
+    for node in vm.qmp.cmd("query-named-block-nodes", flat=True):
         names = {b.get("name") for b in node.get("dirty-bitmaps", [])}
         assert "c1" not in names
     base = next(
-        n for n in vm.qmp.execute("query-named-block-nodes", flat=True) if n["node-name"] == "disk0"
+        n for n in vm.qmp.cmd("query-named-block-nodes", flat=True) if n["node-name"] == "disk0"
     )
     assert base["ro"] is True  # back to read-only after the change
     assert [c["name"] for c in nbdsrv.checkpoints()] == ["c2"]
@@ -144,7 +144,7 @@ def test_delete_checkpoint_whose_bitmap_spans_layers(
 
 
 def test_overlay_added_behind_our_back_invalidates_checkpoints(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     overlay = workdir / "foreign.qcow2"
@@ -154,18 +154,18 @@ def test_overlay_added_behind_our_back_invalidates_checkpoints(
         check=True,
     )  # fmt: skip
     assert vm.qmp is not None
-    vm.qmp.execute(
+    vm.qmp.cmd(
         "blockdev-add", driver="qcow2", **{"node-name": "foreign"},
         file={"driver": "file", "filename": str(overlay)}, backing=None,
     )  # fmt: skip
-    vm.qmp.execute("blockdev-snapshot", node="disk0", overlay="foreign")
+    vm.qmp.cmd("blockdev-snapshot", node="disk0", overlay="foreign")
     listed = nbdsrv.checkpoints()
     assert listed[0]["valid"] is False
     assert str(overlay) in listed[0]["reason"]
     assert "cannot be used" in nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
 
 
-def test_snapshot_refused_during_a_backup_session(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_snapshot_refused_during_a_backup_session(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     session = nbdsrv.json("backup", "begin", "vm1")
     assert "backup session running" in nbdsrv.error("snapshot", "create", "vm1")
     nbdsrv.cli("backup", "end", "vm1", session["id"])
@@ -181,7 +181,7 @@ def test_snapshot_refused_during_a_backup_session(vm: ExternalQSD, nbdsrv: Nbdsr
     ],
 )
 def test_killed_during_snapshot_create_restarts_consistent(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path, fault: str, done: bool
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path, fault: str, done: bool
 ) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     vm.write(0, 0x41, 1 * MiB, 64 * K)
@@ -210,7 +210,7 @@ def test_killed_during_snapshot_create_restarts_consistent(
     ],
 )
 def test_killed_during_snapshot_commit_restarts_consistent(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path, fault: str, done: bool
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path, fault: str, done: bool
 ) -> None:
     image = workdir / "backup.raw"
     full_backup(nbdsrv, "c1", image)
@@ -223,7 +223,7 @@ def test_killed_during_snapshot_commit_restarts_consistent(
     nbdsrv.wait_killed()
     nbdsrv.start()
     assert vm.qmp is not None
-    assert vm.qmp.execute("query-block-jobs") == []
+    assert vm.qmp.cmd("query-block-jobs") == []
     assert layers(vm) == ([str(vm.images[0])] if done else [overlay, str(vm.images[0])])
     assert os.path.exists(overlay) is (not done)
     assert all_valid(nbdsrv)

@@ -1,6 +1,6 @@
 """Chain rules of nbdsrv.backup.checkpoints, on hand-made QEMU states."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -12,9 +12,11 @@ from nbdsrv.backup.checkpoints import (
     assess,
     check_granularity,
     check_name,
+    count_problem,
     create_actions,
     delete_actions,
     merged_parent,
+    observed_counts,
 )
 from nbdsrv.errors import NotFoundError
 
@@ -26,6 +28,7 @@ class Bitmap:
     persistent: bool = True
     inconsistent: bool = False
     granularity: int = 65536
+    count: int = 0
 
 
 @dataclass
@@ -178,3 +181,53 @@ def test_bad_granularity_is_refused(granularity: int) -> None:
 
 def test_checkpoint_json_round_trip() -> None:
     assert CheckpointChain.from_json(CHAIN.to_json()).checkpoints == CHAIN.checkpoints
+
+
+# -- bitmaps changed behind nbdsrv's back ------------------------------------------------------
+
+
+def test_granularity_other_than_recorded_is_a_problem() -> None:
+    state = {"disk0": [layer(Bitmap("c1"), Bitmap("c2"), Bitmap("c3", True, granularity=131072))]}
+    reasons = assess(CHAIN, state)
+    assert "granularity 131072" in (reasons["c3"] or "")
+    assert reasons["c1"] == "later checkpoint 'c3' is invalid"
+
+
+def test_a_closed_checkpoint_that_records_is_a_problem() -> None:
+    state = {"disk0": [layer(Bitmap("c1"), Bitmap("c2", True), Bitmap("c3", True))]}
+    reasons = assess(CHAIN, state)
+    assert "its checkpoint is closed" in (reasons["c2"] or "")
+    assert reasons["c3"] is None
+
+
+@pytest.mark.parametrize(
+    ("seen", "now", "problem"),
+    [
+        ((4096, True), Bitmap("c3", True, count=8192), None),  # a recording bitmap grows
+        ((8192, True), Bitmap("c3", True, count=4096), "lost dirty bits"),
+        ((8192, False), Bitmap("c3", False, count=8192), None),  # frozen and unchanged
+        ((8192, False), Bitmap("c3", False, count=16384), "frozen bitmap"),
+        ((8192, False), Bitmap("c3", False, count=0), "lost dirty bits"),
+    ],
+)
+def test_counts_against_the_last_seen(
+    seen: tuple[int, bool], now: Bitmap, problem: str | None
+) -> None:
+    state = {"disk0": [layer(now)]}
+    found = count_problem(ckpt("c3", "c2"), state, {("/d/a.qcow2", "c3"): seen})
+    assert (found is None) if problem is None else (problem in (found or ""))
+
+
+def test_observed_counts_cover_every_segment_qemu_holds() -> None:
+    state = {"disk0": [layer(Bitmap("c1", count=5), Bitmap("c3", True, count=7))]}
+    assert observed_counts(CHAIN, state) == {
+        ("/d/a.qcow2", "c1"): (5, False),
+        ("/d/a.qcow2", "c3"): (7, True),
+    }
+
+
+def test_deleting_an_invalid_checkpoint_makes_its_parent_invalid() -> None:
+    broken = CHAIN.replaced(replace(CHAIN.find("c2"), invalid="cleared"))
+    after = merged_parent(broken, "c2")
+    assert after.find("c1").invalid == "merged with invalid checkpoint 'c2': cleared"
+    assert after.find("c3").invalid is None

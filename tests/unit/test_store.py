@@ -2,11 +2,13 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from nbdsrv.backup.store import VMStore, write_atomic
+from tests.tools import require_tool, run
 
 
 def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -34,3 +36,36 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     Path(store.checkpoints_path).write_text('{"version": 99}')
     with pytest.raises(ValueError, match="unknown format version 99"):
         store.load_checkpoints()
+
+
+FILL_AND_WRITE = """
+import os, sys
+from nbdsrv.backup.store import StoreError, write_atomic
+directory = sys.argv[1]
+path = os.path.join(directory, "checkpoints.json")
+write_atomic(path, b"old")
+fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, b"x" * 4096)
+except OSError:
+    os.close(fd)
+try:
+    write_atomic(path, b"n" * 200_000)
+except StoreError as e:
+    print(e)
+print(sorted(os.listdir(directory)))
+print(open(path, "rb").read().decode())
+"""
+
+
+def test_write_atomic_on_a_full_disk_names_the_file_and_leaves_nothing(tmp_path: Path) -> None:
+    """On a real full file system (a 256 KiB tmpfs in a private mount namespace)."""
+    unshare = require_tool("unshare")
+    directory = tmp_path / "full"
+    directory.mkdir()
+    script = f'mount -t tmpfs -o size=256k tmpfs {directory} && exec {sys.executable} -c "$0" $1'
+    out = run([unshare, "-rm", "sh", "-c", script, FILL_AND_WRITE, str(directory)]).splitlines()
+    assert out[0] == f"cannot write {directory}/checkpoints.json: No space left on device"
+    assert out[1] == "['checkpoints.json', 'filler']"  # no temporary file left behind
+    assert out[2] == "old"

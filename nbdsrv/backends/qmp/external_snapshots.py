@@ -15,7 +15,9 @@ from ...backup.crash_points import crash_point
 from ...backup.snapshots import (
     after_commit,
     after_snapshot,
+    commit_job,
     commit_merge_actions,
+    commit_result_problems,
     intent_disks,
     overlay_file,
     snapshot_actions,
@@ -25,6 +27,7 @@ from ...qemu.block_jobs import wait_job_gone, wait_job_ready
 from ...qemu.chain import nodes_of_file
 from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.images import create_overlay
+from ...qemu.names import disk_name
 
 if TYPE_CHECKING:
     from .vm import QmpVM
@@ -48,7 +51,7 @@ async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
     plan = {
         disk: {
             "file": overlay_file(layers[0].filename, directory),
-            "node": f"nbdsrv-snap-{op_id[:8]}-{disk}",
+            "node": disk_name("nbdsrv-snap", op_id[:8], disk),
         }
         for disk, layers in sorted(state.items())
     }
@@ -125,7 +128,8 @@ async def finish_create(
 
 
 async def commit(vm: QmpVM) -> dict[str, str]:
-    """Commit every disk's top overlay into the layer below; disk → removed overlay."""
+    """Commit every disk's top overlay into the layer directly below it (never deeper: QEMU's
+    default base is the bottom of the chain); disk → removed overlay."""
     state = await vm.chains()
     chain = vm.load_checked(state)
     disks: dict[str, tuple[str, str]] = {}
@@ -134,15 +138,15 @@ async def commit(vm: QmpVM) -> dict[str, str]:
             raise SnapshotError(f"disk {disk} of VM {vm.name} has no snapshot to commit")
         disks[disk] = (layers[0].filename, layers[1].filename)
     op_id = uuid.uuid4().hex
+    jobs = {disk: commit_job(op_id, disk) for disk in disks}
     vm.store.write_intent(
         {
             "id": op_id,
             "op": "snapshot-commit",
-            "disks": {d: {"top": t, "base": b} for d, (t, b) in disks.items()},
+            "disks": {d: {"top": t, "base": b, "job": jobs[d]} for d, (t, b) in disks.items()},
         }
     )
     crash_point("snapshot-commit:after-intent")
-    jobs = {disk: f"nbdsrv-commit-{disk}" for disk in disks}
     try:
         # A QSD disk's export sits on a passthrough node above the top layer: the job starts
         # at that root and commits the top below it (the export keeps its node).
@@ -151,10 +155,15 @@ async def commit(vm: QmpVM) -> dict[str, str]:
             for e in await vm.monitor.execute("query-block-exports")
         }
         for disk in disks:
-            top = state[disk][0].node_name
+            top, below = state[disk][0], state[disk][1]
             await vm.monitor.execute(
                 "block-commit",
-                {"job-id": jobs[disk], "device": roots.get(disk, top), "top-node": top},
+                {
+                    "job-id": jobs[disk],
+                    "device": roots.get(disk, top.node_name),
+                    "top-node": top.node_name,
+                    "base-node": below.node_name,
+                },
             )
         for job in jobs.values():
             await wait_job_ready(vm.monitor, job)
@@ -174,11 +183,21 @@ async def commit(vm: QmpVM) -> dict[str, str]:
     except QEMUError as e:
         for job in jobs.values():
             with contextlib.suppress(QMPError):
-                await vm.monitor.execute("block-job-cancel", {"device": job})
+                await vm.monitor.execute("block-job-cancel", {"device": job, "force": True})
+        for job in jobs.values():
+            with contextlib.suppress(QEMUError):
+                await wait_job_gone(vm.monitor, job)
+        # The merge may have run: the layers below hold more bits than nbdsrv saw.
+        vm.store.clear_counts()
         vm.store.clear_intent()
         raise SnapshotError(f"snapshot commit on VM {vm.name}: {e}") from e
     crash_point("snapshot-commit:after-complete")
-    return await _complete_commit(vm, chain, disks, op_id, await vm.chains())
+    after = await vm.chains()
+    removed = await _complete_commit(vm, chain, disks, op_id, after)
+    wrong = commit_result_problems(state, after, disks)
+    if wrong:
+        raise SnapshotError(f"snapshot commit on VM {vm.name}: {wrong}")
+    return removed
 
 
 async def _complete_commit(
@@ -219,7 +238,8 @@ async def finish_commit(
 ) -> CheckpointChain:
     disks = intent_disks(intent)
     for disk in disks:
-        job = f"nbdsrv-commit-{disk}"
+        # Intents of older versions named the job after the disk.
+        job = intent["disks"][disk].get("job") or f"nbdsrv-commit-{disk}"
         # A job left running (ready or not) is cancelled: its disk stays as it was.
         with contextlib.suppress(QMPError):
             await vm.monitor.execute("block-job-cancel", {"device": job, "force": True})

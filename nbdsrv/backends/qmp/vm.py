@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -30,12 +31,13 @@ from ...backup.checkpoints import (
     CheckpointError,
     assess,
     check_granularity,
-    check_name,
+    count_problem,
     create_actions,
     delete_actions,
     find_layer,
-    generated_name,
     merged_parent,
+    name_or_generated,
+    observed_counts,
 )
 from ...backup.crash_points import crash_point
 from ...backup.store import VMStore
@@ -49,6 +51,20 @@ from . import external_snapshots, point_in_time
 from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
 
 log = logging.getLogger(__name__)
+
+# How often a VM's bitmaps are looked at between operations (seconds; NBDSRV_BITMAP_POLL).
+BITMAP_POLL = 10.0
+
+
+def bitmap_poll_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get("NBDSRV_BITMAP_POLL", BITMAP_POLL)))
+    except ValueError:
+        return BITMAP_POLL
+
+
+# How long `nbdsrv status` waits for QEMU before it reports a VM as unresponsive.
+STATUS_TIMEOUT = 2.0
 
 
 class QmpVM:
@@ -82,6 +98,8 @@ class QmpVM:
         # --scratch-limit: a session whose scratch data grows past it breaks (0: no limit).
         self.scratch_limit = 0
         self.failure: str | None = None
+        # The disks QEMU showed last: what status reports while QEMU does not answer.
+        self.known_disks: list[str] = []
         self.points: dict[str, point_in_time.HeldPoint] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -105,6 +123,7 @@ class QmpVM:
         await self._reconcile()
 
     def _watch(self) -> None:
+        self._spawn(self._poll())
         self.monitor.on_reconnect = lambda: self._spawn(self._reconcile())
         self.monitor.on_disconnect = lambda reason: self.lost(f"QMP connection lost: {reason}")
 
@@ -205,20 +224,50 @@ class QmpVM:
         return list(self.store.load_checkpoints().get("overlays", []))
 
     def _record_problems(self, chain: CheckpointChain, state: ChainState) -> CheckpointChain:
-        """Make every problem QEMU shows sticky: lost bits do not come back."""
+        """Make every problem QEMU shows sticky (lost bits do not come back), counts that
+        went where no write takes them included; then remember the counts seen now."""
+        _, document = self.load()
+        last_op = document.get("last_op")
+        seen = self.store.load_counts(last_op)
         reasons = assess(chain, state)
         changed = chain
         for checkpoint in chain:
+            if checkpoint.invalid is not None:
+                continue
             reason = reasons[checkpoint.name]
-            if reason and checkpoint.invalid is None and not reason.startswith("later checkpoint"):
+            if reason is None or reason.startswith("later checkpoint"):
+                reason = count_problem(checkpoint, state, seen)
+            if reason:
                 log.warning(
                     "VM %s: checkpoint %s is invalid: %s", self.name, checkpoint.name, reason
                 )
                 changed = changed.replaced(replace(checkpoint, invalid=reason))
         if changed is not chain:
-            _, document = self.load()
-            self.save_chain(changed, document.get("last_op"))
+            self.save_chain(changed, last_op)
+        now = observed_counts(changed, state)
+        if now != seen:
+            self.store.save_counts(last_op, now)
         return changed
+
+    async def remember_counts(self) -> None:
+        """Look at QEMU right after an operation of ours: the counts it left are the new
+        baseline (a clear just after it must not go unseen until the next poll)."""
+        try:
+            self._record_problems(self.load()[0], await self.chains())
+        except (QEMUError, QEMUGoneError) as e:
+            log.debug("VM %s: counts not taken after the operation: %s", self.name, e)
+
+    async def _poll(self) -> None:
+        """Every BITMAP_POLL seconds look at QEMU's bitmaps when no operation runs."""
+        while True:
+            await asyncio.sleep(bitmap_poll_interval())
+            if not self.monitor.connected or self.lock.locked():
+                continue
+            try:
+                async with self.lock:
+                    self._record_problems(self.load()[0], await self.chains())
+            except (QEMUError, QEMUGoneError) as e:
+                log.debug("VM %s: bitmap poll: %s", self.name, e)
 
     # -- reconciliation ------------------------------------------------------------------------
 
@@ -308,7 +357,7 @@ class QmpVM:
     ) -> tuple[Checkpoint, list[tuple[str, dict[str, Any]]]]:
         """Check the request; the new checkpoint and its transaction actions. Hold the lock."""
         granularity = check_granularity(granularity or DEFAULT_GRANULARITY)
-        name = check_name(name or generated_name())
+        name = name_or_generated(name)
         if chain.has(name):
             raise CheckpointError(f"VM {self.name} already has a checkpoint '{name}'")
         if not state:
@@ -340,6 +389,7 @@ class QmpVM:
                 op_id = self.begin_create(checkpoint)
                 await self.transaction(f"checkpoint create {checkpoint.name}", actions, quiescer)
             self.commit_create(chain, checkpoint, op_id)
+            await self.remember_counts()
             return CreatedCheckpoint(
                 checkpoint.name, checkpoint.parent, checkpoint.created, quiescer.quiesced
             )
@@ -355,7 +405,8 @@ class QmpVM:
 
     async def delete_checkpoint_locked(self, name: str) -> None:
         state = await self.chains()
-        chain, _ = self.load()
+        # Problems first: a merge must not carry bits someone else removed into the parent.
+        chain = self.load_checked(state)
         chain.find(name)
         actions = delete_actions(chain, state, name)
         op_id = uuid.uuid4().hex
@@ -370,18 +421,25 @@ class QmpVM:
         crash_point("checkpoint-delete:after-commit")
         self.store.clear_intent()
         log.info("VM %s: checkpoint %s deleted", self.name, name)
+        await self.remember_counts()
 
     # -- external snapshots (external_snapshots.py) ----------------------------------------
 
     async def snapshot_create(self, directory: str | None = None) -> dict[str, str]:
         """New qcow2 overlays on every disk in one transaction; disk → overlay file."""
         async with self.lock:
-            return await external_snapshots.create(self, directory)
+            try:
+                return await external_snapshots.create(self, directory)
+            finally:
+                await self.remember_counts()
 
     async def snapshot_commit(self) -> dict[str, str]:
         """Commit every disk's top overlay into the layer below; disk → removed overlay."""
         async with self.lock:
-            return await external_snapshots.commit(self)
+            try:
+                return await external_snapshots.commit(self)
+            finally:
+                await self.remember_counts()
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         async with self.lock:
@@ -406,28 +464,38 @@ class QmpVM:
             ]
 
     async def describe(self) -> dict[str, Any]:
+        """What ``nbdsrv status`` shows. Never waits long on QEMU: when QEMU does not answer
+        within STATUS_TIMEOUT (stopped, hung), the last known disks are shown and the VM is
+        marked unresponsive."""
         info: dict[str, Any] = {
             "name": self.name,
             "qmp": self.monitor.path,
             "qmp_connected": self.monitor.connected,
+            "responsive": self.monitor.connected,
             "live_socket": self.live_socket,
             "guest_agent": self.guest_agent,
             "guest_agent_connected": (
                 await agent_answers(self.guest_agent) if self.guest_agent else False
             ),
             "error": self.failure,
+            "disks": [],
         }
         info["jobs"] = []
-        try:
-            info["disks"] = await self.disks() if self.monitor.connected else []
-            if self.monitor.connected:
-                info["jobs"] = [
-                    {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
-                    for job in await self.monitor.execute("query-block-jobs")
-                ]
-        except (QMPError, QEMUGoneError) as e:
-            info["disks"] = []
-            info["error"] = str(e)
+        if self.monitor.connected:
+            try:
+                async with asyncio.timeout(STATUS_TIMEOUT):
+                    self.known_disks = await self.disks()
+                    info["jobs"] = [
+                        {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
+                        for job in await self.monitor.execute("query-block-jobs")
+                    ]
+                info["disks"] = self.known_disks
+            except TimeoutError:
+                info["responsive"] = False
+                info["disks"] = self.known_disks
+                info["error"] = f"QEMU did not answer within {STATUS_TIMEOUT:g} s (unresponsive)"
+            except (QMPError, QEMUGoneError) as e:
+                info["error"] = str(e)
         chain, _ = self.load()
         info["checkpoints"] = [c.name for c in chain]
         return info
