@@ -55,9 +55,7 @@ class ExternalQSD:
     def __init__(self, workdir: Path, images: list[Path]) -> None:
         self.workdir = workdir
         self.images = images
-        self.daemon = StorageDaemon(
-            "vm", images, workdir, test_monitor=True, qsd=require_tool("qemu-storage-daemon")
-        )
+        self.daemon = self._storage_daemon()
         assert self.daemon.test_qmp_path is not None
         self.qmp_path = str(self.daemon.qmp_path)
         self.test_qmp_path = str(self.daemon.test_qmp_path)
@@ -68,7 +66,18 @@ class ExternalQSD:
         # What each disk holds now, byte for byte (all images start empty).
         self.models = [bytearray(DISK_SIZE) for _ in images]
 
+    def _storage_daemon(self) -> StorageDaemon:
+        qsd = require_tool("qemu-storage-daemon")
+        return StorageDaemon("vm", self.images, self.workdir, test_monitor=True, qsd=qsd)
+
+    @property
+    def pid(self) -> int:
+        assert self.daemon.pid is not None
+        return self.daemon.pid
+
     def start(self) -> None:
+        """Start (again) on `images` as they are now (a test may point a disk at its top)."""
+        self.daemon = self._storage_daemon()
         self.loop.run_until_complete(self._start())
         self.qmp = SyncQMP(self.test_qmp_path)
 
@@ -100,17 +109,20 @@ class ExternalQSD:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
-        assert self.daemon.pid is not None
-        os.kill(self.daemon.pid, signal.SIGKILL)
+        os.kill(self.pid, signal.SIGKILL)
         # Reaps it and removes its sockets, as a VM's management would before a restart.
         self.loop.run_until_complete(self.daemon.stop())
 
     def stop(self) -> None:
-        """Quit QEMU for good (persistent bitmaps are written on a clean quit)."""
+        """Quit QEMU (persistent bitmaps are written on a clean quit); `start` may follow."""
         if self.qmp is not None:
             self.qmp.quit()
             self.qmp = None
         self.loop.run_until_complete(self.daemon.stop())
+
+    def close(self) -> None:
+        """Stop for good."""
+        self.stop()
         self.loop.close()
 
 
@@ -181,7 +193,7 @@ def vm(workdir: Path, request: pytest.FixtureRequest) -> Iterator[ExternalQSD]:
     qsd = ExternalQSD(workdir, make_images(workdir, *specs))
     qsd.start()
     yield qsd
-    qsd.stop()
+    qsd.close()
 
 
 @pytest.fixture

@@ -3,10 +3,11 @@ starting with a letter or digit); anything else is refused with one line and cha
 
 import pytest
 
-from tests.vmharness import ExternalQSD, Nbdsrv
+from tests.tools import DaemonProcess
+from tests.vmharness import ExternalQSD
 
 
-def test_empty_checkpoint_name_is_refused(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_empty_checkpoint_name_is_refused(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     assert "bad checkpoint name ''" in nbdsrv.error("checkpoint", "create", "vm1", "--name", "")
     assert "bad checkpoint name ''" in nbdsrv.error("backup", "begin", "vm1", "--checkpoint", "")
     assert nbdsrv.checkpoints() == []
@@ -14,7 +15,7 @@ def test_empty_checkpoint_name_is_refused(vm: ExternalQSD, nbdsrv: Nbdsrv) -> No
 
 
 @pytest.mark.parametrize("name", ["../../x", "a\nb", "x" * 5000, "", ".x", "a b"])
-def test_bad_bitmap_names_are_refused(vm: ExternalQSD, nbdsrv: Nbdsrv, name: str) -> None:
+def test_bad_bitmap_names_are_refused(vm: ExternalQSD, nbdsrv: DaemonProcess, name: str) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     error = nbdsrv.error(
         "backup", "begin", "vm1", "--from", "c1", "--no-checkpoint", "--bitmap-name", name
@@ -24,7 +25,7 @@ def test_bad_bitmap_names_are_refused(vm: ExternalQSD, nbdsrv: Nbdsrv, name: str
     assert [c["name"] for c in nbdsrv.checkpoints()] == ["c1"]
 
 
-def test_a_good_bitmap_name_is_the_context(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
+def test_a_good_bitmap_name_is_the_context(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     session = nbdsrv.json(
         "backup", "begin", "vm1", "--from", "c1", "--no-checkpoint", "--bitmap-name", "backup-sda"

@@ -2,23 +2,24 @@
 SIGSTOP), marks the VM unresponsive, and sees it recover once QEMU runs again."""
 
 import json
+import os
 import signal
 
-from tests.vmharness import ExternalQSD, Nbdsrv
+from tests.tools import DaemonProcess
+from tests.vmharness import ExternalQSD
 
 
-def test_status_answers_while_qemu_is_stopped(vm: ExternalQSD, nbdsrv: Nbdsrv) -> None:
-    assert vm.proc is not None
+def test_status_answers_while_qemu_is_stopped(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
     before = nbdsrv.json("status")["vms"][0]
     assert before["responsive"] is True and before["disks"] == ["disk0"]
-    vm.proc.send_signal(signal.SIGSTOP)
+    os.kill(vm.pid, signal.SIGSTOP)
     try:
         # The harness gives each command 60 s: a status that waits on QEMU fails here.
         status = nbdsrv.json("status")["vms"][0]
         text = nbdsrv.cli("status")
     finally:
-        vm.proc.send_signal(signal.SIGCONT)
+        os.kill(vm.pid, signal.SIGCONT)
     assert status["responsive"] is False
     assert "unresponsive" in status["error"]
     assert status["disks"] == ["disk0"] and status["checkpoints"] == ["c1"]

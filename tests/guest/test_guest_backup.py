@@ -163,6 +163,6 @@ def _backups(vm: GuestVM, daemon: DaemonProcess, control: str, nbd: Path, work: 
     ]
     # Every session ended: nothing of them is left in QEMU.
     assert vm.qmp is not None
-    assert vm.qmp.execute("query-block-jobs") == []
-    nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", flat=True)]
+    assert vm.qmp.cmd("query-block-jobs") == []
+    nodes = [n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes", flat=True)]
     assert not [n for n in nodes if n.startswith("nbdsrv-")], nodes

@@ -21,10 +21,11 @@ import signal
 import time
 from pathlib import Path
 
+from qemu.qmp import QMPError
+
 from tests.guest.agent import AgentError, GuestAgent
 from tests.guest.build import Guest
-from tests.qmp_sync import SyncQMP
-from tests.tools import require_tool, run
+from tests.tools import SyncQMP, require_tool, run
 
 MiB = 1024 * 1024
 DATA_DISK_SIZE = 64 * MiB
@@ -192,9 +193,11 @@ class GuestVM:
         """Power off (or kill) QEMU; safe to call twice."""
         self.disconnect_agent()
         if self.qmp is not None:
-            with contextlib.suppress(OSError, ConnectionError):
-                self.qmp.execute("quit")
-            self.qmp.close()
+            try:
+                self.qmp.quit()
+            except (QMPError, OSError, EOFError):  # QEMU is gone already
+                with contextlib.suppress(QMPError, OSError, EOFError):
+                    self.qmp.close()
             self.qmp = None
         deadline = time.monotonic() + 10
         while self._alive() and time.monotonic() < deadline:

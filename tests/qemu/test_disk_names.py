@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.qemu.chain import disks_from
-from tests.qmp_sync import SyncQMP
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
 from tests.vmharness import wait_for
 
 K = 1024
@@ -80,7 +79,7 @@ class BlockdevVM:
         wait_for(test_qmp.exists, "QEMU's monitor")
         self.qmp = SyncQMP(str(test_qmp))
         # Root node → what HMP qemu-io -d takes: query-block's qdev (an id or a QOM path).
-        by_node = {b["inserted"]["node-name"]: b["qdev"] for b in self.qmp.execute("query-block")}
+        by_node = {b["inserted"]["node-name"]: b["qdev"] for b in self.qmp.cmd("query-block")}
         self.backends = dict(zip(DISKS, (by_node[f"n{i}"] for i in range(3)), strict=True))
         assert self.backends["vdisk0"] == "/machine/peripheral/vdisk0/virtio-backend"
 
@@ -91,8 +90,7 @@ class BlockdevVM:
         assert "error" not in out.lower() and "failed" not in out.lower(), out
 
     def stop(self) -> None:
-        self.qmp.execute("quit")
-        self.qmp.close()
+        self.qmp.quit()
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import pytest
 
 from tests.snapshots.test_snapshots import layers
 from tests.timeline import Timeline
-from tests.vmharness import ExternalQSD, K, MiB, Nbdsrv, sha, wait_for
+from tests.tools import DaemonProcess
+from tests.vmharness import ExternalQSD, K, MiB, sha, wait_for
 
 
-def timeline_of(nbdsrv: Nbdsrv, workdir: Path) -> Timeline:
+def timeline_of(nbdsrv: DaemonProcess, workdir: Path) -> Timeline:
     return Timeline(nbdsrv.json, nbdsrv.uri, "vm1", "disk0", workdir)
 
 
@@ -21,7 +22,9 @@ def write(vm: ExternalQSD, timeline: Timeline, pattern: int, offset: int, length
     timeline.wrote(offset, length, pattern)
 
 
-def build_chain(vm: ExternalQSD, nbdsrv: Nbdsrv, timeline: Timeline, overlays: int) -> list[str]:
+def build_chain(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, timeline: Timeline, overlays: int
+) -> list[str]:
     """base ← snap1 ← … ← snapN with a checkpoint in every layer and writes around each;
     the chain's files, top first."""
     write(vm, timeline, 0x10, 0, 1 * MiB)
@@ -41,7 +44,7 @@ def build_chain(vm: ExternalQSD, nbdsrv: Nbdsrv, timeline: Timeline, overlays: i
 
 @pytest.mark.parametrize("overlays", [2, 3])
 def test_commit_repeatedly_down_to_one_layer(
-    vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path, overlays: int
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path, overlays: int
 ) -> None:
     timeline = timeline_of(nbdsrv, workdir)
     chain = build_chain(vm, nbdsrv, timeline, overlays)
@@ -60,7 +63,7 @@ def test_commit_repeatedly_down_to_one_layer(
     assert "no snapshot to commit" in nbdsrv.error("snapshot", "commit", "vm1")
 
 
-def test_commit_after_qemu_restart(vm: ExternalQSD, nbdsrv: Nbdsrv, workdir: Path) -> None:
+def test_commit_after_qemu_restart(vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path) -> None:
     """The --qmp VM is restarted on its newest overlay: the middle layers come back read-only
     with their bitmaps, and the commit still goes into the layer below the top."""
     timeline = timeline_of(nbdsrv, workdir)
