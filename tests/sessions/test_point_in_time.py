@@ -139,12 +139,13 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
         # -S: the VM was not running, so nbdsrv must not have started it.
         assert vm.qmp.cmd("query-status")["status"] == "prelaunch"
         disk0 = next(d for d in session["disks"] if "vdisk0" in d)
+        index = sorted(session["disks"]).index(disk0)  # nbdsrv names QEMU nodes by it
         uri = session["disks"][disk0]["uri"]
         readers = Readers(guest_workdir, uri, b"\x11" * DISK_SIZE)
         vm.write(0, 0x22, 0, 4 * MiB)
         nodes = [n["node-name"] for n in vm.qmp.cmd("query-named-block-nodes", flat=True)]
-        cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
-        acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
+        cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith(f"-cbw{index}"))
+        acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith(f"-acc{index}"))
         back = {"path": GuestVM.DEVICES[0], "property": "drive", "value": "n0"}
         for command, args in [
             ("qom-set", back),
@@ -154,7 +155,9 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
             with pytest.raises(ExecuteError):
                 vm.qmp.cmd(command, **args)
         vm.write(0, 0x33, 4 * MiB, 4 * MiB)
-        export = next(e["id"] for e in vm.qmp.cmd("query-block-exports") if e["id"].endswith("-0"))
+        export = next(
+            e["id"] for e in vm.qmp.cmd("query-block-exports") if e["id"].endswith(f"-{index}")
+        )
         vm.qmp.cmd("block-export-del", id=export, mode="hard")
         vm.qmp.cmd("blockdev-del", **{"node-name": acc})
         vm.qmp.cmd("qom-set", **back)
