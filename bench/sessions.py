@@ -3,7 +3,7 @@ nbdsrv runs its own qemu-storage-daemon (QSD) over qcow2 images and exports a se
 point in time as ``VM/DISK``, reading through QEMU's fleecing export.
 
 * ``session read``: a full read of a 1 GiB qcow2 full of random data through a session,
-  ``nbdsrv``'s ``vm/disk0`` against QEMU's own fleecing export ``nbdsrv-ID-disk0`` on the
+  ``nbdsrv``'s ``vm/disk0`` against QEMU's own fleecing export ``nbdsrv-ID-0`` on the
   live socket, interleaved; ``nbdcopy URI null:`` and ``qemu-img convert`` into ``null-co``.
 * ``session begin/end``: how long ``backup begin`` and ``backup end`` take, for a VM with one
   and with two disks, full and ``--from`` a checkpoint with dirty data, with a new checkpoint
@@ -235,7 +235,7 @@ def scenario_read(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> dict
         setup["begin s"] = time.perf_counter() - t0
         sid = begun["id"]
         ours = begun["disks"]["disk0"]["uri"]
-        theirs = f"nbd+unix:///nbdsrv-{sid}-disk0?socket={live}"
+        theirs = f"nbd+unix:///nbdsrv-{sid}-0?socket={live}"  # QEMU export of disk index 0
         for uri in (ours, theirs):  # both must read as the random data, or nothing counts
             run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(raw), uri])
         # Writes after the point in time must not show through a session; and they make the

@@ -131,6 +131,10 @@ class VMBackend(Protocol):
     def scratch_bytes(self, session: str) -> int:
         """What copy-before-write has stored for ``session`` so far."""
 
+    def why_broken(self, session: str, detail: str) -> str:
+        """The reason a session shows when reading its point in time failed with
+        ``detail`` (the backend may know more, e.g. that the scratch space is full)."""
+
     async def end_point_in_time(self, session: str, *, drop_checkpoint: bool = False) -> None:
         """Hold the lock. Release everything of ``session``; with ``drop_checkpoint`` also
         delete the checkpoint it created (a begin that failed after the point in time)."""

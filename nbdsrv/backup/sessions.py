@@ -12,8 +12,15 @@ A failure after the point in time ends it again (and deletes the new checkpoint)
 begin leaves nothing behind. end — and daemon stop — remove the exports (clients get
 ESHUTDOWN), then the backend releases the point in time. When the backend can no longer hold
 it, the session fails and its exports answer EIO.
+
+QEMU fails every read of a broken snapshot (a failed copy-before-write) and says nothing on
+QMP, so a failed upstream read or block status — or a one-sector probe read every
+PROBE_INTERVAL, for sessions nobody reads — fails the session too, with the backend's
+reason (``why_broken``).
 """
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -36,6 +43,9 @@ from ..proto.constants import DIRTY_BITMAP_PREFIX
 from .checkpoints import check_name, now_iso
 
 log = logging.getLogger(__name__)
+
+# Seconds between the probe reads that find a broken point in time without a reader.
+PROBE_INTERVAL = 1.0
 
 
 class SessionError(NbdsrvError):
@@ -66,6 +76,7 @@ class Session:
     state: str = "running"
     error: str | None = None
     ending: bool = False
+    prober: "asyncio.Task[None] | None" = None
 
     def fail(self, reason: str) -> None:
         if self.ending:
@@ -148,6 +159,7 @@ class SessionManager:
             await vm.end_point_in_time(session.id, drop_checkpoint=True)
             raise
         self.sessions[session.id] = session
+        session.prober = asyncio.create_task(_probe(session), name=f"probe {session.id}")
         log.info(
             "VM %s: backup session %s begun (checkpoint %s, from %s)",
             vm.name, session.id, session.checkpoint, request.from_checkpoint,
@@ -173,6 +185,7 @@ class SessionManager:
                 disk.export,
                 contexts,
                 description=f"VM {vm.name} disk {disk.disk}, backup session {session.id}",
+                on_failure=lambda detail: session.fail(vm.why_broken(session.id, detail)),
             )
             session.exports[disk.disk] = export
             await export.open()
@@ -192,6 +205,10 @@ class SessionManager:
 
     async def _close_exports(self, session: Session) -> None:
         session.ending = True
+        if session.prober is not None:
+            session.prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.prober
         for export in session.exports.values():
             if self.catalog.find_export(export.name) is export:
                 self.catalog.remove(export.name)
@@ -234,6 +251,16 @@ class SessionManager:
             "scratch_bytes": session.vm.scratch_bytes(session.id),
             "disks": disks,
         }
+
+
+async def _probe(session: Session) -> None:
+    """Find a broken point in time without waiting for a reader."""
+    while session.state == "running" and not session.ending:
+        await asyncio.sleep(PROBE_INTERVAL)
+        for export in list(session.exports.values()):
+            if session.state != "running" or session.ending:
+                return
+            await export.probe()
 
 
 async def _fetch_checked(

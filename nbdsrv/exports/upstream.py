@@ -13,7 +13,7 @@ import errno
 import itertools
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..net.address import Address
 from ..net.client import NBDClient
@@ -79,8 +79,12 @@ class UpstreamExport(Export):
         upstream_export: str,
         bitmaps: Mapping[str, DirtyBitmap],
         description: str = "",
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name, size, description)
+        # Told about every failed request to QEMU: QEMU fails snapshot reads once the point
+        # in time is broken, so one failure means the whole session is.
+        self.on_failure = on_failure
         self.address = address
         self.upstream_export = upstream_export
         # Frozen for the session: runs found and descriptors packed once, bitarrays dropped.
@@ -133,6 +137,23 @@ class UpstreamExport(Export):
         if self.failure is not None:
             raise OSError(errno.EIO, f"backup session failed: {self.failure}")
 
+    def upstream_failed(self, detail: str) -> None:
+        self._upstream_failed(detail)
+
+    def _upstream_failed(self, detail: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(detail)
+        self.fail(detail)
+
+    async def probe(self) -> None:
+        """Read one sector from QEMU; a failure fails the export (and tells on_failure)."""
+        if self.failure is not None or self.closed or not self._clients:
+            return
+        try:
+            await self._client().read(0, min(512, self.size))
+        except NBDError as e:
+            self._upstream_failed(f"reading from QEMU: {e}")
+
     def _client(self) -> NBDClient:
         return self._clients[next(self._next)]
 
@@ -141,6 +162,7 @@ class UpstreamExport(Export):
         try:
             data = await self._client().read(offset, length)
         except NBDError as e:
+            self._upstream_failed(f"reading from QEMU: {e}")
             raise OSError(errno.EIO, f"reading from QEMU: {e}") from e
         # A failure noticed while the read was under way may mean data from after the point
         # in time: never hand it out.
@@ -162,6 +184,7 @@ class UpstreamExport(Export):
                 offset, min(length, MAX_UPSTREAM_STATUS), req_one=limit == 1
             )
         except NBDError as e:
+            self._upstream_failed(f"block status from QEMU: {e}")
             raise OSError(errno.EIO, f"block status from QEMU: {e}") from e
         self._check()
         return status.get(BASE_ALLOCATION, [])

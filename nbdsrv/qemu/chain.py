@@ -22,6 +22,7 @@ named `disk0`, `disk1`, ... that `StorageDaemon` creates.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -180,12 +181,34 @@ def _is_format(node: Mapping[str, Any]) -> bool:
 def _below_filters(
     node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]
 ) -> Mapping[str, Any] | None:
-    """The format node under a filter (which reports its child's file name), or `node`."""
+    """The format node under a filter (which reports its child's file name, or — throttle —
+    a `json:` description of its children), or `node`."""
     if _is_format(node):
         return node
+    filename = node.get("file")
+    if isinstance(filename, str) and filename.startswith("json:"):
+        filename = image_in_json(filename)
     for other in nodes:
-        if _is_format(other) and other.get("file") == node.get("file"):
+        if _is_format(other) and other.get("file") == filename:
             return other
+    return None
+
+
+def image_in_json(filename: str) -> str | None:
+    """The image file of the first format layer in a `json:{...}` file name, following
+    `file` children through filters: `json:{"driver": "throttle", "file": {"driver":
+    "qcow2", "file": {"driver": "file", "filename": "/img/a.qcow2"}}}` → `/img/a.qcow2`."""
+    try:
+        options = json.loads(filename[len("json:") :])
+    except ValueError:
+        return None
+    while isinstance(options, dict):
+        child = options.get("file")
+        if options.get("driver") in FORMAT_DRIVERS:
+            if isinstance(child, dict) and isinstance(child.get("filename"), str):
+                return str(child["filename"])
+            return child if isinstance(child, str) else None
+        options = child
     return None
 
 

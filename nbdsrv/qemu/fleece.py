@@ -1,31 +1,52 @@
-"""A point in time over QEMU's disks: scratch nodes, frozen bitmaps, fleecing jobs, exports.
+"""A point in time over QEMU's disks: copy-before-write filters, snapshot-access nodes,
+frozen bitmaps, read-only exports (DESIGN.md decision 3; facts in
+shared/research/fleecing-7.2.md).
 
-For each disk of a backup session (DESIGN.md decision 3)::
+For each disk of a backup session::
 
-    live disk (top node) ◄── backing ── scratch qcow2 node  ◄── QEMU NBD export (read-only)
-        │ copy-before-write (blockdev-backup sync=none)  ▲      with frozen bitmaps
-        └──────────── old data, before each new write ───┘
+    writer ─► device / throttle node ─► copy-before-write filter ─► disk's root node
+                                         │ on-cbw-error=break-snapshot
+                                         ▼ old data, before each new write
+                                       scratch qcow2 (no backing) ◄─ frozen bitmaps
+    QEMU NBD export (read-only) ─► snapshot-access node ─► the filter (reads the point in
+                                                            time: scratch, else the disk)
+
+The filter enters the writers' path by ``qom-set <device> drive`` (a guest device) or by one
+``blockdev-reopen`` of the passthrough throttle nodes a qemu-storage-daemon exports (changing
+their ``file``). Why this and not ``blockdev-backup sync=none``: while the snapshot-access
+node exists QEMU refuses to take the filter out of the path or delete it, so a read can
+never see data newer than the point in time; a failed copy breaks the snapshot (its reads
+fail) and never the guest's write. A disk with neither a device nor such a node is refused:
+QEMU 7.2 has no other way to put a filter above a node that a BlockBackend uses.
 
 Everything nbdsrv creates in QEMU for a session is named in a :class:`FleecePlan`, written
-to disk before the first QMP command, so :func:`teardown` can remove exactly those things —
-at the end of a session, after a failed begin, or after a daemon crash. Teardown is
-idempotent: what is already gone is skipped.
+to disk before the first QMP command, so :func:`teardown` removes exactly those things — at
+the end of a session, after a failed begin, or after a daemon crash — and says whether QEMU
+still holds any of them (then the record must stay, for the next reconnect).
 """
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .chain import FORMAT_DRIVERS, discover_disks
 from .errors import QEMUError, QMPError
 from .images import scratch_file
 from .monitor import Monitor
-from .names import qemu_name, tag
 
 log = logging.getLogger(__name__)
+
+# A copy into the scratch image slower than this breaks the snapshot instead of holding up
+# the guest's write (seconds).
+CBW_TIMEOUT = 30
+SWITCH_QDEV = "qdev"
+SWITCH_REOPEN = "reopen"
+_OURS = frozenset({"copy-before-write", "snapshot-access"})
 
 
 @dataclass(frozen=True)
@@ -37,8 +58,18 @@ class DiskPlan:
     size: int
     scratch_file: str
     scratch_node: str
-    job: str
     export: str
+    cbw_node: str = ""
+    access_node: str = ""
+    # How the filter enters the path: SWITCH_QDEV (qom-set of the device at switch_target)
+    # or SWITCH_REOPEN (the throttle node switch_target, of throttle_group).
+    switch: str = ""
+    switch_target: str = ""
+    # The node the filter sits on: the device's root node, or the throttle node's child.
+    below: str = ""
+    throttle_group: str = ""
+    # Records of nbdsrv before the filter design name a blockdev-backup job.
+    job: str = ""
     # frozen bitmap name on the scratch node → (checkpoint, granularity, [{node, name}...])
     bitmaps: Mapping[str, tuple[str, int, tuple[tuple[str, str], ...]]] = field(
         default_factory=dict
@@ -52,16 +83,19 @@ class FleecePlan:
     # True when nbdsrv starts QEMU's NBD server for this session (and so stops it after).
     start_nbd_server: bool
     disks: tuple[DiskPlan, ...]
+    # True between nbdsrv's `stop` of a running VM and its `cont`: a restart resumes it.
+    paused: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "FleecePlan":
+        known = {f.name for f in fields(DiskPlan)}
         disks = tuple(
             DiskPlan(
                 **{
-                    **d,
+                    **{k: v for k, v in d.items() if k in known},
                     "bitmaps": {
                         k: (v[0], int(v[1]), tuple((n, b) for n, b in v[2]))
                         for k, v in d.get("bitmaps", {}).items()
@@ -70,21 +104,201 @@ class FleecePlan:
             )
             for d in data["disks"]
         )
-        return cls(data["session"], data["nbd_socket"], bool(data["start_nbd_server"]), disks)
+        return cls(
+            data["session"],
+            data["nbd_socket"],
+            bool(data["start_nbd_server"]),
+            disks,
+            bool(data.get("paused", False)),
+        )
 
 
-def scratch_node_options(plan: DiskPlan) -> dict[str, Any]:
+# -- planning -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Switch:
+    kind: str
+    target: str
+    below: str
+    group: str = ""
+
+
+async def find_switches(monitor: Monitor, roots: Sequence[str] | None) -> dict[str, Switch]:
+    """Disk id → how its writers' path can take a copy-before-write filter.
+
+    Raises QEMUError (one line) for a disk nbdsrv cannot hold a point in time for."""
+    block = await monitor.execute("query-block")
+    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+    exports = await monitor.execute("query-block-exports")
+    by_name = {str(n["node-name"]): n for n in nodes}
+    switches: dict[str, Switch] = {}
+    for disk in await discover_disks(monitor, roots):
+        switches[disk.id] = _switch(
+            disk.id, disk.device, disk.qdev, disk.top, block, by_name, exports
+        )
+    return switches
+
+
+def _switch(
+    disk: str,
+    device: str | None,
+    qdev: str | None,
+    top: Any,
+    block: Sequence[Mapping[str, Any]],
+    by_name: Mapping[str, Mapping[str, Any]],
+    exports: Sequence[Mapping[str, Any]],
+) -> Switch:
+    if device or qdev:
+        entry = next(
+            (
+                e
+                for e in block
+                if (device and e.get("device") == device) or (qdev and e.get("qdev") == qdev)
+            ),
+            None,
+        )
+        root = str(((entry or {}).get("inserted") or {}).get("node-name", ""))
+        if by_name.get(root, {}).get("drv") in _OURS:
+            raise QEMUError(
+                f"disk {disk} already has a copy-before-write filter (another backup of it "
+                "is running)"
+            )
+        path = (entry or {}).get("qdev")
+        if path and root:
+            path = str(path)
+            return Switch(
+                SWITCH_QDEV, path if path.startswith("/") else f"/machine/peripheral/{path}", root
+            )
+        raise QEMUError(
+            f"disk {disk} has no guest device (-drive if=none without -device): QEMU 7.2 "
+            "cannot put a copy-before-write filter into its path, so nbdsrv cannot hold a "
+            "point in time for it"
+        )
+    export = next((e for e in exports if e.get("id") == disk), None)
+    node = by_name.get(str((export or {}).get("node-name", "")))
+    if node is not None and node.get("drv") == "throttle":
+        options = _json_options(str(node.get("file", "")))
+        group, child = options.get("throttle-group"), options.get("file")
+        if group and isinstance(child, dict) and child.get("driver") in FORMAT_DRIVERS:
+            return Switch(SWITCH_REOPEN, str(node["node-name"]), top.node_name, str(group))
+    raise QEMUError(
+        f"disk {disk} is exported without a passthrough node: QEMU 7.2 cannot put a "
+        "copy-before-write filter under an export, so nbdsrv cannot hold a point in time "
+        "for it (put a throttle node with an unlimited throttle-group under the export)"
+    )
+
+
+def _json_options(filename: str) -> dict[str, Any]:
+    if not filename.startswith("json:"):
+        return {}
+    try:
+        options = json.loads(filename[len("json:") :])
+    except ValueError:
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def frozen_bitmap_name(session: str, checkpoint: str) -> str:
+    return f"nbdsrv-{session}-{checkpoint}"
+
+
+def plan_disk(
+    session: str,
+    index: int,
+    disk: str,
+    top_node: str,
+    size: int,
+    scratch_dir: str,
+    switch: Switch,
+    bitmaps: Sequence[tuple[str, int, Sequence[tuple[str, str]]]],
+) -> DiskPlan:
+    """``bitmaps``: (checkpoint, granularity, [(node, bitmap name) segments]). Node names
+    use the disk's index, not its id, so they stay within QEMU's 31 characters."""
+    base = f"nbdsrv-{session[:8]}"
+    return DiskPlan(
+        disk=disk,
+        top_node=top_node,
+        size=size,
+        scratch_file=os.path.join(scratch_dir, f"{session}-{index}.qcow2"),
+        scratch_node=f"{base}-scr{index}",
+        export=f"nbdsrv-{session}-{index}",
+        cbw_node=f"{base}-cbw{index}",
+        access_node=f"{base}-acc{index}",
+        switch=switch.kind,
+        switch_target=switch.target,
+        below=switch.below,
+        throttle_group=switch.group,
+        bitmaps={
+            frozen_bitmap_name(session, ckpt): (ckpt, granularity, tuple(sources))
+            for ckpt, granularity, sources in bitmaps
+        },
+    )
+
+
+# -- building -----------------------------------------------------------------------------
+
+
+async def add_filter(monitor: Monitor, plan: DiskPlan) -> None:
+    """The scratch node and the filter above the disk — not yet in anybody's path."""
+    await monitor.execute(
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": plan.scratch_node,
+            "file": scratch_file(plan.scratch_file),
+        },
+    )
+    await monitor.execute(
+        "blockdev-add",
+        {
+            "driver": "copy-before-write",
+            "node-name": plan.cbw_node,
+            "file": plan.below,
+            "target": plan.scratch_node,
+            "on-cbw-error": "break-snapshot",
+            "cbw-timeout": CBW_TIMEOUT,
+        },
+    )
+
+
+async def run_state(monitor: Monitor) -> bool | None:
+    """Whether the VM's vCPUs run (True/False), or None when QEMU cannot pause at all
+    (qemu-storage-daemon has no run state)."""
+    try:
+        status = await monitor.execute("query-status")
+    except QMPError as e:
+        if e.error_class == "CommandNotFound":
+            return None
+        raise
+    return bool(status.get("running"))
+
+
+async def switch_in(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
+    """Put every disk's filter into its writers' path: this is the point in time. The
+    throttle nodes all change in ONE reopen, which drains them together."""
+    for disk in disks:
+        if disk.switch == SWITCH_QDEV:
+            await monitor.execute(
+                "qom-set", {"path": disk.switch_target, "property": "drive", "value": disk.cbw_node}
+            )
+    reopen = [_throttle(d, d.cbw_node) for d in disks if d.switch == SWITCH_REOPEN]
+    if reopen:
+        await monitor.execute("blockdev-reopen", {"options": reopen})
+
+
+def _throttle(disk: DiskPlan, file: str) -> dict[str, Any]:
     return {
-        "driver": "qcow2",
-        "node-name": plan.scratch_node,
-        "file": scratch_file(plan.scratch_file),
-        "backing": plan.top_node,
+        "driver": "throttle",
+        "node-name": disk.switch_target,
+        "throttle-group": disk.throttle_group,
+        "file": file,
     }
 
 
 def freeze_actions(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
     """Transaction actions: disabled transient bitmaps on the scratch node, merged from the
-    checkpoint segments — frozen at the instant of the transaction."""
+    checkpoint segments."""
     actions: list[tuple[str, dict[str, Any]]] = []
     for name, (_, granularity, sources) in plan.bitmaps.items():
         actions.append(
@@ -112,18 +326,6 @@ def freeze_actions(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
     return actions
 
 
-def backup_action(plan: DiskPlan) -> tuple[str, dict[str, Any]]:
-    return (
-        "blockdev-backup",
-        {
-            "job-id": plan.job,
-            "device": plan.top_node,
-            "target": plan.scratch_node,
-            "sync": "none",
-        },
-    )
-
-
 async def start_nbd_server(monitor: Monitor, socket_path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
@@ -141,15 +343,21 @@ async def start_nbd_server(monitor: Monitor, socket_path: str) -> None:
 
 
 async def add_export(monitor: Monitor, plan: DiskPlan) -> None:
+    """The snapshot-access node and its read-only export with the frozen bitmaps."""
+    await monitor.execute(
+        "blockdev-add",
+        {"driver": "snapshot-access", "node-name": plan.access_node, "file": plan.cbw_node},
+    )
     await monitor.execute(
         "block-export-add",
         {
             "type": "nbd",
             "id": plan.export,
-            "node-name": plan.scratch_node,
+            "node-name": plan.access_node,
             "name": plan.export,
             "writable": False,
-            "bitmaps": list(plan.bitmaps),
+            # The {node, name} form: the bitmaps are on the scratch node, not below the export.
+            "bitmaps": [{"node": plan.scratch_node, "name": name} for name in plan.bitmaps],
         },
     )
 
@@ -162,6 +370,9 @@ async def bitmap_counts(monitor: Monitor, node: str) -> dict[str, int]:
                 b["name"]: int(b["count"]) for b in info.get("dirty-bitmaps", []) if "name" in b
             }
     return {}
+
+
+# -- teardown -----------------------------------------------------------------------------
 
 
 async def _gone(monitor: Monitor, query: str, key: str, value: str, timeout: float) -> None:
@@ -184,67 +395,117 @@ async def _quietly(monitor: Monitor, command: str, arguments: Mapping[str, Any])
         log.debug("%s: %s (already gone?)", command, e.desc)
 
 
-async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 30.0) -> None:
-    """Remove everything of ``plan`` from QEMU and disk, newest first. With no monitor (QEMU
-    is gone) only the files are removed."""
-    if monitor is not None and monitor.connected:
-        for disk in plan.disks:
-            await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
-        for disk in plan.disks:
-            await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
-        for disk in plan.disks:
-            await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
-        for disk in plan.disks:
-            await _gone(monitor, "query-block-jobs", "device", disk.job, timeout)
-        for disk in plan.disks:
-            await _quietly(monitor, "blockdev-del", {"node-name": disk.scratch_node})
-        if plan.start_nbd_server:
-            await _quietly(monitor, "nbd-server-stop", {})
+def _below_now(disk: DiskPlan, nodes: Sequence[Mapping[str, Any]]) -> str:
+    """The node under the filter now: the planned one, unless someone put an overlay on it
+    meanwhile (then the format node holding the filter's file name)."""
+    by_name = {str(n["node-name"]): n for n in nodes}
+    cbw = by_name.get(disk.cbw_node)
+    below = by_name.get(disk.below)
+    if cbw is None or below is None or below.get("file") == cbw.get("file"):
+        return disk.below
+    for node in nodes:
+        if node.get("drv") in FORMAT_DRIVERS and node.get("file") == cbw.get("file"):
+            return str(node["node-name"])
+    return disk.below
+
+
+async def _switch_out(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
+    """Take the filters out of the writers' path (only where they are in it)."""
+    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+    names = {str(n["node-name"]) for n in nodes}
+    block = await monitor.execute("query-block")
+    on_filter = {
+        str(e.get("qdev"))
+        for e in block
+        if (e.get("inserted") or {}).get("node-name") in {d.cbw_node for d in disks}
+    }
+    reopen = []
+    for disk in disks:
+        if not disk.cbw_node or disk.cbw_node not in names:
+            continue
+        below = _below_now(disk, nodes)
+        if disk.switch == SWITCH_QDEV and any(
+            disk.switch_target in (q, f"/machine/peripheral/{q}") for q in on_filter
+        ):
+            await _quietly(
+                monitor,
+                "qom-set",
+                {"path": disk.switch_target, "property": "drive", "value": below},
+            )
+        elif disk.switch == SWITCH_REOPEN:
+            reopen.append(_throttle(disk, below))
+    if reopen:
+        await _quietly(monitor, "blockdev-reopen", {"options": reopen})
+
+
+def _our_nodes(plan: FleecePlan) -> set[str]:
+    return {n for d in plan.disks for n in (d.access_node, d.cbw_node, d.scratch_node) if n}
+
+
+async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 30.0) -> bool:
+    """Remove everything of ``plan`` from QEMU, then its files; newest first, in the only
+    order QEMU allows (export, snapshot-access node, filter out of the path, filter, scratch
+    node). True when QEMU holds none of it any more. Without a connected monitor nothing is
+    touched and the answer is False: QEMU may still use the scratch files."""
+    if monitor is None or not monitor.connected:
+        return False
+    if plan.paused and await run_state(monitor) is False:
+        # nbdsrv stopped the VM for the switch and did not live to resume it.
+        log.warning("session %s: resuming the VM nbdsrv paused", plan.session)
+        await monitor.execute("cont")
     for disk in plan.disks:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(disk.scratch_file)
+        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
+    for disk in plan.disks:
+        await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
+    for disk in plan.disks:
+        if disk.access_node:
+            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
+    await _switch_out(monitor, plan.disks)
+    for disk in plan.disks:
+        if disk.job:
+            await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
+            await _gone(monitor, "query-block-jobs", "device", disk.job, timeout)
+    for disk in plan.disks:
+        for node in (disk.cbw_node, disk.scratch_node):
+            if node:
+                await _quietly(monitor, "blockdev-del", {"node-name": node})
     if plan.start_nbd_server:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(plan.nbd_socket)
+        await _quietly(monitor, "nbd-server-stop", {})
+    left = _our_nodes(plan) & {
+        str(n["node-name"])
+        for n in await monitor.execute("query-named-block-nodes", {"flat": True})
+    }
+    if left:
+        raise QEMUError(f"session {plan.session}: QEMU still holds {', '.join(sorted(left))}")
+    remove_files(plan)
+    return True
 
 
 async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
-    """Stop copying old data into the scratch images (the point in time is given up)."""
+    """Give the point in time up in QEMU: its export, snapshot-access nodes, filters and
+    scratch nodes go, so nothing is copied any more and the scratch stops growing; the
+    writers go on. The files and the record stay until the session ends."""
     for disk in plan.disks:
-        await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
+        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
+    for disk in plan.disks:
+        await _gone(monitor, "query-block-exports", "id", disk.export, 30.0)
+    for disk in plan.disks:
+        if disk.access_node:
+            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
+    await _switch_out(monitor, plan.disks)
+    for disk in plan.disks:
+        for node in (disk.cbw_node, disk.scratch_node):
+            if node:
+                await _quietly(monitor, "blockdev-del", {"node-name": node})
 
 
-def frozen_bitmap_name(session: str, checkpoint: str) -> str:
-    return f"nbdsrv-{session}-{checkpoint}"
+def remove_files(plan: FleecePlan) -> None:
+    for path in _files(plan):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
-def session_names(session: str, disk: str) -> tuple[str, str, str]:
-    """(scratch node, job id, QEMU export name) of one disk of a session: a hash of the disk
-    id, never the id itself (node names are at most 31 characters)."""
-    base = qemu_name("nbdsrv", session, tag(disk))
-    return base, base, base
-
-
-def plan_disk(
-    session: str,
-    disk: str,
-    top_node: str,
-    size: int,
-    scratch_dir: str,
-    bitmaps: Sequence[tuple[str, int, Sequence[tuple[str, str]]]],
-) -> DiskPlan:
-    """``bitmaps``: (checkpoint, granularity, [(node, bitmap name) segments])."""
-    node, job, export = session_names(session, disk)
-    return DiskPlan(
-        disk=disk,
-        top_node=top_node,
-        size=size,
-        scratch_file=os.path.join(scratch_dir, f"{session}-{tag(disk)}.qcow2"),
-        scratch_node=node,
-        job=job,
-        export=export,
-        bitmaps={
-            frozen_bitmap_name(session, ckpt): (ckpt, granularity, tuple(sources))
-            for ckpt, granularity, sources in bitmaps
-        },
-    )
+def _files(plan: FleecePlan) -> Iterable[str]:
+    yield from (d.scratch_file for d in plan.disks)
+    if plan.start_nbd_server:
+        yield plan.nbd_socket

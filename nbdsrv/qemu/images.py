@@ -67,7 +67,8 @@ async def create_overlay(path: str, backing: str, backing_format: str) -> None:
 
 
 async def create_scratch_image(path: str, size: int) -> None:
-    """An empty qcow2 of ``size`` bytes; its backing is set when the node is added."""
+    """An empty qcow2 of ``size`` bytes with no backing (the copy-before-write filter reads
+    unchanged data from the disk itself)."""
     old = os.umask(0o077)
     try:
         proc = await asyncio.create_subprocess_exec(

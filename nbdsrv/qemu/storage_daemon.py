@@ -2,9 +2,15 @@
 
 One QSD per VM, a child process of nbdsrv (never `--daemonize`d), opening the VM's images::
 
-    <image0> ─ file node "disk0-file" ─ format node "disk0" ─┐ writable NBD export "disk0"
-    <image1> ─ file node "disk1-file" ─ format node "disk1" ─┤ on <state-dir>/<VM>.live.sock
-                                                              │ (mode 0600)
+    <image0> ─ file "disk0-file" ─ format "disk0" ─ throttle "disk0-live" ─┐ writable NBD
+    <image1> ─ file "disk1-file" ─ format "disk1" ─ throttle "disk1-live" ─┤ exports "disk0", …
+                                                                            │ on <state-dir>/
+                                                                            │ <VM>.live.sock (0600)
+
+The throttle nodes pass everything through (group "nbdsrv-tg" has no limits). They are the
+place where a backup session puts its copy-before-write filter into the writers' path: one
+`blockdev-reopen` of all of them switches every disk at once (an export's own node cannot be
+changed in QEMU 7.2). See nbdsrv/qemu/fleece.py.
     QMP for nbdsrv:  <state-dir>/<VM>.qmp.sock   (StorageDaemon.monitor)
     QMP for tests:   <state-dir>/<VM>.test-qmp.sock   (only with test_monitor=True)
     stderr/stdout:   <state-dir>/<VM>.qsd.log
@@ -42,6 +48,8 @@ from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
+# A throttle group with no limits: its nodes only give a backup a node to reopen.
+THROTTLE_GROUP = "nbdsrv-tg"
 UNIX_PATH_MAX = 107
 _LOG_MARK = "--- nbdsrv:"  # sun_path is 108 bytes with the terminating NUL
 
@@ -61,6 +69,8 @@ class Image:
     """Format node name, also the disk's name and its live export's name: "disk0", ..."""
     file_node: str
     """Protocol (file) node name under it: "disk0-file", ..."""
+    live_node: str
+    """Passthrough throttle node above it, where the live export sits: "disk0-live", ..."""
 
 
 def _opt(value: str | os.PathLike[str]) -> str:
@@ -188,7 +198,7 @@ class StorageDaemon:
 
     def command(self) -> list[str]:
         """The qemu-storage-daemon command line (after `images` are known)."""
-        argv = [self.qsd]
+        argv = [self.qsd, "--object", f"throttle-group,id={THROTTLE_GROUP}"]
         for image in self._images:
             argv += [
                 "--blockdev",
@@ -198,6 +208,15 @@ class StorageDaemon:
                 "--blockdev",
                 json.dumps(
                     {"driver": image.format, "file": image.file_node, "node-name": image.node}
+                ),
+                "--blockdev",
+                json.dumps(
+                    {
+                        "driver": "throttle",
+                        "throttle-group": THROTTLE_GROUP,
+                        "file": image.node,
+                        "node-name": image.live_node,
+                    }
                 ),
             ]
         monitors = [("nbdsrv", self.qmp_path)]
@@ -215,7 +234,7 @@ class StorageDaemon:
             export = {
                 "type": "nbd",
                 "id": image.node,
-                "node-name": image.node,
+                "node-name": image.live_node,
                 "name": image.node,
                 "writable": True,
             }
@@ -243,7 +262,7 @@ class StorageDaemon:
                 fmt = await detect_format(path, self.qemu_img)
             elif not path.exists():
                 raise ImageError(f"image {path} does not exist")
-            images.append(Image(path, fmt, f"disk{i}", f"disk{i}-file"))
+            images.append(Image(path, fmt, f"disk{i}", f"disk{i}-file", f"disk{i}-live"))
         self._images = tuple(images)
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

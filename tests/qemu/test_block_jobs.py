@@ -28,7 +28,8 @@ async def start_mirror(qsd: StorageDaemon, target: Path, job: str, speed: int = 
     )
     await qsd.monitor.execute(
         "blockdev-mirror",
-        {"job-id": job, "device": "disk0", "target": "target", "sync": "full", "speed": speed},
+        # The job starts at the root: the throttle node the live export sits on.
+        {"job-id": job, "device": "disk0-live", "target": "target", "sync": "full", "speed": speed},
     )
 
 

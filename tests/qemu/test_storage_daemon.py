@@ -39,10 +39,17 @@ async def test_start_opens_images_and_exports_live_disks(qsd: StorageDaemon) -> 
     assert qsd.disks == ("disk0", "disk1")
     assert qsd.running and qsd.pid is not None and qsd.returncode is None
     exports = await qsd.monitor.execute("query-block-exports")
+    # Each export sits on a passthrough throttle node over the format node (where a backup
+    # session switches its copy-before-write filter in).
     assert sorted((e["id"], e["node-name"]) for e in exports) == [
-        ("disk0", "disk0"),
-        ("disk1", "disk1"),
+        ("disk0", "disk0-live"),
+        ("disk1", "disk1-live"),
     ]
+    drivers = {
+        n["node-name"]: n["drv"]
+        for n in await qsd.monitor.execute("query-named-block-nodes", {"flat": True})
+    }
+    assert drivers["disk0-live"] == drivers["disk1-live"] == "throttle"
 
 
 async def test_live_socket_is_only_for_the_daemon_user(qsd: StorageDaemon) -> None:

@@ -1,6 +1,8 @@
-"""A VM-like QEMU (qemu-system-x86_64 -machine none, writes driven through a second QMP
-monitor as a guest's would go through drive0) attached with --qmp: nbdsrv starts its own NBD
-server in it, and checkpoints, sessions and snapshots work on a named drive."""
+"""A VM-like QEMU (q35 held at -S with no guest; a `-drive if=none,id=drive0` behind a
+virtio-blk-pci device; writes driven through a second QMP monitor as a guest's would go
+through the device) attached with --qmp: nbdsrv starts its own NBD server in it, and
+checkpoints, sessions and snapshots work on a named drive. A drive with no device is
+refused: nbdsrv cannot put its copy-before-write filter into its path."""
 
 import json
 import shutil
@@ -19,17 +21,21 @@ K = 1024
 
 
 class QemuVM:
-    def __init__(self, workdir: Path, drive: str = "drive0", size: str = "16M") -> None:
+    def __init__(
+        self, workdir: Path, drive: str = "drive0", size: str = "16M", device: bool = True
+    ) -> None:
         self.drive = drive
         self.image = workdir / "d.qcow2"
         run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), size])
         self.qmp_path = workdir / "vm.qmp"
         test_qmp = workdir / "test.qmp"
         self.pidfile = workdir / "qemu.pid"
+        machine = ["-machine", "q35", "-S"] if device else ["-machine", "none"]
+        devices = ["-device", f"virtio-blk-pci,drive={drive},id=vdisk0"] if device else []
         run([
-            require_tool("qemu-system-x86_64"), "-machine", "none", "-nodefaults",
-            "-display", "none",
+            require_tool("qemu-system-x86_64"), *machine, "-nodefaults", "-display", "none",
             "-drive", f"if=none,id={drive},file={self.image},format=qcow2,node-name=disk0",
+            *devices,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp", f"unix:{test_qmp},server=on,wait=off",
             "-daemonize", "-pidfile", str(self.pidfile),
@@ -38,7 +44,8 @@ class QemuVM:
         self.qmp = SyncQMP(str(test_qmp))
 
     def write(self, pattern: int, offset: int, length: int) -> None:
-        """As the guest writes: through the drive, the BlockBackend that exists all along."""
+        """As the guest writes: through the drive, the device's BlockBackend (it keeps its
+        name when nbdsrv puts a filter under it)."""
         # QEMU 7.2 prints qemu-io's success to its own stdout; the reply is empty unless
         # something failed.
         out = self.qmp.hmp(f'qemu-io {self.drive} "write -P {pattern} {offset} {length}"')
@@ -117,3 +124,37 @@ def _backup_snapshot_commit(vm: QemuVM, daemon: DaemonProcess, control: str, nbd
         for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
         if n["node-name"].startswith("nbdsrv-")
     ]
+
+
+def test_drive_without_device_is_refused(tmp_path: Path) -> None:
+    """-machine none -drive if=none: no device to qom-set, so no safe point in time."""
+    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-v-", dir="/tmp"))
+    vm = QemuVM(workdir, device=False)
+    control = str(workdir / "control.sock")
+    daemon = DaemonProcess(
+        ["--state-dir", str(workdir / "state"), "--control", control,
+         "--listen", f"unix:{workdir / 'nbd.sock'}", "--qmp", f"vm={vm.qmp_path}"],
+        control, workdir / "daemon.log",
+    )  # fmt: skip
+    daemon.start()
+    try:
+        proc = subprocess.run(
+            nbdsrv_argv("backup", "begin", "vm", "--no-checkpoint", "--control", control),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 1
+        assert proc.stderr.count("\n") == 1
+        assert "has no guest device" in proc.stderr
+        assert daemon.status()["sessions"] == []
+        assert not [
+            n["node-name"]
+            for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
+            if n["node-name"].startswith("nbdsrv-")
+        ]
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+        vm.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 
 from tests.tools import DaemonProcess, require_tool
 from tests.vmharness import (
@@ -287,52 +288,81 @@ def test_qemu_gone_fails_session_with_eio(vm: ExternalQSD, nbdsrv: DaemonProcess
     end(nbdsrv, session)
 
 
-def test_copy_before_write_error_keeps_the_point_in_time(
+def read_snapshot(nbdsrv: DaemonProcess, command: str) -> str:
+    result = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", command, nbdsrv.uri("vm1/disk0")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
+def test_copy_before_write_error_breaks_the_snapshot_not_the_guest(
     vm: ExternalQSD, nbdsrv: DaemonProcess
 ) -> None:
-    """QEMU 7.2's fleecing job fails the guest's write when it cannot save the old data
-    (blkdebug makes every write to the scratch image fail): the export stays exact."""
+    """blkdebug makes every write to the scratch image fail: the guest's write still
+    succeeds (on-cbw-error=break-snapshot), the session fails with a reason, reads get EIO."""
     vm.write(0, 0x11, 0, 1 * MiB)
     nbdsrv.stop()
     nbdsrv.start(fault="scratch-write-error")
     session = begin(nbdsrv)
-    guest = subprocess.run(
-        [require_tool("qemu-io"), "-f", "raw", "-c", "write -P 0x99 0 64k",
+    vm.write(0, 0x99, 0, 64 * K)  # raises if the guest's write fails
+    live = subprocess.run(
+        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x99 0 64k",
          f"nbd+unix:///disk0?socket={vm.nbd_path}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert "Input/output error" in guest.stdout + guest.stderr
-    result = subprocess.run(
-        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x11 0 1M",
-         nbdsrv.uri("vm1/disk0")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert "read 1048576/1048576" in result.stdout, result.stdout + result.stderr
-    end(nbdsrv, session)
-    assert qemu_leftovers(vm) == []
-
-
-def test_fleecing_job_gone_fails_session_and_never_serves_new_data(
-    vm: ExternalQSD, nbdsrv: DaemonProcess
-) -> None:
-    vm.write(0, 0x11, 0, 1 * MiB)
-    session = begin(nbdsrv)
-    assert vm.qmp is not None
-    job = vm.qmp.cmd("query-block-jobs")[0]["device"]
-    vm.qmp.cmd("block-job-cancel", device=job, force=True)
+    assert live.returncode == 0, live.stdout + live.stderr
     wait_for(
         lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
         "the session to fail",
     )
-    assert "fleecing job" in nbdsrv.json("backup", "list", "vm1")[0]["error"]
-    # Without the job nothing saves old data any more: reads must fail, not show this.
-    vm.write(0, 0x99, 0, 64 * K)
-    result = subprocess.run(
-        [require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read 0 64k",
-         nbdsrv.uri("vm1/disk0")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert "Input/output error" in result.stdout + result.stderr
+    assert (
+        "can no longer read the point in time" in nbdsrv.json("backup", "list", "vm1")[0]["error"]
+    )
+    assert "Input/output error" in read_snapshot(nbdsrv, "read 0 64k")
+    assert "Input/output error" in read_snapshot(nbdsrv, "read 4M 64k")  # never written
+    end(nbdsrv, session)
+    assert qemu_leftovers(vm) == []
+
+
+def test_third_party_cannot_take_the_filter_out_while_exported(
+    vm: ExternalQSD, nbdsrv: DaemonProcess
+) -> None:
+    """What a second monitor can do to a running session: QEMU refuses to take the filter
+    out of the path or delete a node; deleting the export is allowed, and the session then
+    fails (EIO) before the filter can leave the path. New data is never served."""
+    vm.write(0, 0x11, 0, 1 * MiB)
+    session = begin(nbdsrv)
+    qmp = vm.qmp
+    assert qmp is not None
+    nodes = [n["node-name"] for n in qmp.cmd("query-named-block-nodes", flat=True)]
+    cbw = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-cbw0"))
+    acc = next(n for n in nodes if n.startswith("nbdsrv-") and n.endswith("-acc0"))
+    back = [{"driver": "throttle", "node-name": "disk0-live", "throttle-group": "nbdsrv-tg",
+             "file": "disk0"}]  # fmt: skip
+    for command, args in [
+        ("blockdev-reopen", {"options": back}),
+        ("blockdev-del", {"node-name": cbw}),
+        ("blockdev-del", {"node-name": acc}),
+    ]:
+        with pytest.raises(ExecuteError):
+            qmp.cmd(command, **args)
+    assert qmp.cmd("query-block-jobs") == []  # nothing to cancel any more
+    vm.write(0, 0x22, 0, 64 * K)
+    out = read_snapshot(nbdsrv, "read -P 0x11 0 64k")
+    assert "read 65536/65536" in out and "verification failed" not in out, out
+    export = next(e["id"] for e in qmp.cmd("query-block-exports") if e["id"] != "disk0")
+    with pytest.raises(ExecuteError, match="still in use"):  # nbdsrv is connected
+        qmp.cmd("block-export-del", id=export)
+    qmp.cmd("block-export-del", id=export, mode="hard")
+    wait_for(
+        lambda: nbdsrv.json("backup", "list", "vm1")[0]["state"] == "failed",
+        "the session to fail",
+    )
+    qmp.cmd("blockdev-del", **{"node-name": acc})
+    qmp.cmd("blockdev-reopen", options=back)
+    vm.write(0, 0x33, 0, 64 * K)
+    assert "Input/output error" in read_snapshot(nbdsrv, "read 0 64k")
     end(nbdsrv, session)
     assert qemu_leftovers(vm) == []
 

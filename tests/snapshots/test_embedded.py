@@ -53,6 +53,10 @@ def test_snapshot_survives_daemon_restart_and_commit(workdir: Path) -> None:
     uri = f"nbd+unix:///vm/disk0?socket={nbd}"
     assert dirty(uri, "qemu:dirty-bitmap:c1") == [(0, 64 * K), (1024 * K, 64 * K),
                                                   (2048 * K, 64 * K)]  # fmt: skip
+    # The copy-before-write filter sits in the embedded QSD's throttle node: live writes
+    # after the point in time never show in the session.
+    write(0x44, 0)
+    run([require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read -P 0x11 0 64k", uri])
     run(nbdsrv_argv("backup", "end", "vm", session["id"], "--control", control))
     assert daemon.stop() == 0
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from nbdsrv.qemu.chain import image_in_json
 from tests.tools import DaemonProcess, require_tool
 from tests.vmharness import COPY_SCRIPT, ExternalQSD, K, MiB, blocks, sha
 
@@ -20,6 +21,9 @@ def layers(vm: ExternalQSD) -> list[str]:
     export = next(e for e in vm.qmp.cmd("query-block-exports") if e["id"] == "disk0")
     by_name = {n["node-name"]: n for n in nodes}
     node = by_name[export["node-name"]]
+    if node["drv"] == "throttle":  # the passthrough node under the export
+        top = image_in_json(node["file"])
+        node = next(n for n in nodes if n["drv"] == "qcow2" and n["file"] == top)
     out = []
     while node is not None:
         out.append(node["file"])

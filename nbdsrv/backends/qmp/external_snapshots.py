@@ -148,13 +148,19 @@ async def commit(vm: QmpVM) -> dict[str, str]:
     )
     crash_point("snapshot-commit:after-intent")
     try:
+        # A QSD disk's export sits on a passthrough node above the top layer: the job starts
+        # at that root and commits the top below it (the export keeps its node).
+        roots = {
+            str(e["id"]): str(e["node-name"])
+            for e in await vm.monitor.execute("query-block-exports")
+        }
         for disk in disks:
             top, below = state[disk][0], state[disk][1]
             await vm.monitor.execute(
                 "block-commit",
                 {
                     "job-id": jobs[disk],
-                    "device": top.node_name,
+                    "device": roots.get(disk, top.node_name),
                     "top-node": top.node_name,
                     "base-node": below.node_name,
                 },

@@ -1,15 +1,22 @@
-"""Points in time of a QMP-driven VM: fleecing in QEMU, guarded by a session record.
+"""Points in time of a QMP-driven VM: copy-before-write filters in QEMU, guarded by a
+session record (DESIGN.md decision 3; docs/architecture.md "Holding the point in time").
 
 begin (the VM's lock held)::
 
-    session record (the plan)  ─►  scratch images + nodes  ─►  checkpoint intent
-      ─►  ONE transaction: frozen bitmaps on the scratch nodes, the next checkpoint,
-          copy-before-write for every disk                       (the point in time)
-      ─►  checkpoint commit  ─►  QEMU exports, one per disk, on QEMU's NBD server
+    session record (the plan)  ─►  scratch images, scratch nodes, copy-before-write filters
+      ─►  checkpoint intent
+      ─►  a VM (has vCPUs): [guest frozen] stop if running ─► every filter into its path
+          ─► ONE transaction: frozen bitmaps, the next checkpoint ─► cont    (exact)
+          a qemu-storage-daemon (cannot pause): transaction adding the next checkpoint's
+          bitmap ─► ONE reopen puts every filter into its path ─► transaction disabling
+          the old bitmap and adding the frozen ones          (dirty maps are supersets)
+      ─►  checkpoint commit  ─►  snapshot-access nodes, QEMU exports on QEMU's NBD server
 
 Everything is named in the record before it is created, so a failed begin, an end, or a
-restart after a crash removes exactly that (qemu/fleece.py). A fleecing job event or a lost
-QMP connection breaks the point in time: the session's ``on_broken`` is called.
+restart after a crash removes exactly that (qemu/fleece.py); the record stays until QEMU
+holds none of it. The export deleted behind nbdsrv's back or a lost QMP connection breaks
+the point in time: the session's ``on_broken`` is called. A broken snapshot (a failed copy)
+shows only as failing reads: sessions learn it from their upstream reads and probes.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ...backup.checkpoints import (
@@ -29,9 +36,10 @@ from ...backup.checkpoints import (
     find_layer,
     wanted_checkpoints,
 )
+from ...backup.crash_points import crash_point
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece
-from ...qemu.errors import QEMUError
+from ...qemu.errors import QEMUError, QMPError
 from ...qemu.images import create_scratch_image
 from ...qemu.monitor import QMPEvent
 from ..base import (
@@ -42,6 +50,7 @@ from ..base import (
     UpstreamBitmap,
     UpstreamDisk,
 )
+from .quiesce import QuiesceError
 
 if TYPE_CHECKING:
     from .vm import QmpVM
@@ -49,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCRATCH_POLL = 0.5
-JOB_EVENTS = ("BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
 
 @dataclass
@@ -61,6 +69,7 @@ class HeldPoint:
     on_broken: BrokenCallback
     unsubscribe: Any = None
     watcher: asyncio.Task[None] | None = None
+    ending: bool = False
 
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
@@ -78,6 +87,7 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             )
         except CheckpointError as e:
             raise CheckpointError(f"{e}; --no-checkpoint backs up without creating one") from e
+    switches = await fleece.find_switches(vm.monitor, vm.roots)
     async with contextlib.aclosing(await vm.quiescer(request.quiesce)) as quiescer:
         os.makedirs(vm.scratch_dir, mode=0o700, exist_ok=True)
         plan = fleece.FleecePlan(
@@ -85,8 +95,8 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             nbd_socket=vm.nbd_socket or os.path.join(vm.store.directory, "fleece.sock"),
             start_nbd_server=vm.nbd_socket is None,
             disks=tuple(
-                _plan_disk(request.session, disk, layers, wanted, vm.scratch_dir)
-                for disk, layers in sorted(state.items())
+                _plan_disk(request.session, i, disk, layers, switches[disk], wanted, vm.scratch_dir)
+                for i, (disk, layers) in enumerate(sorted(state.items()))
             ),
         )
         held = HeldPoint(plan, new_checkpoint.name if new_checkpoint else None, on_broken)
@@ -98,23 +108,38 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
                 await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
             for disk in plan.disks:
                 await create_scratch_image(disk.scratch_file, disk.size)
-                await vm.monitor.execute("blockdev-add", fleece.scratch_node_options(disk))
-            actions = [a for d in plan.disks for a in fleece.freeze_actions(d)]
-            actions += checkpoint_actions
-            actions += [fleece.backup_action(d) for d in plan.disks]
+                await fleece.add_filter(vm.monitor, disk)
+            held.unsubscribe = vm.monitor.subscribe("BLOCK_EXPORT_DELETED", _export_event(held))
+            freeze = [a for d in plan.disks for a in fleece.freeze_actions(d)]
+            # The next checkpoint's bitmap is added before the switch and the old one
+            # disabled (and the frozen ones built) after it: every dirty map is then a
+            # superset whatever writes meanwhile. A running VM is stopped around it all, so
+            # for its guest (whose vCPUs then issue nothing) they are exact.
+            adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
+            rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
+            running = await fleece.run_state(vm.monitor)
             op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
-            held.unsubscribe = vm.monitor.subscribe(JOB_EVENTS, _job_event(held))
-            await vm.transaction(f"backup begin on VM {vm.name}", actions, quiescer)
-            if new_checkpoint is not None and op_id is not None:
-                vm.commit_create(chain, new_checkpoint, op_id)
-                committed = True
+            try:
+                async with quiescer.frozen(), _paused(vm, held, running):
+                    if new_checkpoint is not None and op_id is not None:
+                        await vm.transaction(f"backup begin on VM {vm.name}", adds)
+                        vm.commit_create(chain, new_checkpoint, op_id)
+                        committed = True
+                    await fleece.switch_in(vm.monitor, plan.disks)
+                    crash_point("backup-begin:after-switch")
+                    await _transaction(vm, freeze + rest)
+            except QuiesceError:
+                vm.store.clear_intent()  # the freeze failed before anything was done
+                raise
             for disk in plan.disks:
                 await fleece.add_export(vm.monitor, disk)
+            crash_point("backup-begin:after-exports")
             counts = {d.scratch_node: await fleece.bitmap_counts(vm.monitor, d.scratch_node)
                       for d in plan.disks}  # fmt: skip
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
-            await end(vm, request.session, drop_checkpoint=committed)
+            with contextlib.suppress(QEMUError):
+                await end(vm, request.session, drop_checkpoint=committed)
             raise
         if vm.scratch_limit:
             held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))
@@ -147,36 +172,84 @@ def _upstream_disk(
     )
 
 
-def _job_event(held: HeldPoint) -> Any:
-    jobs = {d.job for d in held.plan.disks}
+def _export_event(held: HeldPoint) -> Any:
+    exports = {d.export for d in held.plan.disks}
 
     def on_event(event: QMPEvent) -> None:
-        if event.data.get("device") not in jobs:
-            return
-        detail = event.data.get("error") or event.data.get("action") or ""
-        held.on_broken(f"fleecing job {event.data.get('device')}: {event.name} {detail}".strip())
+        if event.data.get("id") in exports and not held.ending:
+            held.on_broken(f"QEMU's export {event.data.get('id')} was deleted")
 
     return on_event
 
 
+@contextlib.asynccontextmanager
+async def _paused(vm: QmpVM, held: HeldPoint, running: bool | None) -> AsyncIterator[None]:
+    """The body with the vCPUs stopped (``stop`` drains all I/O) when the VM runs. A VM that
+    was not running is left as it was: never ``cont`` what nbdsrv did not stop. The record
+    says ``paused`` meanwhile, so a daemon that dies here has the next one resume the VM."""
+    if not running:
+        yield
+        return
+    held.plan = replace(held.plan, paused=True)
+    vm.store.write_session(held.plan.session, _record(vm, held))
+    await vm.monitor.execute("stop")
+    try:
+        yield
+    finally:
+        await vm.monitor.execute("cont")
+        held.plan = replace(held.plan, paused=False)
+        vm.store.write_session(held.plan.session, _record(vm, held))
+
+
+async def _transaction(vm: QmpVM, actions: list[tuple[str, dict[str, Any]]]) -> None:
+    if not actions:
+        return
+    try:
+        await vm.monitor.transaction(actions)
+    except QMPError as e:
+        raise CheckpointError(f"backup begin on VM {vm.name}: QEMU refused: {e.desc}") from e
+
+
 async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None:
-    """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``)."""
+    """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``). With QEMU
+    unreachable the record and files stay: the next reconnect removes them."""
     held = vm.points.pop(session, None)
     if held is None:
         return
+    held.ending = True
     if held.unsubscribe is not None:
         held.unsubscribe()
     if held.watcher is not None:
         held.watcher.cancel()
-    monitor = vm.monitor
     try:
-        await fleece.teardown(monitor if monitor.connected else None, held.plan)
+        gone = await fleece.teardown(vm.monitor, held.plan)
     except QEMUError as e:
         log.error("session %s: cleanup in QEMU failed: %s", session, e)
         raise
-    vm.store.remove_session(session)
-    if drop_checkpoint and held.checkpoint:
+    if gone:
+        vm.store.remove_session(session)
+    else:
+        log.warning(
+            "session %s: QEMU is not connected; its nodes and files go when it reconnects",
+            session,
+        )
+    if drop_checkpoint and held.checkpoint and vm.monitor.connected:
         await vm.delete_checkpoint_locked(held.checkpoint)
+
+
+def why_broken(vm: QmpVM, session: str, detail: str) -> str:
+    """The reason to show when reading ``session``'s point in time failed with ``detail``."""
+    reason = f"QEMU can no longer read the point in time: {detail}"
+    try:
+        st = os.statvfs(vm.scratch_dir)
+    except OSError:
+        return reason
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        reason += (
+            f" (the scratch directory {vm.scratch_dir} is full: a copy-before-write failed "
+            "and QEMU broke the snapshot; the guest's writes went on)"
+        )
+    return reason
 
 
 def scratch_bytes(vm: QmpVM, session: str) -> int:
@@ -216,8 +289,13 @@ async def clean_stale(vm: QmpVM) -> None:
             continue
         log.info("VM %s: cleaning up stale backup session %s", vm.name, record["id"])
         plan = fleece.FleecePlan.from_json(record["plan"])
-        await fleece.teardown(vm.monitor if vm.monitor.connected else None, plan)
-        vm.store.remove_session(record["id"])
+        try:
+            gone = await fleece.teardown(vm.monitor, plan)
+        except QEMUError as e:
+            log.error("VM %s: stale session %s stays: %s", vm.name, record["id"], e)
+            continue
+        if gone:
+            vm.store.remove_session(record["id"])
 
 
 def _record(vm: QmpVM, held: HeldPoint) -> dict[str, Any]:
@@ -231,8 +309,10 @@ def _record(vm: QmpVM, held: HeldPoint) -> dict[str, Any]:
 
 def _plan_disk(
     session_id: str,
+    index: int,
     disk: str,
     layers: Sequence[Any],
+    switch: fleece.Switch,
     wanted: list[Checkpoint],
     scratch_dir: str,
 ) -> fleece.DiskPlan:
@@ -246,4 +326,6 @@ def _plan_disk(
                 sources.append((layer.node_name, segment.bitmap))
         if sources:
             bitmaps.append((checkpoint.name, checkpoint.granularity, sources))
-    return fleece.plan_disk(session_id, disk, top.node_name, top.virtual_size, scratch_dir, bitmaps)
+    return fleece.plan_disk(
+        session_id, index, disk, top.node_name, top.virtual_size, scratch_dir, switch, bitmaps
+    )

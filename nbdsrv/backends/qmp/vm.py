@@ -180,6 +180,9 @@ class QmpVM:
     def scratch_bytes(self, session: str) -> int:
         return point_in_time.scratch_bytes(self, session)
 
+    def why_broken(self, session: str, detail: str) -> str:
+        return point_in_time.why_broken(self, session, detail)
+
     # -- QEMU state ---------------------------------------------------------------------------
 
     async def chains(self) -> ChainState:
