@@ -354,6 +354,10 @@ class LibvirtVM:
                 total += path.stat().st_blocks * 512
         return total
 
+    def why_broken(self, session: str, detail: str) -> str:
+        """libvirt's job owns the scratch space: nothing to add to what the read said."""
+        return detail
+
     def _incremental_disks(self, snap: _Snapshot, from_checkpoint: str | None) -> set[str]:
         """The disks whose "since ``from_checkpoint``" libvirt can export; the others (added
         later) are backed up in full. An invalid checkpoint is refused with libvirt's words."""
