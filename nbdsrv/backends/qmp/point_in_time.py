@@ -136,6 +136,8 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             crash_point("backup-begin:after-exports")
             counts = {d.scratch_node: await fleece.bitmap_counts(vm.monitor, d.scratch_node)
                       for d in plan.disks}  # fmt: skip
+            # The new checkpoint's counts are the baseline for third-party checks from now.
+            await vm.remember_counts()
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             with contextlib.suppress(QEMUError):
