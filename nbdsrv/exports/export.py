@@ -79,10 +79,6 @@ class Export(ABC):
         """Why data read from upstream can no longer be handed out, if it cannot."""
         return None
 
-    def upstream_failed(self, detail: str) -> None:
-        """A relayed request failed upstream (for a session: its point in time is broken)."""
-        return None
-
     def close(self) -> None:
         """Release resources; later requests get ESHUTDOWN."""
         self.closed = True

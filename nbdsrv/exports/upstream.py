@@ -137,9 +137,6 @@ class UpstreamExport(Export):
         if self.failure is not None:
             raise OSError(errno.EIO, f"backup session failed: {self.failure}")
 
-    def upstream_failed(self, detail: str) -> None:
-        self._upstream_failed(detail)
-
     def _upstream_failed(self, detail: str) -> None:
         if self.on_failure is not None:
             self.on_failure(detail)

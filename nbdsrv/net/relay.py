@@ -96,9 +96,6 @@ class _Read(ABC):
         if error is not None and self.error is None:
             # Whatever QEMU said, the client sees EIO: the data is not there.
             self.error = (Errno.EIO, f"reading from QEMU: {error}")
-            if not isinstance(error, ConnectionClosed):
-                # QEMU failed the read itself: the point in time is broken (not just a link).
-                self.relay.export.upstream_failed(f"reading from QEMU: {error}")
 
     def finish(self) -> None:
         relay, request = self.relay, self.request
