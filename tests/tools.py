@@ -126,9 +126,6 @@ class SyncQMP(QEMUMonitorProtocol):
         self.settimeout(timeout)
         self.connect()
 
-    # The name tests on other branches use; the lead removes it after merging.
-    execute = QEMUMonitorProtocol.cmd
-
     def hmp(self, command: str) -> str:
         return str(self.cmd("human-monitor-command", **{"command-line": command}))
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from nbdsrv.qemu.storage_daemon import StorageDaemon
-from tests.tools import READY_TIMEOUT, DaemonProcess, SyncQMP, require_tool
+from tests.tools import DaemonProcess, SyncQMP, require_tool
 
 K = 1024
 MiB = 1024 * 1024
@@ -141,21 +141,6 @@ def attached_daemon(workdir: Path, vm: ExternalQSD, *args: str) -> DaemonProcess
 def _attached_args(workdir: Path, qmp_path: str, live_socket: str) -> list[str]:
     return ["--state-dir", str(workdir / "state"), "--listen", f"unix:{workdir / 'nbd.sock'}",
             "--qmp", f"vm1={qmp_path}", "--qemu-nbd", f"vm1={live_socket}"]  # fmt: skip
-
-
-class Nbdsrv(DaemonProcess):
-    """The old name and constructor (with ``extra_args``), for tests written on other
-    branches before the harnesses became one; the lead removes it after merging. New tests
-    use `attached_daemon` or the ``nbdsrv`` fixture."""
-
-    def __init__(self, workdir: Path, qmp_path: str, qemu_nbd: str) -> None:
-        self._base_args = _attached_args(workdir, qmp_path, qemu_nbd)
-        super().__init__(self._base_args, workdir / "control.sock", workdir / "nbdsrv.log")
-        self.extra_args: list[str] = []
-
-    def start(self, timeout: float = READY_TIMEOUT, *, fault: str | None = None) -> dict[str, Any]:
-        self.args = [*self._base_args, *self.extra_args]
-        return super().start(timeout, fault=fault)
 
 
 @pytest.fixture
