@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from run import (
     table,
     wait_ready,
 )
-from sessions import control_call, run
+from sessions import control_call, read_rows, run
 
 URI = "qemu:///system"
 VM = "nbdsrv-bench"
@@ -258,20 +257,9 @@ def report(results: dict[str, Any]) -> str:
         f"== libvirt read: full read of a {size / GiB:.2f} GiB qcow2 of random data through a "
         "backup session, nbdsrv VM/vda vs libvirt's own pull-mode export =="
     ]
-    rows, ratio_rows = [], []
-    for client, by_transport in results["times"].items():
-        by_server = by_transport["unix"]
-        for server, ts in by_server.items():
-            s = stats(ts)
-            rows.append(
-                [client, server]
-                + [f"{s[k]:.3f}" for k in ("median", "min", "max")]
-                + [f"{size / GiB / s['median']:.2f}"]
-            )
-        ours = statistics.median(by_server["nbdsrv"])
-        theirs = statistics.median(by_server["libvirt"])
-        ratio_rows.append([client, f"{theirs / ours:.2f}"])
+    rows, ratios = read_rows(results["times"], size, "libvirt")
     out.append(table(["client", "server", "median s", "min s", "max s", "GiB/s"], rows, left=2))
+    ratio_rows = [[client, throughput] for client, throughput, _ in ratios]
     out.append(table(["client", "throughput nbdsrv/libvirt"], ratio_rows, left=1))
     out.append(
         f"\n== libvirt begin/end: {results['cycles']} cycles each, control socket vs the "

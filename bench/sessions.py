@@ -252,19 +252,7 @@ def scenario_read(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> dict
         t0 = time.perf_counter()
         d.cli("backup", "end", "vm", sid)
         setup["end s"] = time.perf_counter() - t0
-    rows, ratio_rows = [], []
-    for client, by_transport in times.items():
-        by_server = by_transport["unix"]
-        for server, ts in by_server.items():
-            s = stats(ts)
-            rows.append(
-                [client, server]
-                + [f"{s[k]:.3f}" for k in ("median", "min", "max")]
-                + [f"{size / GiB / s['median']:.2f}"]
-            )
-        ours_m = statistics.median(by_server["nbdsrv"])
-        theirs_m = statistics.median(by_server["QEMU"])
-        ratio_rows.append([client, f"{theirs_m / ours_m:.2f}", f"{ours_m / theirs_m:.2f}"])
+    rows, ratio_rows = read_rows(times, size, "QEMU")
     headers = ["client", "server", "median s", "min s", "max s", "GiB/s"]
     text = table(headers, rows, left=2)
     text += "\n\n" + table(
@@ -669,3 +657,24 @@ def report(results: dict[str, Any]) -> str:
 
 def fmt_setup(setup: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in setup.items())
+
+
+def read_rows(
+    times: dict[str, Any], size: int, reference: str
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Per client and server: median/min/max seconds and GiB/s over unix; per client the
+    throughput ratio nbdsrv/``reference`` and the time ratio."""
+    rows, ratio_rows = [], []
+    for client, by_transport in times.items():
+        by_server = by_transport["unix"]
+        for server, ts in by_server.items():
+            s = stats(ts)
+            rows.append(
+                [client, server]
+                + [f"{s[k]:.3f}" for k in ("median", "min", "max")]
+                + [f"{size / GiB / s['median']:.2f}"]
+            )
+        ours = statistics.median(by_server["nbdsrv"])
+        theirs = statistics.median(by_server[reference])
+        ratio_rows.append([client, f"{theirs / ours:.2f}", f"{ours / theirs:.2f}"])
+    return rows, ratio_rows
