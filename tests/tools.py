@@ -294,3 +294,14 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def qmp_daemon(workdir: Path, qmp_path: str | Path, vm: str = "vm") -> DaemonProcess:
+    """``nbdsrv daemon --qmp VM=…`` for a QEMU the test runs, not started yet: state in
+    ``workdir/state``, control on ``workdir/control.sock``, NBD on ``workdir/nbd.sock``."""
+    control = workdir / "control.sock"
+    return DaemonProcess(
+        ["--state-dir", str(workdir / "state"), "--listen", f"unix:{workdir / 'nbd.sock'}",
+         "--qmp", f"{vm}={qmp_path}"],
+        control, workdir / "daemon.log",
+    )  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 
 from tests.sessions.test_qemu_vm import QemuVM
 from tests.timeline import Timeline
-from tests.tools import DaemonProcess, nbdsrv_argv, run
+from tests.tools import DaemonProcess, nbdsrv_argv, qmp_daemon, run
 
 K = 1024
 MiB = 1024 * K
@@ -33,11 +33,7 @@ def start(workdir: Path, drive: str, size: int) -> tuple[QemuVM, DaemonProcess, 
     vm = QemuVM(workdir, drive=drive, size=str(size))
     control = str(workdir / "control.sock")
     nbd = workdir / "nbd.sock"
-    daemon = DaemonProcess(
-        ["--state-dir", str(workdir / "state"), "--control", control,
-         "--listen", f"unix:{nbd}", "--qmp", f"vm={vm.qmp_path}"],
-        control, workdir / "daemon.log",
-    )  # fmt: skip
+    daemon = qmp_daemon(workdir, vm.qmp_path)
     daemon.start()
 
     def cli(*args: str) -> object:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
+from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, qmp_daemon, require_tool, run
 from tests.vmharness import wait_for
 
 K = 1024
@@ -72,11 +72,7 @@ def test_vm_with_named_drive_backs_up_incrementally(qemu_vm: tuple[QemuVM, Path]
     vm, workdir = qemu_vm
     control = str(workdir / "control.sock")
     nbd = workdir / "nbd.sock"
-    daemon = DaemonProcess(
-        ["--state-dir", str(workdir / "state"), "--control", control,
-         "--listen", f"unix:{nbd}", "--qmp", f"vm={vm.qmp_path}"],
-        control, workdir / "daemon.log",
-    )  # fmt: skip
+    daemon = qmp_daemon(workdir, vm.qmp_path)
     daemon.start()
     try:
         _backup_snapshot_commit(vm, daemon, control, nbd)
@@ -131,11 +127,7 @@ def test_drive_without_device_is_refused(tmp_path: Path) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-v-", dir="/tmp"))
     vm = QemuVM(workdir, device=False)
     control = str(workdir / "control.sock")
-    daemon = DaemonProcess(
-        ["--state-dir", str(workdir / "state"), "--control", control,
-         "--listen", f"unix:{workdir / 'nbd.sock'}", "--qmp", f"vm={vm.qmp_path}"],
-        control, workdir / "daemon.log",
-    )  # fmt: skip
+    daemon = qmp_daemon(workdir, vm.qmp_path)
     daemon.start()
     try:
         proc = subprocess.run(
