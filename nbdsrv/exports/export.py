@@ -1,14 +1,15 @@
 """The export interface every backend fills: size, contexts, reads, extents.
 
 Reads return *segments* ``(offset, length, data)`` where ``data`` is ``None`` for a range
-known to read as zeroes (sent as NBD_REPLY_TYPE_OFFSET_HOLE to structured clients).
+known to read as zeroes (sent as NBD_REPLY_TYPE_OFFSET_HOLE to structured clients), or a
+:class:`FileRange` of page-cached file data (``read_cached`` only).
 Extents are ``(length, flags)`` starting at the asked offset; they may stop early or run
 past the asked range — the protocol core clips, merges and caps them.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
 from ..proto.extents import Extent, PackedExtents
@@ -16,7 +17,17 @@ from ..proto.extents import Extent, PackedExtents
 if TYPE_CHECKING:
     from ..net.client import NBDClient
 
-Segment = tuple[int, int, bytes | bytearray | memoryview | None]
+
+class FileRange(NamedTuple):
+    """``length`` bytes of an open file at ``offset``, held in the page cache: a connection
+    that writes to its socket itself sends them with sendfile, never copying them."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+Segment = tuple[int, int, bytes | bytearray | memoryview | FileRange | None]
 
 
 class ExportGone(Exception):
@@ -58,6 +69,12 @@ class Export(ABC):
         """A new NBD connection to where the data lives, for one client connection's READs
         (only when ``relays_reads``); the server closes it with the client connection."""
         raise NotImplementedError
+
+    def read_cached(self, offset: int, length: int) -> list[Segment] | None:
+        """What :meth:`read` would return, at once (no await), when the data is at hand
+        with no waiting — file data may come as FileRange, sent with sendfile; None: call
+        :meth:`read`. Only asked by connections that write to their socket directly."""
+        return None
 
     def packed_extents(
         self, context: str, offset: int, length: int, limit: int, *, extended: bool

@@ -1,9 +1,11 @@
 """A local file exported read-only; allocation from SEEK_DATA / SEEK_HOLE.
 
-Reads never block the event loop on the disk: each is tried with RWF_NOWAIT (served only
-from the page cache), and what the cache does not hold is read in a worker thread. They go
-into pooled buffers (no fresh memory to fault in and zero per request), which the server
-hands back once the reply has left. Holes are searched for only while the file has some.
+Reads never block the event loop on the disk. A connection that writes to its socket itself
+gets page-cached data as FileRange (sent with sendfile: no copy in nbdsrv), when cachestat
+says every page is there. Otherwise each read is tried with RWF_NOWAIT (served only from
+the page cache), and what the cache does not hold is read in a worker thread. They go into
+pooled buffers (no fresh memory to fault in and zero per request), which the server hands
+back once the reply has left. Holes are searched for only while the file has some.
 """
 
 import asyncio
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS, AllocationState
 from ..proto.extents import Extent
-from .export import Export, Segment
+from .export import Export, FileRange, Segment
+from .page_cache import PageCache
 
 HOLE_ZERO = int(AllocationState.HOLE | AllocationState.ZERO)
 # Holes smaller than this inside a read are sent as data: a chunk header costs more.
@@ -51,7 +54,9 @@ class FileExport(Export):
         self._nowait = hasattr(os, "RWF_NOWAIT")
         self._pool: dict[int, list[bytearray]] = {}
         self._threads = 0  # reads in worker threads: the fd is closed after the last one
+        self._sending = 0  # replies with FileRanges not sent yet: likewise
         self._pooled = 0
+        self._page_cache = PageCache()
 
     @property
     def contexts(self) -> Sequence[str]:
@@ -61,9 +66,14 @@ class FileExport(Export):
         return {**super().describe(), "kind": "file", "path": self.path}
 
     def close(self) -> None:
-        if not self.closed and not self._threads:
+        if not self.closed:
+            super().close()
+            self._close_when_unused()
+
+    def _close_when_unused(self) -> None:
+        if self.closed and not self._threads and not self._sending and self._fd >= 0:
             os.close(self._fd)
-        super().close()
+            self._fd = -1
 
     def _next(self, whence: int, offset: int) -> int:
         """SEEK_DATA/SEEK_HOLE from ``offset``; the end of file when there is no more."""
@@ -140,8 +150,7 @@ class FileExport(Export):
                 done += await loop.run_in_executor(None, self._pread_rest, buffer, done, offset)
             finally:
                 self._threads -= 1
-                if self.closed and not self._threads:
-                    os.close(self._fd)
+                self._close_when_unused()
         if done != length:
             raise OSError(errno.EIO, f"short read at {offset} from {self.path}")
         return buffer
@@ -163,7 +172,27 @@ class FileExport(Export):
             return free.pop()
         return bytearray(length)
 
+    def read_cached(self, offset: int, length: int) -> list[Segment] | None:
+        if self.closed or not self._page_cache.available:
+            return None
+        end = offset + length
+        runs = self._read_runs(offset, end) if self._may_have_holes() else [(offset, end, True)]
+        segments: list[Segment] = []
+        for start, stop, is_data in runs:
+            if not is_data:
+                segments.append((start, stop - start, None))
+            elif self._page_cache.cached(self._fd, start, stop - start):
+                segments.append((start, stop - start, FileRange(self._fd, start, stop - start)))
+            else:
+                return None
+        self._sending += 1
+        return segments
+
     def release(self, segments: Sequence[Segment]) -> None:
+        if any(isinstance(data, FileRange) for _, _, data in segments):
+            self._sending -= 1
+            self._close_when_unused()
+            return
         for _, length, data in segments:
             if isinstance(data, bytearray) and self._pooled + length <= POOL_BYTES:
                 self._pool.setdefault(length, []).append(data)

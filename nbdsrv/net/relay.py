@@ -15,7 +15,7 @@ error (EIO, or ESHUTDOWN for a removed export), like any reply that QEMU got wro
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..exports.export import Export
 from ..proto import wire
@@ -26,7 +26,7 @@ from .client import ConnectionClosed, NBDClient
 
 # Called once per relayed request: its cost, bytes served (0 on error), and the error text.
 Finished = Callable[[Request, int, tuple[Errno, str] | None], None]
-Write = Callable[[list[bytes | bytearray | memoryview]], None]  # writelines
+Write = Callable[[Sequence[bytes | bytearray | memoryview]], None]  # writelines
 
 
 class ReadRelay:

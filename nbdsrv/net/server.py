@@ -26,6 +26,7 @@ from ..proto.server import (
 )
 from .access import AccessPolicy, Peer, subject_of
 from .address import Address
+from .direct_writer import DirectWriter, Item, zero_copy_available
 from .limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from .relay import ReadRelay
 from .socket_path import clear_stale_socket
@@ -64,6 +65,9 @@ class ServerPolicy:
     idle_timeout: float = 0.0  # transmission with nothing to do; 0: none
     max_in_flight: int = MAX_IN_FLIGHT
     max_buffered: int = MAX_BUFFERED
+    # Plain connections write their replies themselves (sendfile, splice); False: all
+    # through the event loop's transport, as TLS connections always do.
+    zero_copy: bool = True
 
 
 class _AllowedExports:
@@ -114,6 +118,8 @@ class NBDConnection(asyncio.Protocol):
         self._core = ServerConnection(_AllowedExports(self), server.policy.tls)
         self._transport: asyncio.Transport | None = None
         self._raw_transport: asyncio.Transport | None = None
+        # Writes replies once in transmission on a plain socket (see direct_writer).
+        self._writer: DirectWriter | None = None
         # Protocol objects are made by the running loop; keep it (each lookup costs a getpid).
         self._loop = asyncio.get_running_loop()
         self._export: Export | None = None
@@ -213,6 +219,8 @@ class NBDConnection(asyncio.Protocol):
         self._close_when_idle()
 
     def force_close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         for transport in (self._transport, self._raw_transport):
             if transport is not None:
                 transport.abort()
@@ -242,6 +250,12 @@ class NBDConnection(asyncio.Protocol):
             self._attaching.cancel()
         if self._relay is not None:
             self._relay.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._export is not None:
+            for unsent in self._in_transit:  # nothing will send them now
+                self._export.release(unsent)
+        self._in_transit.clear()
         reason = self._reason or (f"connection lost: {exc}" if exc else "closed")
         if not self._counted:
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
@@ -320,16 +334,29 @@ class NBDConnection(asyncio.Protocol):
             return False
         if not self._busy():
             return True
+        return self._in_flight_bytes + _cost(request) + self._unsent() <= self._policy.max_buffered
+
+    def _unsent(self) -> int:
+        if self._writer is not None:
+            return self._writer.buffered
         assert self._transport is not None
-        unsent = self._transport.get_write_buffer_size()
-        return self._in_flight_bytes + _cost(request) + unsent <= self._policy.max_buffered
+        return self._transport.get_write_buffer_size()
 
     def _flush(self) -> None:
         out = self._core.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(out)
+        if out:
+            self._output([out])
+
+    def _output(self, items: Sequence[Item]) -> None:
+        """Every byte to the client goes out here, in order."""
+        if self._writer is not None:
+            self._writer.write(items)
+        elif self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(items)  # type: ignore[arg-type]  # no file ranges here
 
     def _abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
         if self._transport is not None:
             self._transport.close()
 
@@ -342,7 +369,10 @@ class NBDConnection(asyncio.Protocol):
             and not self._pending
             and not self._core.backlog
             and self._transport is not None
+            and (self._writer is None or self._writer.idle)
         ):
+            if self._writer is not None:
+                self._writer.close()
             self._transport.close()
 
     def _update_reading(self) -> None:
@@ -448,8 +478,48 @@ class NBDConnection(asyncio.Protocol):
             self._core.tls,
             [name for _, name in self._contexts],
         )
+        self._take_writes()
         if export is not None and export.relays_reads:
             self._attaching = self._loop.create_task(self._attach(export))
+
+    def _take_writes(self) -> None:
+        """Write replies directly to a plain socket from now on, when all written before
+        has left the transport (it practically always has: the last option reply is small)."""
+        transport = self._transport
+        if not self._policy.zero_copy or self._core.tls or not zero_copy_available():
+            return
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        self._writer = DirectWriter(
+            sock,
+            on_drained=self._drained,
+            on_pressure=self._pressure,
+            on_failed=self._write_failed,
+        )
+
+    def _drained(self) -> None:
+        export = self._export
+        if self._in_transit and export is not None:
+            for sent in self._in_transit:
+                export.release(sent)
+            self._in_transit.clear()
+        if self._closing:
+            self._loop.call_soon(self._close_when_idle)
+
+    def _pressure(self, high: bool) -> None:
+        if high:
+            self.pause_writing()
+        else:
+            self.resume_writing()
+
+    def _write_failed(self, error: OSError) -> None:
+        self._reason = self._reason or f"writing to the client failed: {error}"
+        self.log.debug("%s", self._reason)
+        if self._transport is not None:
+            self._transport.abort()
 
     async def _attach(self, export: Export) -> None:
         """Open this connection's own upstream connection; requests wait until then."""
@@ -474,6 +544,9 @@ class NBDConnection(asyncio.Protocol):
             self._relayed += 1
             self._relay.read(request)
             return
+        if request.command == Command.READ and self._writer is not None and self._read_now(request):
+            self._in_flight_bytes -= cost
+            return
         if request.command == Command.BLOCK_STATUS:
             reply = self._status_now(request)
             if reply is not None:  # answered from memory: no task
@@ -494,6 +567,25 @@ class NBDConnection(asyncio.Protocol):
         self._last_activity = self._loop.time()
         self._pump()
         self._close_when_idle()
+
+    def _read_now(self, request: Request) -> bool:
+        """Answer a READ at once, with no task, if the export has the data at hand (a file's
+        pages in the page cache, sent with sendfile)."""
+        export = self._export
+        if export is None or export.closed or self._server.stopping:
+            return False  # _answer says why
+        try:
+            segments = export.read_cached(request.offset, request.length)
+        except OSError as e:
+            self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, e)
+            self._send(self._core.error_reply(request, nbd_errno(e), str(e)))
+            return True
+        if segments is None:
+            return False
+        self._send_read(export, request, segments)
+        self.bytes_served += request.length
+        self._counted_request(export, request, request.length)
+        return True
 
     def _status_now(self, request: Request) -> bytes | None:
         """The block status reply, if every context can answer at once (packed)."""
@@ -528,13 +620,21 @@ class NBDConnection(asyncio.Protocol):
         self._pump()
         self._close_when_idle()
 
-    def _writelines(self, buffers: list[bytes | bytearray | memoryview]) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(buffers)
+    def _writelines(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        self._output(list(buffers))
 
     def _send(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        self._output([data])
+
+    def _send_read(self, export: Export, request: Request, segments: list[Segment]) -> None:
+        """A READ's reply; ``segments`` go back to the export once it has left."""
+        self._output(self._core.read_reply(request, segments))
+        self._in_transit.append(segments)
+        if not self._unsent():
+            # All sent: nothing holds these buffers any more.
+            for sent in self._in_transit:
+                export.release(sent)
+            self._in_transit.clear()
 
     def _counted_request(self, export: Export, request: Request, read_bytes: int) -> None:
         if self._server.on_request is not None:
@@ -555,16 +655,7 @@ class NBDConnection(asyncio.Protocol):
                 segments = await export.read(request.offset, request.length)
                 if export.closed:
                     raise ExportGone()
-                buffers = core.read_reply(request, segments)
-                transport = self._transport
-                if transport is not None and not transport.is_closing():
-                    transport.writelines(buffers)
-                    self._in_transit.append(segments)
-                    if not transport.get_write_buffer_size():
-                        # All sent: the transport holds none of these buffers any more.
-                        for sent in self._in_transit:
-                            export.release(sent)
-                        self._in_transit.clear()
+                self._send_read(export, request, segments)
                 self.bytes_served += request.length
                 self._counted_request(export, request, request.length)
                 return

@@ -29,7 +29,7 @@ Three tiers of errors, each answered in one place:
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from . import wire
 from .constants import (
@@ -188,6 +188,10 @@ def transmission_flags(*, structured: bool) -> TransmissionFlag:
 
 def _short(message: str) -> bytes:
     return message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
+
+
+# A READ payload as the I/O layer hands it in: a buffer, or something it sends itself.
+_Data = TypeVar("_Data")
 
 
 class ServerConnection:
@@ -609,14 +613,13 @@ class ServerConnection:
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, request.cookie)
 
     def read_reply(
-        self,
-        request: Request,
-        segments: Sequence[tuple[int, int, bytes | bytearray | memoryview | None]],
-    ) -> list[bytes | bytearray | memoryview]:
+        self, request: Request, segments: Sequence[tuple[int, int, _Data | None]]
+    ) -> list[bytes | _Data]:
         """Buffers answering a READ; ``segments`` are ``(offset, length, data or None)`` in
-        order, covering the request, ``None`` meaning the range reads as zeroes."""
+        order, covering the request, ``None`` meaning the range reads as zeroes. The data
+        objects are passed through as they are (buffers, or what the I/O layer sends)."""
         if not self.structured:
-            out: list[bytes | bytearray | memoryview] = [
+            out: list[bytes | _Data] = [
                 wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
             ]
             out.extend(data if data is not None else bytes(length) for _, length, data in segments)

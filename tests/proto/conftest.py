@@ -53,6 +53,10 @@ class GatedExport(FileExport):
             await self.gate.wait()
         return await super().read(offset, length)
 
+    def read_cached(self, offset: int, length: int) -> list[Segment] | None:
+        # A gated read must wait in read(), not go out at once from the page cache.
+        return None if offset in self.gated else super().read_cached(offset, length)
+
 
 @dataclass
 class Served:
