@@ -1,6 +1,7 @@
 """The daemon's security options (docs/security.md): TLS, allow rules and limits."""
 
 import argparse
+import os
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -97,4 +98,6 @@ def policy_from_args(args: argparse.Namespace) -> "ServerPolicy":
         max_connections=args.max_connections,
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
+        # For comparisons: 0 makes every connection write through the event loop's transport.
+        zero_copy=os.environ.get("NBDSRV_ZERO_COPY", "1") != "0",
     )

@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..proto.client import Handshake, Negotiated, ReplySink, Transmission
 from ..proto.constants import Command, CommandFlag, Errno
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 # Socket buffers of an upstream connection: a 2 MiB read reply passes in one go (QEMU sizes
 # its own NBD sockets the same way).
 SOCKET_BUFFER = 4 * 1024 * 1024
+# Reads per wake-up of a directly read link, so one busy link does not starve the others.
+DIRECT_READS_PER_WAKEUP = 32
+
+# Moves up to ``n`` bytes of a passed-through payload from the socket ``fd``: the bytes
+# moved (0: the socket reached its end), or None when it cannot take any now (it calls
+# NBDClient.resume_reading once it can).
+Mover = Callable[[int, int], int | None]
 
 
 class ConnectionClosed(ReplyError):
@@ -49,6 +57,10 @@ class _Link(asyncio.BufferedProtocol):
         self.closed: BaseException | None = None
         self._drained: asyncio.Future[None] | None = None
         self._hs_buffer = bytearray(64 * 1024)
+        # Set once the link reads its socket itself (read_directly).
+        self._direct: socket.socket | None = None
+        self._mover: Mover | None = None
+        self._reading = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -96,6 +108,62 @@ class _Link(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         return None
 
+    def read_directly(self, mover: Mover) -> None:
+        """From now on read the socket here, not through the transport, so that payloads
+        the sinks pass through can be moved by ``mover`` (splice) without being read."""
+        assert self.transport is not None and self.core is not None
+        sock = self.transport.get_extra_info("socket")
+        self._direct = socket.socket(fileno=os.dup(sock.fileno()))
+        self._direct.setblocking(False)
+        self._mover = mover
+        self.transport.pause_reading()
+        self.core.passthrough = True
+        self.resume_reading()
+
+    def resume_reading(self) -> None:
+        if self._direct is not None and not self._reading and self.closed is None:
+            self._reading = True
+            asyncio.get_running_loop().add_reader(self._direct.fileno(), self._readable)
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._direct is not None:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self._direct.fileno())
+
+    def _readable(self) -> None:
+        core, sock, mover = self.core, self._direct, self._mover
+        assert core is not None and sock is not None and mover is not None
+        try:
+            for _ in range(DIRECT_READS_PER_WAKEUP):
+                if core.passing:
+                    n = mover(sock.fileno(), core.passing)
+                    if n is None:
+                        self._pause_reading()
+                        return
+                    if n:
+                        core.passed(n)
+                else:
+                    n = sock.recv_into(core.get_buffer())
+                    if n:
+                        core.buffer_updated(n)
+                if not n:
+                    self.abort(ConnectionClosed("server closed the connection"))
+                    return
+                if self._drained is not None and not len(core):
+                    self._drained.set_result(None)
+                    self._drained = None
+                if self.closed is not None:
+                    return
+        except BlockingIOError:
+            pass
+        except (ProtocolError, ReplyError) as e:
+            self.abort(e)
+        except OSError as e:
+            self.abort(ConnectionClosed(f"reading from the server: {e}"))
+        except Exception as e:  # a bug must not leave callers waiting forever
+            log.exception("NBD client failed on a reply")
+            self.abort(e)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(exc or ConnectionClosed("server closed the connection"))
 
@@ -107,6 +175,10 @@ class _Link(asyncio.BufferedProtocol):
     def _lose(self, error: BaseException) -> None:
         if self.closed is None:
             self.closed = error
+        if self._direct is not None:
+            self._pause_reading()
+            self._direct.close()
+            self._direct = None
         if not self.ready.done():
             self.ready.set_exception(
                 error if isinstance(error, NBDError) else ConnectionClosed(str(error))
@@ -142,6 +214,9 @@ class _Collect:
         self.buffer: bytearray | None = None
         self.extents: dict[int, list[Extent]] = {}
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        return False
 
     def data_buffer(self, offset: int, length: int) -> memoryview:
         if self.buffer is None:
@@ -208,6 +283,15 @@ class NBDClient:
     @property
     def closed(self) -> bool:
         return self._link.closed is not None
+
+    def read_directly(self, mover: Mover) -> None:
+        """Read replies from the socket itself, and let ``mover`` move the data payloads
+        that sinks pass through (see :meth:`ReplySink.pass_data`)."""
+        self._link.read_directly(mover)
+
+    def resume_reading(self) -> None:
+        """The mover can take bytes again."""
+        self._link.resume_reading()
 
     # -- requests -------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ HIGH_WATER = 4 * 1024 * 1024
 LOW_WATER = 1024 * 1024
 # Buffers per sendmsg (IOV_MAX is 1024 on Linux).
 MAX_IOV = 512
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
 class PipeRange(NamedTuple):
@@ -55,7 +55,7 @@ class DirectWriter:
         self,
         sock: socket.socket,
         *,
-        on_drained: Callable[[], None],
+        on_drained: Callable[[], None],  # the queue is empty (a stream may be open)
         on_pressure: Callable[[bool], None],
         on_failed: Callable[[OSError], None],
     ) -> None:
@@ -158,7 +158,7 @@ class DirectWriter:
                     queue.popleft()
                 elif kind is PipeRange:
                     assert isinstance(item, PipeRange)
-                    n = os.splice(item.fd, self._fd, item.length, flags=_SPLICE_FLAGS)
+                    n = os.splice(item.fd, self._fd, item.length, flags=SPLICE_FLAGS)
                     self.buffered -= n
                     self.pipe_bytes -= n
                     if n < item.length:
@@ -177,8 +177,8 @@ class DirectWriter:
             if not self._waiting:
                 self._waiting = True
                 self._loop.add_writer(self._fd, self._writable)
-        elif self._held is None:
-            self._on_drained()
+        else:
+            self._on_drained()  # held items may still wait: see idle
 
     def _send_buffers(self) -> bool:
         """One sendmsg of the buffers at the head of the queue; True when all went."""

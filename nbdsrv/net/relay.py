@@ -4,9 +4,17 @@ written to the client from the callback that completes it — from the very buff
 upstream payload was received into (one copy in user space fewer than a read() that returns
 data, no Future, no Task, no event-loop hop per request).
 
-Structured clients get the chunks as QEMU sent them (holes stay holes); the last chunk is
-held back until QEMU's reply is known to be complete and correct, so it can carry DONE or be
-replaced by an error. Simple-reply clients and DF reads get one reply once all is in.
+On a plain client connection (one with a DirectWriter) data payloads do not even pass
+through nbdsrv's memory: each is spliced from QEMU's socket into a pipe and from the pipe to
+the client's socket, behind the chunk header nbdsrv writes. A data chunk carries DONE when
+QEMU's does and the reply is then known to be complete and correct (else the payload is
+dropped and an error sent); if QEMU's connection breaks in the middle of a payload that is
+half sent, the client connection is closed: it could not be told otherwise.
+
+Otherwise (TLS) structured clients get the chunks as QEMU sent them (holes stay holes); the
+last chunk is held back until QEMU's reply is known to be complete and correct, so it can
+carry DONE or be replaced by an error. Simple-reply clients and DF reads get one reply once
+all is in.
 
 A chunk is only sent while the export can still be trusted: once the session has failed
 (its point in time may be gone) or the export was removed, the rest of the reply becomes an
@@ -14,6 +22,9 @@ error (EIO, or ESHUTDOWN for a removed export), like any reply that QEMU got wro
 """
 
 import asyncio
+import contextlib
+import fcntl
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -23,10 +34,19 @@ from ..proto.constants import Command, CommandFlag, Errno, ReplyFlag, ReplyType
 from ..proto.errors import ReplyError
 from ..proto.server import Request, ServerConnection
 from .client import ConnectionClosed, NBDClient
+from .direct_writer import SPLICE_FLAGS, DirectWriter, PipeRange
+
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_SIZE = wire.OFFSET_DATA.size
+# The pipe between QEMU's socket and the client's: 1 MiB is what an unprivileged process
+# may ask for (fs.pipe-max-size); a reply chunk goes through in one or a few pieces.
+PIPE_SIZE = 1024 * 1024
 
 # Called once per relayed request: its cost, bytes served (0 on error), and the error text.
 Finished = Callable[[Request, int, tuple[Errno, str] | None], None]
 Write = Callable[[Sequence[bytes | bytearray | memoryview]], None]  # writelines
+# The client connection must be closed: a reply was cut in the middle (why).
+Fatal = Callable[[str], None]
 
 
 class ReadRelay:
@@ -39,16 +59,34 @@ class ReadRelay:
         core: ServerConnection,
         write: Write,
         finished: Finished,
+        writer: DirectWriter | None = None,
+        fatal: Fatal | None = None,
     ) -> None:
         self.export = export
         self.upstream = upstream
         self.core = core
         self.write = write
         self.finished = finished
+        self.writer = writer
+        self.fatal = fatal
+        self._pipe: tuple[int, int] | None = None
+        self._pipe_size = 0
+        if writer is not None:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            self._pipe = (read_end, write_end)
+            self._pipe_size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+            upstream.read_directly(self._move)
 
     def read(self, request: Request) -> None:
-        whole = not self.core.structured or bool(request.flags & CommandFlag.DF)
-        sink: _Read = _Whole(self, request) if whole else _Streamed(self, request)
+        sink: _Read
+        if not self.core.structured or request.flags & CommandFlag.DF:
+            sink = _Whole(self, request)
+        elif self.writer is not None:
+            sink = _Spliced(self, request, self.writer)
+        else:
+            sink = _Streamed(self, request)
         flags = CommandFlag.DF if request.flags & CommandFlag.DF else 0
         sink.error = self.refusal()
         if sink.error is not None:
@@ -70,6 +108,28 @@ class ReadRelay:
 
     def close(self) -> None:
         self.upstream.abort()
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            for fd in pipe:
+                os.close(fd)
+
+    def writable(self) -> None:
+        """The client's socket took what was queued: the pipe has room again."""
+        if self._pipe is not None:
+            self.upstream.resume_reading()
+
+    def _move(self, fd: int, n: int) -> int | None:
+        """Splice up to ``n`` payload bytes from QEMU's socket ``fd`` into the pipe and queue
+        them for the client (the upstream link's Mover)."""
+        writer, pipe = self.writer, self._pipe
+        assert writer is not None and pipe is not None
+        room = self._pipe_size - writer.pipe_bytes
+        if room <= 0 or writer.closed:
+            return None  # writable() resumes
+        moved = os.splice(fd, pipe[1], min(n, room), flags=SPLICE_FLAGS)
+        if moved:
+            writer.stream([PipeRange(pipe[0], moved)])
+        return moved
 
     def refusal(self) -> tuple[Errno, str] | None:
         """Why nothing more may be sent from upstream, if anything."""
@@ -88,6 +148,9 @@ class _Read(ABC):
         self.relay = relay
         self.request = request
         self.error: tuple[Errno, str] | None = None
+
+    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        return False
 
     def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
         self.error = (Errno.EIO, "block status in a READ reply")  # QEMU never sends it
@@ -170,6 +233,54 @@ class _Streamed(_Read):
             held[5] |= ReplyFlag.DONE  # flags: bytes 4-5 of either chunk header
             self.relay.write([held])
         self.finish()
+
+
+class _Spliced(_Streamed):
+    """A structured client's reply on a plain connection: data payloads spliced from QEMU's
+    socket to the client's as they arrive; whatever is not passed through (a payload to be
+    dropped, holes, simple replies from upstream) goes as in _Streamed."""
+
+    def __init__(self, relay: ReadRelay, request: Request, writer: DirectWriter) -> None:
+        super().__init__(relay, request)
+        self.writer = writer
+        self.streaming = False  # a data chunk is half sent
+        self.ended = False  # a chunk with DONE was sent
+
+    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        if self.error is None:
+            self.error = self.relay.refusal()
+        if self.error is not None or error is not None:
+            return False  # received and dropped: done() sends the error
+        held, self.held = self.held, None
+        header = self.relay.core.chunk_header(
+            self.request, _DONE if last else 0, ReplyType.OFFSET_DATA, _OFFSET_SIZE + length
+        ) + wire.OFFSET_DATA.pack(offset)
+        self.writer.open_stream()
+        self.writer.stream([held, header] if held is not None else [header])
+        self.streaming = True
+        self.ended = last
+        return True
+
+    def data(self, offset: int, length: int) -> None:
+        if not self.streaming:
+            super().data(offset, length)
+            return
+        self.streaming = False
+        self.writer.close_stream()
+
+    def done(self, error: ReplyError | None) -> None:
+        if self.streaming:
+            # QEMU's connection broke in the middle of a payload that is half sent.
+            self.streaming = False
+            self.writer.close_stream()
+            if self.relay.fatal is not None:
+                self.relay.fatal(f"QEMU's connection broke during a READ reply: {error}")
+            self.error = (Errno.EIO, f"reading from QEMU: {error}")
+            self.relay.finished(self.request, 0, self.error)
+        elif self.ended:  # the last chunk went out with DONE already
+            self.finish()
+        else:
+            super().done(error)
 
 
 class _Whole(_Read):

@@ -501,6 +501,11 @@ class NBDConnection(asyncio.Protocol):
         )
 
     def _drained(self) -> None:
+        if self._relay is not None:
+            self._relay.writable()
+        assert self._writer is not None
+        if not self._writer.idle:
+            return  # a stream is open: what others wrote waits behind it
         export = self._export
         if self._in_transit and export is not None:
             for sent in self._in_transit:
@@ -535,7 +540,20 @@ class NBDConnection(asyncio.Protocol):
         if self._lost_done:
             upstream.abort()
             return
-        self._relay = ReadRelay(export, upstream, self._core, self._writelines, self._relayed_done)
+        self._relay = ReadRelay(
+            export,
+            upstream,
+            self._core,
+            self._writelines,
+            self._relayed_done,
+            writer=self._writer,
+            fatal=self._reply_cut,
+        )
+
+    def _reply_cut(self, reason: str) -> None:
+        self._reason = reason
+        self.log.warning("%s: closing the connection", reason)
+        self.force_close()
 
     def _start(self, request: Request) -> None:
         cost = _cost(request)

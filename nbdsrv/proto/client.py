@@ -5,7 +5,10 @@ chunks of every request in flight. The asyncio client in nbdsrv.net.client drive
 Replies are read straight into their destination: :meth:`Transmission.get_buffer` names the
 memory the next received bytes belong in — a small staging area for headers, or the buffer
 a request's :class:`ReplySink` gave for a READ payload — so the I/O layer can receive into it
-(``BufferedProtocol``) with no copy in between.
+(``BufferedProtocol``) with no copy in between. With ``passthrough`` on, a sink may instead
+have the I/O layer move a data payload itself, without reading it (splice to another
+socket): :attr:`Transmission.passing` says how many bytes, :meth:`Transmission.passed`
+counts them.
 
 A READ succeeds only if its reply covers exactly the requested range, with data and hole
 chunks that neither overlap nor stray outside it, and no error chunk; anything else ends the
@@ -275,6 +278,11 @@ class Handshake:
 class ReplySink(Protocol):
     """Where one request's reply goes, chunk by chunk, in the order the server sent it."""
 
+    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        """Whether the I/O layer moves this data payload itself (only asked with
+        ``passthrough``; False: it is received into :meth:`data_buffer`). ``last``: the
+        chunk ends the reply, and then ``error`` is how the reply ends (None: success)."""
+
     def data_buffer(self, offset: int, length: int) -> memoryview:
         """Memory of exactly ``length`` bytes for the data at ``offset`` (absolute); filled
         before :meth:`data` is called."""
@@ -354,6 +362,11 @@ class Transmission:
         self._data_at = 0
         self._data_length = 0
         self._error_type = 0
+        self.passthrough = False
+        """Whether sinks are asked :meth:`ReplySink.pass_data` (the I/O layer can move
+        payloads)."""
+        self.passing = 0
+        """Bytes of a data payload the I/O layer is to move now, not receive."""
 
     def __contains__(self, cookie: int) -> bool:
         return cookie in self._pending
@@ -375,12 +388,14 @@ class Transmission:
     def fail_all(self, error: ReplyError) -> None:
         """Every request in flight ends with ``error`` (the connection is gone)."""
         pending, self._pending = self._pending, {}
+        self.passing = 0
         for p in pending.values():
             p.sink.done(error)
 
     # -- receiving ------------------------------------------------------------------------
 
     def get_buffer(self) -> memoryview:
+        assert not self.passing, "the I/O layer moves this payload"
         if self._dest is not None:
             return self._dest[self._dest_pos :]
         return memoryview(self._stage)[self._staged : self._ahead]
@@ -393,6 +408,16 @@ class Transmission:
             self._payload_complete()
         else:
             self._staged += n
+        self._parse_staged()
+
+    def passed(self, n: int) -> None:
+        """``n`` bytes of the payload being passed were moved."""
+        assert 0 < n <= self.passing
+        self.passing -= n
+        if self.passing:
+            return
+        self._pending[self._cookie].sink.data(self._data_at, self._data_length)
+        self._chunk_end(memoryview(b""))
         self._parse_staged()
 
     def feed(self, data: bytes) -> None:
@@ -431,7 +456,7 @@ class Transmission:
         then(dest)
 
     def _parse_staged(self) -> None:
-        while self._dest is None and self._staged >= self._header_size:
+        while self._dest is None and not self.passing and self._staged >= self._header_size:
             if self.extended:
                 self._extended_header()
                 continue
@@ -523,6 +548,12 @@ class Transmission:
             return
         pending.covered.append((offset, length))
         self._data_at = offset
+        if self.passthrough and not self._staged:
+            last = bool(self._chunk_flags & ReplyFlag.DONE)
+            error = pending.final_error() if last else None
+            if pending.sink.pass_data(offset, length, last, error):
+                self.passing = length
+                return
         self._expect(pending.sink.data_buffer(offset, length), self._data_filled)
 
     def _data_filled(self, dest: memoryview) -> None:

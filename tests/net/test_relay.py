@@ -23,7 +23,7 @@ from nbdsrv.exports.catalog import ExportCatalog
 from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
-from nbdsrv.net.server import NBDServer
+from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.proto import wire
 from nbdsrv.proto.constants import (
     SIMPLE_REPLY_MAGIC,
@@ -90,6 +90,7 @@ class FakeUpstream(asyncio.Protocol):
         self.core = QEMU72Connection(FakeCatalog(export))
         self.plan = plan
         self.transport: asyncio.Transport | None = None
+        self.cut = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -100,6 +101,9 @@ class FakeUpstream(asyncio.Protocol):
         for event in self.core.receive(data):
             if isinstance(event, Request) and event.command == Command.READ:
                 self.transport.write(self.reply(event))
+                if self.cut:
+                    self.transport.close()
+                    return
         self.transport.write(self.core.data_to_send())
 
     def reply(self, request: Request) -> bytes:
@@ -116,6 +120,12 @@ class FakeUpstream(asyncio.Protocol):
             elif kind == "error":
                 payload = wire.ERROR_CHUNK.pack(errno.ENOSPC, 4) + b"full"
                 out += core.chunk_header(request, flags, ReplyType.ERROR, len(payload))
+            elif kind == "cut":  # half the payload, then the connection breaks
+                payload = wire.OFFSET_DATA.pack(offset) + DATA[offset : offset + length]
+                out += core.chunk_header(request, flags, ReplyType.OFFSET_DATA, len(payload))
+                out += payload[: len(payload) // 2]
+                self.cut = True
+                break
             elif kind == "simple":
                 out += wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
                 payload = DATA[request.offset : request.offset + request.length]
@@ -143,8 +153,9 @@ async def serve_upstream(path: Path, plan: Plan) -> asyncio.AbstractServer:
 class Setup:
     """Fake upstream ← UpstreamExport ``vm/disk0`` ← nbdsrv's server, all in one loop."""
 
-    def __init__(self, tmp: Path, plan: Plan) -> None:
+    def __init__(self, tmp: Path, plan: Plan, *, zero_copy: bool = True) -> None:
         self.tmp, self.plan = tmp, plan
+        self.zero_copy = zero_copy
         self.up = Address("unix", path=str(tmp / "up.sock"))
         self.down = Address("unix", path=str(tmp / "nbd.sock"))
 
@@ -154,7 +165,7 @@ class Setup:
         await self.export.open()
         self.catalog = ExportCatalog()
         self.catalog.add(self.export)
-        self.server = NBDServer(self.catalog)
+        self.server = NBDServer(self.catalog, ServerPolicy(zero_copy=self.zero_copy))
         await self.server.listen(self.down)
         return self
 
@@ -178,18 +189,20 @@ RANGES = [(0, SIZE), (200 * KiB, 300 * KiB), (HOLE[0], HOLE[1]), (HOLE[0] + 4 * 
     ids=["split", "simple", "split-extended"],
 )
 @pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
 def test_relayed_reads_rebuild_the_data_in_every_reply_mode(
     run: Callable[[Awaitable[Any]], Any],
     tmp_path: Path,
     mode: str,
     plan: Plan,
     upstream_extended: bool,
+    zero_copy: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(EXTENDED, 0, upstream_extended)
 
     async def main() -> None:
-        async with Setup(tmp_path, plan) as s:
+        async with Setup(tmp_path, plan, zero_copy=zero_copy) as s:
             assert all(c.extended == upstream_extended for c in s.export._clients)
             client = await NBDClient.connect(s.down, "vm/disk0", **MODES[mode])
             for offset, length in RANGES:
@@ -340,5 +353,56 @@ def test_failed_session_sends_no_more_data(
                 await client.read(0, 4096)
             assert excinfo.value.code == errno.ESHUTDOWN
             await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
+def test_a_client_that_reads_slowly_gets_every_byte(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, zero_copy: bool
+) -> None:
+    """Replies pile up behind a client that does not read: the client socket fills, then
+    the pipe, then reading from upstream stops — and all resumes in order."""
+
+    async def main() -> None:
+        async with Setup(tmp_path, split_plan, zero_copy=zero_copy) as s:
+            client = await NBDClient.connect(s.down, "vm/disk0")
+            transport = client._link.transport
+            assert transport is not None
+            transport.pause_reading()
+            reads = [
+                asyncio.ensure_future(client.read(o, 256 * KiB))
+                for _ in range(8)
+                for o in range(0, SIZE, 256 * KiB)
+            ]
+            await asyncio.sleep(0.3)  # the server writes until everything is full
+            assert not any(r.done() for r in reads)
+            transport.resume_reading()
+            parts = await asyncio.gather(*reads)
+            await client.close()
+            assert b"".join(parts) == DATA * 8
+
+    run(main())
+
+
+def cut(request: Request) -> list[Chunk]:
+    return [("cut", request.offset, request.length)]
+
+
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["splice", "copy"])
+def test_upstream_gone_in_the_middle_of_a_payload_fails_the_read(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, zero_copy: bool
+) -> None:
+    """Half a payload sent downstream cannot be taken back: the client's connection closes
+    (spliced) or the read fails (copied); never data that QEMU did not send."""
+
+    async def main() -> None:
+        async with Setup(tmp_path, cut, zero_copy=zero_copy) as s:
+            client = await NBDClient.connect(s.down, "vm/disk0")
+            with pytest.raises(ReplyError) as excinfo:
+                await asyncio.wait_for(client.read(0, 256 * KiB), 10)
+            assert excinfo.value.code == errno.EIO
+            assert client.closed == zero_copy
+            client.abort()
 
     run(main())
