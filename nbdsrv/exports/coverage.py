@@ -26,7 +26,8 @@ class ReadCoverage:
         if first < last:
             start = min(start, self._starts[first])
             end = max(end, self._ends[last - 1])
-            self.bytes -= sum(self._ends[i] - self._starts[i] for i in range(first, last))
+            for i in range(first, last):
+                self.bytes -= self._ends[i] - self._starts[i]
         self._starts[first:last] = [start]
         self._ends[first:last] = [end]
         self.bytes += end - start

@@ -55,7 +55,9 @@ class DirectWriter:
         self,
         sock: socket.socket,
         *,
-        on_drained: Callable[[], None],  # the queue is empty (a stream may be open)
+        # The queue is empty again after the socket was full or a stream held writes back
+        # (a stream may be open still).
+        on_drained: Callable[[], None],
         on_pressure: Callable[[bool], None],
         on_failed: Callable[[OSError], None],
     ) -> None:
@@ -69,6 +71,7 @@ class DirectWriter:
         self._queue: deque[Item] = deque()
         self._held: list[Item] | None = None  # written by others while a stream is open
         self._waiting = False  # for the socket to become writable
+        self._owed = False  # on_drained, once the queue is empty
         self._pressure = False
         self.buffered = 0
         """Bytes queued, not yet taken by the socket (held ones included)."""
@@ -88,6 +91,7 @@ class DirectWriter:
             for item in items:
                 self._held.append(item)
                 self.buffered += _length(item)
+            self._owed = True
             self._check_pressure()
             return
         self._enqueue(items)
@@ -108,7 +112,8 @@ class DirectWriter:
         if held and not self.closed:
             self.buffered -= sum(_length(item) for item in held)
             self._enqueue(held)
-        elif not self._queue and not self.closed:
+        elif not self._queue and not self.closed and self._owed:
+            self._owed = False
             self._on_drained()
 
     def close(self) -> None:
@@ -137,7 +142,8 @@ class DirectWriter:
                 self.pipe_bytes += n
         if not self._waiting:
             self._send()
-        self._check_pressure()
+        if self._pressure or self.buffered > HIGH_WATER:
+            self._check_pressure()
 
     def _send(self) -> None:
         """Write from the head of the queue until it is empty or the socket is full."""
@@ -174,10 +180,12 @@ class DirectWriter:
             self._on_failed(e)
             return
         if queue:
+            self._owed = True
             if not self._waiting:
                 self._waiting = True
                 self._loop.add_writer(self._fd, self._writable)
-        else:
+        elif self._owed:
+            self._owed = False
             self._on_drained()  # held items may still wait: see idle
 
     def _send_buffers(self) -> bool:

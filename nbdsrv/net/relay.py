@@ -37,6 +37,7 @@ from .client import ConnectionClosed, NBDClient
 from .direct_writer import SPLICE_FLAGS, DirectWriter, PipeRange
 
 _DONE = int(ReplyFlag.DONE)
+_DF = int(CommandFlag.DF)
 _OFFSET_SIZE = wire.OFFSET_DATA.size
 # The pipe between QEMU's socket and the client's: 1 MiB is what an unprivileged process
 # may ask for (fs.pipe-max-size); a reply chunk goes through in one or a few pieces.
@@ -71,6 +72,7 @@ class ReadRelay:
         self.fatal = fatal
         self._pipe: tuple[int, int] | None = None
         self._pipe_size = 0
+        self._unqueued = 0  # bytes of the current chunk in the pipe, not queued yet
         if writer is not None:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             with contextlib.suppress(OSError):
@@ -81,13 +83,14 @@ class ReadRelay:
 
     def read(self, request: Request) -> None:
         sink: _Read
-        if not self.core.structured or request.flags & CommandFlag.DF:
+        df = int(request.flags) & _DF  # int: & on the IntFlag itself is slow
+        if not self.core.structured or df:
             sink = _Whole(self, request)
         elif self.writer is not None:
             sink = _Spliced(self, request, self.writer)
         else:
             sink = _Streamed(self, request)
-        flags = CommandFlag.DF if request.flags & CommandFlag.DF else 0
+        flags = _DF if df else 0
         sink.error = self.refusal()
         if sink.error is not None:
             asyncio.get_running_loop().call_soon(sink.finish)
@@ -118,18 +121,47 @@ class ReadRelay:
         if self._pipe is not None:
             self.upstream.resume_reading()
 
+    def begin_chunk(self, writer: DirectWriter, head: bytes) -> None:
+        """A chunk whose payload will be spliced: ``head`` (its header, and any chunk held
+        before it) goes into the pipe in front of the payload when there is room, so the
+        client gets the whole chunk in one write."""
+        writer.open_stream()
+        pipe = self._pipe
+        assert pipe is not None and not self._unqueued
+        try:
+            self._unqueued = os.write(pipe[1], head)  # all or nothing: below PIPE_BUF
+        except BlockingIOError:
+            writer.stream([head])
+
     def _move(self, fd: int, n: int) -> int | None:
-        """Splice up to ``n`` payload bytes from QEMU's socket ``fd`` into the pipe and queue
-        them for the client (the upstream link's Mover)."""
+        """Splice up to ``n`` payload bytes from QEMU's socket ``fd`` into the pipe; they
+        are queued for the client once the payload is in, or the pipe is full (the
+        upstream link's Mover)."""
         writer, pipe = self.writer, self._pipe
         assert writer is not None and pipe is not None
-        room = self._pipe_size - writer.pipe_bytes
-        if room <= 0 or writer.closed:
-            return None  # writable() resumes
-        moved = os.splice(fd, pipe[1], min(n, room), flags=SPLICE_FLAGS)
-        if moved:
-            writer.stream([PipeRange(pipe[0], moved)])
+        if writer.closed:
+            return None
+        room = self._pipe_size - writer.pipe_bytes - self._unqueued
+        try:
+            if room <= 0:
+                raise BlockingIOError()
+            moved = os.splice(fd, pipe[1], min(n, room), flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            # No data from QEMU yet, or the pipe is full (it counts buffers, not only
+            # bytes): when the client has some of it still to take, wait for that.
+            self._queue_unqueued(writer, pipe[0])
+            if writer.pipe_bytes:
+                return None  # writable() resumes
+            raise
+        self._unqueued += moved
+        if moved in (n, room):
+            self._queue_unqueued(writer, pipe[0])
         return moved
+
+    def _queue_unqueued(self, writer: DirectWriter, read_end: int) -> None:
+        if self._unqueued:
+            writer.stream([PipeRange(read_end, self._unqueued)])
+            self._unqueued = 0
 
     def refusal(self) -> tuple[Errno, str] | None:
         """Why nothing more may be sent from upstream, if anything."""
@@ -252,11 +284,10 @@ class _Spliced(_Streamed):
         if self.error is not None or error is not None:
             return False  # received and dropped: done() sends the error
         held, self.held = self.held, None
-        header = self.relay.core.chunk_header(
+        head = self.relay.core.chunk_header(
             self.request, _DONE if last else 0, ReplyType.OFFSET_DATA, _OFFSET_SIZE + length
         ) + wire.OFFSET_DATA.pack(offset)
-        self.writer.open_stream()
-        self.writer.stream([held, header] if held is not None else [header])
+        self.relay.begin_chunk(self.writer, head if held is None else bytes(held) + head)
         self.streaming = True
         self.ended = last
         return True

@@ -307,13 +307,14 @@ class NBDConnection(asyncio.Protocol):
         when every bound leaves room."""
         if self._lost_done:
             return
-        relay = self._relay
-        if relay is not None:
-            relay.cork()  # the requests started now go upstream in one write
-        while self._pending and self._may_start(self._pending[0]):
-            self._start(self._pending.popleft())
-        if relay is not None:
-            relay.uncork()
+        if self._pending:
+            relay = self._relay
+            if relay is not None:
+                relay.cork()  # the requests started now go upstream in one write
+            while self._pending and self._may_start(self._pending[0]):
+                self._start(self._pending.popleft())
+            if relay is not None:
+                relay.uncork()
         room = self._policy.max_in_flight - self._busy() - len(self._pending)
         if self._core.backlog and room > 0 and not self._continue_scheduled:
             self._continue_scheduled = True
@@ -628,15 +629,17 @@ class NBDConnection(asyncio.Protocol):
 
     def _relayed_done(self, request: Request, served: int, error: tuple[Errno, str] | None) -> None:
         self._relayed -= 1
-        self._in_flight_bytes -= _cost(request)
+        self._in_flight_bytes -= request.length  # _cost of a READ
         self.bytes_served += served
         if error is None and self._export is not None:
             self._counted_request(self._export, request, request.length)
         if error is not None and error[0] != Errno.ESHUTDOWN:
             self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
         self._last_activity = self._loop.time()
-        self._pump()
-        self._close_when_idle()
+        if self._pending or self._reading_paused or self._core.backlog:
+            self._pump()
+        if self._closing:
+            self._close_when_idle()
 
     def _writelines(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         self._output(list(buffers))

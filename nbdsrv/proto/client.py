@@ -47,6 +47,7 @@ from .extents import Extent
 # extended extents is 2 MiB).
 MAX_OPTION_REPLY = 64 * 1024 * 1024
 MAX_CHUNK_PAYLOAD = 64 * 1024 * 1024
+_DONE = int(ReplyFlag.DONE)  # an int: & with the IntFlag goes through enum's slow path
 
 
 def parse_greeting(data: bytes) -> HandshakeFlag:
@@ -516,7 +517,10 @@ class Transmission:
             if length - wire.OFFSET_DATA.size > pending.length:
                 raise ProtocolError("OFFSET_DATA chunk longer than its request")
             self._data_length = length - wire.OFFSET_DATA.size
-            self._expect(memoryview(bytearray(wire.OFFSET_DATA.size)), self._data_offset)
+            if self._staged >= wire.OFFSET_DATA.size:  # read along with the header: usual
+                self._data_offset(self._take(wire.OFFSET_DATA.size))
+            else:
+                self._expect(memoryview(bytearray(wire.OFFSET_DATA.size)), self._data_offset)
             return
         if length > MAX_CHUNK_PAYLOAD:
             raise ProtocolError(f"reply chunk of {length} bytes")
@@ -534,7 +538,7 @@ class Transmission:
             then = self._error
         self._expect(memoryview(bytearray(length)), then)
 
-    def _data_offset(self, raw: memoryview) -> None:
+    def _data_offset(self, raw: memoryview | bytes) -> None:
         (offset,) = wire.OFFSET_DATA.unpack(raw)
         pending = self._pending[self._cookie]
         length = self._data_length
@@ -549,7 +553,7 @@ class Transmission:
         pending.covered.append((offset, length))
         self._data_at = offset
         if self.passthrough and not self._staged:
-            last = bool(self._chunk_flags & ReplyFlag.DONE)
+            last = bool(self._chunk_flags & _DONE)
             error = pending.final_error() if last else None
             if pending.sink.pass_data(offset, length, last, error):
                 self.passing = length
@@ -600,7 +604,7 @@ class Transmission:
         self._chunk_end(payload)
 
     def _chunk_end(self, _payload: memoryview) -> None:
-        if self._chunk_flags & ReplyFlag.DONE:
+        if self._chunk_flags & _DONE:
             self._complete(self._cookie)
 
     def _complete(self, cookie: int) -> None:
