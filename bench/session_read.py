@@ -8,9 +8,10 @@ embedded default (nbdsrv's own qemu-storage-daemon, QSD, over qcow2 images).
   the thread count, so it is the default again on 2 cores) and ``qemu-img convert`` into
   ``null-co``; over unix and over TCP, servers interleaved. The connections nbdcopy really
   opened are printed (QEMU's export may not offer multi-conn).
-* ``four at once``: four VMs, one session each, four ``nbdcopy`` started together against
-  nbdsrv's four exports, then against QEMU's four exports, rounds interleaved; aggregate
-  throughput (4 times the size over the time until the last one finished).
+* ``four at once``: four VMs (512 MiB of random data each), one session each, four
+  ``nbdcopy`` started together against nbdsrv's four exports, then against QEMU's four
+  exports, rounds interleaved; aggregate throughput (4 times the size over the time until
+  the last one finished).
 
 QEMU's export over TCP. A QEMU process runs one NBD server (a second ``--nbd-server`` or
 ``nbd-server-start`` fails with "NBD server already running"; ``block-export-add`` of type
@@ -250,12 +251,12 @@ def scenario_single(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> di
     make_random_file(raw, size)
     image = base / "read.qcow2"
     twin_images = {t: base / f"twin-{t}.qcow2" for t in ("tcp", "unix")}
-    setup: dict[str, float] = {"twin fill s": 0.0}
-    for path in (image, *twin_images.values()):
-        qcow2(path, size)
-    log(f"filling the twins' images with {size / GiB:.2f} GiB each through qemu-nbd")
-    for path in twin_images.values():
-        setup["twin fill s"] += fill_by_qemu_nbd(raw, path)
+    setup: dict[str, float] = {}
+    qcow2(image, size)
+    qcow2(twin_images["tcp"], size)
+    log(f"filling the twins' images with {size / GiB:.2f} GiB through qemu-nbd")
+    setup["twin fill s"] = fill_by_qemu_nbd(raw, twin_images["tcp"])
+    run(["cp", str(twin_images["tcp"]), str(twin_images["unix"])])  # the same bytes
     with contextlib.ExitStack() as stack:
         d = stack.enter_context(daemon(base, {"vm": [image]}, "read", tcp=True))
         live = f"nbd+unix:///disk0?socket={d.live_socket('vm')}"
@@ -342,6 +343,8 @@ def scenario_single(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> di
 
 def scenario_multi(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> dict[str, Any]:
     size, count = spec.multi_size, spec.multi_vms
+    if size != spec.read_size:  # its own file of random data, kept in bench/work like raw
+        raw = raw.with_name(f"{raw.stem}-{size // MiB}M.raw")
     make_random_file(raw, size)
     images = {f"vm{i}": [base / f"multi-vm{i}.qcow2"] for i in range(count)}
     for paths in images.values():

@@ -84,7 +84,15 @@ def spec_for(quick: bool, rounds: int, read_size: int) -> SessionSpec:
             read_size, 4, read_size, 1 * GiB, 100, max(rounds, 2), 16 * GiB, 2_000, rounds
         )
     return SessionSpec(
-        read_size, 4, read_size, 10 * GiB, 1_000, max(rounds, 7), 1 * TiB, 100_000, min(rounds, 3)
+        read_size,
+        4,
+        min(read_size, 512 * MiB),  # 4 x 512 MiB: session-read stays within minutes under load
+        10 * GiB,
+        1_000,
+        max(rounds, 7),
+        1 * TiB,
+        100_000,
+        min(rounds, 3),
     )
 
 
