@@ -40,7 +40,8 @@ from run import (
     table,
     wait_ready,
 )
-from sessions import control_call, read_rows, run
+from session_read import read_rows
+from sessions import control_call, run
 
 URI = "qemu:///system"
 VM = "nbdsrv-bench"

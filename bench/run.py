@@ -11,15 +11,16 @@ Scenarios (each on a unix socket and on TCP to 127.0.0.1, servers interleaved ro
 * ``libvirt``: a libvirt domain followed with ``--libvirt``: session reads against libvirt's
   own pull-mode export, begin/end against libvirt alone (``bench/libvirt_session.py``).
 * ``session``: backup sessions on the embedded default (nbdsrv's own qemu-storage-daemon):
-  reads through a session against QEMU's fleecing export, time to begin and end a session,
-  and the dirty map of a 1 TiB disk with 100,000 dirty blocks against ``qemu-nbd -B``
-  (``bench/sessions.py``).
+  reads through a session against QEMU's snapshot-access export over unix and TCP, and four
+  sessions of four VMs read at once (``session-read``, ``bench/session_read.py``); time to
+  begin and end a session (``session-begin``); the dirty map of a 1 TiB disk with 100,000
+  dirty blocks against ``qemu-nbd -B`` (``session-map``) (``bench/sessions.py``).
 
 Work files live in ``bench/work/`` (git-ignored) and are reused when they already fit.
 Servers are stopped and their sockets removed at the end, also on Ctrl-C or an error.
 
-Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick] [--only read|map|session|libvirt]
-[--json FILE]``.
+Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick]
+[--only read|map|session|session-read|session-begin|session-map|libvirt] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ MiB = 1 << 20
 SERVERS = ("nbdsrv", "qemu-nbd", "nbdkit")
 TRANSPORTS = ("unix", "tcp")
 EXPORT = "disk"
+# --only session-X: parts of the session scenario (bench/sessions.py PARTS)
+SESSION_PARTS = {
+    "session-read": ("read", "multi"),
+    "session-begin": ("begin",),
+    "session-map": ("map",),
+}
 
 
 class BenchError(Exception):
@@ -393,13 +400,14 @@ def interleaved(
     warmup: bool,
     transports: Sequence[str] = TRANSPORTS,
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """times[client][transport][server]; servers take turns, the first rotating each round."""
+    """times[client][transport][server]; servers take turns, the first rotating each round.
+    A server without a URI for a transport sits that transport out."""
     times: dict[str, dict[str, dict[str, list[float]]]] = {}
     for client in clients:
         for transport in transports:
-            per_server: dict[str, list[float]] = {name: [] for name in servers}
+            names = [name for name in servers if transport in servers[name].uris]
+            per_server: dict[str, list[float]] = {name: [] for name in names}
             times.setdefault(client.name, {})[transport] = per_server
-            names = list(servers)
             reference: tuple[str, Any] | None = None
             if warmup:
                 for name in names:
@@ -628,7 +636,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="save the results as JSON")
     p.add_argument(
         "--only",
-        choices=("read", "map", "session", "libvirt"),
+        choices=("read", "map", "session", *SESSION_PARTS, "libvirt"),
         action="append",
         help="run only this scenario (repeatable)",
     )
@@ -676,11 +684,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["scenarios"]["read"] = scenario_read(read_path, size, rounds)
         if "map" in scenarios:
             results["scenarios"]["map"] = scenario_map(map_path, spec, rounds)
-        if "session" in scenarios:
+        parts = [p for only, ps in SESSION_PARTS.items() if only in scenarios for p in ps]
+        if "session" in scenarios or parts:
             import sessions
 
             results["scenarios"]["session"] = sessions.scenario_session(
-                args.quick, rounds, size, read_path
+                args.quick,
+                rounds,
+                size,
+                read_path,
+                sessions.PARTS if "session" in scenarios else parts,
             )
         if "libvirt" in scenarios:
             import libvirt_session

@@ -2,9 +2,10 @@
 nbdsrv runs its own qemu-storage-daemon (QSD) over qcow2 images and exports a session's
 point in time as ``VM/DISK``, reading through QEMU's fleecing export.
 
-* ``session read``: a full read of a 1 GiB qcow2 full of random data through a session,
-  ``nbdsrv``'s ``vm/disk0`` against QEMU's own fleecing export ``nbdsrv-ID-0`` on the
-  live socket, interleaved; ``nbdcopy URI null:`` and ``qemu-img convert`` into ``null-co``.
+* ``session read`` (``bench/session_read.py``, ``--only session-read``): a full read of a
+  1 GiB qcow2 full of random data through a session against QEMU's own snapshot-access
+  export, with nbdcopy (default, 4 connections) and qemu-img convert, over unix and TCP;
+  and four sessions of four VMs read at once against QEMU's four exports.
 * ``session begin/end``: how long ``backup begin`` and ``backup end`` take, for a VM with one
   and with two disks, full and ``--from`` a checkpoint with dirty data, with a new checkpoint
   (the default) and with ``--no-checkpoint``; through the CLI and through the control socket.
@@ -13,6 +14,9 @@ point in time as ``VM/DISK``, reading through QEMU's fleecing export.
   map`` (one extent per request) against nbdsrv and against ``qemu-nbd -B c1`` serving a copy
   of the same image with c2 … c10 merged into c1, interleaved; the extent lists must agree.
   Then begin with all 10 contexts (timed) and the memory of its bitmaps.
+
+Parts (``--only session`` runs them all): ``read`` and ``multi`` (``--only session-read``),
+``begin`` (``--only session-begin``), ``map`` (``--only session-map``).
 
 Everything lives in ``bench/work/session/``, removed at the end (logs kept on failure).
 """
@@ -28,7 +32,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +43,12 @@ from run import (
     Client,
     GiB,
     Server,
+    free_port,
     interleaved,
     log,
-    make_random_file,
     nbd_probe,
     nbdsrv_bin,
     parse_map,
-    qemu_img_convert,
     run_client,
     stats,
     table,
@@ -59,11 +62,14 @@ TiB = 1 << 40
 MiB = 1 << 20
 KiB = 1 << 10
 MAP_CHECKPOINTS = 10  # dirty map: checkpoints c1..c10, a tenth of the writes after each
+PARTS = ("read", "multi", "begin", "map")
 
 
 @dataclass(frozen=True)
 class SessionSpec:
     read_size: int  # session read: virtual size of the qcow2 full of random data
+    multi_vms: int  # session read at once: VMs, one session each
+    multi_size: int  # session read at once: virtual size of each VM's qcow2 (random data)
     begin_disk_size: int  # begin/end: virtual size of each disk
     begin_writes: int  # begin/end: dirty 4 KiB writes per disk since c1
     cycles: int  # begin/end: timed cycles per configuration
@@ -74,8 +80,20 @@ class SessionSpec:
 
 def spec_for(quick: bool, rounds: int, read_size: int) -> SessionSpec:
     if quick:
-        return SessionSpec(read_size, 1 * GiB, 100, max(rounds, 2), 16 * GiB, 2_000, rounds)
-    return SessionSpec(read_size, 10 * GiB, 1_000, max(rounds, 7), 1 * TiB, 100_000, min(rounds, 3))
+        return SessionSpec(
+            read_size, 4, read_size, 1 * GiB, 100, max(rounds, 2), 16 * GiB, 2_000, rounds
+        )
+    return SessionSpec(
+        read_size,
+        4,
+        min(read_size, 512 * MiB),  # 4 x 512 MiB: session-read stays within minutes under load
+        10 * GiB,
+        1_000,
+        max(rounds, 7),
+        1 * TiB,
+        100_000,
+        min(rounds, 3),
+    )
 
 
 # -- tools ----------------------------------------------------------------------------------
@@ -139,9 +157,12 @@ def control_call(path: Path, op: str, args: dict[str, Any], timeout: float = 600
 
 
 class Daemon:
-    """``nbdsrv daemon --image VM=…`` (the embedded default) on a unix socket."""
+    """``nbdsrv daemon --image VM=…`` (the embedded default) on a unix socket, and with
+    ``tcp`` on a free port of 127.0.0.1 too (``tcp_port``)."""
 
-    def __init__(self, base: Path, images: dict[str, Sequence[Path]], tag: str) -> None:
+    def __init__(
+        self, base: Path, images: Mapping[str, Sequence[Path]], tag: str, tcp: bool = False
+    ) -> None:
         self.state = base / f"{tag}-state"
         self.state.mkdir(exist_ok=True)
         self.control = self.state / "control.sock"
@@ -150,6 +171,9 @@ class Daemon:
         self.server.sockets += [self.sock, self.control]
         cmd = [str(nbdsrv_bin()), "daemon", "--state-dir", str(self.state)]
         cmd += ["--control", str(self.control), "--listen", f"unix:{self.sock}"]
+        self.tcp_port = free_port() if tcp else None
+        if self.tcp_port is not None:
+            cmd += ["--listen", f"tcp:127.0.0.1:{self.tcp_port}"]
         for vm, paths in images.items():
             cmd += ["--image", f"{vm}=" + ",".join(str(p) for p in paths)]
         self.server.spawn(cmd, base / f"{tag}.log")
@@ -189,8 +213,10 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(base: Path, images: dict[str, Sequence[Path]], tag: str) -> Iterator[Daemon]:
-    d = Daemon(base, images, tag)  # stops what it started if it fails
+def daemon(
+    base: Path, images: Mapping[str, Sequence[Path]], tag: str, tcp: bool = False
+) -> Iterator[Daemon]:
+    d = Daemon(base, images, tag, tcp)  # stops what it started if it fails
     try:
         yield d
     finally:
@@ -215,50 +241,6 @@ def reap_strays(base: Path) -> None:
             if needle in (entry / "cmdline").read_bytes():
                 log(f"stopping stray process {entry.name}")
                 os.kill(int(entry.name), signal.SIGTERM)
-
-
-# -- session read ---------------------------------------------------------------------------
-
-
-def scenario_read(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> dict[str, Any]:
-    size = spec.read_size
-    make_random_file(raw, size)
-    image = base / "read.qcow2"
-    qcow2(image, size)
-    setup: dict[str, float] = {}
-    with daemon(base, {"vm": [image]}, "read") as d:
-        live = d.live_socket("vm")
-        log(f"filling {image.name} with {size / GiB:.2f} GiB of random data through the live disk")
-        setup["fill s"], _ = timed(["nbdcopy", str(raw), f"nbd+unix:///disk0?socket={live}"])
-        t0 = time.perf_counter()
-        begun = d.cli("backup", "begin", "vm", "--checkpoint", "full")
-        setup["begin s"] = time.perf_counter() - t0
-        sid = begun["id"]
-        ours = begun["disks"]["disk0"]["uri"]
-        theirs = f"nbd+unix:///nbdsrv-{sid}-0?socket={live}"  # QEMU export of disk index 0
-        for uri in (ours, theirs):  # both must read as the random data, or nothing counts
-            run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(raw), uri])
-        # Writes after the point in time must not show through a session; and they make the
-        # fleecing path (copy-before-write) non-trivial. 64 MiB at the start of the disk.
-        after = "write -P 0x5a 0 64M"
-        run(["qemu-io", "-f", "raw", "-c", after, f"nbd+unix:///disk0?socket={live}"])
-        run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(raw), ours])
-        servers = {"nbdsrv": view("nbdsrv", ours, d), "QEMU": view("QEMU", theirs, d)}
-        clients = [
-            Client("nbdcopy", lambda uri: ["nbdcopy", uri, "null:"]),
-            Client("qemu-img", lambda uri: qemu_img_convert(uri, size)),
-        ]
-        times = interleaved(servers, clients, rounds, warmup=True, transports=("unix",))
-        t0 = time.perf_counter()
-        d.cli("backup", "end", "vm", sid)
-        setup["end s"] = time.perf_counter() - t0
-    rows, ratio_rows = read_rows(times, size, "QEMU")
-    headers = ["client", "server", "median s", "min s", "max s", "GiB/s"]
-    text = table(headers, rows, left=2)
-    text += "\n\n" + table(
-        ["client", "throughput nbdsrv/QEMU", "time nbdsrv/QEMU"], ratio_rows, left=1
-    )
-    return {"size": size, "rounds": rounds, "setup": setup, "times": times, "table": text}
 
 
 # -- begin / end ----------------------------------------------------------------------------
@@ -589,7 +571,11 @@ def begin_all_checkpoints(d: Daemon, rounds: int, size: int) -> tuple[list[float
 # -- entry ----------------------------------------------------------------------------------
 
 
-def scenario_session(quick: bool, rounds: int, read_size: int, raw: Path) -> dict[str, Any]:
+def scenario_session(
+    quick: bool, rounds: int, read_size: int, raw: Path, parts: Sequence[str] = PARTS
+) -> dict[str, Any]:
+    import session_read  # it imports this module
+
     spec = spec_for(quick, rounds, read_size)
     for tool in ("qemu-storage-daemon", "qemu-io", SYSTEM_PYTHON):
         if shutil.which(tool) is None:
@@ -600,11 +586,15 @@ def scenario_session(quick: bool, rounds: int, read_size: int, raw: Path) -> dic
     results: dict[str, Any] = {"spec": spec.__dict__}
     ok = False
     try:
-        for key, fn in (
-            ("read", lambda: scenario_read(base, spec, rounds, raw)),
-            ("begin", lambda: scenario_begin(base, spec)),
-            ("map", lambda: scenario_map(base, spec, rounds)),
-        ):
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "read": lambda: session_read.scenario_single(base, spec, rounds, raw),
+            "multi": lambda: session_read.scenario_multi(base, spec, rounds, raw),
+            "begin": lambda: scenario_begin(base, spec),
+            "map": lambda: scenario_map(base, spec, rounds),
+        }
+        for key, fn in steps.items():
+            if key not in parts:
+                continue
             before = loadavg()
             log(f"session {key}: load average {before}")
             results[key] = fn()
@@ -624,16 +614,9 @@ def scenario_session(quick: bool, rounds: int, read_size: int, raw: Path) -> dic
 
 
 def report(results: dict[str, Any]) -> str:
-    out = []
-    if "read" in results:
-        r = results["read"]
-        out.append(
-            f"== session read: full read of a {r['size'] / GiB:.2f} GiB qcow2 of random data "
-            f"through a backup session, nbdsrv vm/disk0 vs QEMU's fleecing export "
-            f"(load {r['load']['before']} -> {r['load']['after']}) =="
-        )
-        out.append(r["table"])
-        out.append(f"set-up: {fmt_setup(r['setup'])}")
+    import session_read
+
+    out = session_read.report(results)
     if "begin" in results:
         b = results["begin"]
         out.append(
@@ -657,24 +640,3 @@ def report(results: dict[str, Any]) -> str:
 
 def fmt_setup(setup: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.1f}" for k, v in setup.items())
-
-
-def read_rows(
-    times: dict[str, Any], size: int, reference: str
-) -> tuple[list[list[str]], list[list[str]]]:
-    """Per client and server: median/min/max seconds and GiB/s over unix; per client the
-    throughput ratio nbdsrv/``reference`` and the time ratio."""
-    rows, ratio_rows = [], []
-    for client, by_transport in times.items():
-        by_server = by_transport["unix"]
-        for server, ts in by_server.items():
-            s = stats(ts)
-            rows.append(
-                [client, server]
-                + [f"{s[k]:.3f}" for k in ("median", "min", "max")]
-                + [f"{size / GiB / s['median']:.2f}"]
-            )
-        ours = statistics.median(by_server["nbdsrv"])
-        theirs = statistics.median(by_server[reference])
-        ratio_rows.append([client, f"{theirs / ours:.2f}", f"{ours / theirs:.2f}"])
-    return rows, ratio_rows
