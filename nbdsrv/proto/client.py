@@ -433,10 +433,14 @@ class Transmission:
 
     def _take(self, n: int) -> bytes:
         out = bytes(self._stage[:n])
-        rest = self._staged - n
-        self._stage[:rest] = self._stage[n : self._staged]
-        self._staged = rest
+        self._consume(n)
         return out
+
+    def _consume(self, n: int) -> None:
+        rest = self._staged - n
+        if rest:
+            self._stage[:rest] = self._stage[n : self._staged]
+        self._staged = rest
 
     def _expect(self, dest: memoryview, then: _Stage) -> None:
         """Receive ``len(dest)`` bytes into ``dest``, then call ``then(dest)``; staged bytes
@@ -467,9 +471,8 @@ class Transmission:
             elif magic == STRUCTURED_REPLY_MAGIC:
                 if self._staged < wire.STRUCTURED_REPLY.size:
                     return
-                _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack(
-                    self._take(wire.STRUCTURED_REPLY.size)
-                )
+                _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(self._stage)
+                self._consume(wire.STRUCTURED_REPLY.size)
                 self._chunk(cookie, flags, rtype, length)
             else:
                 raise ProtocolError(f"bad reply magic 0x{magic:x}")
@@ -518,7 +521,9 @@ class Transmission:
                 raise ProtocolError("OFFSET_DATA chunk longer than its request")
             self._data_length = length - wire.OFFSET_DATA.size
             if self._staged >= wire.OFFSET_DATA.size:  # read along with the header: usual
-                self._data_offset(self._take(wire.OFFSET_DATA.size))
+                (offset,) = wire.OFFSET_DATA.unpack_from(self._stage)
+                self._consume(wire.OFFSET_DATA.size)
+                self._data_at_offset(offset)
             else:
                 self._expect(memoryview(bytearray(wire.OFFSET_DATA.size)), self._data_offset)
             return
@@ -538,8 +543,11 @@ class Transmission:
             then = self._error
         self._expect(memoryview(bytearray(length)), then)
 
-    def _data_offset(self, raw: memoryview | bytes) -> None:
+    def _data_offset(self, raw: memoryview) -> None:
         (offset,) = wire.OFFSET_DATA.unpack(raw)
+        self._data_at_offset(offset)
+
+    def _data_at_offset(self, offset: int) -> None:
         pending = self._pending[self._cookie]
         length = self._data_length
         ok = pending.command == Command.READ and (
