@@ -188,9 +188,9 @@ class NBDConnection(asyncio.Protocol):
         self._lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._loop.time()
         if self._sources is None or not self._answered_at_once(data):
             self._receive(data)
+        self._last_activity = self._loop.time()  # after: the reply goes out first
 
     def eof_received(self) -> bool | None:
         self._reason = self._reason or "client closed the connection"
@@ -311,11 +311,11 @@ class NBDConnection(asyncio.Protocol):
         if answered is None:
             return False
         reply, count = answered
+        self._send(reply)
         self.requests += count
         if self._server.on_request is not None:
             for _ in range(count):
                 self._server.on_request(export.name, "BLOCK_STATUS", 0)
-        self._send(reply)
         return True
 
     def _pump(self) -> None:
