@@ -127,6 +127,7 @@ class NBDConnection(asyncio.Protocol):
         self._relay: ReadRelay | None = None
         self._relayed = 0
         self._attaching: asyncio.Task[None] | None = None
+        self._upstream_wanted = False
         # What read() returned for replies written but maybe not sent yet (Export.release).
         self._in_transit: list[list[Segment]] = []
         self._pending: deque[Request] = deque()
@@ -281,6 +282,10 @@ class NBDConnection(asyncio.Protocol):
             if isinstance(event, Request):
                 self.requests += 1
                 self._pending.append(event)
+                if self._upstream_wanted and event.command == Command.READ:
+                    self._upstream_wanted = False
+                    assert self._export is not None
+                    self._attaching = self._loop.create_task(self._attach(self._export))
             elif isinstance(event, Negotiated):
                 self._negotiated(event)
             elif isinstance(event, StartTLS):
@@ -480,8 +485,9 @@ class NBDConnection(asyncio.Protocol):
             self._core.tls,
             [name for _, name in self._contexts],
         )
-        if export is not None and export.relays_reads:
-            self._attaching = self._loop.create_task(self._attach(export))
+        # Opened at the first READ: a client that only maps (nbdinfo, qemu-img map) costs
+        # neither nbdsrv nor QEMU an upstream handshake.
+        self._upstream_wanted = export is not None and export.relays_reads
 
     async def _attach(self, export: Export) -> None:
         """Open this connection's own upstream connection; requests wait until then."""

@@ -359,3 +359,26 @@ def test_qemu_img_map_and_nbdinfo_get_the_bitmap(tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def test_a_client_that_only_maps_opens_no_upstream_connection(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection to QEMU that relays a client's READs is opened at its first READ."""
+    opened: list[str] = []
+
+    async def open_upstream(self: UpstreamExport) -> NBDClient:
+        opened.append(self.name)
+        raise OSError(errno.EIO, "no QEMU here")
+
+    monkeypatch.setattr(UpstreamExport, "open_upstream", open_upstream)
+
+    async def main() -> None:
+        async with Served(tmp_path) as served:
+            for kind in ("fast", "general"):
+                client = await served.connect(kind, (C1,))
+                assert await walk(client, req_one=False) == {C1: truth(C1)}
+                await client.close()
+            assert opened == []
+
+    run(main())
