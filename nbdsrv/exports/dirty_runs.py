@@ -4,15 +4,16 @@ A session's bitmaps never change, so their clean/dirty runs are found once (the 
 ``bits ^ (bits >> 1)`` are where runs start) and every descriptor of the whole disk is packed
 in wire form then. A block-status request is a bisect for its
 first descriptor, a slice up to the limit, and the first and last descriptor re-packed,
-clipped to the request; REQ_ONE is one bisect and one pack. No per-run Python object.
+clipped to the request; REQ_ONE is one bisect and one unpack (the server packs the whole
+reply around it at once: ``DescriptorTable`` is its ``StatusSource``). No per-run Python object.
 
     starts   |0        |96K   |192K              |...        (where descriptor k starts)
     packed   |(96K,0)  |(96K,1)|(…,0)            |...        (length, flags) big-endian
     request [100K, 250K) → descriptors 1..2, clipped: [(92K, 1), (58K, 0)]
 
-Memory: the bitarray (one bit per block) until the first request, then 8 bytes per run
-start (4 below 2^32 blocks) plus 8 per compact or 16 per extended descriptor (each packed on
-first use).
+Memory: the bitarray (one bit per block) until the first client negotiates the context,
+then 8 bytes per run start (4 below 2^32 blocks) plus 8 per compact or 16 per extended
+descriptor (each packed on first use).
 """
 
 import operator
@@ -31,8 +32,9 @@ _COMPACT = struct.Struct(">II")
 _EXTENDED = struct.Struct(">QQ")
 
 
-class _Table:
-    """One descriptor list: where each starts, in blocks (for bisect), and all of them packed."""
+class DescriptorTable:
+    """One descriptor list: where each starts, in blocks (for bisect), and all of them packed.
+    A ``proto.extents.StatusSource``: the server answers block status with it directly."""
 
     def __init__(
         self, starts: "array[int]", packed: bytes, item: struct.Struct, size: int, grain: int
@@ -51,15 +53,26 @@ class _Table:
         starts = self.starts
         return starts[k + 1] * self.grain if k + 1 < len(starts) else self.size
 
-    def query(self, offset: int, end: int, limit: int) -> tuple[bytes | bytearray, int]:
+    def first(self, offset: int, end: int) -> tuple[int, int]:
+        """The descriptor at ``offset``, clipped to ``[offset, end)``: a REQ_ONE answer.
+        ``offset < end <= size``."""
+        starts, grain = self.starts, self.grain
+        k = bisect_right(starts, offset // grain) - 1
+        nxt = k + 1
+        stop = starts[nxt] * grain if nxt < len(starts) else self.size
+        _, flags = self.item.unpack_from(self.packed, k * self.item.size)
+        return (stop if stop < end else end) - offset, flags
+
+    def descriptors(self, offset: int, end: int, limit: int) -> tuple[bytes | bytearray, int]:
+        """At most ``limit`` descriptors of ``[offset, end)``, clipped to it, and how many.
+        ``offset < end <= size``."""
         starts, item, grain = self.starts, self.item, self.grain
         first = bisect_right(starts, offset // grain) - 1
         stop = min(bisect_left(starts, -(-end // grain), first + 1), first + limit)
         w = item.size
         if stop == first + 1:  # one descriptor (every REQ_ONE request)
-            _, flags = item.unpack_from(self.packed, first * w)
-            return item.pack(min(self._end(first), end) - offset, flags), 1
-        out = bytearray(self.packed[first * w : stop * w])
+            return item.pack(*self.first(offset, end)), 1
+        out = bytearray(memoryview(self.packed)[first * w : stop * w])
         item.pack_into(out, 0, self._end(first) - offset, item.unpack_from(out, 0)[1])
         last = stop - 1
         if self._end(last) > end:
@@ -69,9 +82,9 @@ class _Table:
 
 
 class DirtyRuns:
-    """The clean/dirty runs of a frozen bitmap, answered as packed descriptors. Found on
-    the first request for them (a session may offer contexts nobody reads); until then the
-    bitarray is kept, after that dropped."""
+    """The clean/dirty runs of a frozen bitmap, answered as packed descriptors. Found when
+    a client first negotiates the context or asks for it (a session may offer contexts
+    nobody reads); until then the bitarray is kept, after that dropped."""
 
     def __init__(self, bitmap: DirtyBitmap) -> None:
         self.size = bitmap.size
@@ -80,8 +93,8 @@ class DirtyRuns:
         self._bitmap: DirtyBitmap | None = bitmap
         self._runs: array[int] = array("Q")
         self._first_dirty = False
-        self._compact: _Table | None = None
-        self._extended: _Table | None = None
+        # Packed on first use: [compact, extended], indexed by ``extended``.
+        self._tables: list[DescriptorTable | None] = [None, None]
 
     def _find_runs(self) -> None:
         bitmap, self._bitmap = self._bitmap, None
@@ -105,12 +118,12 @@ class DirtyRuns:
         if self._bitmap is not None:
             return len(self._bitmap.bits) // 8
         total = self._runs.itemsize * len(self._runs)
-        for table in (self._compact, self._extended):
+        for table in self._tables:
             if table is not None:
                 total += table.nbytes() if table.starts is not self._runs else len(table.packed)
         return total
 
-    def _build(self, cap: int | None, item: struct.Struct) -> _Table:
+    def _build(self, cap: int | None, item: struct.Struct) -> DescriptorTable:
         if self._bitmap is not None:
             self._find_runs()
         runs, grain = self._runs, self.grain
@@ -139,21 +152,22 @@ class DirtyRuns:
         values = array("I" if item is _COMPACT else "Q", flat)
         if sys.byteorder == "little":
             values.byteswap()  # to big-endian
-        return _Table(starts, values.tobytes(), item, self.size, grain)
+        return DescriptorTable(starts, values.tobytes(), item, self.size, grain)
+
+    def table(self, *, extended: bool) -> DescriptorTable:
+        """Every descriptor of the disk, compact (capped at 2 GiB) or extended; packed on the
+        first call for each kind."""
+        table = self._tables[extended]
+        if table is None:
+            table = self._build(None, _EXTENDED) if extended else self._build(COMPACT_CAP, _COMPACT)
+            self._tables[extended] = table
+        return table
 
     def packed(self, offset: int, length: int, limit: int, *, extended: bool) -> PackedExtents:
         """Descriptors for ``[offset, offset + length)`` (clipped to the disk), at most
         ``limit``, merged already (neighbouring runs always differ)."""
         end = min(offset + length, self.size)
-        if extended:
-            if self._extended is None:
-                self._extended = self._build(None, _EXTENDED)
-            table = self._extended
-        else:
-            if self._compact is None:
-                self._compact = self._build(COMPACT_CAP, _COMPACT)
-            table = self._compact
-        data, count = table.query(offset, end, limit)
+        data, count = self.table(extended=extended).descriptors(offset, end, limit)
         return PackedExtents(data, count, extended)
 
     def extents(self, offset: int, length: int, limit: int) -> list[Extent]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
-from ..proto.extents import Extent, PackedExtents
+from ..proto.extents import Extent, PackedExtents, StatusSource
 
 if TYPE_CHECKING:
     from ..net.client import NBDClient
@@ -81,6 +81,14 @@ class Export(ABC):
     ) -> PackedExtents | None:
         """The extents of ``context`` in wire form, at once (no await), when the export keeps
         them so (a session's frozen dirty bitmaps); None: ask :meth:`extents`."""
+        return None
+
+    def status_source(self, context: str, *, extended: bool) -> StatusSource | None:
+        """What answers ``context``'s block status at once, straight from the received
+        requests, when the export keeps it in memory (a session's frozen dirty bitmaps);
+        asked when a client negotiates the context. It must agree with
+        :meth:`packed_extents`; the server uses it only while the export is neither closed
+        nor :meth:`broken`. None: the general path."""
         return None
 
     def release(self, segments: Sequence[Segment]) -> None:

@@ -19,7 +19,7 @@ from ..net.address import Address
 from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
-from ..proto.extents import Extent, PackedExtents
+from ..proto.extents import Extent, PackedExtents, StatusSource
 from .coverage import ReadCoverage
 from .dirty_bitmap import DirtyBitmap
 from .dirty_runs import DirtyRuns
@@ -194,6 +194,10 @@ class UpstreamExport(Export):
             return None
         self._check()
         return runs.packed(offset, length, limit, extended=extended)
+
+    def status_source(self, context: str, *, extended: bool) -> StatusSource | None:
+        runs = self.bitmaps.get(context)
+        return runs.table(extended=extended) if runs is not None else None
 
     def describe(self) -> dict[str, object]:
         return {

@@ -16,6 +16,7 @@ from ..exports.catalog import ExportCatalog
 from ..exports.export import Export, ExportGone, Segment
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
 from ..proto.errors import NBDError, ProtocolError, nbd_errno
+from ..proto.extents import StatusSource
 from ..proto.server import (
     Disconnect,
     Negotiated,
@@ -128,12 +129,15 @@ class NBDConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._export: Export | None = None
         self._contexts: list[tuple[int, str]] = []
+        # Every negotiated context answered from memory: block status straight from data_received.
+        self._sources: list[tuple[int, StatusSource]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # READs relayed to an upstream connection of this connection's own (session exports):
         # no task each; counted here until their reply is written.
         self._relay: ReadRelay | None = None
         self._relayed = 0
         self._attaching: asyncio.Task[None] | None = None
+        self._upstream_wanted = False
         # What read() returned for replies written but maybe not sent yet (Export.release).
         self._in_transit: list[list[Segment]] = []
         self._pending: deque[Request] = deque()
@@ -195,8 +199,9 @@ class NBDConnection(asyncio.Protocol):
         self._lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._loop.time()
-        self._receive(data)
+        if self._sources is None or not self._answered_at_once(data):
+            self._receive(data)
+        self._last_activity = self._loop.time()  # after: the reply goes out first
 
     def eof_received(self) -> bool | None:
         self._reason = self._reason or "client closed the connection"
@@ -295,6 +300,10 @@ class NBDConnection(asyncio.Protocol):
             if isinstance(event, Request):
                 self.requests += 1
                 self._pending.append(event)
+                if self._upstream_wanted and event.command == Command.READ:
+                    self._upstream_wanted = False
+                    assert self._export is not None
+                    self._attaching = self._loop.create_task(self._attach(self._export))
             elif isinstance(event, Negotiated):
                 self._negotiated(event)
             elif isinstance(event, StartTLS):
@@ -305,6 +314,32 @@ class NBDConnection(asyncio.Protocol):
                 self._closing = True
         self._pump()
         self._close_when_idle()
+
+    def _answered_at_once(self, data: bytes) -> bool:
+        """Block status of in-memory contexts answered straight from the received bytes when
+        they hold only such requests and nothing else waits: no Request, no _pump; the
+        general path would send the same replies."""
+        export = self._export
+        assert export is not None and self._sources is not None
+        if (
+            self._pending
+            or self._writing_paused
+            or self._closing
+            or export.closed
+            or self._server.stopping
+            or export.broken() is not None
+        ):
+            return False
+        answered = self._core.answer_status(data, self._sources)
+        if answered is None:
+            return False
+        reply, count = answered
+        self._send(reply)
+        self.requests += count
+        if self._server.on_request is not None:
+            for _ in range(count):
+                self._server.on_request(export.name, "BLOCK_STATUS", 0)
+        return True
 
     def _pump(self) -> None:
         """Start what may start, parse what is buffered when there is room, and read only
@@ -475,6 +510,8 @@ class NBDConnection(asyncio.Protocol):
         if export is not None:
             export.clients += 1
         self._contexts = [(c.id, c.name) for c in event.contexts]
+        if export is not None and self._contexts:
+            self._sources = _status_sources(export, self._contexts, event.extended)
         self.log = ConnectionLog(log, {"peer": f"{self.peer_text} {event.export.name}"})
         self.log.debug(
             "transmission: structured=%s extended=%s tls=%s contexts=%s",
@@ -484,8 +521,9 @@ class NBDConnection(asyncio.Protocol):
             [name for _, name in self._contexts],
         )
         self._take_writes()
-        if export is not None and export.relays_reads:
-            self._attaching = self._loop.create_task(self._attach(export))
+        # Opened at the first READ: a client that only maps (nbdinfo, qemu-img map) costs
+        # neither nbdsrv nor QEMU an upstream handshake.
+        self._upstream_wanted = export is not None and export.relays_reads
 
     def _take_writes(self) -> None:
         """Write replies directly to a plain socket from now on, when all written before
@@ -764,6 +802,19 @@ class NBDServer:
             if address.kind == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(address.path)
+
+
+def _status_sources(
+    export: Export, contexts: list[tuple[int, str]], extended: bool
+) -> list[tuple[int, StatusSource]] | None:
+    """What answers every negotiated context at once, if the export has that for each."""
+    sources = []
+    for cid, name in contexts:
+        source = export.status_source(name, extended=extended)
+        if source is None:
+            return None
+        sources.append((cid, source))
+    return sources
 
 
 def _quote(text: str) -> str:

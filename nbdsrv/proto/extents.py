@@ -12,6 +12,7 @@ With REQ_ONE only the first extent is sent, clipped to the request length.
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 Extent = tuple[int, int]
 
@@ -62,3 +63,18 @@ class PackedExtents:
     data: bytes | bytearray
     count: int
     extended: bool
+
+
+class StatusSource(Protocol):
+    """A context whose descriptors are known at once, in wire form (compact or extended, as
+    negotiated; a frozen dirty bitmap): the server answers its block status straight from the
+    received bytes. Both take ``offset < end <=`` the export's size."""
+
+    def first(self, offset: int, end: int) -> tuple[int, int]:
+        """The one descriptor ``(length, flags)`` of a REQ_ONE request, clipped to it."""
+        ...
+
+    def descriptors(self, offset: int, end: int, limit: int) -> tuple[bytes | bytearray, int]:
+        """At most ``limit`` descriptors of ``[offset, end)``, clipped, merged, in wire form,
+        and how many (at least one)."""
+        ...

@@ -61,7 +61,7 @@ from .constants import (
 )
 from .contexts import MetaContext, select_contexts
 from .errors import ProtocolError
-from .extents import Extent, PackedExtents, normalize_extents
+from .extents import Extent, PackedExtents, StatusSource, normalize_extents
 
 # Longest option payload we buffer; a hostile length beyond this closes the connection.
 MAX_OPTION_LENGTH = 1024 * 1024
@@ -169,6 +169,13 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
 _WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# The same numbers as plain ints for answer_status (enum members cost lookups there).
+_BLOCK_STATUS = int(Command.BLOCK_STATUS)
+_REQ_ONE = int(CommandFlag.REQ_ONE)
+_NOT_STATUS_FLAGS = ~int(_ALLOWED_FLAGS[Command.BLOCK_STATUS])
+_DONE = int(ReplyFlag.DONE)
+_TYPE_STATUS = int(ReplyType.BLOCK_STATUS)
+_TYPE_STATUS_EXT = int(ReplyType.BLOCK_STATUS_EXT)
 
 
 def transmission_flags(*, structured: bool) -> TransmissionFlag:
@@ -580,6 +587,71 @@ class ServerConnection:
             self._drained_reply = reply
         else:
             self._out += reply
+
+    def answer_status(
+        self, data: bytes, sources: Sequence[tuple[int, StatusSource]]
+    ) -> tuple[bytes, int] | None:
+        """Answer ``data`` at once if it is nothing but whole, valid BLOCK_STATUS requests and
+        nothing else is buffered: ``(the replies, how many requests)``. Otherwise None, nothing
+        is consumed, and ``data`` goes to :meth:`receive` as usual. ``sources`` answer the
+        negotiated contexts, in their order, in the negotiated header form.
+
+        The fast path of a client that asks one extent at a time and waits for each answer
+        (QEMU's block layer: REQ_ONE, 200,001 round trips for a map of 100,000 dirty blocks):
+        one unpack, one lookup and one pack a request, no event object. Every request it does
+        not take (other commands, flags, lengths or ranges the general path refuses, a
+        partial header) gets the general path, which would answer these the same way."""
+        if self._buf or self._drain or self.phase is not Phase.TRANSMISSION or not data:
+            return None
+        extended = self.extended
+        header = wire.EXTENDED_REQUEST if extended else wire.REQUEST
+        if len(data) % header.size:
+            return None
+        assert self.export is not None
+        size = self.export.size
+        magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
+        one = sources[0] if len(sources) == 1 else None
+        out: list[bytes | bytearray] = []
+        for m, flags, ctype, cookie, offset, length in header.iter_unpack(data):
+            if (
+                m != magic
+                or ctype != _BLOCK_STATUS
+                or flags & _NOT_STATUS_FLAGS
+                or not length
+                or offset > size
+                or length > size - offset
+            ):
+                return None
+            end = offset + length
+            # fmt: off
+            if flags & _REQ_ONE and one is not None:  # the whole reply in one pack
+                context_id, source = one
+                n, status = source.first(offset, end)
+                if extended:
+                    out.append(wire.BLOCK_STATUS_EXT_ONE.pack(
+                        EXTENDED_REPLY_MAGIC, _DONE, _TYPE_STATUS_EXT, cookie, offset, 24,
+                        context_id, 1, n, status))
+                else:
+                    out.append(wire.BLOCK_STATUS_ONE.pack(
+                        STRUCTURED_REPLY_MAGIC, _DONE, _TYPE_STATUS, cookie, 12,
+                        context_id, n, status))
+                continue
+            limit = 1 if flags & _REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+            last = len(sources) - 1
+            for i, (context_id, source) in enumerate(sources):
+                descriptors, count = source.descriptors(offset, end, limit)
+                done = _DONE if i == last else 0
+                if extended:
+                    out.append(wire.BLOCK_STATUS_EXT_CHUNK.pack(
+                        EXTENDED_REPLY_MAGIC, done, _TYPE_STATUS_EXT, cookie, offset,
+                        8 + len(descriptors), context_id, count))
+                else:
+                    out.append(wire.BLOCK_STATUS_CHUNK.pack(
+                        STRUCTURED_REPLY_MAGIC, done, _TYPE_STATUS, cookie,
+                        4 + len(descriptors), context_id))
+                out.append(descriptors)
+            # fmt: on
+        return b"".join(out), len(data) // header.size
 
     # -- replies to requests (called by the I/O layer, or internally) -------------------------
 

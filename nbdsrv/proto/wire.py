@@ -44,6 +44,14 @@ EXTENT = struct.Struct(">II")
 # NBD_REPLY_TYPE_BLOCK_STATUS_EXT:  context_id(4) count(4) {length(8) status(8)}*
 BLOCK_STATUS_EXT_HEADER = struct.Struct(">II")
 EXTENT_EXT = struct.Struct(">QQ")
+# A block-status chunk's header with its payload's header, in one pack:
+#   structured: magic(4) flags(2) type(2) cookie(8) length(4) context_id(4)
+#   extended:   magic(4) flags(2) type(2) cookie(8) offset(8) length(8) context_id(4) count(4)
+BLOCK_STATUS_CHUNK = struct.Struct(">IHHQII")
+BLOCK_STATUS_EXT_CHUNK = struct.Struct(">IHHQQQII")
+# ... and with its one descriptor (a REQ_ONE reply of one context): the whole reply.
+BLOCK_STATUS_ONE = struct.Struct(">IHHQIIII")
+BLOCK_STATUS_EXT_ONE = struct.Struct(">IHHQQQIIQQ")
 # NBD_REPLY_TYPE_ERROR:  error(4) message_length(2) message
 ERROR_CHUNK = struct.Struct(">IH")
 # NBD_REPLY_TYPE_ERROR_OFFSET adds offset(8) after the message.
