@@ -169,6 +169,13 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
 _WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# Per request, enum construction and IntFlag arithmetic are the costly part of parsing:
+# the same facts keyed by plain ints, and each flags value made a CommandFlag once.
+_COMMANDS = {int(command): command for command in _ALLOWED_FLAGS}
+_ALLOWED = {int(command): int(flags) for command, flags in _ALLOWED_FLAGS.items()}
+_FLAG_VALUES: dict[int, CommandFlag] = {}
+_DF = int(CommandFlag.DF)
+_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 # The same numbers as plain ints for answer_status (enum members cost lookups there).
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
@@ -514,29 +521,25 @@ class ServerConnection:
     ) -> None:
         payload = 0
         if self.extended:
-            if flags & CommandFlag.PAYLOAD_LEN:
+            if flags & _PAYLOAD_LEN:
                 payload = length
         elif ctype == Command.WRITE:
             payload = length
-        try:
-            command = Command(ctype)
-        except ValueError:
-            command = None
         # RESIZE is named in the spec but not offered: as unknown as any other number.
-        if command is None or command not in _ALLOWED_FLAGS:
+        command = _COMMANDS.get(ctype)
+        if command is None:
             self._refuse(cookie, offset, payload, Errno.EINVAL, f"unknown command {ctype}")
             return
-        request = Request(cookie, command, CommandFlag(flags), offset, length)
         if command == Command.DISC:
             self.phase = Phase.CLOSED
             events.append(Disconnect("client sent NBD_CMD_DISC"))
             return
-        allowed = _ALLOWED_FLAGS.get(command, CommandFlag(0))
+        allowed = _ALLOWED[ctype]
         if self.extended and command == Command.WRITE:
-            allowed |= CommandFlag.PAYLOAD_LEN
-        bad_flags = flags & ~int(allowed)  # int: ~ on an IntFlag keeps only defined bits
-        if command == Command.READ and flags & CommandFlag.DF and not self.structured:
-            bad_flags |= CommandFlag.DF
+            allowed |= _PAYLOAD_LEN
+        bad_flags = flags & ~allowed
+        if command == Command.READ and flags & _DF and not self.structured:
+            bad_flags |= _DF
         if command in _WRITING:
             self._refuse(cookie, offset, payload, Errno.EPERM, "export is read-only")
             return
@@ -546,6 +549,10 @@ class ServerConnection:
         if payload:
             self._refuse(cookie, offset, payload, Errno.EINVAL, "unexpected payload")
             return
+        flag_value = _FLAG_VALUES.get(flags)  # only allowed bits here: a handful of values
+        if flag_value is None:
+            flag_value = _FLAG_VALUES[flags] = CommandFlag(flags)
+        request = Request(cookie, command, flag_value, offset, length)
         error = self._check_request(request)
         if error is not None:
             errno, message = error
