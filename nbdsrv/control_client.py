@@ -4,7 +4,7 @@ Kept apart, with nothing but the standard library, so that a client command star
 from __future__ import annotations
 
 # _socket is the C module under `socket`: socket.py builds its enums (AddressFamily,
-# SocketKind, ...) at import, about a tenth of a client command's start-up, for nothing one
+# SocketKind, ...) at import, a seventh of a client command's start-up, for nothing one
 # request needs.
 import _socket
 import json

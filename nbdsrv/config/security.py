@@ -1,6 +1,7 @@
 """The daemon's security options (docs/security.md): TLS, allow rules and limits."""
 
 import argparse
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -63,7 +64,7 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def policy_from_args(args: argparse.Namespace) -> "ServerPolicy":
+def policy_from_args(args: SimpleNamespace) -> "ServerPolicy":
     """The ServerPolicy the options describe; ConfigError for a contradiction."""
     from ..net.access import AccessPolicy, parse_allow
     from ..net.server import ServerPolicy
