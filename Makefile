@@ -21,7 +21,7 @@ deps: $(VENV)/.installed
 	fi
 	@# Bytecode for the package, as pip writes it for a regular install: an editable install
 	@# has none, and where Python does not write it (PYTHONDONTWRITEBYTECODE) every start of the
-	@# CLI compiled cli.py again, a third of a client command's own start-up time. Only
+	@# CLI compiled cli.py again, more than half of a client command's own start-up. Only
 	@# changed files are compiled; a stale .pyc is never used (Python checks each source's mtime).
 	@$(PY) -m compileall -q nbdsrv
 
