@@ -19,6 +19,11 @@ deps: $(VENV)/.installed
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+	@# Bytecode for the package, as pip writes it for a regular install: an editable install
+	@# has none, and where Python does not write it (PYTHONDONTWRITEBYTECODE) every start of the
+	@# CLI compiled cli.py again, more than half of a client command's own start-up. Only
+	@# changed files are compiled; a stale .pyc is never used (Python checks each source's mtime).
+	@$(PY) -m compileall -q nbdsrv
 
 $(VENV)/.installed: pyproject.toml
 	@dpkg-query -W -f='$${Status}' python3-venv 2>/dev/null | grep -q "ok installed" || \

@@ -1,25 +1,33 @@
 """Command-line front end: `nbdsrv daemon` and the client commands (CONTRACT.md)."""
 
-import argparse
+from __future__ import annotations
+
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
 
 from . import __version__, control_client
 from .config.paths import default_control, default_state_dir
-from .config.security import add_security_options
 from .errors import ConfigError, NbdsrvError
 
+# A client command (status, backup begin, ...) imports only the above, which need nothing but
+# the standard library's json, os and _socket. Its command line is parsed without argparse
+# when written plainly (_parse_plain), else argparse builds that command's options only. The
+# daemon, its options and everything it needs load in _add_daemon_options and _cmd_daemon.
+# Nor is typing imported (a sixth of a client command's start-up): annotations are never
+# evaluated (the __future__ import) and the names they use are imported for mypy only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    import argparse
+    from collections.abc import Callable, Coroutine, Sequence
+    from typing import Any
 
     from .daemon import DaemonConfig
     from .net.address import Address
 
-# Client commands (status, backup begin, ...) import only the above: the standard library's
-# argparse, json, os, socket. The daemon and everything it needs load in _cmd_daemon.
+    # option: (dest, the value's type, or None for a flag)
+    PlainOptions = dict[str, tuple[str, Callable[[str], object] | None]]
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 
@@ -44,25 +52,110 @@ def _add_quiesce_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Client command lines as scripts write them, parsed without argparse: importing it, building
+# its parser and the help formatter it makes for every option (which imports shutil and,
+# through gettext, locale) take a quarter of a client command's start-up. Taken here is only
+# the plainest form: the command's words, its positionals, then options spelt out in full,
+# each value a word of its own that does not start with "-". Anything else (help, an
+# abbreviation, --option=value, a mistake) goes to argparse, which parses it the same way
+# (tests/unit/test_cli_parse.py) or explains what is wrong.
+_PLAIN_OPTIONS: PlainOptions = {"--control": ("control", str), "--json": ("json", None)}
+_QUIESCE: PlainOptions = {"--quiesce": ("quiesce", None)}
+# command words: (positionals, options besides --control and --json)
+_PLAIN_LINES: dict[tuple[str, ...], tuple[tuple[str, ...], PlainOptions]] = {
+    ("status",): ((), {}),
+    ("checkpoint", "create"): (
+        ("vm",),
+        {"--name": ("name", str), "--granularity": ("granularity", int), **_QUIESCE},
+    ),
+    ("checkpoint", "list"): (("vm",), {}),
+    ("checkpoint", "delete"): (("vm", "name"), {}),
+    ("backup", "begin"): (
+        ("vm",),
+        {
+            "--from": ("from_checkpoint", str),
+            "--checkpoint": ("checkpoint", str),
+            "--no-checkpoint": ("no_checkpoint", None),
+            "--all-checkpoints": ("all_checkpoints", None),
+            "--bitmap-name": ("bitmap_name", str),
+            **_QUIESCE,
+        },
+    ),
+    ("backup", "list"): (("vm",), {}),
+    ("backup", "end"): (("vm", "id"), {}),
+    ("snapshot", "create"): (("vm",), {"--dir": ("dir", str)}),
+    ("snapshot", "commit"): (("vm",), {}),
+}
+
+
+def _parse_plain(argv: Sequence[str]) -> SimpleNamespace | None:
+    """A client command line in its plainest form (above), parsed as argparse parses it; None
+    for any other line."""
+    words = tuple(argv[:1]) if tuple(argv[:1]) in _PLAIN_LINES else tuple(argv[:2])
+    if words not in _PLAIN_LINES:
+        return None
+    positionals, own_options = _PLAIN_LINES[words]
+    options = {**own_options, **_PLAIN_OPTIONS}
+    values: dict[str, object] = {"command": words[0]}
+    if len(words) == 2:
+        values["action"] = words[1]
+    values.update((dest, False if convert is None else None) for dest, convert in options.values())
+    rest = list(argv[len(words) :])
+    given, rest = rest[: len(positionals)], rest[len(positionals) :]
+    if len(given) < len(positionals) or any(word.startswith("-") for word in given):
+        return None
+    values.update(zip(positionals, given, strict=True))
+    while rest:
+        option = options.get(rest.pop(0))
+        if option is None:
+            return None
+        dest, convert = option
+        if convert is None:
+            values[dest] = True
+            continue
+        if not rest or rest[0].startswith("-"):
+            return None
+        try:
+            values[dest] = convert(rest.pop(0))
+        except ValueError:
+            return None
+    if values.get("checkpoint") is not None and values.get("no_checkpoint"):
+        return None  # argparse says that the two exclude each other
+    return SimpleNamespace(**values)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line. With ``command``, only that command gets its options; the others keep
+    their name and help, which is all that `nbdsrv --help` and the message for an unknown
+    command show. Building every command's options takes a fifth of a client command's time."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="nbdsrv", description="NBD backup server for QEMU")
     parser.add_argument("--version", action="version", version=f"nbdsrv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_options, _) in COMMANDS.items():
+        subparser = sub.add_parser(name, help=help_text)
+        if command is None or command == name:
+            add_options(subparser)
+    return parser
 
-    daemon = sub.add_parser("daemon", help="run the server in the foreground")
-    _add_daemon_options(daemon)
 
-    serve = sub.add_parser(
-        "serve", help="serve disk images through a private qemu-storage-daemon (embedded default)"
-    )
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command argparse will run: the first word that is not an option, since no option
+    before it takes a value (only -h and --version are there); None for an unknown one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def _add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("image_paths", nargs="+", metavar="IMAGE", help="disk images, in order")
     serve.add_argument("--name", metavar="VM", help="VM name (default: first image's file stem)")
     _add_daemon_options(serve)
 
-    status = sub.add_parser("status", help="VMs, exports and sessions of a running daemon")
-    _add_client_options(status)
 
-    checkpoint = sub.add_parser("checkpoint", help="create, list and delete checkpoints")
+def _add_checkpoint_actions(checkpoint: argparse.ArgumentParser) -> None:
     ckpt = checkpoint.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = ckpt.add_parser("create", help="a checkpoint over all disks of VM, atomically")
     create.add_argument("vm", metavar="VM")
@@ -80,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name", metavar="NAME")
     _add_client_options(delete)
 
-    backup = sub.add_parser("backup", help="pull-mode backup sessions")
+
+def _add_backup_actions(backup: argparse.ArgumentParser) -> None:
     bk = backup.add_subparsers(dest="action", required=True, metavar="ACTION")
     begin = bk.add_parser("begin", help="fix a point in time and export every disk of VM")
     begin.add_argument("vm", metavar="VM")
@@ -110,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     blist = bk.add_parser("list", help="backup sessions of VM")
     blist.add_argument("vm", metavar="VM")
     _add_client_options(blist)
-    snapshot = sub.add_parser("snapshot", help="external snapshots that keep checkpoints usable")
+    end = bk.add_parser("end", help="end a backup session; its exports go")
+    end.add_argument("vm", metavar="VM")
+    end.add_argument("id", metavar="ID")
+    _add_client_options(end)
+
+
+def _add_snapshot_actions(snapshot: argparse.ArgumentParser) -> None:
     sn = snapshot.add_subparsers(dest="action", required=True, metavar="ACTION")
     screate = sn.add_parser("create", help="new qcow2 overlays on every disk of VM, atomically")
     screate.add_argument("vm", metavar="VM")
@@ -120,14 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     scommit.add_argument("vm", metavar="VM")
     _add_client_options(scommit)
 
-    end = bk.add_parser("end", help="end a backup session; its exports go")
-    end.add_argument("vm", metavar="VM")
-    end.add_argument("id", metavar="ID")
-    _add_client_options(end)
-    return parser
-
 
 def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
+    from .config.security import add_security_options
+
     daemon.add_argument("--state-dir", metavar="DIR", help="metadata and scratch images")
     daemon.add_argument("--control", metavar="PATH", help="control socket (unix, mode 0600)")
     daemon.add_argument(
@@ -185,7 +281,7 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     add_security_options(daemon)
 
 
-def _config(args: argparse.Namespace) -> "DaemonConfig":
+def _config(args: SimpleNamespace) -> DaemonConfig:
     from .config.security import policy_from_args
     from .daemon import DaemonConfig
     from .net.address import parse_address
@@ -214,7 +310,7 @@ def _non_negative(value: int, option: str) -> int:
     return value
 
 
-def _metrics_address(text: str | None) -> "Address | None":
+def _metrics_address(text: str | None) -> Address | None:
     from .net.address import parse_address
 
     if text is None:
@@ -225,7 +321,7 @@ def _metrics_address(text: str | None) -> "Address | None":
     return address
 
 
-def _images(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def _images(args: SimpleNamespace) -> list[tuple[str, list[str]]]:
     images = []
     for text in args.image:
         name, paths = _name_value(text, "--image")
@@ -236,7 +332,7 @@ def _images(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return images
 
 
-def _run_async(coro: "Coroutine[Any, Any, None]") -> None:
+def _run_async(coro: Coroutine[Any, Any, None]) -> None:
     import asyncio
 
     try:
@@ -249,7 +345,7 @@ def _run_async(coro: "Coroutine[Any, Any, None]") -> None:
         runner.run(coro)
 
 
-def _cmd_daemon(args: argparse.Namespace) -> int:
+def _cmd_daemon(args: SimpleNamespace) -> int:
     import logging
 
     from .config.memory import keep_read_buffers
@@ -286,15 +382,15 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  {session['id']}: VM {session['vm']}, {session.get('state', '')}")
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: SimpleNamespace) -> int:
     return _cmd_daemon(args)
 
 
-def _client(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
+def _client(args: SimpleNamespace, op: str, **kwargs: Any) -> Any:
     return control_client.call(args.control or default_control(), op, kwargs)
 
 
-def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+def _emit(args: SimpleNamespace, result: Any, text: str) -> None:
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
@@ -302,7 +398,7 @@ def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
         print(text)
 
 
-def _cmd_checkpoint(args: argparse.Namespace) -> int:
+def _cmd_checkpoint(args: SimpleNamespace) -> int:
     if args.action == "create":
         result = _client(
             args,
@@ -369,7 +465,7 @@ def _session_table(sessions: list[dict[str, Any]]) -> str:
     )
 
 
-def _cmd_backup(args: argparse.Namespace) -> int:
+def _cmd_backup(args: SimpleNamespace) -> int:
     if args.action == "begin":
         result = _client(
             args,
@@ -392,7 +488,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_snapshot(args: argparse.Namespace) -> int:
+def _cmd_snapshot(args: SimpleNamespace) -> int:
     if args.action == "create":
         directory = os.path.abspath(args.dir) if args.dir else None
         result = _client(args, "snapshot-create", vm=args.vm, dir=directory)
@@ -408,7 +504,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_progress(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
+def _with_progress(args: SimpleNamespace, call: Callable[[], Any]) -> Any:
     """Run ``call`` while showing the VM's commit jobs' progress on the terminal (stderr)."""
     import threading
 
@@ -453,7 +549,7 @@ def _with_progress(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
     return outcome["result"]
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _cmd_status(args: SimpleNamespace) -> int:
     status = control_client.call(args.control or default_control(), "status")
     if args.json:
         json.dump(status, sys.stdout, indent=2)
@@ -463,20 +559,43 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "daemon": _cmd_daemon,
-    "status": _cmd_status,
-    "serve": _cmd_serve,
-    "checkpoint": _cmd_checkpoint,
-    "backup": _cmd_backup,
-    "snapshot": _cmd_snapshot,
+# name: (help, options, run), in the order `nbdsrv --help` lists them.
+COMMANDS: dict[
+    str,
+    tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[SimpleNamespace], int]],
+] = {
+    "daemon": ("run the server in the foreground", _add_daemon_options, _cmd_daemon),
+    "serve": (
+        "serve disk images through a private qemu-storage-daemon (embedded default)",
+        _add_serve_options,
+        _cmd_serve,
+    ),
+    "status": (
+        "VMs, exports and sessions of a running daemon",
+        _add_client_options,
+        _cmd_status,
+    ),
+    "checkpoint": (
+        "create, list and delete checkpoints",
+        _add_checkpoint_actions,
+        _cmd_checkpoint,
+    ),
+    "backup": ("pull-mode backup sessions", _add_backup_actions, _cmd_backup),
+    "snapshot": (
+        "external snapshots that keep checkpoints usable",
+        _add_snapshot_actions,
+        _cmd_snapshot,
+    ),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = _parse_plain(words)
+    if args is None:
+        args = build_parser(_command_in(words)).parse_args(words, SimpleNamespace())
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command][2](args)
     except NbdsrvError as e:
         print(f"nbdsrv: error: {e}", file=sys.stderr)
         return 1
