@@ -119,11 +119,14 @@ class FileExport(Export):
             self._holes_checked = now
         return self._has_holes
 
-    async def read(self, offset: int, length: int) -> list[Segment]:
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(start, end, is_data)`` of a read: one data run unless the file has holes."""
         end = offset + length
-        runs = self._read_runs(offset, end) if self._may_have_holes() else [(offset, end, True)]
+        return self._read_runs(offset, end) if self._may_have_holes() else [(offset, end, True)]
+
+    async def read(self, offset: int, length: int) -> list[Segment]:
         segments: list[Segment] = []
-        for start, stop, is_data in runs:
+        for start, stop, is_data in self._runs(offset, length):
             if not is_data:
                 segments.append((start, stop - start, None))
                 continue
@@ -175,10 +178,8 @@ class FileExport(Export):
     def read_cached(self, offset: int, length: int) -> list[Segment] | None:
         if self.closed or not self._page_cache.available:
             return None
-        end = offset + length
-        runs = self._read_runs(offset, end) if self._may_have_holes() else [(offset, end, True)]
         segments: list[Segment] = []
-        for start, stop, is_data in runs:
+        for start, stop, is_data in self._runs(offset, length):
             if not is_data:
                 segments.append((start, stop - start, None))
             elif self._page_cache.cached(self._fd, start, stop - start):
