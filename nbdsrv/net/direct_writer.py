@@ -165,6 +165,8 @@ class DirectWriter:
                 elif kind is PipeRange:
                     assert isinstance(item, PipeRange)
                     n = os.splice(item.fd, self._fd, item.length, flags=SPLICE_FLAGS)
+                    if n == 0:  # never with the bytes accounted for: do not spin on it
+                        raise OSError(errno.EIO, "the pipe held less than queued")
                     self.buffered -= n
                     self.pipe_bytes -= n
                     if n < item.length:
