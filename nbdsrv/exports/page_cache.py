@@ -7,9 +7,9 @@ import os
 import platform
 import struct
 
-# cachestat(2) on the architectures whose number is known here (it is the same on all
-# that use the generic syscall table since 6.5).
-_SYSCALL = {"x86_64": 451, "aarch64": 451, "riscv64": 451, "ppc64le": 451, "s390x": 451}
+# cachestat(2) (Linux 6.5) is number 451 on these architectures; elsewhere it is not tried.
+_CACHESTAT = 451
+_MACHINES = frozenset({"x86_64", "aarch64", "riscv64", "ppc64le", "s390x"})
 _RANGE = struct.Struct("=QQ")  # struct cachestat_range {off, len}
 _STAT = struct.Struct("=5Q")  # struct cachestat: nr_cache, nr_dirty, nr_writeback, …
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -19,9 +19,8 @@ class PageCache:
     """cachestat when the kernel has it; :meth:`cached` answers None when it does not."""
 
     def __init__(self) -> None:
-        self._number = _SYSCALL.get(platform.machine())
         self._syscall = None
-        if self._number is not None:
+        if platform.machine() in _MACHINES:
             try:
                 self._syscall = ctypes.CDLL(None, use_errno=True).syscall
             except (OSError, AttributeError):
@@ -36,7 +35,7 @@ class PageCache:
             return None
         first = offset // PAGE
         pages = (offset + length + PAGE - 1) // PAGE - first
-        rc = self._syscall(self._number, fd, _RANGE.pack(first * PAGE, pages * PAGE), self._out, 0)
+        rc = self._syscall(_CACHESTAT, fd, _RANGE.pack(first * PAGE, pages * PAGE), self._out, 0)
         if rc != 0:
             if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
                 self._syscall = None  # this kernel has none (or a filter forbids it)

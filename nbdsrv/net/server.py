@@ -261,10 +261,7 @@ class NBDConnection(asyncio.Protocol):
             self._relay.close()
         if self._writer is not None:
             self._writer.close()
-        if self._export is not None:
-            for unsent in self._in_transit:  # nothing will send them now
-                self._export.release(unsent)
-        self._in_transit.clear()
+        self._release_sent()  # or never to be sent now
         reason = self._reason or (f"connection lost: {exc}" if exc else "closed")
         if not self._counted:
             audit.info("connection closed: peer=%s %s", self.peer_text, _quote(reason))
@@ -549,11 +546,7 @@ class NBDConnection(asyncio.Protocol):
         assert self._writer is not None
         if not self._writer.idle:
             return  # a stream is open: what others wrote waits behind it
-        export = self._export
-        if self._in_transit and export is not None:
-            for sent in self._in_transit:
-                export.release(sent)
-            self._in_transit.clear()
+        self._release_sent()
         if self._closing:
             self._loop.call_soon(self._close_when_idle)
 
@@ -587,7 +580,7 @@ class NBDConnection(asyncio.Protocol):
             export,
             upstream,
             self._core,
-            self._writelines,
+            self._output,
             self._relayed_done,
             writer=self._writer,
             fatal=self._reply_cut,
@@ -643,7 +636,7 @@ class NBDConnection(asyncio.Protocol):
             return True
         if segments is None:
             return False
-        self._send_read(export, request, segments)
+        self._send_read(request, segments)
         self.bytes_served += request.length
         self._counted_request(export, request, request.length)
         return True
@@ -683,21 +676,24 @@ class NBDConnection(asyncio.Protocol):
         if self._closing:
             self._close_when_idle()
 
-    def _writelines(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
-        self._output(list(buffers))
-
     def _send(self, data: bytes) -> None:
         self._output([data])
 
-    def _send_read(self, export: Export, request: Request, segments: list[Segment]) -> None:
+    def _send_read(self, request: Request, segments: list[Segment]) -> None:
         """A READ's reply; ``segments`` go back to the export once it has left."""
         self._output(self._core.read_reply(request, segments))
         self._in_transit.append(segments)
         if not self._unsent():
-            # All sent: nothing holds these buffers any more.
+            self._release_sent()
+
+    def _release_sent(self) -> None:
+        """What read() returned for replies that have left goes back to the export (its
+        buffers may be used again)."""
+        export = self._export
+        if export is not None:
             for sent in self._in_transit:
                 export.release(sent)
-            self._in_transit.clear()
+        self._in_transit.clear()
 
     def _counted_request(self, export: Export, request: Request, read_bytes: int) -> None:
         if self._server.on_request is not None:
@@ -718,7 +714,7 @@ class NBDConnection(asyncio.Protocol):
                 segments = await export.read(request.offset, request.length)
                 if export.closed:
                     raise ExportGone()
-                self._send_read(export, request, segments)
+                self._send_read(request, segments)
                 self.bytes_served += request.length
                 self._counted_request(export, request, request.length)
                 return
