@@ -36,6 +36,7 @@ from nbdsrv.proto.constants import (
 )
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import Event, OptionError, Request, ServerConnection
+from tests.net.recorder import Recorder
 from tests.proto.harness import FakeCatalog, FakeExport
 
 KiB = 1024
@@ -218,31 +219,6 @@ def test_relayed_reads_rebuild_the_data_in_every_reply_mode(
             assert hashlib.sha256(b"".join(parts)).digest() == hashlib.sha256(DATA).digest()
 
     run(main())
-
-
-class Recorder:
-    """A reply sink that keeps the chunks as they came."""
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.buffer = bytearray(length)
-        self.offset = offset
-        self.chunks: list[tuple[str, int, int]] = []
-        self.future = asyncio.get_running_loop().create_future()
-
-    def data_buffer(self, offset: int, length: int) -> memoryview:
-        return memoryview(self.buffer)[offset - self.offset : offset - self.offset + length]
-
-    def data(self, offset: int, length: int) -> None:
-        self.chunks.append(("data", offset, length))
-
-    def hole(self, offset: int, length: int) -> None:
-        self.chunks.append(("hole", offset, length))
-
-    def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
-        pass
-
-    def done(self, error: ReplyError | None) -> None:
-        self.future.set_result(error)
 
 
 def test_holes_pass_through_as_holes(run: Callable[[Awaitable[Any]], Any], tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
 from nbdsrv.proto.server import ServerConnection
+from tests.extents import merged
 from tests.proto import spec
 from tests.proto.rawclient import RawClient
 from tests.tools import require_tool
@@ -325,15 +326,6 @@ def test_qemu_img_map_and_nbdinfo_get_the_bitmap(tmp_path: Path) -> None:
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode == 0, err.decode()
         return out.decode()
-
-    def merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for n, f in runs:
-            if out and out[-1][1] == f:
-                out[-1] = (out[-1][0] + n, f)
-            else:
-                out.append((n, f))
-        return out
 
     async def main() -> None:
         async with Served(tmp_path) as served:

@@ -21,7 +21,8 @@ from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.proto.constants import Command
-from nbdsrv.proto.errors import ReplyError
+from tests.net.recorder import Recorder
+from tests.sparse_file import write_sparse
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -37,45 +38,8 @@ DATA_RUNS = [
 
 @pytest.fixture
 def sparse(tmp_path: Path) -> tuple[Path, bytes]:
-    rng = random.Random(7)
-    content = bytearray(SIZE)
     path = tmp_path / "sparse.img"
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        for offset, length in DATA_RUNS:
-            data = rng.randbytes(length)
-            content[offset : offset + length] = data
-            os.pwrite(f.fileno(), data, offset)
-    return path, bytes(content)
-
-
-class Chunks:
-    """A READ sink that records data and hole chunks."""
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.buffer = bytearray(length)
-        self.kinds: list[tuple[str, int, int]] = []
-        self.future: asyncio.Future[ReplyError | None] = asyncio.get_running_loop().create_future()
-
-    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
-        return False
-
-    def data_buffer(self, offset: int, length: int) -> memoryview:
-        start = offset - self.offset
-        return memoryview(self.buffer)[start : start + length]
-
-    def data(self, offset: int, length: int) -> None:
-        self.kinds.append(("data", offset, length))
-
-    def hole(self, offset: int, length: int) -> None:
-        self.kinds.append(("hole", offset, length))
-
-    def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
-        pass
-
-    def done(self, error: ReplyError | None) -> None:
-        self.future.set_result(error)
+    return path, write_sparse(path, SIZE, DATA_RUNS, seed=7)
 
 
 async def serve(tmp_path: Path, path: Path, zero_copy: bool) -> tuple[NBDServer, Address]:
@@ -97,11 +61,11 @@ async def test_sparse_file_reads_back_with_holes_as_holes(
     await client.read(0, 4096)
     # Plain connections write their replies themselves (and so can sendfile), unless not.
     assert [c._writer is not None for c in server.connections] == [zero_copy]
-    sink = Chunks(0, SIZE)
+    sink = Recorder(0, SIZE)
     client.submit(Command.READ, 0, 0, SIZE, sink)
     assert await sink.future is None
     assert bytes(sink.buffer) == content
-    holes = [(o, n) for kind, o, n in sink.kinds if kind == "hole"]
+    holes = [(o, n) for kind, o, n in sink.chunks if kind == "hole"]
     assert (1 * MiB, 2 * MiB) in holes  # the hole between the first two data runs
     # Odd ranges across data and holes.
     for offset, length in [(1 * MiB - 512, 1024), (3 * MiB + 60 * KiB, 8 * KiB), (SIZE - 1, 1)]:

@@ -1,8 +1,6 @@
 """Fixtures for the protocol tests: a sparse test image and a live in-process server."""
 
 import asyncio
-import os
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from nbdsrv.exports.export import Segment
 from nbdsrv.exports.file import FileExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.server import NBDServer
+from tests.sparse_file import write_sparse
 
 IMAGE_SIZE = 1 << 20
 # (offset, length) of the data runs; the rest of the image is a hole.
@@ -23,16 +22,8 @@ DATA_RUNS = [(0, 65536), (524288, 65536), (1048576 - 4096, 4096)]
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[str, bytes]:
     """A sparse 1 MiB file and its contents."""
-    rng = random.Random(20240601)
-    content = bytearray(IMAGE_SIZE)
     path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-        for offset, length in DATA_RUNS:
-            data = rng.randbytes(length)
-            content[offset : offset + length] = data
-            os.pwrite(f.fileno(), data, offset)
-    return str(path), bytes(content)
+    return str(path), write_sparse(path, IMAGE_SIZE, DATA_RUNS, seed=20240601)
 
 
 class GatedExport(FileExport):

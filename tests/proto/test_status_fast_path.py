@@ -19,6 +19,7 @@ from nbdsrv.exports.dirty_runs import DirtyRuns
 from nbdsrv.proto.constants import MAX_BLOCK_STATUS_EXTENTS
 from nbdsrv.proto.extents import StatusSource
 from nbdsrv.proto.server import Request, ServerConnection
+from tests.extents import merged
 
 from . import spec
 from .harness import FakeCatalog, FakeExport, Outcome, feed, negotiate
@@ -83,16 +84,6 @@ def general(conn: ServerConnection, data: bytes) -> Outcome:
         ]
         replies += conn.block_status_reply(event, per_context)
     return Outcome([], bytes(replies), out.error)
-
-
-def merged(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for n, f in extents:
-        if out and out[-1][1] == f:
-            out[-1] = (out[-1][0] + n, f)
-        else:
-            out.append((n, f))
-    return out
 
 
 def check_against_the_bitmap(

@@ -9,18 +9,9 @@ from hypothesis import strategies as st
 from nbdsrv.exports import dirty_runs
 from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.dirty_runs import DirtyRuns
+from tests.extents import merged
 
 K = 1024
-
-
-def merged(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for n, f in extents:
-        if out and out[-1][1] == f:
-            out[-1] = (out[-1][0] + n, f)
-        else:
-            out.append((n, f))
-    return out
 
 
 def unpack(data: bytes, extended: bool) -> list[tuple[int, int]]:
