@@ -319,6 +319,22 @@ class NBDClient:
             assert self._link.transport is not None
             self._link.transport.write(data)
 
+    def forward(self, data: bytes, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
+        """Send READs as another client wrote them: ``data`` is their requests, in this
+        connection's header form, and ``reads`` says ``(cookie, offset, length, sink)`` of
+        each. False, with nothing sent, when a cookie is in flight already. Raises
+        ConnectionClosed once the connection is gone."""
+        if self._link.closed is not None:
+            raise ConnectionClosed(f"connection closed: {self._link.closed}")
+        if not self._core.forwarded(reads):
+            return False
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            assert self._link.transport is not None
+            self._link.transport.write(data)
+        return True
+
     def cork(self) -> None:
         """Hold requests until :meth:`uncork`, to send a burst in one write."""
         if self._corked is None:

@@ -30,15 +30,23 @@ from collections.abc import Callable, Sequence
 
 from ..exports.export import Export
 from ..proto import wire
-from ..proto.constants import Command, CommandFlag, Errno, ReplyFlag, ReplyType
+from ..proto.constants import (
+    STRUCTURED_REPLY_MAGIC,
+    Command,
+    CommandFlag,
+    Errno,
+    ReplyFlag,
+    ReplyType,
+)
 from ..proto.errors import ReplyError
 from ..proto.server import Request, ServerConnection
 from .client import ConnectionClosed, NBDClient
-from .direct_writer import SPLICE_FLAGS, DirectWriter, PipeRange
+from .direct_writer import SPLICE_FLAGS, DirectWriter
 
 _DONE = int(ReplyFlag.DONE)
 _DF = int(CommandFlag.DF)
 _OFFSET_SIZE = wire.OFFSET_DATA.size
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 # The pipe between QEMU's socket and the client's: 1 MiB is what an unprivileged process
 # may ask for (fs.pipe-max-size); a reply chunk goes through in one or a few pieces.
 PIPE_SIZE = 1024 * 1024
@@ -73,6 +81,16 @@ class ReadRelay:
         self._pipe: tuple[int, int] | None = None
         self._pipe_size = 0
         self._unqueued = 0  # bytes of the current chunk in the pipe, not queued yet
+        self.compact = not core.extended  # the client's chunk headers
+        self.forwards = (
+            writer is not None
+            and core.structured
+            and self.compact
+            and upstream.structured
+            and not upstream.extended
+        )
+        """Whether plain READs may go through :meth:`forward`: replies are spliced, and
+        both ends speak structured replies with compact headers."""
         if writer is not None:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             with contextlib.suppress(OSError):
@@ -102,6 +120,21 @@ class ReadRelay:
         except ConnectionClosed as e:
             # Never call back into the connection from inside its own start of the request.
             asyncio.get_running_loop().call_soon(sink.done, e)
+
+    def forward(self, data: bytes, requests: list[Request]) -> bool:
+        """Relay plain READs (``requests``, parsed from ``data``; see :attr:`forwards`) by
+        sending ``data`` upstream as it is: same cookies, same header form, no request built
+        again. False, with nothing sent, when they need :meth:`read` (the export refuses,
+        a cookie is in flight, the upstream link is gone)."""
+        writer = self.writer
+        assert self.forwards and writer is not None
+        if self.export.closed or self.export.broken() is not None:
+            return False
+        reads = [(r.cookie, r.offset, r.length, _Spliced(self, r, writer)) for r in requests]
+        try:
+            return self.upstream.forward(data, reads)
+        except ConnectionClosed:
+            return False
 
     def cork(self) -> None:
         self.upstream.cork()
@@ -160,7 +193,7 @@ class ReadRelay:
 
     def _queue_unqueued(self, writer: DirectWriter, read_end: int) -> None:
         if self._unqueued:
-            writer.stream([PipeRange(read_end, self._unqueued)])
+            writer.stream_pipe(read_end, self._unqueued)
             self._unqueued = 0
 
     def refusal(self) -> tuple[Errno, str] | None:
@@ -219,19 +252,19 @@ class _Streamed(_Read):
 
     def __init__(self, relay: ReadRelay, request: Request) -> None:
         super().__init__(relay, request)
-        self.prefix = relay.core.chunk_header_size + wire.OFFSET_DATA.size
         self.buffer: bytearray | None = None
         self.held: bytearray | None = None  # the last complete chunk, not sent yet
 
     def data_buffer(self, offset: int, length: int) -> memoryview:
-        self.buffer = bytearray(self.prefix + length)
-        return memoryview(self.buffer)[self.prefix :]
+        prefix = self.relay.core.chunk_header_size + _OFFSET_SIZE
+        self.buffer = bytearray(prefix + length)
+        return memoryview(self.buffer)[prefix:]
 
     def data(self, offset: int, length: int) -> None:
         chunk, self.buffer = self.buffer, None
         assert chunk is not None
         core = self.relay.core
-        chunk[: self.prefix] = core.chunk_header(
+        chunk[: core.chunk_header_size + _OFFSET_SIZE] = core.chunk_header(
             self.request, 0, ReplyType.OFFSET_DATA, wire.OFFSET_DATA.size + length
         ) + wire.OFFSET_DATA.pack(offset)
         self._hold(chunk)
@@ -273,7 +306,13 @@ class _Spliced(_Streamed):
     dropped, holes, simple replies from upstream) goes as in _Streamed."""
 
     def __init__(self, relay: ReadRelay, request: Request, writer: DirectWriter) -> None:
-        super().__init__(relay, request)
+        # One is made for every READ: the attributes of _Read and _Streamed set here, not
+        # through a chain of __init__ calls.
+        self.relay = relay
+        self.request = request
+        self.error: tuple[Errno, str] | None = None
+        self.buffer: bytearray | None = None
+        self.held: bytearray | None = None
         self.writer = writer
         self.streaming = False  # a data chunk is half sent
         self.ended = False  # a chunk with DONE was sent
@@ -284,9 +323,21 @@ class _Spliced(_Streamed):
         if self.error is not None or error is not None:
             return False  # received and dropped: done() sends the error
         held, self.held = self.held, None
-        head = self.relay.core.chunk_header(
-            self.request, _DONE if last else 0, ReplyType.OFFSET_DATA, _OFFSET_SIZE + length
-        ) + wire.OFFSET_DATA.pack(offset)
+        flags = _DONE if last else 0
+        request = self.request
+        if self.relay.compact:
+            head = wire.DATA_CHUNK.pack(
+                STRUCTURED_REPLY_MAGIC,
+                flags,
+                _OFFSET_DATA,
+                request.cookie,
+                _OFFSET_SIZE + length,
+                offset,
+            )
+        else:
+            head = self.relay.core.chunk_header(
+                request, flags, _OFFSET_DATA, _OFFSET_SIZE + length
+            ) + wire.OFFSET_DATA.pack(offset)
         self.relay.begin_chunk(self.writer, head if held is None else bytes(held) + head)
         self.streaming = True
         self.ended = last

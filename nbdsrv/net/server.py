@@ -199,7 +199,11 @@ class NBDConnection(asyncio.Protocol):
         self._lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._sources is None or not self._answered_at_once(data):
+        relay = self._relay
+        if relay is not None and relay.forwards:
+            if not self._forwarded_at_once(relay, data):
+                self._receive(data)
+        elif self._sources is None or not self._answered_at_once(data):
             self._receive(data)
         self._last_activity = self._loop.time()  # after: the reply goes out first
 
@@ -336,6 +340,33 @@ class NBDConnection(asyncio.Protocol):
         if self._server.on_request is not None:
             for _ in range(count):
                 self._server.on_request(export.name, "BLOCK_STATUS", 0)
+        return True
+
+    def _forwarded_at_once(self, relay: ReadRelay, data: bytes) -> bool:
+        """Plain READs relayed straight from the received bytes when they hold only such
+        requests, nothing else waits and the limits leave room for all of them: no event,
+        no _pump; the general path would relay the same requests."""
+        if self._pending or self._writing_paused or self._closing or self._server.stopping:
+            return False
+        requests = self._core.read_requests(data)
+        if requests is None:
+            return False
+        count = len(requests)
+        busy = self._busy() + count
+        if busy > self._policy.max_in_flight:
+            return False
+        cost = sum(request.length for request in requests)
+        if busy > 1 and (  # as _may_start: one request may start when nothing else runs
+            self._in_flight_bytes + cost + self._unsent() > self._policy.max_buffered
+        ):
+            return False
+        if not relay.forward(data, requests):
+            return False
+        self.requests += count
+        self._relayed += count
+        self._in_flight_bytes += cost
+        if busy >= self._policy.max_in_flight:
+            self._update_reading()
         return True
 
     def _pump(self) -> None:

@@ -48,6 +48,8 @@ from .extents import Extent
 MAX_OPTION_REPLY = 64 * 1024 * 1024
 MAX_CHUNK_PAYLOAD = 64 * 1024 * 1024
 _DONE = int(ReplyFlag.DONE)  # an int: & with the IntFlag goes through enum's slow path
+_READ = int(Command.READ)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 
 
 def parse_greeting(data: bytes) -> HandshakeFlag:
@@ -300,14 +302,18 @@ class ReplySink(Protocol):
         """The reply is complete: success, or the error that ends the request."""
 
 
-@dataclass
 class _Pending:
-    command: int
-    offset: int
-    length: int
-    sink: ReplySink
-    covered: list[tuple[int, int]] = field(default_factory=list)
-    error: ReplyError | None = None
+    """A request in flight (a plain class with slots: one is made for every request)."""
+
+    __slots__ = ("command", "covered", "error", "length", "offset", "sink")
+
+    def __init__(self, command: int, offset: int, length: int, sink: ReplySink) -> None:
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.sink = sink
+        self.covered: list[tuple[int, int]] = []
+        self.error: ReplyError | None = None
 
     def fail(self, message: str, code: int = Errno.EIO) -> None:
         if self.error is None:
@@ -383,6 +389,19 @@ class Transmission:
         self._pending[cookie] = _Pending(command, offset, length, sink)
         return request(cookie, command, flags, offset, length, extended=self.extended)
 
+    def forwarded(self, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
+        """Register READs ``(cookie, offset, length, sink)`` whose request bytes the caller
+        sends itself (forwarded as another client wrote them); False, with none of them
+        registered, when a cookie is in flight already."""
+        pending = self._pending
+        for i, (cookie, offset, length, sink) in enumerate(reads):
+            if cookie in pending:
+                for taken in reads[:i]:
+                    del pending[taken[0]]
+                return False
+            pending[cookie] = _Pending(_READ, offset, length, sink)
+        return True
+
     def disconnect(self) -> bytes:
         return request(0, Command.DISC, 0, 0, 0, extended=self.extended)
 
@@ -418,8 +437,10 @@ class Transmission:
         if self.passing:
             return
         self._pending[self._cookie].sink.data(self._data_at, self._data_length)
-        self._chunk_end(memoryview(b""))
-        self._parse_staged()
+        if self._chunk_flags & _DONE:
+            self._complete(self._cookie)
+        if self._staged:
+            self._parse_staged()
 
     def feed(self, data: bytes) -> None:
         """Bytes received some other way (e.g. right after the handshake)."""
@@ -469,6 +490,8 @@ class Transmission:
             if magic == SIMPLE_REPLY_MAGIC:
                 self._simple_reply()
             elif magic == STRUCTURED_REPLY_MAGIC:
+                if self._staged == wire.DATA_CHUNK.size and self.passthrough and self._whole():
+                    return
                 if self._staged < wire.STRUCTURED_REPLY.size:
                     return
                 _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack_from(self._stage)
@@ -476,6 +499,34 @@ class Transmission:
                 self._chunk(cookie, flags, rtype, length)
             else:
                 raise ProtocolError(f"bad reply magic 0x{magic:x}")
+
+    def _whole(self) -> bool:
+        """The fast path of a pass-through reader: the staged bytes are exactly the header
+        and offset of one data chunk that is the whole reply to a READ (DONE, covering its
+        request), and its sink passes the payload through. Anything else: False, the
+        general parse follows."""
+        _, flags, rtype, cookie, length, offset = wire.DATA_CHUNK.unpack_from(self._stage)
+        pending = self._pending.get(cookie)
+        if (
+            rtype != _OFFSET_DATA
+            or flags != _DONE
+            or pending is None
+            or pending.covered
+            or pending.error is not None
+            or offset != pending.offset
+            or length <= wire.OFFSET_DATA.size
+            or length - wire.OFFSET_DATA.size != pending.length
+            or pending.command != _READ
+        ):
+            return False
+        if not pending.sink.pass_data(offset, pending.length, True, None):
+            return False
+        self._staged = 0
+        self._cookie, self._chunk_flags = cookie, flags
+        self._data_at = offset
+        self._data_length = self.passing = pending.length
+        pending.covered.append((offset, pending.length))
+        return True
 
     def _extended_header(self) -> None:
         magic, flags, rtype, cookie, _, length = wire.EXTENDED_REPLY.unpack(

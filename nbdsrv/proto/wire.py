@@ -36,6 +36,8 @@ EXTENDED_REPLY = struct.Struct(">IHHQQQ")
 
 # NBD_REPLY_TYPE_OFFSET_DATA payload prefix:  offset(8)  data
 OFFSET_DATA = struct.Struct(">Q")
+# An OFFSET_DATA chunk's header with its offset, in one pack (structured, compact headers).
+DATA_CHUNK = struct.Struct(">IHHQIQ")
 # NBD_REPLY_TYPE_OFFSET_HOLE payload:  offset(8) hole_size(4)
 OFFSET_HOLE = struct.Struct(">QI")
 # NBD_REPLY_TYPE_BLOCK_STATUS:  context_id(4) {length(4) status(4)}*
