@@ -1,0 +1,170 @@
+"""The relay's fast path on a real socket: plain READs are forwarded upstream as the client
+wrote them and whole replies spliced back; every other request, and READs the limits or the
+export hold back, take the general path — with the same bytes for the client either way.
+The upstream is the scripted fake of test_relay (QEMU 7.2's header forms)."""
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbdsrv.net.client import NBDClient
+from nbdsrv.net.relay import ReadRelay
+from nbdsrv.net.server import NBDConnection, ServerPolicy
+from nbdsrv.proto.constants import Command, CommandFlag
+from tests.net.recorder import Recorder
+from tests.net.test_relay import DATA, HOLE, SIZE, Setup, run, split_plan
+
+__all__ = ["run"]  # the fixture, used by name
+
+KiB = 1024
+
+
+class Forwards:
+    """Counts the READs each path took, by wrapping the relay's two entries."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.forwarded = 0
+        self.general = 0
+        forward, read = ReadRelay.forward, ReadRelay.read
+
+        def counting_forward(relay: ReadRelay, data: bytes, requests: list[Any]) -> bool:
+            taken = forward(relay, data, requests)
+            self.forwarded += len(requests) if taken else 0
+            return taken
+
+        def counting_read(relay: ReadRelay, request: Any) -> None:
+            self.general += 1
+            read(relay, request)
+
+        monkeypatch.setattr(ReadRelay, "forward", counting_forward)
+        monkeypatch.setattr(ReadRelay, "read", counting_read)
+
+
+def test_plain_reads_are_forwarded_and_rebuild_the_data(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = Forwards(monkeypatch)
+
+    async def main() -> None:
+        async with Setup(tmp_path, split_plan) as s:
+            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+            # The first READ opens the upstream connection (general path), then the rest.
+            assert await client.read(0, 4096) == DATA[:4096]
+            parts = await asyncio.gather(
+                *(client.read(o, 64 * KiB) for o in range(0, SIZE, 64 * KiB))
+            )
+            # Across the zero region, whose reply comes as data and hole chunks.
+            middle = await client.read(HOLE[0] - 4 * KiB, HOLE[1] + 8 * KiB)
+            await client.close()
+            assert hashlib.sha256(b"".join(parts)).digest() == hashlib.sha256(DATA).digest()
+            assert middle == DATA[HOLE[0] - 4 * KiB : HOLE[0] + HOLE[1] + 4 * KiB]
+
+    run(main())
+    assert paths.forwarded >= SIZE // (64 * KiB)
+    assert paths.general == 1
+
+
+def test_holes_in_a_forwarded_read_still_pass_as_holes(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = Forwards(monkeypatch)
+
+    async def main() -> None:
+        async with Setup(tmp_path, split_plan) as s:
+            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+            assert await client.read(0, 512) == DATA[:512]
+            sink = Recorder(0, SIZE)
+            client.submit(Command.READ, 0, 0, SIZE, sink)
+            assert await sink.future is None
+            await client.close()
+            assert ("hole", HOLE[0], HOLE[1]) in sink.chunks
+            assert bytes(sink.buffer) == DATA
+
+    run(main())
+    assert paths.forwarded == 1
+
+
+def test_a_burst_with_other_requests_takes_the_general_path(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = Forwards(monkeypatch)
+
+    async def main() -> None:
+        async with Setup(tmp_path, split_plan) as s:
+            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+            assert await client.read(0, 512) == DATA[:512]
+            client.cork()  # one write: READ, DF READ, CACHE, READ
+            futures = [
+                asyncio.ensure_future(client.read(0, 64 * KiB)),
+                asyncio.ensure_future(client.read(64 * KiB, 64 * KiB, flags=CommandFlag.DF)),
+                asyncio.ensure_future(client.request(Command.CACHE, 0, 0, 4096)),
+                asyncio.ensure_future(client.read(128 * KiB, 64 * KiB)),
+            ]
+            await asyncio.sleep(0)  # every request submitted
+            client.uncork()
+            first, second, cached, third = await asyncio.gather(*futures)
+            assert first + second + third == DATA[: 192 * KiB]
+            assert cached is None
+            await client.close()
+
+    run(main())
+    assert paths.forwarded == 0
+    assert paths.general == 4
+
+
+def test_the_in_flight_limit_holds_for_forwarded_reads(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 READs in one write to a server that serves 4 at a time: the burst goes the general
+    path (queued, started as others finish); never more than 4 relayed at once."""
+    paths = Forwards(monkeypatch)
+    most = [0]
+    relayed_done = NBDConnection._relayed_done
+
+    def watching(connection: NBDConnection, *args: Any) -> None:
+        most[0] = max(most[0], connection._relayed)
+        relayed_done(connection, *args)
+
+    monkeypatch.setattr(NBDConnection, "_relayed_done", watching)
+
+    async def main() -> None:
+        async with Setup(tmp_path, split_plan) as s:
+            s.server.policy = ServerPolicy(max_in_flight=4)
+            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+            assert await client.read(0, 512) == DATA[:512]
+            client.cork()
+            futures = [
+                asyncio.ensure_future(client.read(o, 64 * KiB)) for o in range(0, SIZE, 64 * KiB)
+            ]
+            await asyncio.sleep(0)
+            client.uncork()
+            assert b"".join(await asyncio.gather(*futures)) == DATA
+            await client.close()
+
+    run(main())
+    assert paths.forwarded == 0
+    assert 1 < most[0] <= 4
+
+
+def test_reads_after_the_session_failed_are_refused_by_the_general_path(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = Forwards(monkeypatch)
+
+    async def main() -> None:
+        async with Setup(tmp_path, split_plan) as s:
+            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+            assert await client.read(0, 512) == DATA[:512]
+            assert await client.read(512, 512) == DATA[512:1024]
+            s.export.fail("point in time lost")
+            with pytest.raises(Exception, match="point in time lost"):
+                await client.read(0, 4096)
+            await client.close()
+
+    run(main())
+    assert paths.forwarded == 1
+    assert paths.general == 2
