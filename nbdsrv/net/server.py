@@ -443,15 +443,19 @@ class NBDConnection(asyncio.Protocol):
                 self._writer.close()
             self._transport.close()
 
+    def _full(self) -> bool:
+        """Too many requests in flight to read more. Reading stops at ``max_in_flight`` and
+        starts again at half of it, so that a client that keeps the limit filled (nbdcopy:
+        64 requests a connection) does not flip reading off and on with every reply."""
+        limit = self._policy.max_in_flight
+        return self._busy() >= (limit if not self._reading_paused else limit // 2 + 1)
+
     def _update_reading(self) -> None:
         assert self._transport is not None
         if self._tls_handshake:
             return  # the raw transport belongs to the TLS handshake now
         want_pause = (
-            self._writing_paused
-            or bool(self._pending)
-            or self._core.backlog
-            or self._busy() >= self._policy.max_in_flight
+            self._writing_paused or bool(self._pending) or self._core.backlog or self._full()
         )
         if want_pause and not self._reading_paused:
             self._transport.pause_reading()
@@ -702,7 +706,7 @@ class NBDConnection(asyncio.Protocol):
         if error is not None and error[0] != Errno.ESHUTDOWN:
             self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
         self._last_activity = self._loop.time()
-        if self._pending or self._reading_paused or self._core.backlog:
+        if self._pending or self._core.backlog or (self._reading_paused and not self._full()):
             self._pump()
         if self._closing:
             self._close_when_idle()
