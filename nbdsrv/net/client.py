@@ -136,14 +136,17 @@ class _Link(asyncio.BufferedProtocol):
         try:
             for _ in range(DIRECT_READS_PER_WAKEUP):
                 if core.passing:
-                    n = mover(sock.fileno(), core.passing)
+                    wanted = core.passing
+                    n = mover(sock.fileno(), wanted)
                     if n is None:
                         self._pause_reading()
                         return
                     if n:
                         core.passed(n)
                 else:
-                    n = sock.recv_into(core.get_buffer())
+                    buffer = core.get_buffer()
+                    wanted = len(buffer)
+                    n = sock.recv_into(buffer)
                     if n:
                         core.buffer_updated(n)
                 if not n:
@@ -152,7 +155,9 @@ class _Link(asyncio.BufferedProtocol):
                 if self._drained is not None and not len(core):
                     self._drained.set_result(None)
                     self._drained = None
-                if self.closed is not None:
+                if self.closed is not None or n < wanted:
+                    # Less than asked for: the socket is (almost always) empty now; the
+                    # next wake-up goes on, without a read that would only fail.
                     return
         except BlockingIOError:
             pass
