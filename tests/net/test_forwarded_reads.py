@@ -4,8 +4,9 @@ export hold back, take the general path — with the same bytes for the client e
 The upstream is the scripted fake of test_relay (QEMU 7.2's header forms)."""
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from nbdsrv.net.client import NBDClient
 from nbdsrv.net.relay import ReadRelay
 from nbdsrv.net.server import NBDConnection, ServerPolicy
 from nbdsrv.proto.constants import Command, CommandFlag
+from nbdsrv.proto.errors import ReplyError
 from tests.net.recorder import Recorder
 from tests.net.test_relay import DATA, HOLE, SIZE, Setup, run, split_plan
 
@@ -44,22 +46,34 @@ class Forwards:
         monkeypatch.setattr(ReadRelay, "read", counting_read)
 
 
+@contextlib.asynccontextmanager
+async def attached(
+    tmp_path: Path, policy: ServerPolicy | None = None
+) -> AsyncIterator[tuple[Setup, NBDClient]]:
+    """A session export in front of the fake upstream, and a client (structured replies,
+    compact headers) whose first READ — taken by the general path — has opened the
+    connection's upstream link; closed at the end."""
+    async with Setup(tmp_path, split_plan) as s:
+        if policy is not None:
+            s.server.policy = policy
+        client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+        assert await client.read(0, 512) == DATA[:512]
+        yield s, client
+        await client.close()
+
+
 def test_plain_reads_are_forwarded_and_rebuild_the_data(
     run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = Forwards(monkeypatch)
 
     async def main() -> None:
-        async with Setup(tmp_path, split_plan) as s:
-            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
-            # The first READ opens the upstream connection (general path), then the rest.
-            assert await client.read(0, 4096) == DATA[:4096]
+        async with attached(tmp_path) as (_, client):
             parts = await asyncio.gather(
                 *(client.read(o, 64 * KiB) for o in range(0, SIZE, 64 * KiB))
             )
             # Across the zero region, whose reply comes as data and hole chunks.
             middle = await client.read(HOLE[0] - 4 * KiB, HOLE[1] + 8 * KiB)
-            await client.close()
             assert hashlib.sha256(b"".join(parts)).digest() == hashlib.sha256(DATA).digest()
             assert middle == DATA[HOLE[0] - 4 * KiB : HOLE[0] + HOLE[1] + 4 * KiB]
 
@@ -74,13 +88,10 @@ def test_holes_in_a_forwarded_read_still_pass_as_holes(
     paths = Forwards(monkeypatch)
 
     async def main() -> None:
-        async with Setup(tmp_path, split_plan) as s:
-            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
-            assert await client.read(0, 512) == DATA[:512]
+        async with attached(tmp_path) as (_, client):
             sink = Recorder(0, SIZE)
             client.submit(Command.READ, 0, 0, SIZE, sink)
             assert await sink.future is None
-            await client.close()
             assert ("hole", HOLE[0], HOLE[1]) in sink.chunks
             assert bytes(sink.buffer) == DATA
 
@@ -94,9 +105,7 @@ def test_a_burst_with_other_requests_takes_the_general_path(
     paths = Forwards(monkeypatch)
 
     async def main() -> None:
-        async with Setup(tmp_path, split_plan) as s:
-            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
-            assert await client.read(0, 512) == DATA[:512]
+        async with attached(tmp_path) as (_, client):
             client.cork()  # one write: READ, DF READ, CACHE, READ
             futures = [
                 asyncio.ensure_future(client.read(0, 64 * KiB)),
@@ -109,7 +118,6 @@ def test_a_burst_with_other_requests_takes_the_general_path(
             first, second, cached, third = await asyncio.gather(*futures)
             assert first + second + third == DATA[: 192 * KiB]
             assert cached is None
-            await client.close()
 
     run(main())
     assert paths.forwarded == 0
@@ -132,10 +140,7 @@ def test_the_in_flight_limit_holds_for_forwarded_reads(
     monkeypatch.setattr(NBDConnection, "_relayed_done", watching)
 
     async def main() -> None:
-        async with Setup(tmp_path, split_plan) as s:
-            s.server.policy = ServerPolicy(max_in_flight=4)
-            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
-            assert await client.read(0, 512) == DATA[:512]
+        async with attached(tmp_path, ServerPolicy(max_in_flight=4)) as (_, client):
             client.cork()
             futures = [
                 asyncio.ensure_future(client.read(o, 64 * KiB)) for o in range(0, SIZE, 64 * KiB)
@@ -143,7 +148,6 @@ def test_the_in_flight_limit_holds_for_forwarded_reads(
             await asyncio.sleep(0)
             client.uncork()
             assert b"".join(await asyncio.gather(*futures)) == DATA
-            await client.close()
 
     run(main())
     assert paths.forwarded == 0
@@ -156,14 +160,11 @@ def test_reads_after_the_session_failed_are_refused_by_the_general_path(
     paths = Forwards(monkeypatch)
 
     async def main() -> None:
-        async with Setup(tmp_path, split_plan) as s:
-            client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
-            assert await client.read(0, 512) == DATA[:512]
+        async with attached(tmp_path) as (s, client):
             assert await client.read(512, 512) == DATA[512:1024]
             s.export.fail("point in time lost")
-            with pytest.raises(Exception, match="point in time lost"):
+            with pytest.raises(ReplyError, match="point in time lost"):
                 await client.read(0, 4096)
-            await client.close()
 
     run(main())
     assert paths.forwarded == 1

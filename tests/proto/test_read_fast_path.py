@@ -17,6 +17,7 @@ from nbdsrv.proto.client import Transmission
 from nbdsrv.proto.constants import MAX_READ_LENGTH, STRUCTURED_REPLY_MAGIC, ReplyFlag, ReplyType
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import ServerConnection
+from tests.net.recorder import Recorder
 
 from . import spec
 from .harness import DISK_SIZE, FakeCatalog, FakeExport, feed, negotiate
@@ -118,31 +119,21 @@ def hole_chunk(cookie: int, offset: int, length: int, flags: int = ReplyFlag.DON
     ) + wire.OFFSET_HOLE.pack(offset, length)
 
 
-class Passing:
+class Passing(Recorder):
     """A sink that takes every data payload it is offered as passed through (moved by the
-    I/O layer), and keeps how its reply ended."""
+    I/O layer), and keeps how its reply ended (no event loop here: no future)."""
 
-    def __init__(self) -> None:
-        self.offered: list[tuple[int, int, bool, ReplyError | None]] = []
+    def __init__(self, offset: int, length: int) -> None:
+        self.buffer = bytearray(length)
+        self.offset = offset
         self.chunks: list[tuple[str, int, int]] = []
+        self.offered: list[tuple[int, int, bool, ReplyError | None]] = []
         self.ended = False
         self.result: ReplyError | None = None
 
     def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
         self.offered.append((offset, length, last, error))
         return True
-
-    def data_buffer(self, offset: int, length: int) -> memoryview:
-        return memoryview(bytearray(length))  # a payload that is dropped
-
-    def data(self, offset: int, length: int) -> None:
-        self.chunks.append(("data", offset, length))
-
-    def hole(self, offset: int, length: int) -> None:
-        self.chunks.append(("hole", offset, length))
-
-    def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
-        pass
 
     def done(self, error: ReplyError | None) -> None:
         assert not self.ended
@@ -166,7 +157,7 @@ def receive(core: Transmission, data: bytes) -> None:
 
 def test_forwarded_reads_are_registered_all_or_none() -> None:
     core = transmission()
-    sinks = [Passing(), Passing(), Passing()]
+    sinks = [Passing(0, 4096), Passing(4096, 4096), Passing(8192, 4096)]
     assert core.forwarded([(7, 0, 4096, sinks[0])])
     # 7 is in flight: nothing of this burst is registered.
     assert not core.forwarded([(8, 4096, 4096, sinks[1]), (7, 8192, 4096, sinks[2])])
@@ -180,7 +171,7 @@ def test_forwarded_reads_are_registered_all_or_none() -> None:
 
 def test_a_whole_single_chunk_reply_is_passed_through() -> None:
     core = transmission()
-    sink = Passing()
+    sink = Passing(4096, 65536)
     assert core.forwarded([(3, 4096, 65536, sink)])
     receive(core, data_chunk(3, 4096, 65536) + DATA[:65536])
     assert sink.offered == [(4096, 65536, True, None)]
@@ -211,7 +202,7 @@ def test_other_replies_to_a_forwarded_read_take_the_general_path(
     reply: bytes, offered: list[tuple[int, int, bool, str | None]], error: str | None
 ) -> None:
     core = transmission()
-    sink = Passing()
+    sink = Passing(0, 8192)
     assert core.forwarded([(4, 0, 8192, sink)])
     receive(core, reply)
     assert [(o, n, last, e if e is None else "covered") for o, n, last, e in sink.offered] == [
