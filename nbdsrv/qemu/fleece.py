@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .chain import FORMAT_DRIVERS, discover_disks
+from .chain import FORMAT_DRIVERS, BlockState
 from .errors import QEMUError, QMPError
 from .images import scratch_file
 from .monitor import Monitor
@@ -124,18 +124,15 @@ class Switch:
     group: str = ""
 
 
-async def find_switches(monitor: Monitor, roots: Sequence[str] | None) -> dict[str, Switch]:
+def find_switches(state: BlockState, roots: Sequence[str] | None) -> dict[str, Switch]:
     """Disk id → how its writers' path can take a copy-before-write filter.
 
     Raises QEMUError (one line) for a disk nbdsrv cannot hold a point in time for."""
-    block = await monitor.execute("query-block")
-    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
-    exports = await monitor.execute("query-block-exports")
-    by_name = {str(n["node-name"]): n for n in nodes}
+    by_name = {str(n["node-name"]): n for n in state.nodes}
     switches: dict[str, Switch] = {}
-    for disk in await discover_disks(monitor, roots):
+    for disk in state.disks(roots):
         switches[disk.id] = _switch(
-            disk.id, disk.device, disk.qdev, disk.top, block, by_name, exports
+            disk.id, disk.device, disk.qdev, disk.top, state.block, by_name, state.exports
         )
     return switches
 
@@ -239,27 +236,30 @@ def plan_disk(
 # -- building -----------------------------------------------------------------------------
 
 
-async def add_filter(monitor: Monitor, plan: DiskPlan) -> None:
-    """The scratch node and the filter above the disk — not yet in anybody's path."""
-    await monitor.execute(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": plan.scratch_node,
-            "file": scratch_file(plan.scratch_file),
-        },
-    )
-    await monitor.execute(
-        "blockdev-add",
-        {
-            "driver": "copy-before-write",
-            "node-name": plan.cbw_node,
-            "file": plan.below,
-            "target": plan.scratch_node,
-            "on-cbw-error": "break-snapshot",
-            "cbw-timeout": CBW_TIMEOUT,
-        },
-    )
+def filter_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
+    """The scratch node and the filter above the disk — not yet in anybody's path (for
+    `Monitor.execute_many`: when the first fails the second fails too, harmlessly)."""
+    return [
+        (
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": plan.scratch_node,
+                "file": scratch_file(plan.scratch_file),
+            },
+        ),
+        (
+            "blockdev-add",
+            {
+                "driver": "copy-before-write",
+                "node-name": plan.cbw_node,
+                "file": plan.below,
+                "target": plan.scratch_node,
+                "on-cbw-error": "break-snapshot",
+                "cbw-timeout": CBW_TIMEOUT,
+            },
+        ),
+    ]
 
 
 async def run_state(monitor: Monitor) -> bool | None:
@@ -268,9 +268,16 @@ async def run_state(monitor: Monitor) -> bool | None:
     try:
         status = await monitor.execute("query-status")
     except QMPError as e:
-        if e.error_class == "CommandNotFound":
+        status = e
+    return run_state_of(status)
+
+
+def run_state_of(status: Any) -> bool | None:
+    """:func:`run_state` from the answer (or `QMPError`) of ``query-status``."""
+    if isinstance(status, QMPError):
+        if status.error_class == "CommandNotFound":
             return None
-        raise
+        raise status
     return bool(status.get("running"))
 
 
@@ -342,34 +349,28 @@ async def start_nbd_server(monitor: Monitor, socket_path: str) -> None:
         raise
 
 
-async def add_export(monitor: Monitor, plan: DiskPlan) -> None:
-    """The snapshot-access node and its read-only export with the frozen bitmaps."""
-    await monitor.execute(
-        "blockdev-add",
-        {"driver": "snapshot-access", "node-name": plan.access_node, "file": plan.cbw_node},
-    )
-    await monitor.execute(
-        "block-export-add",
-        {
-            "type": "nbd",
-            "id": plan.export,
-            "node-name": plan.access_node,
-            "name": plan.export,
-            "writable": False,
-            # The {node, name} form: the bitmaps are on the scratch node, not below the export.
-            "bitmaps": [{"node": plan.scratch_node, "name": name} for name in plan.bitmaps],
-        },
-    )
-
-
-async def bitmap_counts(monitor: Monitor, node: str) -> dict[str, int]:
-    """Dirty byte counts of the bitmaps on ``node``."""
-    for info in await monitor.execute("query-named-block-nodes", {"flat": True}):
-        if info.get("node-name") == node:
-            return {
-                b["name"]: int(b["count"]) for b in info.get("dirty-bitmaps", []) if "name" in b
-            }
-    return {}
+def export_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
+    """The snapshot-access node and its read-only export with the frozen bitmaps (for
+    `Monitor.execute_many`)."""
+    return [
+        (
+            "blockdev-add",
+            {"driver": "snapshot-access", "node-name": plan.access_node, "file": plan.cbw_node},
+        ),
+        (
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": plan.export,
+                "node-name": plan.access_node,
+                "name": plan.export,
+                "writable": False,
+                # The {node, name} form: the bitmaps are on the scratch node, not below the
+                # export.
+                "bitmaps": [{"node": plan.scratch_node, "name": name} for name in plan.bitmaps],
+            },
+        ),
+    ]
 
 
 # -- teardown -----------------------------------------------------------------------------

@@ -38,10 +38,9 @@ from ...backup.checkpoints import (
 )
 from ...backup.crash_points import crash_point
 from ...proto.constants import DIRTY_BITMAP_PREFIX
-from ...qemu import fleece
+from ...qemu import fleece, scratch_image
 from ...qemu.errors import QEMUError, QMPError
-from ...qemu.images import create_scratch_image
-from ...qemu.monitor import QMPEvent
+from ...qemu.monitor import QMPEvent, raise_first_error
 from ..base import (
     BrokenCallback,
     CheckpointRef,
@@ -74,7 +73,9 @@ class HeldPoint:
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
     """Fix one point in time over every disk of ``vm`` (hold ``vm.lock``)."""
-    state = await vm.chains()
+    # One look at QEMU (three queries in one round trip) serves the chains and the switches.
+    snapshot = await vm.block_state()
+    state = snapshot.chains(vm.roots)
     chain = vm.load_checked(state)
     reasons = assess(chain, state)
     wanted = wanted_checkpoints(chain, reasons, request.from_checkpoint, request.all_checkpoints)
@@ -87,7 +88,7 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             )
         except CheckpointError as e:
             raise CheckpointError(f"{e}; --no-checkpoint backs up without creating one") from e
-    switches = await fleece.find_switches(vm.monitor, vm.roots)
+    switches = fleece.find_switches(snapshot, vm.roots)
     async with contextlib.aclosing(await vm.quiescer(request.quiesce)) as quiescer:
         os.makedirs(vm.scratch_dir, mode=0o700, exist_ok=True)
         plan = fleece.FleecePlan(
@@ -107,8 +108,13 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             if plan.start_nbd_server:
                 await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
             for disk in plan.disks:
-                await create_scratch_image(disk.scratch_file, disk.size)
-                await fleece.add_filter(vm.monitor, disk)
+                await scratch_image.create(disk.scratch_file, disk.size)
+            # Every disk's scratch node and filter, and the run state, in one round trip.
+            filters = [c for d in plan.disks for c in fleece.filter_commands(d)]
+            added = await vm.monitor.execute_many([*filters, ("query-status", None)])
+            raise_first_error(added[:-1])
+            running = fleece.run_state_of(added[-1])
+            crash_point("backup-begin:after-filters")
             held.unsubscribe = vm.monitor.subscribe("BLOCK_EXPORT_DELETED", _export_event(held))
             freeze = [a for d in plan.disks for a in fleece.freeze_actions(d)]
             # The next checkpoint's bitmap is added before the switch and the old one
@@ -117,7 +123,6 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             # for its guest (whose vCPUs then issue nothing) they are exact.
             adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
             rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
-            running = await fleece.run_state(vm.monitor)
             op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
             try:
                 async with quiescer.frozen(), _paused(vm, held, running):
@@ -131,13 +136,16 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             except QuiesceError:
                 vm.store.clear_intent()  # the freeze failed before anything was done
                 raise
-            for disk in plan.disks:
-                await fleece.add_export(vm.monitor, disk)
+            raise_first_error(
+                await vm.monitor.execute_many(
+                    [c for d in plan.disks for c in fleece.export_commands(d)]
+                )
+            )
             crash_point("backup-begin:after-exports")
-            counts = {d.scratch_node: await fleece.bitmap_counts(vm.monitor, d.scratch_node)
-                      for d in plan.disks}  # fmt: skip
+            after = await vm.block_state()
+            counts = {d.scratch_node: after.bitmap_counts(d.scratch_node) for d in plan.disks}
             # The new checkpoint's counts are the baseline for third-party checks from now.
-            await vm.remember_counts()
+            await vm.remember_counts(after)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             with contextlib.suppress(QEMUError):
