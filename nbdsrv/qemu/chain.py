@@ -117,18 +117,24 @@ class BlockState:
         return {}
 
 
-async def query_block_state(monitor: Monitor) -> BlockState:
-    """The three queries, sent together (QEMU answers them in order, one after the other)."""
-    results = await monitor.execute_many(
-        [
-            ("query-block", None),
-            ("query-named-block-nodes", {"flat": True}),
-            ("query-block-exports", None),
-        ]
-    )
+# What BlockState is made of: for `Monitor.execute_many`, alone or after other commands.
+STATE_QUERIES: tuple[tuple[str, Mapping[str, object] | None], ...] = (
+    ("query-block", None),
+    ("query-named-block-nodes", {"flat": True}),
+    ("query-block-exports", None),
+)
+
+
+def block_state_of(results: Sequence[Any]) -> BlockState:
+    """The BlockState from the answers to STATE_QUERIES (the first QMPError raised)."""
     raise_first_error(results)
     block, nodes, exports = results
     return BlockState(block, nodes, exports)
+
+
+async def query_block_state(monitor: Monitor) -> BlockState:
+    """The three queries, sent together (QEMU answers them in order, one after the other)."""
+    return block_state_of(await monitor.execute_many(STATE_QUERIES))
 
 
 async def discover_disks(monitor: Monitor, roots: Sequence[str] | None = None) -> list[Disk]:

@@ -39,6 +39,7 @@ from ...backup.checkpoints import (
 from ...backup.crash_points import crash_point
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece, scratch_image
+from ...qemu.chain import STATE_QUERIES, block_state_of
 from ...qemu.errors import QEMUError, QMPError
 from ...qemu.monitor import QMPEvent, raise_first_error
 from ..base import (
@@ -136,13 +137,13 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             except QuiesceError:
                 vm.store.clear_intent()  # the freeze failed before anything was done
                 raise
-            raise_first_error(
-                await vm.monitor.execute_many(
-                    [c for d in plan.disks for c in fleece.export_commands(d)]
-                )
-            )
+            # The exports, and a look at QEMU after them (the counts of the frozen bitmaps),
+            # in one round trip.
+            exports = [c for d in plan.disks for c in fleece.export_commands(d)]
+            answers = await vm.monitor.execute_many([*exports, *STATE_QUERIES])
+            raise_first_error(answers[: len(exports)])
             crash_point("backup-begin:after-exports")
-            after = await vm.block_state()
+            after = block_state_of(answers[len(exports) :])
             counts = {d.scratch_node: after.bitmap_counts(d.scratch_node) for d in plan.disks}
             # The new checkpoint's counts are the baseline for third-party checks from now.
             await vm.remember_counts(after)
