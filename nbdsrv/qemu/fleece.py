@@ -37,7 +37,7 @@ from typing import Any
 from .chain import FORMAT_DRIVERS, BlockState
 from .errors import QEMUError, QMPError
 from .images import scratch_file
-from .monitor import Monitor
+from .monitor import Monitor, raise_first_error
 
 log = logging.getLogger(__name__)
 
@@ -388,12 +388,16 @@ async def _gone(monitor: Monitor, query: str, key: str, value: str, timeout: flo
         await asyncio.sleep(0.02)
 
 
-async def _quietly(monitor: Monitor, command: str, arguments: Mapping[str, Any]) -> None:
-    """Run a teardown command; "not found" means it is already gone."""
-    try:
-        await monitor.execute(command, arguments)
-    except QMPError as e:
-        log.debug("%s: %s (already gone?)", command, e.desc)
+async def _quietly(
+    monitor: Monitor, commands: Sequence[tuple[str, Mapping[str, Any] | None]]
+) -> list[Any]:
+    """Run teardown commands in one round trip (`Monitor.execute_many`); their answers. A
+    refused one is logged and passed over: "not found" means it is already gone."""
+    answers = await monitor.execute_many(commands)
+    for (command, _), answer in zip(commands, answers, strict=True):
+        if isinstance(answer, QMPError):
+            log.debug("%s: %s (already gone?)", command, answer.desc)
+    return answers
 
 
 def _below_now(disk: DiskPlan, nodes: Sequence[Mapping[str, Any]]) -> str:
@@ -410,16 +414,20 @@ def _below_now(disk: DiskPlan, nodes: Sequence[Mapping[str, Any]]) -> str:
     return disk.below
 
 
-async def _switch_out(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
-    """Take the filters out of the writers' path (only where they are in it)."""
-    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+def _switch_out(
+    disks: Sequence[DiskPlan],
+    nodes: Sequence[Mapping[str, Any]],
+    block: Sequence[Mapping[str, Any]],
+) -> list[tuple[str, Mapping[str, Any] | None]]:
+    """The commands that take the filters out of the writers' path (only where they are in
+    it), from what query-named-block-nodes and query-block show now."""
     names = {str(n["node-name"]) for n in nodes}
-    block = await monitor.execute("query-block")
     on_filter = {
         str(e.get("qdev"))
         for e in block
         if (e.get("inserted") or {}).get("node-name") in {d.cbw_node for d in disks}
     }
+    commands: list[tuple[str, Mapping[str, Any] | None]] = []
     reopen = []
     for disk in disks:
         if not disk.cbw_node or disk.cbw_node not in names:
@@ -428,54 +436,90 @@ async def _switch_out(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
         if disk.switch == SWITCH_QDEV and any(
             disk.switch_target in (q, f"/machine/peripheral/{q}") for q in on_filter
         ):
-            await _quietly(
-                monitor,
-                "qom-set",
-                {"path": disk.switch_target, "property": "drive", "value": below},
+            commands.append(
+                ("qom-set", {"path": disk.switch_target, "property": "drive", "value": below})
             )
         elif disk.switch == SWITCH_REOPEN:
             reopen.append(_throttle(disk, below))
     if reopen:
-        await _quietly(monitor, "blockdev-reopen", {"options": reopen})
+        commands.append(("blockdev-reopen", {"options": reopen}))
+    return commands
 
 
 def _our_nodes(plan: FleecePlan) -> set[str]:
     return {n for d in plan.disks for n in (d.access_node, d.cbw_node, d.scratch_node) if n}
 
 
+async def _dismantle(
+    monitor: Monitor, plan: FleecePlan, timeout: float, *, stop_nbd_server: bool
+) -> Sequence[Mapping[str, Any]]:
+    """Take ``plan`` out of QEMU, newest first, in the only order QEMU allows (export,
+    snapshot-access node, filter out of the path, filter, scratch node), in three round
+    trips; query-named-block-nodes afterwards."""
+    disks = plan.disks
+    # 1. The exports (hard: their clients are cut), and whether they are gone yet.
+    answers = await _quietly(
+        monitor,
+        [
+            *(("block-export-del", {"id": d.export, "mode": "hard"}) for d in disks),
+            ("query-block-exports", None),
+        ],
+    )
+    raise_first_error(answers[-1:])
+    listed = {e.get("id") for e in answers[-1]}
+    for disk in disks:
+        if disk.export in listed:
+            await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
+    # 2. The snapshot-access nodes, then a look at the graph without them.
+    answers = await _quietly(
+        monitor,
+        [
+            *(("blockdev-del", {"node-name": d.access_node}) for d in disks if d.access_node),
+            ("query-named-block-nodes", {"flat": True}),
+            ("query-block", None),
+        ],
+    )
+    raise_first_error(answers[-2:])
+    switch = _switch_out(disks, answers[-2], answers[-1])
+    # Records of nbdsrv before the filter design: the job goes before its nodes can.
+    if any(d.job for d in disks):
+        await _quietly(monitor, switch)
+        switch = []
+        for disk in disks:
+            if disk.job:
+                await _quietly(monitor, [("block-job-cancel", {"device": disk.job, "force": True})])
+                await _gone(monitor, "query-block-jobs", "device", disk.job, timeout)
+    # 3. The filters out of the path, the filters and scratch nodes, and a last look.
+    answers = await _quietly(
+        monitor,
+        [
+            *switch,
+            *(
+                ("blockdev-del", {"node-name": node})
+                for d in disks
+                for node in (d.cbw_node, d.scratch_node)
+                if node
+            ),
+            *([("nbd-server-stop", {})] if stop_nbd_server else []),
+            ("query-named-block-nodes", {"flat": True}),
+        ],
+    )
+    raise_first_error(answers[-1:])
+    return list(answers[-1])
+
+
 async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 30.0) -> bool:
-    """Remove everything of ``plan`` from QEMU, then its files; newest first, in the only
-    order QEMU allows (export, snapshot-access node, filter out of the path, filter, scratch
-    node). True when QEMU holds none of it any more. Without a connected monitor nothing is
-    touched and the answer is False: QEMU may still use the scratch files."""
+    """Remove everything of ``plan`` from QEMU, then its files. True when QEMU holds none of
+    it any more. Without a connected monitor nothing is touched and the answer is False:
+    QEMU may still use the scratch files."""
     if monitor is None or not monitor.connected:
         return False
     if plan.paused and await run_state(monitor) is False:
         # nbdsrv stopped the VM for the switch and did not live to resume it.
         log.warning("session %s: resuming the VM nbdsrv paused", plan.session)
         await monitor.execute("cont")
-    for disk in plan.disks:
-        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
-    for disk in plan.disks:
-        await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
-    for disk in plan.disks:
-        if disk.access_node:
-            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
-    await _switch_out(monitor, plan.disks)
-    for disk in plan.disks:
-        if disk.job:
-            await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
-            await _gone(monitor, "query-block-jobs", "device", disk.job, timeout)
-    for disk in plan.disks:
-        for node in (disk.cbw_node, disk.scratch_node):
-            if node:
-                await _quietly(monitor, "blockdev-del", {"node-name": node})
-    if plan.start_nbd_server:
-        await _quietly(monitor, "nbd-server-stop", {})
-    left = _our_nodes(plan) & {
-        str(n["node-name"])
-        for n in await monitor.execute("query-named-block-nodes", {"flat": True})
-    }
+    nodes = await _dismantle(monitor, plan, timeout, stop_nbd_server=plan.start_nbd_server)
+    left = _our_nodes(plan) & {str(n["node-name"]) for n in nodes}
     if left:
         raise QEMUError(f"session {plan.session}: QEMU still holds {', '.join(sorted(left))}")
     remove_files(plan)
@@ -486,18 +530,7 @@ async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
     """Give the point in time up in QEMU: its export, snapshot-access nodes, filters and
     scratch nodes go, so nothing is copied any more and the scratch stops growing; the
     writers go on. The files and the record stay until the session ends."""
-    for disk in plan.disks:
-        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
-    for disk in plan.disks:
-        await _gone(monitor, "query-block-exports", "id", disk.export, 30.0)
-    for disk in plan.disks:
-        if disk.access_node:
-            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
-    await _switch_out(monitor, plan.disks)
-    for disk in plan.disks:
-        for node in (disk.cbw_node, disk.scratch_node):
-            if node:
-                await _quietly(monitor, "blockdev-del", {"node-name": node})
+    await _dismantle(monitor, plan, 30.0, stop_nbd_server=False)
 
 
 def remove_files(plan: FleecePlan) -> None:
