@@ -183,28 +183,37 @@ class SessionManager:
     ) -> None:
         vm = session.vm
         address = Address("unix", path=disk.socket)
-        own: dict[str, DirtyBitmap] = {}
-        cumulative: dict[str, DirtyBitmap] = {}
-        fetched = await all_of(
-            *(
-                _fetch_checked(address, disk.export, disk.disk, disk.size, upstream)
-                for upstream in disk.bitmaps
-            )
-        )
-        for upstream, bitmap in zip(disk.bitmaps, fetched, strict=True):
-            (cumulative if upstream.cumulative else own)[upstream.checkpoint] = bitmap
-        contexts = _since_contexts(point.checkpoints, own, cumulative, disk.size, request)
         export = UpstreamExport(
             f"{vm.name}/{disk.disk}",
             disk.size,
             address,
             disk.export,
-            contexts,
+            {},
             description=f"VM {vm.name} disk {disk.disk}, backup session {session.id}",
             on_failure=lambda detail: session.fail(vm.why_broken(session.id, detail)),
         )
         session.exports[disk.disk] = export  # from now on closed by a failed begin
-        await export.open()
+        fetched: list[DirtyBitmap] = []
+
+        async def fetch() -> None:
+            fetched.extend(
+                await all_of(
+                    *(
+                        _fetch_checked(address, disk.export, disk.disk, disk.size, upstream)
+                        for upstream in disk.bitmaps
+                    )
+                )
+            )
+
+        # The export's own connections are made while the bitmaps are read.
+        await all_of(fetch(), export.open())
+        own: dict[str, DirtyBitmap] = {}
+        cumulative: dict[str, DirtyBitmap] = {}
+        for upstream, bitmap in zip(disk.bitmaps, fetched, strict=True):
+            (cumulative if upstream.cumulative else own)[upstream.checkpoint] = bitmap
+        export.freeze_bitmaps(
+            _since_contexts(point.checkpoints, own, cumulative, disk.size, request)
+        )
 
     # -- end ------------------------------------------------------------------------------
 

@@ -88,8 +88,8 @@ class UpstreamExport(Export):
         self.on_failure = on_failure
         self.address = address
         self.upstream_export = upstream_export
-        # Frozen for the session: runs found and descriptors packed once, bitarrays dropped.
-        self.bitmaps = {context: DirtyRuns(bitmap) for context, bitmap in bitmaps.items()}
+        self.bitmaps: dict[str, DirtyRuns] = {}
+        self.freeze_bitmaps(bitmaps)
         self.failure: str | None = None
         self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
@@ -97,6 +97,11 @@ class UpstreamExport(Export):
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
 
     relays_reads = True
+
+    def freeze_bitmaps(self, bitmaps: Mapping[str, DirtyBitmap]) -> None:
+        """Add the dirty-bitmap contexts (before the export is in the catalog), frozen for
+        the session: runs found and descriptors packed once, bitarrays dropped."""
+        self.bitmaps.update((context, DirtyRuns(bitmap)) for context, bitmap in bitmaps.items())
 
     @property
     def contexts(self) -> Sequence[str]:

@@ -281,17 +281,18 @@ def run_state_of(status: Any) -> bool | None:
     return bool(status.get("running"))
 
 
-async def switch_in(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
-    """Put every disk's filter into its writers' path: this is the point in time. The
-    throttle nodes all change in ONE reopen, which drains them together."""
-    for disk in disks:
-        if disk.switch == SWITCH_QDEV:
-            await monitor.execute(
-                "qom-set", {"path": disk.switch_target, "property": "drive", "value": disk.cbw_node}
-            )
+def switch_in(disks: Sequence[DiskPlan]) -> list[tuple[str, dict[str, Any]]]:
+    """The commands that put every disk's filter into its writers' path: this is the point
+    in time. The throttle nodes all change in ONE reopen, which drains them together."""
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("qom-set", {"path": d.switch_target, "property": "drive", "value": d.cbw_node})
+        for d in disks
+        if d.switch == SWITCH_QDEV
+    ]
     reopen = [_throttle(d, d.cbw_node) for d in disks if d.switch == SWITCH_REOPEN]
     if reopen:
-        await monitor.execute("blockdev-reopen", {"options": reopen})
+        commands.append(("blockdev-reopen", {"options": reopen}))
+    return commands
 
 
 def _throttle(disk: DiskPlan, file: str) -> dict[str, Any]:

@@ -125,6 +125,16 @@ def _deaf(event: Message) -> bool:
     return False
 
 
+def transaction_command(
+    actions: Sequence[tuple[str, Mapping[str, object]]],
+) -> tuple[str, dict[str, object]]:
+    """The QMP `transaction` of `actions`, a list of `(type, data)`, as `(command,
+    arguments)` (for `Monitor.execute_many`)."""
+    return "transaction", {
+        "actions": [{"type": kind, "data": dict(data)} for kind, data in actions]
+    }
+
+
 def raise_first_error(results: Sequence[Any]) -> None:
     """Raise the first `QMPError` among the results of `Monitor.execute_many`, if any."""
     for result in results:
@@ -402,10 +412,7 @@ class Monitor:
     ) -> None:
         """Run `actions`, a list of `(type, data)`, as one atomic QMP `transaction`.
         Errors as for `execute`, named "transaction"."""
-        arguments: dict[str, object] = {
-            "actions": [{"type": kind, "data": dict(data)} for kind, data in actions]
-        }
-        await self.execute("transaction", arguments, timeout=timeout)
+        await self.execute(*transaction_command(actions), timeout=timeout)
 
     # --------------------------------------------------------------- events
 

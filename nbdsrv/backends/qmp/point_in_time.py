@@ -41,7 +41,7 @@ from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece, scratch_image
 from ...qemu.chain import STATE_QUERIES, block_state_of
 from ...qemu.errors import QEMUError, QMPError
-from ...qemu.monitor import QMPEvent, raise_first_error
+from ...qemu.monitor import QMPEvent, raise_first_error, transaction_command
 from ..base import (
     BrokenCallback,
     CheckpointRef,
@@ -131,9 +131,8 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
                         await vm.transaction(f"backup begin on VM {vm.name}", adds)
                         vm.commit_create(chain, new_checkpoint, op_id)
                         committed = True
-                    await fleece.switch_in(vm.monitor, plan.disks)
+                    await _switch_and_freeze(vm, plan.disks, freeze + rest)
                     crash_point("backup-begin:after-switch")
-                    await _transaction(vm, freeze + rest)
             except QuiesceError:
                 vm.store.clear_intent()  # the freeze failed before anything was done
                 raise
@@ -212,12 +211,20 @@ async def _paused(vm: QmpVM, held: HeldPoint, running: bool | None) -> AsyncIter
         vm.store.write_session(held.plan.session, _record(vm, held))
 
 
-async def _transaction(vm: QmpVM, actions: list[tuple[str, dict[str, Any]]]) -> None:
-    if not actions:
-        return
-    try:
-        await vm.monitor.transaction(actions)
-    except QMPError as e:
+async def _switch_and_freeze(
+    vm: QmpVM, disks: Sequence[fleece.DiskPlan], actions: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """The switch, then the transaction of ``actions``, in one round trip. Should the
+    switch fail, the transaction still runs, harmlessly: the frozen bitmaps go with the
+    scratch nodes, and the old checkpoint's bitmap stops recording as it would have anyway,
+    the new checkpoint being committed already (a failed begin deletes it again, merging
+    it back)."""
+    switch = fleece.switch_in(disks)
+    transaction = [transaction_command(actions)] if actions else []
+    answers = await vm.monitor.execute_many([*switch, *transaction])
+    raise_first_error(answers[: len(switch)])
+    if transaction and isinstance(answers[-1], QMPError):
+        e = answers[-1]
         raise CheckpointError(f"backup begin on VM {vm.name}: QEMU refused: {e.desc}") from e
 
 
