@@ -52,17 +52,24 @@ async def _template(size: int) -> bytes:
         _templates.move_to_end(size)
         return data
     making = _making.get(size)
-    if making is None:
-        # One qemu-img per size, however many begins (or prepares) ask at once.
+    # One qemu-img per size, however many begins (or prepares) ask at once; one left by an
+    # event loop that has gone (tests run several in turn) is not waited for.
+    if making is None or making.get_loop() is not asyncio.get_running_loop():
         making = asyncio.ensure_future(_make(size))
         _making[size] = making
-        making.add_done_callback(lambda _: _making.pop(size, None))
+        making.add_done_callback(_made)
     data = await asyncio.shield(making)
     _templates[size] = data
     _templates.move_to_end(size)
     while len(_templates) > MAX_TEMPLATES:
         _templates.popitem(last=False)
     return data
+
+
+def _made(done: asyncio.Future[bytes]) -> None:
+    for size, making in list(_making.items()):
+        if making is done:
+            del _making[size]
 
 
 async def _make(size: int) -> bytes:

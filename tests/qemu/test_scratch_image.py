@@ -76,3 +76,15 @@ async def test_a_failing_qemu_img_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(QEMUError, match="cannot create a scratch image of -1 bytes"):
         await scratch_image.create(str(tmp_path / "s.qcow2"), -1)
     assert not (tmp_path / "s.qcow2").exists()
+
+
+def test_a_template_left_unmade_by_a_gone_event_loop_is_not_waited_for(tmp_path: Path) -> None:
+    gone = asyncio.new_event_loop()
+    scratch_image._making[GiB] = gone.create_future()  # never finished
+    gone.close()
+    try:
+        path = tmp_path / "s.qcow2"
+        asyncio.run(asyncio.wait_for(scratch_image.create(str(path), GiB), 60))
+        assert path.read_bytes()[:4] == b"QFI\xfb"
+    finally:
+        scratch_image._making.pop(GiB, None)
