@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from types import SimpleNamespace
 
-from . import __version__, control_client
+from . import __version__, client_json, control_client
 from .config.paths import default_control, default_state_dir
 from .errors import ConfigError, NbdsrvError
 
 # A client command (status, backup begin, ...) imports only the above, which need nothing but
-# the standard library's json, os and _socket. Its command line is parsed without argparse
-# when written plainly (_parse_plain), else argparse builds that command's options only. The
-# daemon, its options and everything it needs load in _add_daemon_options and _cmd_daemon.
+# the standard library's os, _socket and _json (not json: see client_json.py). Its command
+# line is parsed without argparse when written plainly (_parse_plain), else argparse builds
+# that command's options only. The daemon, its options and everything it needs load in
+# _add_daemon_options and _cmd_daemon.
 # Nor is typing imported (a sixth of a client command's start-up): annotations are never
 # evaluated (the __future__ import) and the names they use are imported for mypy only.
 TYPE_CHECKING = False
@@ -392,8 +392,7 @@ def _client(args: SimpleNamespace, op: str, **kwargs: Any) -> Any:
 
 def _emit(args: SimpleNamespace, result: Any, text: str) -> None:
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        print()
+        print(client_json.dumps_indented(result))
     elif text:
         print(text)
 
@@ -552,8 +551,7 @@ def _with_progress(args: SimpleNamespace, call: Callable[[], Any]) -> Any:
 def _cmd_status(args: SimpleNamespace) -> int:
     status = control_client.call(args.control or default_control(), "status")
     if args.json:
-        json.dump(status, sys.stdout, indent=2)
-        print()
+        print(client_json.dumps_indented(status))
     else:
         _print_status(status)
     return 0

@@ -7,8 +7,8 @@ from __future__ import annotations
 # SocketKind, ...) at import, a seventh of a client command's start-up, for nothing one
 # request needs.
 import _socket
-import json
 
+from . import client_json
 from .errors import ControlError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see cli.py)
@@ -25,7 +25,7 @@ def call(path: str, op: str, args: dict[str, Any] | None = None, timeout: float 
     try:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
+        sock.sendall(client_json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
         line = _read_line(sock)
     except FileNotFoundError:
         raise ControlError(f"no daemon at {path} (control socket not found)") from None
@@ -37,7 +37,7 @@ def call(path: str, op: str, args: dict[str, Any] | None = None, timeout: float 
         sock.close()
     if not line:
         raise ControlError(f"the daemon at {path} closed the connection without answering")
-    response = json.loads(line)
+    response = client_json.loads(line)
     if not response.get("ok"):
         raise ControlError(response["error"]["message"])
     return response["result"]

@@ -32,6 +32,7 @@ from ..backends.base import (
     PointInTime,
     PointInTimeRequest,
     UpstreamBitmap,
+    UpstreamDisk,
     VMBackend,
 )
 from ..errors import NbdsrvError, NotFoundError
@@ -40,6 +41,7 @@ from ..exports.dirty_bitmap import DirtyBitmap
 from ..exports.upstream import UpstreamExport, fetch_bitmap
 from ..net.address import Address
 from ..proto.constants import DIRTY_BITMAP_PREFIX
+from ..together import all_of
 from .checkpoints import check_name, now_iso
 
 log = logging.getLogger(__name__)
@@ -169,28 +171,49 @@ class SessionManager:
     async def _open_exports(
         self, session: Session, request: BeginRequest, point: PointInTime
     ) -> None:
-        vm = session.vm
-        for disk in point.disks:
-            address = Address("unix", path=disk.socket)
-            own: dict[str, DirtyBitmap] = {}
-            cumulative: dict[str, DirtyBitmap] = {}
-            for upstream in disk.bitmaps:
-                bitmap = await _fetch_checked(address, disk.export, disk.disk, disk.size, upstream)
-                (cumulative if upstream.cumulative else own)[upstream.checkpoint] = bitmap
-            contexts = _since_contexts(point.checkpoints, own, cumulative, disk.size, request)
-            export = UpstreamExport(
-                f"{vm.name}/{disk.disk}",
-                disk.size,
-                address,
-                disk.export,
-                contexts,
-                description=f"VM {vm.name} disk {disk.disk}, backup session {session.id}",
-                on_failure=lambda detail: session.fail(vm.why_broken(session.id, detail)),
-            )
-            session.exports[disk.disk] = export
-            await export.open()
+        """Every disk's export, the disks at the same time (each one's bitmaps too)."""
+        await all_of(*(self._open_export(session, request, point, disk) for disk in point.disks))
+        # In the disks' order, whichever connected first.
+        session.exports = {d.disk: session.exports[d.disk] for d in point.disks}
         for export in session.exports.values():
             self.catalog.add(export)
+
+    async def _open_export(
+        self, session: Session, request: BeginRequest, point: PointInTime, disk: UpstreamDisk
+    ) -> None:
+        vm = session.vm
+        address = Address("unix", path=disk.socket)
+        export = UpstreamExport(
+            f"{vm.name}/{disk.disk}",
+            disk.size,
+            address,
+            disk.export,
+            {},
+            description=f"VM {vm.name} disk {disk.disk}, backup session {session.id}",
+            on_failure=lambda detail: session.fail(vm.why_broken(session.id, detail)),
+        )
+        session.exports[disk.disk] = export  # from now on closed by a failed begin
+        fetched: list[DirtyBitmap] = []
+
+        async def fetch() -> None:
+            fetched.extend(
+                await all_of(
+                    *(
+                        _fetch_checked(address, disk.export, disk.disk, disk.size, upstream)
+                        for upstream in disk.bitmaps
+                    )
+                )
+            )
+
+        # The export's own connections are made while the bitmaps are read.
+        await all_of(fetch(), export.open())
+        own: dict[str, DirtyBitmap] = {}
+        cumulative: dict[str, DirtyBitmap] = {}
+        for upstream, bitmap in zip(disk.bitmaps, fetched, strict=True):
+            (cumulative if upstream.cumulative else own)[upstream.checkpoint] = bitmap
+        export.freeze_bitmaps(
+            _since_contexts(point.checkpoints, own, cumulative, disk.size, request)
+        )
 
     # -- end ------------------------------------------------------------------------------
 

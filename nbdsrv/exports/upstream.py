@@ -20,6 +20,7 @@ from ..net.client import NBDClient
 from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS
 from ..proto.errors import NBDError
 from ..proto.extents import Extent, PackedExtents, StatusSource
+from ..together import all_of
 from .coverage import ReadCoverage
 from .dirty_bitmap import DirtyBitmap
 from .dirty_runs import DirtyRuns
@@ -87,8 +88,8 @@ class UpstreamExport(Export):
         self.on_failure = on_failure
         self.address = address
         self.upstream_export = upstream_export
-        # Frozen for the session: runs found and descriptors packed once, bitarrays dropped.
-        self.bitmaps = {context: DirtyRuns(bitmap) for context, bitmap in bitmaps.items()}
+        self.bitmaps: dict[str, DirtyRuns] = {}
+        self.freeze_bitmaps(bitmaps)
         self.failure: str | None = None
         self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
@@ -96,6 +97,11 @@ class UpstreamExport(Export):
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
 
     relays_reads = True
+
+    def freeze_bitmaps(self, bitmaps: Mapping[str, DirtyBitmap]) -> None:
+        """Add the dirty-bitmap contexts (before the export is in the catalog), frozen for
+        the session: runs found and descriptors packed once, bitarrays dropped."""
+        self.bitmaps.update((context, DirtyRuns(bitmap)) for context, bitmap in bitmaps.items())
 
     @property
     def contexts(self) -> Sequence[str]:
@@ -120,12 +126,15 @@ class UpstreamExport(Export):
         self.coverage.add(offset, length)
 
     async def open(self) -> None:
-        for _ in range(UPSTREAM_CONNECTIONS):
-            self._clients.append(
-                await NBDClient.connect(
-                    self.address, self.upstream_export, contexts=[BASE_ALLOCATION]
-                )
+        """The shared connections to QEMU, made at the same time."""
+
+        async def connect() -> None:
+            client = await NBDClient.connect(
+                self.address, self.upstream_export, contexts=[BASE_ALLOCATION]
             )
+            self._clients.append(client)  # closed by aclose(), even when another failed
+
+        await all_of(*(connect() for _ in range(UPSTREAM_CONNECTIONS)))
 
     def fail(self, reason: str) -> None:
         """From now on every request gets EIO: the point in time can no longer be trusted."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import QEMUError
-from .monitor import Monitor
+from .monitor import Monitor, raise_first_error
 
 # Drivers that hold image data in a format of their own (a layer of a chain).
 FORMAT_DRIVERS = frozenset(
@@ -89,19 +89,64 @@ class Disk:
         return self.layers[0]
 
 
+@dataclass(frozen=True)
+class BlockState:
+    """The three answers every view of QEMU's disks starts from, taken in one round trip."""
+
+    block: Sequence[Mapping[str, Any]]
+    """query-block"""
+    nodes: Sequence[Mapping[str, Any]]
+    """query-named-block-nodes, flat"""
+    exports: Sequence[Mapping[str, Any]]
+    """query-block-exports"""
+
+    def disks(self, roots: Sequence[str] | None = None) -> list[Disk]:
+        return disks_from(self.block, self.nodes, roots, self.exports)
+
+    def chains(self, roots: Sequence[str] | None = None) -> dict[str, tuple[Layer, ...]]:
+        """Disk id → layers, top first (the shape nbdsrv.checkpoints calls ChainState)."""
+        return {disk.id: disk.layers for disk in self.disks(roots)}
+
+    def bitmap_counts(self, node: str) -> dict[str, int]:
+        """Dirty byte counts of the bitmaps on ``node``."""
+        for info in self.nodes:
+            if info.get("node-name") == node:
+                return {
+                    b["name"]: int(b["count"]) for b in info.get("dirty-bitmaps", []) if "name" in b
+                }
+        return {}
+
+
+# What BlockState is made of: for `Monitor.execute_many`, alone or after other commands.
+STATE_QUERIES: tuple[tuple[str, Mapping[str, object] | None], ...] = (
+    ("query-block", None),
+    ("query-named-block-nodes", {"flat": True}),
+    ("query-block-exports", None),
+)
+
+
+def block_state_of(results: Sequence[Any]) -> BlockState:
+    """The BlockState from the answers to STATE_QUERIES (the first QMPError raised)."""
+    raise_first_error(results)
+    block, nodes, exports = results
+    return BlockState(block, nodes, exports)
+
+
+async def query_block_state(monitor: Monitor) -> BlockState:
+    """The three queries, sent together (QEMU answers them in order, one after the other)."""
+    return block_state_of(await monitor.execute_many(STATE_QUERIES))
+
+
 async def discover_disks(monitor: Monitor, roots: Sequence[str] | None = None) -> list[Disk]:
     """Every disk (or those in `roots`) with its backing chain, from QEMU now."""
-    block = await monitor.execute("query-block")
-    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
-    exports = await monitor.execute("query-block-exports")
-    return disks_from(block, nodes, roots, exports)
+    return (await query_block_state(monitor)).disks(roots)
 
 
 async def discover_chains(
     monitor: Monitor, roots: Sequence[str] | None = None
 ) -> dict[str, tuple[Layer, ...]]:
     """Disk id → layers, top first (the shape nbdsrv.checkpoints calls ChainState)."""
-    return {disk.id: disk.layers for disk in await discover_disks(monitor, roots)}
+    return (await query_block_state(monitor)).chains(roots)
 
 
 def disks_from(

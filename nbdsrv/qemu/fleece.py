@@ -34,10 +34,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .chain import FORMAT_DRIVERS, discover_disks
+from .chain import FORMAT_DRIVERS, BlockState
 from .errors import QEMUError, QMPError
 from .images import scratch_file
-from .monitor import Monitor
+from .monitor import Monitor, raise_first_error
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +124,15 @@ class Switch:
     group: str = ""
 
 
-async def find_switches(monitor: Monitor, roots: Sequence[str] | None) -> dict[str, Switch]:
+def find_switches(state: BlockState, roots: Sequence[str] | None) -> dict[str, Switch]:
     """Disk id → how its writers' path can take a copy-before-write filter.
 
     Raises QEMUError (one line) for a disk nbdsrv cannot hold a point in time for."""
-    block = await monitor.execute("query-block")
-    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
-    exports = await monitor.execute("query-block-exports")
-    by_name = {str(n["node-name"]): n for n in nodes}
+    by_name = {str(n["node-name"]): n for n in state.nodes}
     switches: dict[str, Switch] = {}
-    for disk in await discover_disks(monitor, roots):
+    for disk in state.disks(roots):
         switches[disk.id] = _switch(
-            disk.id, disk.device, disk.qdev, disk.top, block, by_name, exports
+            disk.id, disk.device, disk.qdev, disk.top, state.block, by_name, state.exports
         )
     return switches
 
@@ -239,27 +236,30 @@ def plan_disk(
 # -- building -----------------------------------------------------------------------------
 
 
-async def add_filter(monitor: Monitor, plan: DiskPlan) -> None:
-    """The scratch node and the filter above the disk — not yet in anybody's path."""
-    await monitor.execute(
-        "blockdev-add",
-        {
-            "driver": "qcow2",
-            "node-name": plan.scratch_node,
-            "file": scratch_file(plan.scratch_file),
-        },
-    )
-    await monitor.execute(
-        "blockdev-add",
-        {
-            "driver": "copy-before-write",
-            "node-name": plan.cbw_node,
-            "file": plan.below,
-            "target": plan.scratch_node,
-            "on-cbw-error": "break-snapshot",
-            "cbw-timeout": CBW_TIMEOUT,
-        },
-    )
+def filter_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
+    """The scratch node and the filter above the disk — not yet in anybody's path (for
+    `Monitor.execute_many`: when the first fails the second fails too, harmlessly)."""
+    return [
+        (
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": plan.scratch_node,
+                "file": scratch_file(plan.scratch_file),
+            },
+        ),
+        (
+            "blockdev-add",
+            {
+                "driver": "copy-before-write",
+                "node-name": plan.cbw_node,
+                "file": plan.below,
+                "target": plan.scratch_node,
+                "on-cbw-error": "break-snapshot",
+                "cbw-timeout": CBW_TIMEOUT,
+            },
+        ),
+    ]
 
 
 async def run_state(monitor: Monitor) -> bool | None:
@@ -268,23 +268,31 @@ async def run_state(monitor: Monitor) -> bool | None:
     try:
         status = await monitor.execute("query-status")
     except QMPError as e:
-        if e.error_class == "CommandNotFound":
+        status = e
+    return run_state_of(status)
+
+
+def run_state_of(status: Any) -> bool | None:
+    """:func:`run_state` from the answer (or `QMPError`) of ``query-status``."""
+    if isinstance(status, QMPError):
+        if status.error_class == "CommandNotFound":
             return None
-        raise
+        raise status
     return bool(status.get("running"))
 
 
-async def switch_in(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
-    """Put every disk's filter into its writers' path: this is the point in time. The
-    throttle nodes all change in ONE reopen, which drains them together."""
-    for disk in disks:
-        if disk.switch == SWITCH_QDEV:
-            await monitor.execute(
-                "qom-set", {"path": disk.switch_target, "property": "drive", "value": disk.cbw_node}
-            )
+def switch_in(disks: Sequence[DiskPlan]) -> list[tuple[str, dict[str, Any]]]:
+    """The commands that put every disk's filter into its writers' path: this is the point
+    in time. The throttle nodes all change in ONE reopen, which drains them together."""
+    commands: list[tuple[str, dict[str, Any]]] = [
+        ("qom-set", {"path": d.switch_target, "property": "drive", "value": d.cbw_node})
+        for d in disks
+        if d.switch == SWITCH_QDEV
+    ]
     reopen = [_throttle(d, d.cbw_node) for d in disks if d.switch == SWITCH_REOPEN]
     if reopen:
-        await monitor.execute("blockdev-reopen", {"options": reopen})
+        commands.append(("blockdev-reopen", {"options": reopen}))
+    return commands
 
 
 def _throttle(disk: DiskPlan, file: str) -> dict[str, Any]:
@@ -342,34 +350,28 @@ async def start_nbd_server(monitor: Monitor, socket_path: str) -> None:
         raise
 
 
-async def add_export(monitor: Monitor, plan: DiskPlan) -> None:
-    """The snapshot-access node and its read-only export with the frozen bitmaps."""
-    await monitor.execute(
-        "blockdev-add",
-        {"driver": "snapshot-access", "node-name": plan.access_node, "file": plan.cbw_node},
-    )
-    await monitor.execute(
-        "block-export-add",
-        {
-            "type": "nbd",
-            "id": plan.export,
-            "node-name": plan.access_node,
-            "name": plan.export,
-            "writable": False,
-            # The {node, name} form: the bitmaps are on the scratch node, not below the export.
-            "bitmaps": [{"node": plan.scratch_node, "name": name} for name in plan.bitmaps],
-        },
-    )
-
-
-async def bitmap_counts(monitor: Monitor, node: str) -> dict[str, int]:
-    """Dirty byte counts of the bitmaps on ``node``."""
-    for info in await monitor.execute("query-named-block-nodes", {"flat": True}):
-        if info.get("node-name") == node:
-            return {
-                b["name"]: int(b["count"]) for b in info.get("dirty-bitmaps", []) if "name" in b
-            }
-    return {}
+def export_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
+    """The snapshot-access node and its read-only export with the frozen bitmaps (for
+    `Monitor.execute_many`)."""
+    return [
+        (
+            "blockdev-add",
+            {"driver": "snapshot-access", "node-name": plan.access_node, "file": plan.cbw_node},
+        ),
+        (
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": plan.export,
+                "node-name": plan.access_node,
+                "name": plan.export,
+                "writable": False,
+                # The {node, name} form: the bitmaps are on the scratch node, not below the
+                # export.
+                "bitmaps": [{"node": plan.scratch_node, "name": name} for name in plan.bitmaps],
+            },
+        ),
+    ]
 
 
 # -- teardown -----------------------------------------------------------------------------
@@ -387,12 +389,16 @@ async def _gone(monitor: Monitor, query: str, key: str, value: str, timeout: flo
         await asyncio.sleep(0.02)
 
 
-async def _quietly(monitor: Monitor, command: str, arguments: Mapping[str, Any]) -> None:
-    """Run a teardown command; "not found" means it is already gone."""
-    try:
-        await monitor.execute(command, arguments)
-    except QMPError as e:
-        log.debug("%s: %s (already gone?)", command, e.desc)
+async def _quietly(
+    monitor: Monitor, commands: Sequence[tuple[str, Mapping[str, Any] | None]]
+) -> list[Any]:
+    """Run teardown commands in one round trip (`Monitor.execute_many`); their answers. A
+    refused one is logged and passed over: "not found" means it is already gone."""
+    answers = await monitor.execute_many(commands)
+    for (command, _), answer in zip(commands, answers, strict=True):
+        if isinstance(answer, QMPError):
+            log.debug("%s: %s (already gone?)", command, answer.desc)
+    return answers
 
 
 def _below_now(disk: DiskPlan, nodes: Sequence[Mapping[str, Any]]) -> str:
@@ -409,16 +415,20 @@ def _below_now(disk: DiskPlan, nodes: Sequence[Mapping[str, Any]]) -> str:
     return disk.below
 
 
-async def _switch_out(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
-    """Take the filters out of the writers' path (only where they are in it)."""
-    nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+def _switch_out(
+    disks: Sequence[DiskPlan],
+    nodes: Sequence[Mapping[str, Any]],
+    block: Sequence[Mapping[str, Any]],
+) -> list[tuple[str, Mapping[str, Any] | None]]:
+    """The commands that take the filters out of the writers' path (only where they are in
+    it), from what query-named-block-nodes and query-block show now."""
     names = {str(n["node-name"]) for n in nodes}
-    block = await monitor.execute("query-block")
     on_filter = {
         str(e.get("qdev"))
         for e in block
         if (e.get("inserted") or {}).get("node-name") in {d.cbw_node for d in disks}
     }
+    commands: list[tuple[str, Mapping[str, Any] | None]] = []
     reopen = []
     for disk in disks:
         if not disk.cbw_node or disk.cbw_node not in names:
@@ -427,54 +437,90 @@ async def _switch_out(monitor: Monitor, disks: Sequence[DiskPlan]) -> None:
         if disk.switch == SWITCH_QDEV and any(
             disk.switch_target in (q, f"/machine/peripheral/{q}") for q in on_filter
         ):
-            await _quietly(
-                monitor,
-                "qom-set",
-                {"path": disk.switch_target, "property": "drive", "value": below},
+            commands.append(
+                ("qom-set", {"path": disk.switch_target, "property": "drive", "value": below})
             )
         elif disk.switch == SWITCH_REOPEN:
             reopen.append(_throttle(disk, below))
     if reopen:
-        await _quietly(monitor, "blockdev-reopen", {"options": reopen})
+        commands.append(("blockdev-reopen", {"options": reopen}))
+    return commands
 
 
 def _our_nodes(plan: FleecePlan) -> set[str]:
     return {n for d in plan.disks for n in (d.access_node, d.cbw_node, d.scratch_node) if n}
 
 
+async def _dismantle(
+    monitor: Monitor, plan: FleecePlan, timeout: float, *, stop_nbd_server: bool
+) -> Sequence[Mapping[str, Any]]:
+    """Take ``plan`` out of QEMU, newest first, in the only order QEMU allows (export,
+    snapshot-access node, filter out of the path, filter, scratch node), in three round
+    trips; query-named-block-nodes afterwards."""
+    disks = plan.disks
+    # 1. The exports (hard: their clients are cut), and whether they are gone yet.
+    answers = await _quietly(
+        monitor,
+        [
+            *(("block-export-del", {"id": d.export, "mode": "hard"}) for d in disks),
+            ("query-block-exports", None),
+        ],
+    )
+    raise_first_error(answers[-1:])
+    listed = {e.get("id") for e in answers[-1]}
+    for disk in disks:
+        if disk.export in listed:
+            await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
+    # 2. The snapshot-access nodes, then a look at the graph without them.
+    answers = await _quietly(
+        monitor,
+        [
+            *(("blockdev-del", {"node-name": d.access_node}) for d in disks if d.access_node),
+            ("query-named-block-nodes", {"flat": True}),
+            ("query-block", None),
+        ],
+    )
+    raise_first_error(answers[-2:])
+    switch = _switch_out(disks, answers[-2], answers[-1])
+    # Records of nbdsrv before the filter design: the job goes before its nodes can.
+    if any(d.job for d in disks):
+        await _quietly(monitor, switch)
+        switch = []
+        for disk in disks:
+            if disk.job:
+                await _quietly(monitor, [("block-job-cancel", {"device": disk.job, "force": True})])
+                await _gone(monitor, "query-block-jobs", "device", disk.job, timeout)
+    # 3. The filters out of the path, the filters and scratch nodes, and a last look.
+    answers = await _quietly(
+        monitor,
+        [
+            *switch,
+            *(
+                ("blockdev-del", {"node-name": node})
+                for d in disks
+                for node in (d.cbw_node, d.scratch_node)
+                if node
+            ),
+            *([("nbd-server-stop", {})] if stop_nbd_server else []),
+            ("query-named-block-nodes", {"flat": True}),
+        ],
+    )
+    raise_first_error(answers[-1:])
+    return list(answers[-1])
+
+
 async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 30.0) -> bool:
-    """Remove everything of ``plan`` from QEMU, then its files; newest first, in the only
-    order QEMU allows (export, snapshot-access node, filter out of the path, filter, scratch
-    node). True when QEMU holds none of it any more. Without a connected monitor nothing is
-    touched and the answer is False: QEMU may still use the scratch files."""
+    """Remove everything of ``plan`` from QEMU, then its files. True when QEMU holds none of
+    it any more. Without a connected monitor nothing is touched and the answer is False:
+    QEMU may still use the scratch files."""
     if monitor is None or not monitor.connected:
         return False
     if plan.paused and await run_state(monitor) is False:
         # nbdsrv stopped the VM for the switch and did not live to resume it.
         log.warning("session %s: resuming the VM nbdsrv paused", plan.session)
         await monitor.execute("cont")
-    for disk in plan.disks:
-        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
-    for disk in plan.disks:
-        await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
-    for disk in plan.disks:
-        if disk.access_node:
-            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
-    await _switch_out(monitor, plan.disks)
-    for disk in plan.disks:
-        if disk.job:
-            await _quietly(monitor, "block-job-cancel", {"device": disk.job, "force": True})
-            await _gone(monitor, "query-block-jobs", "device", disk.job, timeout)
-    for disk in plan.disks:
-        for node in (disk.cbw_node, disk.scratch_node):
-            if node:
-                await _quietly(monitor, "blockdev-del", {"node-name": node})
-    if plan.start_nbd_server:
-        await _quietly(monitor, "nbd-server-stop", {})
-    left = _our_nodes(plan) & {
-        str(n["node-name"])
-        for n in await monitor.execute("query-named-block-nodes", {"flat": True})
-    }
+    nodes = await _dismantle(monitor, plan, timeout, stop_nbd_server=plan.start_nbd_server)
+    left = _our_nodes(plan) & {str(n["node-name"]) for n in nodes}
     if left:
         raise QEMUError(f"session {plan.session}: QEMU still holds {', '.join(sorted(left))}")
     remove_files(plan)
@@ -485,18 +531,7 @@ async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
     """Give the point in time up in QEMU: its export, snapshot-access nodes, filters and
     scratch nodes go, so nothing is copied any more and the scratch stops growing; the
     writers go on. The files and the record stay until the session ends."""
-    for disk in plan.disks:
-        await _quietly(monitor, "block-export-del", {"id": disk.export, "mode": "hard"})
-    for disk in plan.disks:
-        await _gone(monitor, "query-block-exports", "id", disk.export, 30.0)
-    for disk in plan.disks:
-        if disk.access_node:
-            await _quietly(monitor, "blockdev-del", {"node-name": disk.access_node})
-    await _switch_out(monitor, plan.disks)
-    for disk in plan.disks:
-        for node in (disk.cbw_node, disk.scratch_node):
-            if node:
-                await _quietly(monitor, "blockdev-del", {"node-name": node})
+    await _dismantle(monitor, plan, 30.0, stop_nbd_server=False)
 
 
 def remove_files(plan: FleecePlan) -> None:

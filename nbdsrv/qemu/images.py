@@ -1,5 +1,5 @@
-"""Image files nbdsrv makes or inspects with qemu-img: format detection, snapshot overlays,
-scratch images."""
+"""Image files nbdsrv makes or inspects with qemu-img: format detection, snapshot overlays;
+the blockdev options of scratch images (made by qemu/scratch_image.py)."""
 
 import asyncio
 import json
@@ -64,22 +64,6 @@ async def create_overlay(path: str, backing: str, backing_format: str) -> None:
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise QEMUError(f"cannot create overlay {path}: {err.decode().strip()}")
-
-
-async def create_scratch_image(path: str, size: int) -> None:
-    """An empty qcow2 of ``size`` bytes with no backing (the copy-before-write filter reads
-    unchanged data from the disk itself)."""
-    old = os.umask(0o077)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", path, str(size),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await proc.communicate()
-    finally:
-        os.umask(old)
-    if proc.returncode != 0:
-        raise QEMUError(f"cannot create scratch image {path}: {err.decode().strip()}")
 
 
 def scratch_file(filename: str) -> dict[str, object]:

@@ -41,6 +41,7 @@ from qemu.qmp import QMPError as _LibQMPError
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 
+from ..together import all_of
 from .errors import (
     EventTimeoutError,
     QEMUError,
@@ -102,8 +103,43 @@ class _Recorder(EventListener):
         return False
 
 
+class _Client(QMPClient):
+    """QMPClient that formats a message for its debug log only when that log is on.
+
+    qemu.qmp pretty-prints every message in and out (``json.dumps(indent=2)``, the pure
+    Python encoder) before calling ``logger.debug``, whatever the level: for the answers of
+    ``query-named-block-nodes`` a tenth of the daemon's CPU in a backup begin."""
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", str(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
+
+
 def _deaf(event: Message) -> bool:
     return False
+
+
+def transaction_command(
+    actions: Sequence[tuple[str, Mapping[str, object]]],
+) -> tuple[str, dict[str, object]]:
+    """The QMP `transaction` of `actions`, a list of `(type, data)`, as `(command,
+    arguments)` (for `Monitor.execute_many`)."""
+    return "transaction", {
+        "actions": [{"type": kind, "data": dict(data)} for kind, data in actions]
+    }
+
+
+def raise_first_error(results: Sequence[Any]) -> None:
+    """Raise the first `QMPError` among the results of `Monitor.execute_many`, if any."""
+    for result in results:
+        if isinstance(result, QMPError):
+            raise result
 
 
 class Monitor:
@@ -256,7 +292,7 @@ class Monitor:
         except OSError as e:
             sock.close()
             raise QEMUUnreachableError(self._path, e.strerror or str(e)) from None
-        client = QMPClient(self._name)
+        client = _Client(self._name)
         # The stock all-events listener cannot be removed, and would queue every event for
         # good: a filter that refuses all makes it keep nothing.
         client.events.event_filter = _deaf
@@ -344,6 +380,30 @@ class Monitor:
         except _LibQMPError as e:
             raise QEMUError(f"{command} failed: {e}") from e
 
+    async def execute_many(
+        self,
+        commands: Sequence[tuple[str, Mapping[str, object] | None]],
+        timeout: float = 30.0,
+    ) -> list[Any]:
+        """Run `commands` in this order, each sent without waiting for the answer of the one
+        before (one round trip for all, not one each); each one's result, or the `QMPError`
+        for one QEMU refused (the commands after it still run: make each one's failure
+        harmless, or follow it with nothing that depends on it).
+
+        QEMU runs one monitor's commands one at a time, in the order received. They are
+        sent in this order because each task below puts its message on qemu.qmp's unbounded
+        outgoing queue before it first waits, and tasks first run in the order created.
+        A timeout or a lost connection raises as for `execute` (the other commands are
+        then no longer waited for)."""
+
+        async def one(command: str, arguments: Mapping[str, object] | None) -> Any:
+            try:
+                return await self.execute(command, arguments, timeout=timeout)
+            except QMPError as e:
+                return e
+
+        return await all_of(*(one(c, a) for c, a in commands))
+
     async def transaction(
         self,
         actions: Sequence[tuple[str, Mapping[str, object]]],
@@ -352,10 +412,7 @@ class Monitor:
     ) -> None:
         """Run `actions`, a list of `(type, data)`, as one atomic QMP `transaction`.
         Errors as for `execute`, named "transaction"."""
-        arguments: dict[str, object] = {
-            "actions": [{"type": kind, "data": dict(data)} for kind, data in actions]
-        }
-        await self.execute("transaction", arguments, timeout=timeout)
+        await self.execute(*transaction_command(actions), timeout=timeout)
 
     # --------------------------------------------------------------- events
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.qemu.errors import QEMUUnreachableError, QMPError, QMPTimeoutError
-from nbdsrv.qemu.monitor import Monitor, QMPEvent
+from nbdsrv.qemu.monitor import Monitor, QMPEvent, raise_first_error
 from nbdsrv.qemu.storage_daemon import StorageDaemon
 
 from .conftest import Exits
@@ -155,3 +155,24 @@ async def test_command_timeout_names_the_command(tmp_path: Path) -> None:
         await monitor.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_execute_many_runs_in_order_and_returns_each_answer(qsd: StorageDaemon) -> None:
+    # Each command needs the one before it: out of order, QEMU would refuse them.
+    results = await qsd.monitor.execute_many(
+        [
+            ("block-dirty-bitmap-add", {"node": "disk0", "name": "a"}),
+            ("block-dirty-bitmap-disable", {"node": "disk0", "name": "a"}),
+            ("block-dirty-bitmap-add", {"node": "disk0", "name": "a"}),  # refused
+            ("block-dirty-bitmap-remove", {"node": "disk0", "name": "a"}),
+            ("query-named-block-nodes", {"flat": True}),
+        ]
+    )
+    assert results[:2] == [{}, {}]
+    assert isinstance(results[2], QMPError)
+    assert str(results[2]) == "block-dirty-bitmap-add failed: Bitmap already exists: a"
+    assert results[3] == {}
+    disk0 = next(n for n in results[4] if n["node-name"] == "disk0")
+    assert disk0.get("dirty-bitmaps", []) == []
+    with pytest.raises(QMPError, match="already exists"):
+        raise_first_error(results)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.sessions.test_point_in_time import GuestVM, guest_workdir, leftovers, start_daemon
-from tests.tools import DaemonProcess, nbdsrv_argv
+from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
 from tests.vmharness import ExternalQSD, MiB, wait_for
 
 __all__ = ["guest_workdir"]
@@ -25,13 +25,16 @@ def scratch_files(state_dir: Path) -> list[str]:
     return sorted(str(p) for p in state_dir.glob("scratch/*.qcow2"))
 
 
-@pytest.mark.parametrize("point", ["backup-begin:after-switch", "backup-begin:after-exports"])
+@pytest.mark.parametrize(
+    "point",
+    ["backup-begin:after-filters", "backup-begin:after-switch", "backup-begin:after-exports"],
+)
 def test_daemon_killed_during_begin_resumes_the_vm_and_cleans_qemu(
     guest_workdir: Path, point: str
 ) -> None:
     vm = GuestVM(guest_workdir, running=True)
     state = guest_workdir / "state"
-    daemon, _ = start_daemon(guest_workdir, vm.qmp_path, fault=point)
+    daemon, cli = start_daemon(guest_workdir, vm.qmp_path, fault=point)
     try:
         vm.write(0, 0x11, 0, 1 * MiB)
         begin = subprocess.run(
@@ -52,6 +55,15 @@ def test_daemon_killed_during_begin_resumes_the_vm_and_cleans_qemu(
         assert leftovers(vm.qmp) == []
         assert scratch_files(state) == []
         assert vm.qmp.cmd("query-status")["status"] == "running"
+        # And the next backup reads what the disk holds, by content.
+        vm.write(0, 0x22, 1 * MiB, 1 * MiB)
+        session = cli("backup", "begin", "vm", "--no-checkpoint")
+        target = guest_workdir / "after.raw"
+        run([require_tool("nbdcopy"), session["disks"]["vdisk0"]["uri"], str(target)])
+        data = target.read_bytes()
+        assert data[: 2 * MiB] == b"\x11" * MiB + b"\x22" * MiB
+        assert data[2 * MiB :].count(0) == len(data) - 2 * MiB
+        run(nbdsrv_argv("backup", "end", "vm", session["id"], "--control", daemon.control))
         assert daemon.stop() == 0
     finally:
         daemon.kill()

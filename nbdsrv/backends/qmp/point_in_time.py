@@ -38,10 +38,10 @@ from ...backup.checkpoints import (
 )
 from ...backup.crash_points import crash_point
 from ...proto.constants import DIRTY_BITMAP_PREFIX
-from ...qemu import fleece
+from ...qemu import fleece, scratch_image
+from ...qemu.chain import STATE_QUERIES, block_state_of
 from ...qemu.errors import QEMUError, QMPError
-from ...qemu.images import create_scratch_image
-from ...qemu.monitor import QMPEvent
+from ...qemu.monitor import QMPEvent, raise_first_error, transaction_command
 from ..base import (
     BrokenCallback,
     CheckpointRef,
@@ -74,7 +74,9 @@ class HeldPoint:
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
     """Fix one point in time over every disk of ``vm`` (hold ``vm.lock``)."""
-    state = await vm.chains()
+    # One look at QEMU (three queries in one round trip) serves the chains and the switches.
+    snapshot = await vm.block_state()
+    state = snapshot.chains(vm.roots)
     chain = vm.load_checked(state)
     reasons = assess(chain, state)
     wanted = wanted_checkpoints(chain, reasons, request.from_checkpoint, request.all_checkpoints)
@@ -87,7 +89,7 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             )
         except CheckpointError as e:
             raise CheckpointError(f"{e}; --no-checkpoint backs up without creating one") from e
-    switches = await fleece.find_switches(vm.monitor, vm.roots)
+    switches = fleece.find_switches(snapshot, vm.roots)
     async with contextlib.aclosing(await vm.quiescer(request.quiesce)) as quiescer:
         os.makedirs(vm.scratch_dir, mode=0o700, exist_ok=True)
         plan = fleece.FleecePlan(
@@ -107,8 +109,13 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             if plan.start_nbd_server:
                 await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
             for disk in plan.disks:
-                await create_scratch_image(disk.scratch_file, disk.size)
-                await fleece.add_filter(vm.monitor, disk)
+                await scratch_image.create(disk.scratch_file, disk.size)
+            # Every disk's scratch node and filter, and the run state, in one round trip.
+            filters = [c for d in plan.disks for c in fleece.filter_commands(d)]
+            added = await vm.monitor.execute_many([*filters, ("query-status", None)])
+            raise_first_error(added[:-1])
+            running = fleece.run_state_of(added[-1])
+            crash_point("backup-begin:after-filters")
             held.unsubscribe = vm.monitor.subscribe("BLOCK_EXPORT_DELETED", _export_event(held))
             freeze = [a for d in plan.disks for a in fleece.freeze_actions(d)]
             # The next checkpoint's bitmap is added before the switch and the old one
@@ -117,7 +124,6 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             # for its guest (whose vCPUs then issue nothing) they are exact.
             adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
             rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
-            running = await fleece.run_state(vm.monitor)
             op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
             try:
                 async with quiescer.frozen(), _paused(vm, held, running):
@@ -125,19 +131,21 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
                         await vm.transaction(f"backup begin on VM {vm.name}", adds)
                         vm.commit_create(chain, new_checkpoint, op_id)
                         committed = True
-                    await fleece.switch_in(vm.monitor, plan.disks)
+                    await _switch_and_freeze(vm, plan.disks, freeze + rest)
                     crash_point("backup-begin:after-switch")
-                    await _transaction(vm, freeze + rest)
             except QuiesceError:
                 vm.store.clear_intent()  # the freeze failed before anything was done
                 raise
-            for disk in plan.disks:
-                await fleece.add_export(vm.monitor, disk)
+            # The exports, and a look at QEMU after them (the counts of the frozen bitmaps),
+            # in one round trip.
+            exports = [c for d in plan.disks for c in fleece.export_commands(d)]
+            answers = await vm.monitor.execute_many([*exports, *STATE_QUERIES])
+            raise_first_error(answers[: len(exports)])
             crash_point("backup-begin:after-exports")
-            counts = {d.scratch_node: await fleece.bitmap_counts(vm.monitor, d.scratch_node)
-                      for d in plan.disks}  # fmt: skip
+            after = block_state_of(answers[len(exports) :])
+            counts = {d.scratch_node: after.bitmap_counts(d.scratch_node) for d in plan.disks}
             # The new checkpoint's counts are the baseline for third-party checks from now.
-            await vm.remember_counts()
+            await vm.remember_counts(after)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             with contextlib.suppress(QEMUError):
@@ -203,12 +211,20 @@ async def _paused(vm: QmpVM, held: HeldPoint, running: bool | None) -> AsyncIter
         vm.store.write_session(held.plan.session, _record(vm, held))
 
 
-async def _transaction(vm: QmpVM, actions: list[tuple[str, dict[str, Any]]]) -> None:
-    if not actions:
-        return
-    try:
-        await vm.monitor.transaction(actions)
-    except QMPError as e:
+async def _switch_and_freeze(
+    vm: QmpVM, disks: Sequence[fleece.DiskPlan], actions: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """The switch, then the transaction of ``actions``, in one round trip. Should the
+    switch fail, the transaction still runs, harmlessly: the frozen bitmaps go with the
+    scratch nodes, and the old checkpoint's bitmap stops recording as it would have anyway,
+    the new checkpoint being committed already (a failed begin deletes it again, merging
+    it back)."""
+    switch = fleece.switch_in(disks)
+    transaction = [transaction_command(actions)] if actions else []
+    answers = await vm.monitor.execute_many([*switch, *transaction])
+    raise_first_error(answers[: len(switch)])
+    if transaction and isinstance(answers[-1], QMPError):
+        e = answers[-1]
         raise CheckpointError(f"backup begin on VM {vm.name}: QEMU refused: {e.desc}") from e
 
 

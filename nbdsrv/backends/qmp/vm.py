@@ -41,7 +41,8 @@ from ...backup.checkpoints import (
 )
 from ...backup.crash_points import crash_point
 from ...backup.store import VMStore
-from ...qemu.chain import discover_chains
+from ...qemu import scratch_image
+from ...qemu.chain import BlockState, query_block_state
 from ...qemu.errors import QEMUError, QEMUGoneError, QEMUUnreachableError, QMPError, QMPTimeoutError
 from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
@@ -166,6 +167,18 @@ class QmpVM:
         except QEMUError as e:
             self.failure = str(e)
             log.error("VM %s: reconciliation failed: %s", self.name, e)
+            return
+        self._spawn(self._prepare_scratch())
+
+    async def _prepare_scratch(self) -> None:
+        """Scratch image templates of the disks' sizes now, so that no backup begin waits
+        for qemu-img (qemu/scratch_image.py)."""
+        try:
+            sizes = {layers[0].virtual_size for layers in (await self.chains()).values()}
+            for size in sorted(sizes):
+                await scratch_image.prepare(size)
+        except (QEMUError, QEMUGoneError, OSError) as e:
+            log.debug("VM %s: scratch templates not made now: %s", self.name, e)
 
     # -- points in time (point_in_time.py) --------------------------------------------------
 
@@ -187,7 +200,11 @@ class QmpVM:
 
     async def chains(self) -> ChainState:
         """Every disk's backing chain with its bitmaps, as QEMU holds it now."""
-        return await discover_chains(self.monitor, self.roots)
+        return (await self.block_state()).chains(self.roots)
+
+    async def block_state(self) -> BlockState:
+        """QEMU's disks, nodes and exports now (one round trip)."""
+        return await query_block_state(self.monitor)
 
     async def disks(self) -> list[str]:
         return sorted((await self.chains()).keys())
@@ -249,11 +266,14 @@ class QmpVM:
             self.store.save_counts(last_op, now)
         return changed
 
-    async def remember_counts(self) -> None:
-        """Look at QEMU right after an operation of ours: the counts it left are the new
-        baseline (a clear just after it must not go unseen until the next poll)."""
+    async def remember_counts(self, snapshot: BlockState | None = None) -> None:
+        """Look at QEMU right after an operation of ours (or take ``snapshot``, looked at
+        then): the counts it left are the new baseline (a clear just after it must not go
+        unseen until the next poll)."""
         try:
-            self._record_problems(self.load()[0], await self.chains())
+            if snapshot is None:
+                snapshot = await self.block_state()
+            self._record_problems(self.load()[0], snapshot.chains(self.roots))
         except (QEMUError, QEMUGoneError) as e:
             log.debug("VM %s: counts not taken after the operation: %s", self.name, e)
 
