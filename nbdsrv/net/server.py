@@ -712,7 +712,10 @@ class NBDConnection(asyncio.Protocol):
             self._close_when_idle()
 
     def _send(self, data: bytes) -> None:
-        self._output([data])
+        if self._writer is not None:
+            self._writer.send(data)
+        elif self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def _send_read(self, request: Request, segments: list[Segment]) -> None:
         """A READ's reply; ``segments`` go back to the export once it has left."""
