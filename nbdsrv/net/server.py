@@ -200,9 +200,8 @@ class NBDConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         relay = self._relay
-        if relay is not None and relay.forwards:
-            if not self._forwarded_at_once(relay, data):
-                self._receive(data)
+        if relay is not None and relay.forwards and self._forwarded_at_once(relay, data):
+            pass
         elif self._sources is None or not self._answered_at_once(data):
             self._receive(data)
         self._last_activity = self._loop.time()  # after: the reply goes out first

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.relay import ReadRelay
 from nbdsrv.net.server import NBDConnection, ServerPolicy
@@ -19,10 +20,14 @@ from nbdsrv.proto.constants import Command, CommandFlag
 from nbdsrv.proto.errors import ReplyError
 from tests.net.recorder import Recorder
 from tests.net.test_relay import DATA, HOLE, SIZE, Setup, run, split_plan
+from tests.net.test_status_fast_path import spy_on_the_fast_path
 
 __all__ = ["run"]  # the fixture, used by name
 
 KiB = 1024
+C1 = "qemu:dirty-bitmap:c1"
+BITMAP = DirtyBitmap(SIZE, 64 * KiB)
+BITMAP.mark(128 * KiB, 64 * KiB)
 
 
 class Forwards:
@@ -48,15 +53,15 @@ class Forwards:
 
 @contextlib.asynccontextmanager
 async def attached(
-    tmp_path: Path, policy: ServerPolicy | None = None
+    tmp_path: Path, policy: ServerPolicy | None = None, contexts: tuple[str, ...] = ()
 ) -> AsyncIterator[tuple[Setup, NBDClient]]:
-    """A session export in front of the fake upstream, and a client (structured replies,
-    compact headers) whose first READ — taken by the general path — has opened the
-    connection's upstream link; closed at the end."""
-    async with Setup(tmp_path, split_plan) as s:
+    """A session export in front of the fake upstream (with a dirty bitmap ``C1``), and a
+    client (structured replies, compact headers) whose first READ — taken by the general
+    path — has opened the connection's upstream link; closed at the end."""
+    async with Setup(tmp_path, split_plan, bitmaps={C1: BITMAP}) as s:
         if policy is not None:
             s.server.policy = policy
-        client = await NBDClient.connect(s.down, "vm/disk0", extended=False)
+        client = await NBDClient.connect(s.down, "vm/disk0", extended=False, contexts=contexts)
         assert await client.read(0, 512) == DATA[:512]
         yield s, client
         await client.close()
@@ -169,3 +174,22 @@ def test_reads_after_the_session_failed_are_refused_by_the_general_path(
     run(main())
     assert paths.forwarded == 1
     assert paths.general == 2
+
+
+def test_block_status_after_forwarded_reads_is_still_answered_at_once(
+    run: Callable[[Awaitable[Any]], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that reads and maps (nbdcopy does both) keeps both short paths."""
+    paths = Forwards(monkeypatch)
+    answered = spy_on_the_fast_path(monkeypatch)
+
+    async def main() -> None:
+        async with attached(tmp_path, contexts=(C1,)) as (_, client):
+            assert await client.read(64 * KiB, 64 * KiB) == DATA[64 * KiB : 128 * KiB]
+            status = await client.block_status(0, SIZE)
+            assert status == {C1: [(128 * KiB, 0), (64 * KiB, 1), (SIZE - 192 * KiB, 0)]}
+            assert await client.read(128 * KiB, 64 * KiB) == DATA[128 * KiB : 192 * KiB]
+
+    run(main())
+    assert answered == {"vm/disk0": 1}
+    assert paths.forwarded == 2

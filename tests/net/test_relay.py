@@ -12,7 +12,7 @@ import asyncio
 import errno
 import hashlib
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 import uvloop
 
 from nbdsrv.exports.catalog import ExportCatalog
+from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
@@ -154,15 +155,23 @@ async def serve_upstream(path: Path, plan: Plan) -> asyncio.AbstractServer:
 class Setup:
     """Fake upstream ← UpstreamExport ``vm/disk0`` ← nbdsrv's server, all in one loop."""
 
-    def __init__(self, tmp: Path, plan: Plan, *, zero_copy: bool = True) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        plan: Plan,
+        *,
+        zero_copy: bool = True,
+        bitmaps: Mapping[str, DirtyBitmap] | None = None,
+    ) -> None:
         self.tmp, self.plan = tmp, plan
         self.zero_copy = zero_copy
+        self.bitmaps = dict(bitmaps or {})
         self.up = Address("unix", path=str(tmp / "up.sock"))
         self.down = Address("unix", path=str(tmp / "nbd.sock"))
 
     async def __aenter__(self) -> "Setup":
         self.upstream = await serve_upstream(self.tmp / "up.sock", lambda r: self.plan(r))
-        self.export = UpstreamExport("vm/disk0", SIZE, self.up, "up", {})
+        self.export = UpstreamExport("vm/disk0", SIZE, self.up, "up", self.bitmaps)
         await self.export.open()
         self.catalog = ExportCatalog()
         self.catalog.add(self.export)
