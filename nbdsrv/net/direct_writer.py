@@ -65,6 +65,8 @@ class DirectWriter:
         self._sock = socket.socket(fileno=os.dup(sock.fileno()))
         self._sock.setblocking(False)
         self._fd = self._sock.fileno()
+        self.fd = self._fd
+        """The descriptor it writes on (a duplicate of the connection's socket)."""
         self._on_drained = on_drained
         self._on_pressure = on_pressure
         self._on_failed = on_failed

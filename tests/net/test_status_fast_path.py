@@ -25,7 +25,7 @@ from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
-from nbdsrv.net.server import NBDServer
+from nbdsrv.net.server import MAX_POLL_BACKOFF, POLL_WINDOW, NBDConnection, NBDServer, ServerPolicy
 from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
@@ -374,3 +374,76 @@ def test_a_client_that_only_maps_opens_no_upstream_connection(
             assert opened == []
 
     run(main())
+
+
+def poll_rounds(answers: int) -> int:
+    """How many answers poll for a next request when every window passes empty: the rule
+    of NBDConnection._poll (the next 1, 2, 4 … 64 answers skip polling after a miss)."""
+    polls, skip, backoff = 0, 0, 1
+    for _ in range(answers):
+        if skip:
+            skip -= 1
+            continue
+        polls += 1
+        skip, backoff = backoff, min(2 * backoff, MAX_POLL_BACKOFF)
+    return polls
+
+
+@pytest.mark.parametrize("window", [POLL_WINDOW, 0.0], ids=["polling", "no-polling"])
+def test_a_client_slower_than_the_poll_window_is_polled_less_and_less(
+    run: Callable[[Awaitable[Any]], Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    window: float,
+) -> None:
+    """A client in the server's own event loop cannot answer while the server polls, so
+    every window passes empty: polling backs off (and never runs with a window of 0)."""
+    polls: list[int] = []
+    real = NBDConnection._poll
+
+    def counting(connection: NBDConnection) -> None:
+        polls.append(1)
+        real(connection)
+
+    monkeypatch.setattr(NBDConnection, "_poll", counting)
+    answered = spy_on_the_fast_path(monkeypatch)
+
+    async def main() -> None:
+        async with Served(tmp_path) as served:
+            served.server.policy = ServerPolicy(poll_window=window)
+            client = await served.connect("fast", (C1,))
+            assert await walk(client, req_one=True) == {C1: truth(C1)}
+            await client.close()
+
+    run(main())
+    count = answered["vm/fast"]
+    assert count > 200
+    assert len(polls) == (poll_rounds(count) if window else 0)
+
+
+def test_two_qemu_img_maps_at_once_get_the_bitmap(tmp_path: Path) -> None:
+    """Two REQ_ONE walkers in other processes: polling for one connection's next request
+    leaves the other its turn, and both maps are the bitmap."""
+    qemu_img = require_tool("qemu-img")
+
+    async def qemu_img_map(sock: str) -> list[tuple[int, int]]:
+        opts = f"driver=nbd,server.type=unix,server.path={sock},export=vm/fast,x-dirty-bitmap={C1}"
+        proc = await asyncio.create_subprocess_exec(
+            qemu_img, "map", "--output=json", "--image-opts", opts,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        got = merged([(e["length"], 0 if e["data"] else 1) for e in json.loads(out)])
+        n, f = got.pop()
+        got.append((n - (-SIZE % 512), f))  # QEMU rounds the disk up to whole sectors
+        return got
+
+    async def main() -> None:
+        async with Served(tmp_path) as served:
+            sock = served.address.path
+            first, second = await asyncio.gather(qemu_img_map(sock), qemu_img_map(sock))
+            assert first == second == truth(C1)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
