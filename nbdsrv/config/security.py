@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..net.limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from ..net.limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, POLL_WINDOW
 
 if TYPE_CHECKING:
     from ..net.server import ServerPolicy
@@ -101,4 +101,20 @@ def policy_from_args(args: SimpleNamespace) -> "ServerPolicy":
         idle_timeout=args.idle_timeout,
         # For comparisons: 0 makes every connection write through the event loop's transport.
         zero_copy=os.environ.get("NBDSRV_ZERO_COPY", "1") != "0",
+        poll_window=poll_window_from_environment(),
     )
+
+
+def poll_window_from_environment() -> float:
+    """NBDSRV_POLL_US: how long to wait for a mapping client's next request (µs); 0 never."""
+    text = os.environ.get("NBDSRV_POLL_US")
+    if text is None:
+        return POLL_WINDOW
+    try:
+        micros = float(text)
+    except ValueError:
+        message = f"NBDSRV_POLL_US must be a number of microseconds, not {text!r}"
+        raise ConfigError(message) from None
+    if not 0 <= micros <= 10_000:
+        raise ConfigError("NBDSRV_POLL_US must be between 0 and 10000")
+    return micros / 1e6

@@ -29,7 +29,7 @@ from ..proto.server import (
 from .access import AccessPolicy, Peer, subject_of
 from .address import Address
 from .direct_writer import DirectWriter, Item, zero_copy_available
-from .limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from .limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, POLL_WINDOW
 from .relay import ReadRelay
 from .socket_path import clear_stale_socket
 
@@ -47,9 +47,6 @@ BLOCK_STATUS_COST = 256 * 1024
 # event loop gets to accept them; the kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
-# A client that maps one extent at a time (qemu-img map: REQ_ONE) sends its next request
-# 25-35 µs after our answer on this machine; waking the daemon for it costs more than that.
-POLL_WINDOW = 50e-6
 # Bytes read at once while polling (requests only: a few dozen a read).
 POLL_READ = 64 * 1024
 # Most answers that skip polling after windows that passed with nothing.

@@ -25,7 +25,8 @@ from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
-from nbdsrv.net.server import MAX_POLL_BACKOFF, POLL_WINDOW, NBDConnection, NBDServer, ServerPolicy
+from nbdsrv.net.limits import POLL_WINDOW
+from nbdsrv.net.server import MAX_POLL_BACKOFF, NBDConnection, NBDServer, ServerPolicy
 from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
