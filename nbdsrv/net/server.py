@@ -240,10 +240,12 @@ class NBDConnection(asyncio.Protocol):
         slower than the window costs almost nothing. After POLL_BURST reads the event loop
         gets its turn (the next request then comes through it)."""
         writer = self._writer
-        if writer is None or writer.closed:
+        if writer is None:
             return
         window = self._policy.poll_window
         for _ in range(POLL_BURST):
+            if writer.closed:
+                return  # its descriptor is gone: the request failed the connection
             deadline = time.perf_counter() + window
             while True:
                 try:
