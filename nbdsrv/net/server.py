@@ -244,8 +244,8 @@ class NBDConnection(asyncio.Protocol):
             return
         window = self._policy.poll_window
         for _ in range(POLL_BURST):
-            if writer.closed:
-                return  # its descriptor is gone: the request failed the connection
+            if writer.closed or self._reading_paused:
+                return  # the request failed the connection, or no more may be read now
             deadline = time.perf_counter() + window
             while True:
                 try:
