@@ -317,12 +317,7 @@ class NBDClient:
             cookie = next(self._cookies)
             while cookie in self._core:
                 cookie = next(self._cookies)
-        data = self._core.request(cookie, command, flags, offset, length, sink)
-        if self._corked is not None:
-            self._corked.append(data)
-        else:
-            assert self._link.transport is not None
-            self._link.transport.write(data)
+        self._write(self._core.request(cookie, command, flags, offset, length, sink))
 
     def forward(self, data: bytes, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
         """Send READs as another client wrote them: ``data`` is their requests, in this
@@ -333,12 +328,16 @@ class NBDClient:
             raise ConnectionClosed(f"connection closed: {self._link.closed}")
         if not self._core.forwarded(reads):
             return False
+        self._write(data)
+        return True
+
+    def _write(self, data: bytes) -> None:
+        """Requests' bytes: held while corked, else written."""
         if self._corked is not None:
             self._corked.append(data)
         else:
             assert self._link.transport is not None
             self._link.transport.write(data)
-        return True
 
     def cork(self) -> None:
         """Hold requests until :meth:`uncork`, to send a burst in one write."""

@@ -411,9 +411,7 @@ class NBDConnection(asyncio.Protocol):
         if busy > self._policy.max_in_flight:
             return False
         cost = sum(request.length for request in requests)
-        if busy > 1 and (  # as _may_start: one request may start when nothing else runs
-            self._in_flight_bytes + cost + self._unsent() > self._policy.max_buffered
-        ):
+        if not self._within_budget(cost, count):
             return False
         if not relay.forward(data, requests):
             return False
@@ -455,9 +453,15 @@ class NBDConnection(asyncio.Protocol):
     def _may_start(self, request: Request) -> bool:
         if self._writing_paused or self._attaching is not None:
             return False
-        if not self._busy():
+        return self._within_budget(_cost(request))
+
+    def _within_budget(self, cost: int, count: int = 1) -> bool:
+        """Whether ``count`` requests whose replies may hold ``cost`` bytes fit the memory
+        budget beside what is in flight and unsent; one request may always start when
+        nothing else runs."""
+        if count == 1 and not self._busy():
             return True
-        return self._in_flight_bytes + _cost(request) + self._unsent() <= self._policy.max_buffered
+        return self._in_flight_bytes + cost + self._unsent() <= self._policy.max_buffered
 
     def _unsent(self) -> int:
         if self._writer is not None:
