@@ -38,6 +38,7 @@ from nbdsrv.proto.constants import (
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import Event, OptionError, Request, ServerConnection
 from tests.net.recorder import Recorder
+from tests.net.slow_reader import read_after_a_pause
 from tests.proto.harness import FakeCatalog, FakeExport
 
 KiB = 1024
@@ -352,20 +353,9 @@ def test_a_client_that_reads_slowly_gets_every_byte(
     async def main() -> None:
         async with Setup(tmp_path, split_plan, zero_copy=zero_copy) as s:
             client = await NBDClient.connect(s.down, "vm/disk0")
-            transport = client._link.transport
-            assert transport is not None
-            transport.pause_reading()
-            reads = [
-                asyncio.ensure_future(client.read(o, 256 * KiB))
-                for _ in range(8)
-                for o in range(0, SIZE, 256 * KiB)
-            ]
-            await asyncio.sleep(0.3)  # the server writes until everything is full
-            assert not any(r.done() for r in reads)
-            transport.resume_reading()
-            parts = await asyncio.gather(*reads)
+            got = await read_after_a_pause(client, SIZE, 8)
             await client.close()
-            assert b"".join(parts) == DATA * 8
+            assert got == DATA * 8
 
     run(main())
 
