@@ -32,6 +32,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 class CheckpointError(NbdsrvError):
     """A checkpoint operation refused before anything changed."""
 
+    code = "checkpoint"
+
 
 def check_name(name: object, what: str = "checkpoint name") -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
