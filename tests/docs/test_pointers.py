@@ -166,7 +166,7 @@ def broken(pointer: str) -> str | None:
     """Why `pointer` leads nowhere, or None when it leads somewhere."""
     if match := PATH.fullmatch(pointer):
         path, name = match.group(1), match.group(2)
-        if path.startswith(generated_folders()):
+        if (path + "/").startswith(generated_folders()):
             return None
         if not (ROOT / path).exists():
             return "no such file or folder"
@@ -209,6 +209,37 @@ def pointers() -> list[Pointer]:
 def test_every_pointer_in_docs_and_comments_leads_somewhere(pointers: list[Pointer]) -> None:
     bad = [f"{p.where}: {p.text} ({why})" for p in pointers if (why := broken(p.text))]
     assert bad == [], "\n".join(bad)
+
+
+# The team's notes outside the repository: users do not have them.
+OUTSIDE = re.compile(r"\.\./shared/|\bshared/research/|\b(?:DESIGN|CONTRACT|STYLE)\.md\b")
+
+
+def outside_pointers(text: str, where: str, first_line: int = 1) -> Iterator[Pointer]:
+    for number, line in enumerate(text.splitlines(), first_line):
+        for match in OUTSIDE.finditer(line):
+            yield Pointer(f"{where}:{number}", match.group(0))
+
+
+def test_no_pointer_leaves_the_repository() -> None:
+    found: list[Pointer] = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        found += outside_pointers(doc.read_text(), str(doc.relative_to(ROOT)))
+    for folder in ("nbdsrv", "tests", "bench"):
+        for module in sorted((ROOT / folder).rglob("*.py")):
+            if module != Path(__file__).resolve():
+                for line, text in prose_of_python(module.read_text()):
+                    found += outside_pointers(text, str(module.relative_to(ROOT)), line)
+    assert found == [], "\n".join(f"{p.where}: {p.text}" for p in found)
+
+
+def test_a_planted_pointer_outside_the_repository_is_found() -> None:
+    text = "see ../shared/CONTRACT.md and DESIGN.md decision 3"
+    assert [p.text for p in outside_pointers(text, "x")] == [
+        "../shared/",
+        "CONTRACT.md",
+        "DESIGN.md",
+    ]
 
 
 def test_the_check_finds_pointers(pointers: list[Pointer]) -> None:
