@@ -88,33 +88,62 @@ def _add_operation(parser: argparse.ArgumentParser, op: Operation) -> None:
     parser.set_defaults(run=_cmd_operation, operation=op)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line: daemon, serve and the operations' commands."""
-    parser = Parser(prog="nbdsrv", description="NBD backup server for QEMU")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line: daemon, serve and the operations' commands. With ``command`` (a
+    first command word), only that command gets its options and actions; the others keep their
+    name and help, which is all that `nbdsrv --help` and the message for an unknown command
+    show. argparse makes a help formatter for every option it adds, so building every
+    command's options would cost each client command about as much as the rest of its
+    start-up."""
+    # No abbreviations before the command word: command_in must see --control as written.
+    parser = Parser(prog="nbdsrv", description="NBD backup server for QEMU", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"nbdsrv {__version__}")
     _add_client_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    daemon = commands.add_parser("daemon", help="run the server in the foreground")
-    _add_daemon_options(daemon)
-    daemon.set_defaults(run=_cmd_daemon)
-    serve = commands.add_parser(
-        "serve", help="serve disk images through a private qemu-storage-daemon (embedded default)"
-    )
-    _add_serve_options(serve)
-    serve.set_defaults(run=_cmd_daemon)
-    actions: dict[str, argparse._SubParsersAction[Parser]] = {}
+    built = {command} if command is not None else None
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser | None:
+        """A command's parser, or None when its options are not wanted."""
+        sub = commands.add_parser(name, help=help_text)
+        return sub if built is None or name in built else None
+
+    if daemon := add("daemon", "run the server in the foreground"):
+        _add_daemon_options(daemon)
+        daemon.set_defaults(run=_cmd_daemon)
+    if serve := add(
+        "serve", "serve disk images through a private qemu-storage-daemon (embedded default)"
+    ):
+        _add_serve_options(serve)
+        serve.set_defaults(run=_cmd_daemon)
+    actions: dict[str, Any] = {}  # group word → its actions' subparsers (None: not built)
     for op in OPERATIONS:
         if len(op.words) == 1:
-            _add_operation(commands.add_parser(op.words[0], help=op.help), op)
+            if sub := add(op.words[0], op.help):
+                _add_operation(sub, op)
             continue
         group, action = op.words
         if group not in actions:
-            group_parser = commands.add_parser(group, help=GROUPS[group])
-            actions[group] = group_parser.add_subparsers(
+            group_parser = add(group, GROUPS[group])
+            actions[group] = group_parser and group_parser.add_subparsers(
                 dest="action", required=True, metavar="ACTION"
             )
-        _add_operation(actions[group].add_parser(action, help=op.help), op)
+        if group_actions := actions[group]:
+            _add_operation(group_actions.add_parser(action, help=op.help), op)
     return parser
+
+
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command word argparse will take from ``argv``: the first word that is neither an
+    option before it nor the value of one (only --control takes a value there)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            return next(words, None)
+        if word == "--control":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _add_serve_options(serve: argparse.ArgumentParser) -> None:
@@ -346,7 +375,8 @@ def _with_progress(control: str, vm: str, job_type: str, call: Callable[[], Any]
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        words = sys.argv[1:] if argv is None else argv
+        args = build_parser(command_in(words)).parse_args(words)
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
     except NbdsrvError as e:

@@ -9,6 +9,7 @@ import pytest
 
 from nbdsrv import cli
 from nbdsrv.control_requests import check_arguments
+from nbdsrv.errors import UsageError
 from nbdsrv.operations import OPERATIONS, Operation
 
 
@@ -121,3 +122,28 @@ def test_a_usage_error_is_one_line_and_exit_1(argv: list[str]) -> None:
 def test_help_and_version_exit_0(argv: list[str]) -> None:
     result = nbdsrv(*argv)
     assert result.returncode == 0 and result.stdout and result.stderr == ""
+
+
+# Lines of every shape: each must parse as the parser with every command built parses it.
+LINES = [
+    *USAGE_ERRORS,
+    ["--control", "/c", "status"],
+    ["--control=/c", "--json", "status", "--control", "/d"],
+    ["--", "status"],
+    ["--json", "backup", "begin", "vm", "--from", "c1", "--no-checkpoint"],
+    ["--cont", "/c", "status"],
+    ["checkpoint", "create", "vm", "--gran", "131072"],
+    ["snapshot", "commit", "vm", "--json"],
+    ["--control", "status", "status"],
+]
+
+
+@pytest.mark.parametrize("argv", LINES, ids=lambda a: " ".join(a) or "(nothing)")
+def test_a_line_parses_alike_with_only_its_command_built(argv: list[str]) -> None:
+    def outcome(parser: object) -> object:
+        try:
+            return vars(parser.parse_args(argv))  # type: ignore[attr-defined]
+        except UsageError as e:
+            return str(e)
+
+    assert outcome(cli.build_parser(cli.command_in(argv))) == outcome(cli.build_parser())
