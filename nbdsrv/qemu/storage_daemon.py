@@ -264,7 +264,9 @@ class StorageDaemon:
         await self._cancel_watcher()
         self._close_log()
         self._stopping = False
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # The user's only, like everything QSD itself creates (umask 077).
+        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._log = open(descriptor, "ab")  # noqa: SIM115 - closed in stop()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"{_LOG_MARK} starting qemu-storage-daemon at {stamp}\n".encode())
         self._log.flush()

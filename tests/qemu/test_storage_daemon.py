@@ -211,6 +211,7 @@ async def test_qsd_runs_in_its_own_session_with_umask_077(qsd: StorageDaemon) ->
     assert proc_status(pid)["Umask"] == "0077"
     # The QMP sockets are never chmod'ed: that no one else may connect is the umask's work.
     assert stat.S_IMODE(os.stat(qsd.qmp_path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(qsd.log_path).st_mode) == 0o600
 
 
 # A daemon that starts a QSD under uvloop (as nbdsrv's does), adds a persistent bitmap, says
