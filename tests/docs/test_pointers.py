@@ -201,19 +201,34 @@ def broken(pointer: str) -> str | None:
     return "no such module"
 
 
-def tree_pointers() -> Iterator[Pointer]:
+@dataclass(frozen=True)
+class Prose:
+    where: str
+    """the file"""
+    first_line: int
+    text: str
+
+
+def tree_prose() -> Iterator[Prose]:
+    """The docs, and the comments and docstrings of the code, of the whole tree."""
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
-        yield from pointers_in(doc.read_text(), str(doc.relative_to(ROOT)))
+        yield Prose(str(doc.relative_to(ROOT)), 1, doc.read_text())
     for folder in ("nbdsrv", "tests", "bench"):
         for module in sorted((ROOT / folder).rglob("*.py")):
             if module == Path(__file__).resolve():
                 continue  # its examples are meant to be broken
-            yield from pointers_in_python(module.read_text(), str(module.relative_to(ROOT)))
+            for line, text in prose_of_python(module.read_text()):
+                yield Prose(str(module.relative_to(ROOT)), line, text)
 
 
 @pytest.fixture(scope="module")
-def pointers() -> list[Pointer]:
-    return list(tree_pointers())
+def prose() -> list[Prose]:
+    return list(tree_prose())
+
+
+@pytest.fixture(scope="module")
+def pointers(prose: list[Prose]) -> list[Pointer]:
+    return [p for piece in prose for p in pointers_in(piece.text, piece.where, piece.first_line)]
 
 
 def test_every_pointer_in_docs_and_comments_leads_somewhere(pointers: list[Pointer]) -> None:
@@ -231,15 +246,10 @@ def outside_pointers(text: str, where: str, first_line: int = 1) -> Iterator[Poi
             yield Pointer(f"{where}:{number}", match.group(0))
 
 
-def test_no_pointer_leaves_the_repository() -> None:
-    found: list[Pointer] = []
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
-        found += outside_pointers(doc.read_text(), str(doc.relative_to(ROOT)))
-    for folder in ("nbdsrv", "tests", "bench"):
-        for module in sorted((ROOT / folder).rglob("*.py")):
-            if module != Path(__file__).resolve():
-                for line, text in prose_of_python(module.read_text()):
-                    found += outside_pointers(text, str(module.relative_to(ROOT)), line)
+def test_no_pointer_leaves_the_repository(prose: list[Prose]) -> None:
+    found = [
+        p for piece in prose for p in outside_pointers(piece.text, piece.where, piece.first_line)
+    ]
     assert found == [], "\n".join(f"{p.where}: {p.text}" for p in found)
 
 
