@@ -17,11 +17,8 @@ CLIENT_MODULES = {
     "nbdsrv.cli",
     "nbdsrv.config",
     "nbdsrv.config.paths",
-    "nbdsrv.config.security",  # the daemon's options are part of the command line
     "nbdsrv.control_client",
     "nbdsrv.errors",
-    "nbdsrv.net",
-    "nbdsrv.net.limits",  # the security options' defaults
     "nbdsrv.operations",
     "nbdsrv.text_output",
 }
