@@ -19,7 +19,7 @@ import pytest
 
 from tests.sessions.direct_compare import assert_direct_same_as_relay, assert_gone
 from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run, run_result
-from tests.vmharness import ExternalQSD, K, MiB, wait_for
+from tests.vmharness import ExternalQSD, K, MiB, attached_daemon, wait_for
 
 
 class BlockdevVM:
@@ -89,10 +89,11 @@ def blockdev_vm() -> Iterator[tuple[BlockdevVM, Path]]:
 def _round(daemon: DaemonProcess, workdir: Path, vm: str, *args: str) -> dict[str, Any]:
     """Begin a session, check direct against relay, end it: its direct exports are gone."""
     session = dict(daemon.json("backup", "begin", vm, *args))
+    direct_uris = [d["direct_uri"] for d in session["disks"].values()]
     listed = daemon.json("backup", "list", vm)
-    assert [d["direct_uri"] for d in listed[0]["disks"].values()] == [
-        d["direct_uri"] for d in session["disks"].values()
-    ]
+    assert [d["direct_uri"] for d in listed[0]["disks"].values()] == direct_uris
+    [status] = daemon.status()["sessions"]
+    assert [d["direct_uri"] for d in status["disks"].values()] == direct_uris
     assert_direct_same_as_relay(session, workdir)
     result = daemon.cli("backup", "end", vm, session["id"])
     assert result.returncode == 0, result.stderr
@@ -191,6 +192,34 @@ def test_broken_point_in_time_fails_direct_reads_too(
         assert "read failed: Input/output error" in relay.stdout + relay.stderr, relay
     nbdsrv.cli("backup", "end", "vm1", session["id"])
     assert_gone(direct)
+
+
+def test_scratch_limit_takes_the_direct_export_away(vm: ExternalQSD, workdir: Path) -> None:
+    """Past --scratch-limit nbdsrv gives the point in time up in QEMU: the direct export goes
+    at once (its readers are cut, new ones are refused) and the relay answers EIO."""
+    daemon = attached_daemon(workdir, vm, "--scratch-limit", str(1 * MiB))
+    daemon.start()
+    try:
+        vm.write(0, 0x11, 0, 4 * MiB)
+        session = dict(daemon.json("backup", "begin", "vm1", "--no-checkpoint"))
+        direct = session["disks"]["disk0"]["direct_uri"]
+        vm.write(0, 0x22, 0, 4 * MiB)
+        wait_for(
+            lambda: daemon.json("backup", "list", "vm1")[0]["state"] == "failed",
+            "the session to break",
+        )
+        wait_for(lambda: _unreachable(direct), "the direct export to go")
+        relay = run_result([require_tool("qemu-io"), "-r", "-f", "raw", "-c", "read 0 64k",
+                            daemon.uri("vm1/disk0")])  # fmt: skip
+        assert "Input/output error" in relay.stdout + relay.stderr, relay
+        daemon.cli("backup", "end", "vm1", session["id"])
+        assert_gone(direct)
+    finally:
+        daemon.stop()
+
+
+def _unreachable(uri: str) -> bool:
+    return run_result([require_tool("nbdinfo"), "--size", uri], timeout=60).returncode != 0
 
 
 def test_embedded_vm_direct_export(tmp_path: Path) -> None:
