@@ -32,6 +32,8 @@ class PointInTimeRequest:
     """Name of the checkpoint to create at the point in time (None: generated)."""
     no_checkpoint: bool = False
     all_checkpoints: bool = False
+    bitmap_name: str | None = None
+    """The ``--from`` context's name instead of the checkpoint's (``--bitmap-name``)."""
     granularity: int | None = None
     quiesce: bool = False
     """Freeze the guest's filesystems for the instant (guest agent); fail if impossible."""
@@ -61,6 +63,9 @@ class UpstreamDisk:
     """Unix socket of the upstream NBD server."""
     export: str
     bitmaps: tuple[UpstreamBitmap, ...] = ()
+    direct_uri: str | None = None
+    """QEMU's (or libvirt's) own export of the point in time with the session's contexts,
+    for local clients (None: the backend offers none)."""
 
 
 @dataclass(frozen=True)

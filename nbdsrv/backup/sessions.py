@@ -77,6 +77,8 @@ class Session:
     checkpoint: str | None = None
     quiesced: bool = False
     exports: dict[str, UpstreamExport] = field(default_factory=dict)
+    direct_uris: dict[str, str | None] = field(default_factory=dict)
+    """Disk → QEMU's (or libvirt's) own export of the point in time (``direct_uri``)."""
     state: str = "running"
     error: str | None = None
     ending: bool = False
@@ -148,6 +150,7 @@ class SessionManager:
                 checkpoint=request.checkpoint,
                 no_checkpoint=request.no_checkpoint,
                 all_checkpoints=request.all_checkpoints,
+                bitmap_name=request.bitmap_name,
                 granularity=request.granularity,
                 quiesce=request.quiesce,
             ),
@@ -155,6 +158,7 @@ class SessionManager:
         )
         session.checkpoint = point.checkpoint
         session.quiesced = point.quiesced
+        session.direct_uris = {d.disk: d.direct_uri for d in point.disks}
         try:
             await self._open_exports(session, request, point)
         except BaseException as e:
@@ -256,6 +260,7 @@ class SessionManager:
                 "uri": self.addresses[0].uri(export.name) if self.addresses else None,
                 "uris": [a.uri(export.name) for a in self.addresses],
                 "contexts": list(export.contexts),
+                "direct_uri": session.direct_uris.get(disk),
                 "size": export.size,
                 "dirty_bytes": {
                     context: bitmap.dirty_bytes for context, bitmap in export.bitmaps.items()

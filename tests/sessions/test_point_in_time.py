@@ -159,6 +159,8 @@ def test_vm_third_party_cannot_make_reads_see_new_data(guest_workdir: Path) -> N
             e["id"] for e in vm.qmp.cmd("query-block-exports") if e["id"].endswith(f"-{index}")
         )
         vm.qmp.cmd("block-export-del", id=export, mode="hard")
+        vm.qmp.cmd("block-export-del", id=f"{export}-direct", mode="hard")  # holds acc too
+        wait_for(lambda: not _exported(vm.qmp, export), "the exports to go")
         vm.qmp.cmd("blockdev-del", **{"node-name": acc})
         vm.qmp.cmd("qom-set", **back)
         vm.qmp.cmd("blockdev-del", **{"node-name": cbw})
@@ -192,8 +194,10 @@ def test_qsd_third_party_cannot_make_reads_see_new_data(
     with pytest.raises(ExecuteError, match="Permission conflict"):
         qmp.cmd("blockdev-reopen", options=back)
     vm.write(0, 0x33, 4 * MiB, 4 * MiB)
-    export = next(e["id"] for e in qmp.cmd("query-block-exports") if e["id"] != "disk0")
+    export = next(e["id"] for e in qmp.cmd("query-block-exports") if e["id"].endswith("-0"))
     qmp.cmd("block-export-del", id=export, mode="hard")
+    qmp.cmd("block-export-del", id=f"{export}-direct", mode="hard")  # holds acc too
+    wait_for(lambda: not _exported(qmp, export), "the exports to go")
     qmp.cmd("blockdev-del", **{"node-name": acc})
     qmp.cmd("blockdev-reopen", options=back)
     qmp.cmd("blockdev-del", **{"node-name": cbw})
@@ -202,6 +206,11 @@ def test_qsd_third_party_cannot_make_reads_see_new_data(
     judge(readers.finish())
     assert nbdsrv.cli("backup", "end", "vm1", session["id"]).returncode == 0
     assert [x for x in leftovers(qmp) if x != "disk0"] == []
+
+
+def _exported(qmp: Any, export: str) -> bool:
+    """Whether QEMU still lists ``export`` or its direct twin."""
+    return any(e["id"].startswith(export) for e in qmp.cmd("query-block-exports"))
 
 
 @pytest.fixture

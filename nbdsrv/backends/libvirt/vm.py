@@ -35,6 +35,7 @@ from typing import Any
 from ...backup.checkpoints import CheckpointError, check_name, generated_name
 from ...errors import NbdsrvError, NotFoundError
 from ...proto.constants import DIRTY_BITMAP_PREFIX
+from ...qemu.block_exports import unix_uri
 from ..base import (
     BrokenCallback,
     CheckpointRef,
@@ -302,7 +303,11 @@ class LibvirtVM:
                 target=d.target,
                 scratch=str(scratch_dir / f"{request.session}-{d.target}.qcow2"),
                 export=d.target,
-                bitmap=request.from_checkpoint if d.target in with_bitmap else None,
+                # exportbitmap: the context's name, as nbdsrv's own export offers it, so
+                # that libvirt's export serves as the session's direct_uri too.
+                bitmap=(request.bitmap_name or request.from_checkpoint)
+                if d.target in with_bitmap
+                else None,
             )
             for d in snap.disks
         ]
@@ -330,14 +335,22 @@ class LibvirtVM:
                 bitmaps = (
                     UpstreamBitmap(
                         checkpoint=request.from_checkpoint,
-                        context=DIRTY_BITMAP_PREFIX + request.from_checkpoint,
+                        context=DIRTY_BITMAP_PREFIX
+                        + (request.bitmap_name or request.from_checkpoint),
                         granularity=bitmap_granularity(disk.source),
                         dirty_bytes=None,
                         cumulative=True,
                     ),
                 )
             upstream.append(
-                UpstreamDisk(disk.target, sizes[disk.target], str(socket), disk.target, bitmaps)
+                UpstreamDisk(
+                    disk.target,
+                    sizes[disk.target],
+                    str(socket),
+                    disk.target,
+                    bitmaps,
+                    direct_uri=unix_uri(disk.target, str(socket)),
+                )
             )
         checkpoints: tuple[CheckpointRef, ...] = ()
         if request.from_checkpoint is not None:

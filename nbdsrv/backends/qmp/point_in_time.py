@@ -39,6 +39,7 @@ from ...backup.checkpoints import (
 from ...backup.crash_points import crash_point
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece, scratch_image
+from ...qemu.block_exports import unix_uri
 from ...qemu.chain import STATE_QUERIES, block_state_of
 from ...qemu.errors import QEMUError, QMPError
 from ...qemu.monitor import QMPEvent, raise_first_error, transaction_command
@@ -97,7 +98,7 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             nbd_socket=vm.nbd_socket or os.path.join(vm.store.directory, "fleece.sock"),
             start_nbd_server=vm.nbd_socket is None,
             disks=tuple(
-                _plan_disk(request.session, i, disk, layers, switches[disk], wanted, vm.scratch_dir)
+                _plan_disk(request, i, disk, layers, switches[disk], wanted, vm.scratch_dir)
                 for i, (disk, layers) in enumerate(sorted(state.items()))
             ),
         )
@@ -170,6 +171,7 @@ def _upstream_disk(
         size=disk.size,
         socket=plan.nbd_socket,
         export=disk.export,
+        direct_uri=unix_uri(disk.direct_export, plan.nbd_socket) if disk.direct_export else None,
         bitmaps=tuple(
             UpstreamBitmap(
                 checkpoint=checkpoint,
@@ -326,7 +328,7 @@ def _record(vm: QmpVM, held: HeldPoint) -> dict[str, Any]:
 
 
 def _plan_disk(
-    session_id: str,
+    request: PointInTimeRequest,
     index: int,
     disk: str,
     layers: Sequence[Any],
@@ -345,5 +347,31 @@ def _plan_disk(
         if sources:
             bitmaps.append((checkpoint.name, checkpoint.granularity, sources))
     return fleece.plan_disk(
-        session_id, index, disk, top.node_name, top.virtual_size, scratch_dir, switch, bitmaps
+        request.session,
+        index,
+        disk,
+        top.node_name,
+        top.virtual_size,
+        scratch_dir,
+        switch,
+        bitmaps,
+        direct_contexts(request, wanted, {name for name, _, _ in bitmaps}),
     )
+
+
+def direct_contexts(
+    request: PointInTimeRequest, wanted: Sequence[Checkpoint], frozen: set[str]
+) -> dict[str, str]:
+    """The dirty-bitmap contexts of a disk's direct export, as the relay offers them
+    (backup/sessions.py): context suffix → checkpoint. ``frozen``: the checkpoints the disk
+    has a frozen bitmap of. A context for which the disk lacks some checkpoint's bitmap (a
+    disk added since) is all dirty on the relay; QEMU cannot fill a bitmap, so the direct
+    export leaves that context out."""
+    names = [c.name for c in wanted] if request.all_checkpoints else []
+    if not request.all_checkpoints and request.from_checkpoint:
+        names = [request.from_checkpoint]
+    contexts: dict[str, str] = {}
+    for i, checkpoint in enumerate(wanted):
+        if checkpoint.name in names and {c.name for c in wanted[i:]} <= frozen:
+            contexts[request.bitmap_name or checkpoint.name] = checkpoint.name
+    return contexts
