@@ -64,6 +64,9 @@ class Layer:
     virtual_size: int
     read_only: bool
     bitmaps: tuple[Bitmap, ...] = ()
+    persistent_bitmaps: bool = False
+    """The image can store bitmaps: qcow2 v3. Raw files, block devices, qcow2 v2 and the
+    other formats cannot: bitmaps on them live in QEMU's memory only."""
 
     def bitmap(self, name: str) -> Bitmap | None:
         """The bitmap called `name` on this layer, if any."""
@@ -314,7 +317,16 @@ def _layer(node: Mapping[str, Any]) -> Layer:
         virtual_size=int(image.get("virtual-size", 0)),
         read_only=bool(node.get("ro", False)),
         bitmaps=bitmaps,
+        persistent_bitmaps=_stores_bitmaps(node),
     )
+
+
+def _stores_bitmaps(node: Mapping[str, Any]) -> bool:
+    """qcow2 with compat 1.1 (v3); QEMU says "Cannot store dirty bitmaps in qcow2 v2 files"."""
+    if node.get("drv") != "qcow2":
+        return False
+    specific = (node.get("image") or {}).get("format-specific") or {}
+    return (specific.get("data") or {}).get("compat") != "0.10"
 
 
 async def nodes_of_file(monitor: Monitor, filename: str) -> list[str]:
