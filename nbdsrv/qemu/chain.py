@@ -36,6 +36,9 @@ FORMAT_DRIVERS = frozenset(
     {"qcow2", "raw", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks"}
     | {"bochs", "cloop", "dmg"}
 )
+# Drivers that open a file or device directly: a disk with no format node on them (a block
+# device given to the guest as `-blockdev driver=host_device,...`) is one layer of this kind.
+PROTOCOL_DRIVERS = frozenset({"file", "host_device"})
 _DISK_NODE = re.compile(r"disk(\d+)")
 
 
@@ -230,7 +233,8 @@ def _below_filters(
     node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]
 ) -> Mapping[str, Any] | None:
     """The format node under a filter (which reports its child's file name, or — throttle —
-    a `json:` description of its children), or `node`."""
+    a `json:` description of its children), or `node`; a file or device node that no format
+    node opens is its own layer."""
     if _is_format(node):
         return node
     filename = node.get("file")
@@ -238,6 +242,11 @@ def _below_filters(
         filename = image_in_json(filename)
     for other in nodes:
         if _is_format(other) and other.get("file") == filename:
+            return other
+    if node.get("drv") in PROTOCOL_DRIVERS:
+        return node
+    for other in nodes:
+        if other.get("drv") in PROTOCOL_DRIVERS and other.get("file") == filename:
             return other
     return None
 

@@ -1,0 +1,276 @@
+"""Checkpoints on disks that cannot store a bitmap (docs/checkpoints.md "Disks without
+persistent bitmaps"), on a VM-like qemu-system-x86_64 built from ``-blockdev`` and ``-device
+… id=`` options: a raw file (raw format node), a qcow2 image, and a block device given to the
+guest with no format node (``driver=host_device`` on a loop device when this machine allows
+one, else the same with ``driver=file`` on a raw file). Backups are checked by content
+against a byte-for-byte model of every disk."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run
+from tests.vmharness import COPY_SCRIPT, DISK_SIZE, K, MiB, blocks, sha, wait_for
+
+DISKS = ("vraw", "vqcow", "vblk")
+
+
+def loop_device(image: Path) -> str | None:
+    """A loop device on ``image``, or None where this machine gives none (no root, no
+    /dev/loop-control in a container)."""
+    losetup = shutil.which("losetup")
+    if losetup is None or not os.path.exists("/dev/loop-control"):
+        return None
+    result = subprocess.run(
+        [losetup, "--find", "--show", str(image)], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+class BlockdevVM:
+    """qemu-system-x86_64 held at -S (no guest), its disks behind virtio-blk devices named
+    as DISKS; writes go through the devices as a guest's would (qemu-io on the second
+    monitor). ``restart`` quits it and starts a new process on the same images."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        qemu_img = require_tool("qemu-img")
+        self.raw = workdir / "raw.img"
+        self.qcow = workdir / "q.qcow2"
+        self.blk_file = workdir / "blk.img"
+        run([qemu_img, "create", "-q", "-f", "raw", str(self.raw), str(DISK_SIZE)])
+        run([qemu_img, "create", "-q", "-f", "qcow2", str(self.qcow), str(DISK_SIZE)])
+        run([qemu_img, "create", "-q", "-f", "raw", str(self.blk_file), str(DISK_SIZE)])
+        self.loop = loop_device(self.blk_file)
+        self.qmp_path = workdir / "vm.qmp"
+        self.test_qmp_path = workdir / "test.qmp"
+        self.pidfile = workdir / "qemu.pid"
+        self.models = {disk: bytearray(DISK_SIZE) for disk in DISKS}
+        self.qmp: SyncQMP | None = None
+        self.start()
+
+    def start(self) -> None:
+        blk = (
+            f"driver=host_device,filename={self.loop}"
+            if self.loop
+            else f"driver=file,filename={self.blk_file}"
+        )
+        for path in (self.qmp_path, self.test_qmp_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        run([
+            require_tool("qemu-system-x86_64"), "-machine", "q35", "-S", "-nodefaults",
+            "-display", "none",
+            "-blockdev", f"driver=file,filename={self.raw},node-name=raw-file",
+            "-blockdev", "driver=raw,file=raw-file,node-name=raw-fmt",
+            "-device", "virtio-blk-pci,drive=raw-fmt,id=vraw",
+            "-blockdev", f"driver=file,filename={self.qcow},node-name=qcow-file",
+            "-blockdev", "driver=qcow2,file=qcow-file,node-name=qcow-fmt",
+            "-device", "virtio-blk-pci,drive=qcow-fmt,id=vqcow",
+            "-blockdev", f"{blk},node-name=blk-dev",
+            "-device", "virtio-blk-pci,drive=blk-dev,id=vblk",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", f"unix:{self.test_qmp_path},server=on,wait=off",
+            "-daemonize", "-pidfile", str(self.pidfile),
+        ])  # fmt: skip
+        wait_for(self.test_qmp_path.exists, "QEMU's monitor")
+        self.qmp = SyncQMP(str(self.test_qmp_path))
+
+    def write(self, disk: str, pattern: int, offset: int, length: int) -> None:
+        assert self.qmp is not None
+        self.models[disk][offset : offset + length] = bytes([pattern]) * length
+        out = self.qmp.hmp(
+            f'qemu-io -d /machine/peripheral/{disk}/virtio-backend "write -P {pattern} '
+            f'{offset} {length}"'
+        )
+        assert "error" not in out.lower() and "failed" not in out.lower(), out
+
+    def quit(self) -> None:
+        if self.qmp is not None:
+            pid = int(self.pidfile.read_text())
+            self.qmp.quit()
+            self.qmp = None
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "QEMU to exit")
+
+    def restart(self) -> None:
+        """A new QEMU process on the same images, as after the VM was shut down and
+        started again."""
+        self.quit()
+        self.start()
+
+    def close(self) -> None:
+        try:
+            self.quit()
+        except Exception:
+            with contextlib.suppress(Exception):
+                os.kill(int(self.pidfile.read_text()), signal.SIGKILL)
+        if self.loop:
+            subprocess.run(["losetup", "--detach", self.loop], check=False)
+
+
+@pytest.fixture
+def machine() -> Iterator[tuple[BlockdevVM, DaemonProcess, Path]]:
+    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-m-", dir="/tmp"))
+    vm = BlockdevVM(workdir)
+    daemon = qmp_daemon(workdir, vm.qmp_path)
+    try:
+        daemon.start()
+        yield vm, daemon, workdir
+        daemon.stop()
+    finally:
+        daemon.kill()
+        vm.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Backups:
+    """A backup tool's copies of every disk: a full backup, then incrementals into it."""
+
+    def __init__(self, vm: BlockdevVM, daemon: DaemonProcess, workdir: Path) -> None:
+        self.vm, self.daemon, self.workdir = vm, daemon, workdir
+
+    def target(self, disk: str) -> Path:
+        return self.workdir / f"backup-{disk}.img"
+
+    def uri(self, disk: str) -> str:
+        return self.daemon.uri(f"vm/{disk}")
+
+    def full(self, checkpoint: str) -> dict[str, Any]:
+        session = self.daemon.json("backup", "begin", "vm", "--checkpoint", checkpoint)
+        expected = {disk: sha(model) for disk, model in self.vm.models.items()}
+        self.vm.write("vraw", 0x7E, 0, 64 * K)  # after the point in time: in no backup
+        for disk in DISKS:
+            self.target(disk).unlink(missing_ok=True)
+            run([require_tool("nbdcopy"), self.uri(disk), str(self.target(disk))], timeout=120)
+            assert sha(self.target(disk).read_bytes()) == expected[disk], disk
+        self.end(session)
+        return dict(session)
+
+    def incremental(
+        self, since: str, checkpoint: str, written: dict[str, list[tuple[int, int]]]
+    ) -> None:
+        """Back up what changed since ``since``; ``written``: what the test wrote since."""
+        session = self.daemon.json(
+            "backup", "begin", "vm", "--from", since, "--checkpoint", checkpoint
+        )
+        expected = {disk: sha(model) for disk, model in self.vm.models.items()}
+        self.vm.write("vblk", 0x7F, 8 * MiB, 64 * K)  # after the point in time
+        context = f"qemu:dirty-bitmap:{since}"
+        for disk in DISKS:
+            assert session["disks"][disk]["contexts"] == ["base:allocation", context]
+            out = run(
+                ["/usr/bin/python3", str(COPY_SCRIPT), self.uri(disk), context,
+                 str(self.target(disk))],
+                timeout=120,
+            )  # fmt: skip
+            dirty = [tuple(x) for x in json.loads(out)]
+            assert blocks(dirty) == blocks(written.get(disk, [])), disk
+            assert sha(self.target(disk).read_bytes()) == expected[disk], disk
+        self.end(session)
+
+    def end(self, session: dict[str, Any]) -> None:
+        result = self.daemon.cli("backup", "end", "vm", session["id"])
+        assert result.returncode == 0, result.stderr
+
+
+def listed(daemon: DaemonProcess) -> list[tuple[str, bool, bool]]:
+    return [(c["name"], c["valid"], c["persistent"]) for c in daemon.checkpoints("vm")]
+
+
+def bitmaps_in_qemu(vm: BlockdevVM) -> dict[str, dict[str, bool]]:
+    """Node → bitmap name → persistent."""
+    assert vm.qmp is not None
+    return {
+        n["node-name"]: {b["name"]: b["persistent"] for b in n.get("dirty-bitmaps", [])}
+        for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
+        if n.get("dirty-bitmaps")
+    }
+
+
+def test_mixed_vm_full_and_incrementals_and_a_daemon_restart(
+    machine: tuple[BlockdevVM, DaemonProcess, Path],
+) -> None:
+    vm, daemon, workdir = machine
+    backups = Backups(vm, daemon, workdir)
+    assert sorted(daemon.status()["vms"][0]["disks"]) == sorted(DISKS)
+    vm.write("vraw", 0x11, 0, 1 * MiB)
+    vm.write("vqcow", 0x12, 2 * MiB, 256 * K)
+    vm.write("vblk", 0x13, 4 * MiB, 128 * K)
+    backups.full("c1")
+    assert listed(daemon) == [("c1", True, False)]
+    # The raw file and the block device hold theirs in memory, the qcow2 image in the image.
+    assert bitmaps_in_qemu(vm) == {
+        "raw-fmt": {"c1": False},
+        "qcow-fmt": {"c1": True},
+        "blk-dev": {"c1": False},
+    }
+
+    written: dict[str, list[tuple[int, int]]] = {"vraw": [(0, 64 * K)]}
+    for disk, pattern, offset in [("vraw", 0x21, 3 * MiB), ("vqcow", 0x22, 5 * MiB)]:
+        vm.write(disk, pattern, offset, 64 * K)
+        written.setdefault(disk, []).append((offset, 64 * K))
+    backups.incremental("c1", "c2", written)
+
+    vm.write("vraw", 0x31, 6 * MiB, 64 * K)
+    backups.incremental("c2", "c3", {"vraw": [(6 * MiB, 64 * K)], "vblk": [(8 * MiB, 64 * K)]})
+
+    # Deleting the middle checkpoint keeps "since its parent" exact, in memory too.
+    assert daemon.cli("checkpoint", "delete", "vm", "c2").returncode == 0
+    assert listed(daemon) == [("c1", True, False), ("c3", True, False)]
+    since_c1 = {
+        "vraw": [(0, 64 * K), (3 * MiB, 64 * K), (6 * MiB, 64 * K)],
+        "vqcow": [(5 * MiB, 64 * K)],
+        "vblk": [(8 * MiB, 64 * K)],
+    }
+    backups.incremental("c1", "c4", since_c1)
+
+    # nbdsrv restarts; QEMU, and the bitmaps in its memory, stay: the chain goes on.
+    assert daemon.stop() == 0
+    daemon.start()
+    assert listed(daemon) == [("c1", True, False), ("c3", True, False), ("c4", True, False)]
+    vm.write("vblk", 0x41, 12 * MiB, 64 * K)
+    backups.incremental("c4", "c5", {"vblk": [(8 * MiB, 64 * K), (12 * MiB, 64 * K)]})
+
+
+def test_qemu_restart_invalidates_in_memory_checkpoints_and_a_new_chain_works(
+    machine: tuple[BlockdevVM, DaemonProcess, Path],
+) -> None:
+    vm, daemon, workdir = machine
+    backups = Backups(vm, daemon, workdir)
+    vm.write("vqcow", 0x51, 0, 1 * MiB)
+    backups.full("c1")
+    vm.write("vraw", 0x52, 1 * MiB, 64 * K)
+    backups.incremental("c1", "c2", {"vraw": [(0, 64 * K), (1 * MiB, 64 * K)]})
+
+    vm.restart()
+    # nbdsrv reconnects to the new process and notices it is one.
+    wait_for(lambda: not any(c["valid"] for c in daemon.checkpoints("vm")), "invalid checkpoints")
+    for checkpoint in daemon.checkpoints("vm"):
+        assert checkpoint["persistent"] is False
+        if checkpoint["name"] == "c2":
+            assert "QEMU was restarted" in checkpoint["reason"]
+            assert "vraw" in checkpoint["reason"] and "vblk" in checkpoint["reason"]
+            assert "vqcow" not in checkpoint["reason"]
+    for name in ("c1", "c2"):
+        message = daemon.error("backup", "begin", "vm", "--from", name)
+        assert "QEMU was restarted" in message or "is invalid" in message
+        assert "take a full backup" in message
+
+    # A new full backup starts a new chain, exact again.
+    vm.write("vblk", 0x53, 2 * MiB, 64 * K)
+    backups.full("n1")
+    vm.write("vqcow", 0x54, 3 * MiB, 64 * K)
+    backups.incremental("n1", "n2", {"vraw": [(0, 64 * K)], "vqcow": [(3 * MiB, 64 * K)]})
+    assert [(c["name"], c["valid"]) for c in daemon.checkpoints("vm")][-2:] == [
+        ("n1", True),
+        ("n2", True),
+    ]
