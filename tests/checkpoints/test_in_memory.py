@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run
-from tests.vmharness import COPY_SCRIPT, DISK_SIZE, K, MiB, blocks, sha, wait_for
+from tests.vmharness import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, blocks, sha, wait_for
 
 DISKS = ("vraw", "vqcow", "vblk")
 
@@ -274,3 +274,69 @@ def test_qemu_restart_invalidates_in_memory_checkpoints_and_a_new_chain_works(
         ("n1", True),
         ("n2", True),
     ]
+
+
+# -- an external snapshot on a raw disk (a qemu-storage-daemon: tests/vmharness.py) ----------
+
+
+def _incremental(nbdsrv: DaemonProcess, since: str, name: str, target: Path) -> set[int]:
+    """Back up disk0 since ``since`` into ``target``; the dirty blocks."""
+    session = nbdsrv.json("backup", "begin", "vm1", "--from", since, "--checkpoint", name)
+    try:
+        out = run(
+            ["/usr/bin/python3", str(COPY_SCRIPT), nbdsrv.uri("vm1/disk0"),
+             f"qemu:dirty-bitmap:{since}", str(target)],
+            timeout=120,
+        )  # fmt: skip
+    finally:
+        assert nbdsrv.cli("backup", "end", "vm1", session["id"]).returncode == 0
+    return blocks([tuple(x) for x in json.loads(out)])
+
+
+@pytest.mark.parametrize("vm", [("raw",)], indirect=True)
+def test_qcow2_overlay_on_a_raw_disk_holds_persistent_bitmaps(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
+) -> None:
+    target = workdir / "backup.img"
+    vm.write(0, 0x10, 0, 1 * MiB)
+    session = nbdsrv.json("backup", "begin", "vm1", "--checkpoint", "c1")
+    run([require_tool("nbdcopy"), nbdsrv.uri("vm1/disk0"), str(target)], timeout=120)
+    assert nbdsrv.cli("backup", "end", "vm1", session["id"]).returncode == 0
+    vm.write(0, 0x11, 2 * MiB, 64 * K)
+    overlay = nbdsrv.json("snapshot", "create", "vm1")["overlays"]["disk0"]
+    vm.write(0, 0x12, 3 * MiB, 64 * K)
+    # c1 now lies on the raw base (in memory) and on the overlay (in the image).
+    assert _incremental(nbdsrv, "c1", "c2", target) == blocks(
+        [(2 * MiB, 64 * K), (3 * MiB, 64 * K)]
+    )
+    assert sha(target.read_bytes()) == sha(vm.models[0])
+    assert [(c["name"], c["persistent"]) for c in nbdsrv.checkpoints()] == [
+        ("c1", False),
+        ("c2", True),
+    ]
+
+    # QEMU restarts on the overlay: c1 had bits in memory, c2 lies wholly in the overlay.
+    vm.write(0, 0x13, 4 * MiB, 64 * K)
+    vm.stop()
+    vm.images[0] = Path(overlay)
+    vm.start()
+    wait_for(lambda: not nbdsrv.checkpoints()[0]["valid"], "c1 to become invalid")
+    first, second = nbdsrv.checkpoints()
+    assert "QEMU was restarted" in first["reason"]
+    assert (second["name"], second["valid"]) == ("c2", True)
+    assert "QEMU was restarted" in nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
+    assert _incremental(nbdsrv, "c2", "c3", target) == blocks([(4 * MiB, 64 * K)])
+    assert sha(target.read_bytes()) == sha(vm.models[0])
+
+    # Committed into the raw base, the bitmaps are in memory again (and exact).
+    vm.write(0, 0x14, 5 * MiB, 64 * K)
+    nbdsrv.json("snapshot", "commit", "vm1")
+    vm.write(0, 0x15, 6 * MiB, 64 * K)
+    assert [(c["name"], c["valid"], c["persistent"]) for c in nbdsrv.checkpoints()][1:] == [
+        ("c2", True, False),
+        ("c3", True, False),
+    ]
+    assert _incremental(nbdsrv, "c3", "c4", target) == blocks(
+        [(5 * MiB, 64 * K), (6 * MiB, 64 * K)]
+    )
+    assert sha(target.read_bytes()) == sha(vm.models[0])

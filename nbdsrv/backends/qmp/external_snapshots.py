@@ -226,7 +226,8 @@ async def _complete_commit(
             overlays.remove(top_file)
         removed[disk] = top_file
     tops = {disk: base for disk, (_, base) in done.items()}
-    vm.save_chain(after_commit(chain, done), op_id, overlays, tops=tops)
+    in_memory = frozenset(disk for disk in done if not state[disk][0].persistent_bitmaps)
+    vm.save_chain(after_commit(chain, done, in_memory), op_id, overlays, tops=tops)
     crash_point("snapshot-commit:after-commit")
     vm.store.clear_intent()
     log.info("VM %s: committed %s", vm.name, removed)

@@ -249,6 +249,7 @@ class QmpVM:
         """Write the chain. ``overlays``: the snapshot files nbdsrv made; ``tops``: disks whose
         top image changed (the embedded QSD opens these at the next start). Both kept if None."""
         document = self.store.load_checkpoints()
+        chain = self._held_here(chain)
         if overlays is None:
             overlays = list(document.get("overlays", []))
         all_tops = {**document.get("tops", {}), **(tops or {})}
@@ -260,6 +261,14 @@ class QmpVM:
                 "tops": all_tops,
             }
         )
+
+    def _held_here(self, chain: CheckpointChain) -> CheckpointChain:
+        """Checkpoints that gained bitmaps in memory (a commit into a raw base) are held by
+        the QEMU process nbdsrv looks at now."""
+        for checkpoint in chain:
+            if checkpoint.process is None and not checkpoint.persistent and self.qemu_markers:
+                chain = chain.replaced(replace(checkpoint, process=min(self.qemu_markers)))
+        return chain
 
     def overlays(self) -> list[str]:
         return list(self.store.load_checkpoints().get("overlays", []))
