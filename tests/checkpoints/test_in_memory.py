@@ -340,3 +340,85 @@ def test_qcow2_overlay_on_a_raw_disk_holds_persistent_bitmaps(
         [(5 * MiB, 64 * K), (6 * MiB, 64 * K)]
     )
     assert sha(target.read_bytes()) == sha(vm.models[0])
+
+
+# -- third parties and restarts behind nbdsrv's back ------------------------------------------
+
+
+@pytest.mark.parametrize("vm", [("raw",)], indirect=True)
+@pytest.mark.parametrize(
+    "change",
+    [
+        [("block-dirty-bitmap-clear", {"name": "c1"})],
+        [
+            ("block-dirty-bitmap-remove", {"name": "c1"}),
+            ("block-dirty-bitmap-add", {"name": "c1", "persistent": False}),
+        ],
+    ],
+    ids=["clear", "remove-add"],
+)
+def test_third_party_changes_to_an_in_memory_bitmap_are_seen(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, change: list[tuple[str, dict[str, Any]]]
+) -> None:
+    assert vm.qmp is not None
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    vm.write(0, 0x11, 0, 1 * MiB)
+    assert nbdsrv.checkpoints()[0]["valid"]  # nbdsrv saw 1 MiB dirty
+    for command, arguments in change:
+        vm.qmp.cmd(command, node="disk0", **arguments)
+    vm.write(0, 0x12, 4 * MiB, 64 * K)
+    [checkpoint] = nbdsrv.checkpoints()
+    assert not checkpoint["valid"] and "lost dirty bits" in checkpoint["reason"]
+    assert "lost dirty bits" in nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
+
+
+@pytest.mark.parametrize("vm", [("raw", "qcow2")], indirect=True)
+def test_qemu_restarted_while_nbdsrv_was_down_and_a_bitmap_of_the_same_name(
+    vm: ExternalQSD, nbdsrv: DaemonProcess
+) -> None:
+    """A new process with a fresh bitmap called c1 on the raw disk: it did not see the
+    writes made before it, whatever its properties; only the process tells."""
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    vm.write(0, 0x11, 0, 1 * MiB)
+    assert nbdsrv.stop() == 0
+    vm.stop()
+    vm.start()
+    assert vm.qmp is not None
+    vm.qmp.cmd("block-dirty-bitmap-add", node="disk0", name="c1", persistent=False)
+    vm.write(0, 0x12, 2 * MiB, 2 * MiB)  # it grew past what nbdsrv saw: no count tells
+    nbdsrv.start()
+    [checkpoint] = nbdsrv.checkpoints()
+    assert not checkpoint["valid"] and "QEMU was restarted" in checkpoint["reason"]
+    assert "disk0" in checkpoint["reason"] and "disk1" not in checkpoint["reason"]
+    message = nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
+    assert "QEMU was restarted" in message
+
+
+def test_embedded_daemon_restart_is_a_qemu_restart(workdir: Path) -> None:
+    """`--image` disks live in nbdsrv's own qemu-storage-daemon, which ends with nbdsrv:
+    bitmaps in its memory do not outlive a restart of nbdsrv."""
+    raw, qcow = workdir / "a.img", workdir / "b.qcow2"
+    run([require_tool("qemu-img"), "create", "-q", "-f", "raw", str(raw), "16M"])
+    run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(qcow), "16M"])
+    state, control = workdir / "state", workdir / "control.sock"
+    daemon = DaemonProcess(
+        ["--state-dir", str(state), "--listen", f"unix:{workdir / 'nbd.sock'}",
+         "--image", f"vm={raw},{qcow}"],
+        control, workdir / "daemon.log",
+    )  # fmt: skip
+    daemon.start()
+    try:
+        daemon.json("checkpoint", "create", "vm", "--name", "c1")
+        assert [(c["valid"], c["persistent"]) for c in daemon.checkpoints("vm")] == [(True, False)]
+        assert daemon.stop() == 0
+        daemon.start()
+        [checkpoint] = daemon.checkpoints("vm")
+        assert not checkpoint["valid"] and "QEMU was restarted" in checkpoint["reason"]
+        assert "disk0" in checkpoint["reason"] and "disk1" not in checkpoint["reason"]
+        assert "QEMU was restarted" in daemon.error("backup", "begin", "vm", "--from", "c1")
+        session = daemon.json("backup", "begin", "vm", "--checkpoint", "n1")
+        assert daemon.cli("backup", "end", "vm", session["id"]).returncode == 0
+        assert [(c["name"], c["valid"]) for c in daemon.checkpoints("vm")][-1] == ("n1", True)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
