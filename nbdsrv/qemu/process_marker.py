@@ -2,10 +2,11 @@
 
 QMP tells nothing that changes from one QEMU process to the next (the greeting shows the
 version; a qemu-storage-daemon has no pid or uuid to query). So nbdsrv adds an inert object
-to the process the first time it looks at it — ``object-add`` of a ``secret`` with an empty
-value and the id ``nbdsrv-qemu-<random>`` — and finds it under ``/objects`` afterwards: a
-marker still there means the same process (nbdsrv restarted, QMP reconnected); a new process
-has none of the markers of the old one.
+to a process with a disk that cannot store bitmaps the first time it looks at it (QmpVM's
+``block_state``) — ``object-add`` of a ``secret`` with an empty value and the id
+``nbdsrv-qemu-<random>`` — and finds it under ``/objects`` afterwards: a marker still there
+means the same process (nbdsrv restarted, QMP reconnected); a new process has none of the
+markers of the old one.
 Checked on QSD 7.2: ``/objects`` only exists once some object was added (``qom-list`` then
 fails with "Device '/objects' not found").
 """

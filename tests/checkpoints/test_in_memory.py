@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 
 from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run
 from tests.vmharness import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, blocks, sha, wait_for
@@ -422,3 +423,25 @@ def test_embedded_daemon_restart_is_a_qemu_restart(workdir: Path) -> None:
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def markers(vm: ExternalQSD) -> list[str]:
+    assert vm.qmp is not None
+    try:
+        objects = vm.qmp.cmd("qom-list", path="/objects")
+    except ExecuteError:  # QSD: no object was ever added
+        return []
+    return [o["name"] for o in objects if o["name"].startswith("nbdsrv-qemu-")]
+
+
+@pytest.mark.parametrize(("vm", "marked"), [(("qcow2",), False), (("qcow2", "raw"), True)],
+                         indirect=["vm"])  # fmt: skip
+def test_only_a_qemu_with_disks_that_cannot_store_bitmaps_is_marked(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, marked: bool
+) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    assert len(markers(vm)) == (1 if marked else 0)
+    assert nbdsrv.stop() == 0
+    nbdsrv.start()
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
+    assert len(markers(vm)) == (1 if marked else 0)  # the same process keeps its one marker

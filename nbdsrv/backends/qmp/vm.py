@@ -213,22 +213,34 @@ class QmpVM:
         return (await self.block_state()).chains(self.roots)
 
     async def block_state(self) -> BlockState:
-        """QEMU's disks, nodes and exports now (one round trip); the first look after a
-        (re)connect also finds which QEMU process this is, marking it if nobody did."""
-        if self.qemu_markers is not None:
+        """QEMU's disks, nodes and exports now (one round trip). The first look after a
+        (re)connect also finds which QEMU process this is; a process with a disk that cannot
+        store bitmaps gets a marker if it has none (qemu/process_marker.py)."""
+        if self.qemu_markers:
             return await query_block_state(self.monitor)
         async with self._identifying:
-            if self.qemu_markers is not None:
-                return await query_block_state(self.monitor)
             connection = self._connections
-            answers = await self.monitor.execute_many([process_marker.QUERY, *STATE_QUERIES])
-            state = block_state_of(answers[1:])
-            markers = process_marker.markers_of(answers[0])
-            if not markers:
+            if self.qemu_markers is None:
+                answers = await self.monitor.execute_many([process_marker.QUERY, *STATE_QUERIES])
+                state = block_state_of(answers[1:])
+                markers = process_marker.markers_of(answers[0])
+            else:
+                state = await query_block_state(self.monitor)
+                markers = self.qemu_markers
+            if not markers and self._holds_memory_bitmaps(state):
                 markers = frozenset({await process_marker.mark(self.monitor)})
             if connection == self._connections:
                 self.qemu_markers = markers
             return state
+
+    def _holds_memory_bitmaps(self, state: BlockState) -> bool:
+        """A disk whose top layer cannot store bitmaps: its checkpoints live in memory."""
+        try:
+            return any(
+                not layers[0].persistent_bitmaps for layers in state.chains(self.roots).values()
+            )
+        except QEMUError:
+            return False
 
     async def disks(self) -> list[str]:
         return sorted((await self.chains()).keys())
