@@ -445,3 +445,43 @@ def test_only_a_qemu_with_disks_that_cannot_store_bitmaps_is_marked(
     nbdsrv.start()
     nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
     assert len(markers(vm)) == (1 if marked else 0)  # the same process keeps its one marker
+
+
+@pytest.mark.parametrize("vm", [("raw",)], indirect=True)
+@pytest.mark.parametrize(
+    ("fault", "done"),
+    [
+        ("checkpoint-create:after-intent", False),
+        ("checkpoint-create:after-transaction", True),
+        ("checkpoint-delete:after-transaction", True),
+    ],
+)
+def test_nbdsrv_killed_mid_operation_on_in_memory_bitmaps(
+    vm: ExternalQSD, nbdsrv: DaemonProcess, fault: str, done: bool
+) -> None:
+    """QEMU keeps running: reconciliation finishes or drops the operation as for qcow2, and
+    the checkpoints it keeps belong to the same process (still valid)."""
+    assert vm.qmp is not None
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    vm.write(0, 0x11, 0, 64 * K)
+    if fault.startswith("checkpoint-delete"):
+        nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
+        vm.write(0, 0x12, 1 * MiB, 64 * K)
+    assert nbdsrv.stop() == 0
+    nbdsrv.start(fault=fault)
+    if fault.startswith("checkpoint-delete"):
+        assert nbdsrv.cli("checkpoint", "delete", "vm1", "c2").returncode == 1
+        expected = ["c1"] if done else ["c1", "c2"]
+    else:
+        assert nbdsrv.cli("checkpoint", "create", "vm1", "--name", "c2").returncode == 1
+        expected = ["c1", "c2"] if done else ["c1"]
+    nbdsrv.wait_killed()
+    nbdsrv.start()
+    listed = nbdsrv.checkpoints()
+    assert [(c["name"], c["valid"], c["persistent"]) for c in listed] == [
+        (name, True, False) for name in expected
+    ]
+    assert set(vm.qmp.bitmaps("disk0")) == set(expected)
+    if fault.startswith("checkpoint-delete"):
+        # c2's bits went into c1, still in memory: "since c1" holds both writes.
+        assert vm.qmp.bitmaps("disk0")["c1"]["count"] == 128 * K
