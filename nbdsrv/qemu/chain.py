@@ -293,10 +293,10 @@ def _backing_of(
     if not backing:
         return None
     fmt = (node.get("image") or {}).get("backing-filename-format")
-    candidates = [
-        n
-        for n in nodes
-        if _is_format(n) and n.get("file") in backing and str(n["node-name"]) not in seen
+    named = [n for n in nodes if n.get("file") in backing and str(n["node-name"]) not in seen]
+    # A format node when there is one, else a device or file with none (its data is raw).
+    candidates = [n for n in named if _is_format(n)] or [
+        n for n in named if n.get("drv") in PROTOCOL_DRIVERS
     ]
     if fmt:
         candidates.sort(key=lambda n: n.get("drv") != fmt)

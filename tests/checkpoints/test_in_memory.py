@@ -485,3 +485,33 @@ def test_nbdsrv_killed_mid_operation_on_in_memory_bitmaps(
     if fault.startswith("checkpoint-delete"):
         # c2's bits went into c1, still in memory: "since c1" holds both writes.
         assert vm.qmp.bitmaps("disk0")["c1"]["count"] == 128 * K
+
+
+def test_snapshot_and_commit_on_every_kind_of_disk(
+    machine: tuple[BlockdevVM, DaemonProcess, Path],
+) -> None:
+    """The block device with no format node gets a qcow2 overlay too (backing format raw),
+    and the commit puts every disk back on its own image with exact checkpoints."""
+    vm, daemon, workdir = machine
+    backups = Backups(vm, daemon, workdir)
+    vm.write("vblk", 0x61, 0, 1 * MiB)
+    backups.full("c1")
+    overlays = daemon.json("snapshot", "create", "vm")["overlays"]
+    assert sorted(overlays) == sorted(DISKS)
+    vm.write("vblk", 0x62, 2 * MiB, 64 * K)
+    vm.write("vqcow", 0x63, 3 * MiB, 64 * K)
+    backups.incremental(
+        "c1", "c2",
+        {"vraw": [(0, 64 * K)], "vblk": [(2 * MiB, 64 * K)], "vqcow": [(3 * MiB, 64 * K)]},
+    )  # fmt: skip
+    # c2 lies wholly in the overlays: persistent.
+    assert listed(daemon) == [("c1", True, False), ("c2", True, True)]
+    vm.write("vraw", 0x64, 4 * MiB, 64 * K)
+    daemon.json("snapshot", "commit", "vm")
+    assert not any(Path(f).exists() for f in overlays.values())
+    assert listed(daemon) == [("c1", True, False), ("c2", True, False)]
+    backups.incremental(
+        "c1", "c3",
+        {"vraw": [(0, 64 * K), (4 * MiB, 64 * K)], "vblk": [(2 * MiB, 64 * K), (8 * MiB, 64 * K)],
+         "vqcow": [(3 * MiB, 64 * K)]},
+    )  # fmt: skip
