@@ -4,7 +4,7 @@ from dataclasses import replace
 
 from nbdsrv.backup.checkpoints import Checkpoint, CheckpointChain, Segment, assess, merged_parent
 from nbdsrv.backup.in_memory import restart_problem
-from nbdsrv.qemu.chain import _stores_bitmaps
+from nbdsrv.qemu.chain import _stores_bitmaps, disks_from
 from nbdsrv.qemu.errors import QMPError
 from nbdsrv.qemu.process_marker import markers_of
 from tests.unit.test_checkpoints import Bitmap, Layer
@@ -78,3 +78,26 @@ def test_which_images_store_bitmaps() -> None:
     assert not _stores_bitmaps(node("qcow2", "0.10"))
     assert not _stores_bitmaps(node("raw"))
     assert not _stores_bitmaps(node("host_device"))
+
+
+def test_a_device_node_with_no_format_node_is_a_disk_and_a_backing_layer() -> None:
+    device = {"node-name": "blk", "drv": "host_device", "file": "/dev/loop7",
+              "image": {"virtual-size": 1 << 20}}  # fmt: skip
+    block = [{"device": "", "qdev": "/machine/peripheral/vblk/virtio-backend",
+              "inserted": {"node-name": "blk"}}]  # fmt: skip
+    [disk] = disks_from(block, [device])
+    assert disk.id == "vblk"
+    assert [(layer.node_name, layer.persistent_bitmaps) for layer in disk.layers] == [
+        ("blk", False)
+    ]
+    image = {"virtual-size": 1 << 20, "backing-filename-format": "raw",
+             "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}  # fmt: skip
+    overlay = {"node-name": "ov", "drv": "qcow2", "file": "/s/ov.qcow2",
+               "backing_file": "/dev/loop7", "image": image}  # fmt: skip
+    overlay_file = {"node-name": "ovf", "drv": "file", "file": "/s/ov.qcow2"}
+    block[0]["inserted"] = {"node-name": "ov"}
+    [disk] = disks_from(block, [overlay, overlay_file, device])
+    assert [(layer.node_name, layer.persistent_bitmaps) for layer in disk.layers] == [
+        ("ov", True),
+        ("blk", False),
+    ]
