@@ -40,7 +40,7 @@ from ...backup.checkpoints import (
     observed_counts,
 )
 from ...backup.crash_points import crash_point
-from ...backup.in_memory import restart_problem
+from ...backup.in_memory import held_in_memory, restart_problem
 from ...backup.store import VMStore
 from ...qemu import process_marker, scratch_image
 from ...qemu.chain import STATE_QUERIES, BlockState, block_state_of, query_block_state
@@ -108,6 +108,7 @@ class QmpVM:
         # None until looked at after each (re)connect. ``_connections`` counts losses, so
         # that an answer from before a loss is not taken for the process after it.
         self.qemu_markers: frozenset[str] | None = None
+        self.marker_failure: str | None = None
         self._connections = 0
         self._identifying = asyncio.Lock()
 
@@ -228,7 +229,13 @@ class QmpVM:
                 state = await query_block_state(self.monitor)
                 markers = self.qemu_markers
             if not markers and self._holds_memory_bitmaps(state):
-                markers = frozenset({await process_marker.mark(self.monitor)})
+                try:
+                    markers = frozenset({await process_marker.mark(self.monitor)})
+                    self.marker_failure = None
+                except QMPError as e:
+                    # Checkpoints in memory are refused then; everything else goes on.
+                    log.warning("VM %s: cannot mark the QEMU process: %s", self.name, e)
+                    self.marker_failure = str(e)
             if connection == self._connections:
                 self.qemu_markers = markers
             return state
@@ -432,7 +439,11 @@ class QmpVM:
         if not checkpoint.persistent:
             # Bitmaps in QEMU's memory: valid as long as this process runs (backup/in_memory.py).
             if not self.qemu_markers:
-                raise CheckpointError(f"VM {self.name}: QEMU's process is not known yet; retry")
+                raise CheckpointError(
+                    f"VM {self.name}: disks {', '.join(sorted(held_in_memory(checkpoint)))} "
+                    "need bitmaps in QEMU's memory, and nbdsrv could not mark the QEMU process "
+                    f"that holds them ({self.marker_failure or 'not looked at yet'})"
+                )
             checkpoint = replace(checkpoint, process=min(self.qemu_markers))
         return checkpoint, actions
 
