@@ -5,7 +5,8 @@ Chain model (DESIGN.md decision 1): one recording bitmap per disk at a time::
     c1 ──► c2 ──► c3 (recording)        bitmap cN holds the writes between cN and cN+1
     "changed since c2" = c2 | c3        (OR of the checkpoint's bitmap and every later one)
 
-- create c4: one transaction over all disks — disable c3, add c4 (persistent, enabled).
+- create c4: one transaction over all disks — disable c3, add c4 (enabled; persistent where
+  the top layer can store it, else in QEMU's memory: backup/in_memory.py).
 - delete c2: one transaction — merge c2 into c1 (enable c1 if c2 was recording), remove c2;
   "since c1" = c1|c3 stays exact. Deleting the oldest just removes its bitmap.
 
