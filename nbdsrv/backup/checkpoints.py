@@ -5,7 +5,8 @@ Chain model (docs/checkpoints.md): one recording bitmap per disk at a time::
     c1 ──► c2 ──► c3 (recording)        bitmap cN holds the writes between cN and cN+1
     "changed since c2" = c2 | c3        (OR of the checkpoint's bitmap and every later one)
 
-- create c4: one transaction over all disks — disable c3, add c4 (persistent, enabled).
+- create c4: one transaction over all disks — disable c3, add c4 (enabled; persistent where
+  the top layer can store it, else in QEMU's memory: backup/in_memory.py).
 - delete c2: one transaction — merge c2 into c1 (enable c1 if c2 was recording), remove c2;
   "since c1" = c1|c3 stays exact. Deleting the oldest just removes its bitmap.
 
@@ -70,6 +71,9 @@ class Segment:
 
     file: str
     bitmap: str
+    # False: the layer cannot store bitmaps (raw, a block device, qcow2 v2), so this one lives
+    # in QEMU's memory and dies with the QEMU process (docs/checkpoints.md).
+    persistent: bool = True
 
 
 @dataclass(frozen=True)
@@ -82,19 +86,28 @@ class Checkpoint:
     disks: Mapping[str, tuple[Segment, ...]] = field(default_factory=dict)
     # Once QEMU lost bits of a checkpoint it stays unusable: the reason is kept.
     invalid: str | None = None
+    # The QEMU process (nbdsrv's marker in it) whose memory holds the in-memory segments.
+    process: str | None = None
+
+    @property
+    def persistent(self) -> bool:
+        """Every segment is stored in its image (survives a restart of QEMU)."""
+        return all(s.persistent for segments in self.disks.values() for s in segments)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document = {
             "name": self.name,
             "parent": self.parent,
             "created": self.created,
             "granularity": self.granularity,
             "disks": {
-                disk: [{"file": s.file, "bitmap": s.bitmap} for s in segments]
-                for disk, segments in self.disks.items()
+                disk: [_segment_json(s) for s in segments] for disk, segments in self.disks.items()
             },
             "invalid": self.invalid,
         }
+        if self.process is not None:
+            document["process"] = self.process
+        return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Checkpoint":
@@ -104,11 +117,22 @@ class Checkpoint:
             created=data["created"],
             granularity=int(data["granularity"]),
             disks={
-                disk: tuple(Segment(s["file"], s["bitmap"]) for s in segments)
+                disk: tuple(
+                    Segment(s["file"], s["bitmap"], bool(s.get("persistent", True)))
+                    for s in segments
+                )
                 for disk, segments in data.get("disks", {}).items()
             },
             invalid=data.get("invalid"),
+            process=data.get("process"),
         )
+
+
+def _segment_json(segment: Segment) -> dict[str, Any]:
+    document: dict[str, Any] = {"file": segment.file, "bitmap": segment.bitmap}
+    if not segment.persistent:
+        document["persistent"] = False
+    return document
 
 
 class BitmapState(Protocol):
@@ -143,6 +167,10 @@ class LayerState(Protocol):
     def format(self) -> str: ...
     @property
     def read_only(self) -> bool: ...
+    @property
+    def persistent_bitmaps(self) -> bool:
+        """The image can store bitmaps (qcow2 v3); others are held in QEMU's memory."""
+        ...
 
     def bitmap(self, name: str) -> BitmapState | None: ...
 
@@ -227,10 +255,10 @@ def find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
 def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) -> str | None:
     """Why QEMU's state cannot back ``checkpoint`` (None when it can).
 
-    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent,
-    consistent, at the checkpoint's granularity; the layers have one size; the newest
-    checkpoint records on the top layer; a closed checkpoint records nowhere (its bitmaps
-    are frozen: one that records was enabled by someone else).
+    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent (unless
+    the segment is in memory), consistent, at the checkpoint's granularity; the layers have
+    one size; the newest checkpoint records on the top layer; a closed checkpoint records
+    nowhere (its bitmaps are frozen: one that records was enabled by someone else).
     """
     for disk, segments in checkpoint.disks.items():
         layers = chain.get(disk)
@@ -250,7 +278,7 @@ def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) 
                     f"bitmap '{segment.bitmap}' on {where} is inconsistent "
                     "(QEMU did not save it cleanly)"
                 )
-            if not bitmap.persistent:
+            if segment.persistent and not bitmap.persistent:
                 return f"bitmap '{segment.bitmap}' on {where} is not persistent"
             if bitmap.granularity != checkpoint.granularity:
                 return (
@@ -362,10 +390,6 @@ def create_actions(
     previous = checkpoints.newest
     for disk, layers in sorted(chain.items()):
         top = layers[0]
-        if top.format != "qcow2":
-            raise CheckpointError(
-                f"disk {disk} ({top.filename}) is {top.format}: checkpoints need qcow2 images"
-            )
         if top.bitmap(name) is not None:
             raise CheckpointError(f"disk {disk} already has a bitmap named '{name}'")
         if previous is not None:
@@ -387,12 +411,12 @@ def create_actions(
                     "node": top.node_name,
                     "name": name,
                     "granularity": granularity,
-                    "persistent": True,
+                    "persistent": top.persistent_bitmaps,
                     "disabled": False,
                 },
             )
         )
-        disks[disk] = (Segment(top.filename, name),)
+        disks[disk] = (Segment(top.filename, name, top.persistent_bitmaps),)
     checkpoint = Checkpoint(
         name=name,
         parent=previous.name if previous else None,
@@ -431,7 +455,7 @@ def delete_actions(checkpoints: CheckpointChain, chain: ChainState, name: str) -
                                 "node": node,
                                 "name": target_name,
                                 "granularity": parent.granularity,
-                                "persistent": True,
+                                "persistent": bitmap.persistent,
                                 "disabled": not bitmap.recording,
                             },
                         )
@@ -466,10 +490,13 @@ def merged_parent(checkpoints: CheckpointChain, name: str) -> CheckpointChain:
         disks = dict(parent.disks)
         for disk, segments in victim.disks.items():
             have = {s.file for s in disks.get(disk, ())}
-            extra = tuple(Segment(s.file, parent.name) for s in segments if s.file not in have)
+            extra = tuple(
+                Segment(s.file, parent.name, s.persistent) for s in segments if s.file not in have
+            )
             if extra:
                 disks[disk] = (*disks.get(disk, ()), *extra)
-        chain = chain.replaced(replace(parent, disks=disks))
+        process = parent.process or victim.process
+        chain = chain.replaced(replace(parent, disks=disks, process=process))
     return chain.removed(name)
 
 

@@ -118,7 +118,8 @@ def commit_merge_actions(
                             "node": base.node_name,
                             "name": target,
                             "granularity": top_bitmap.granularity,
-                            "persistent": True,
+                            # A raw base holds it in QEMU's memory (backup/in_memory.py).
+                            "persistent": base.persistent_bitmaps,
                             "disabled": True,
                         },
                     )
@@ -141,9 +142,12 @@ def commit_merge_actions(
 
 
 def after_commit(
-    checkpoints: CheckpointChain, disks: Mapping[str, tuple[str, str]]
+    checkpoints: CheckpointChain,
+    disks: Mapping[str, tuple[str, str]],
+    in_memory_bases: frozenset[str] = frozenset(),
 ) -> CheckpointChain:
-    """Segments on each committed top move to its base (kept once, in chain order)."""
+    """Segments on each committed top move to its base (kept once, in chain order); on the
+    bases of ``in_memory_bases`` (disks) they are bitmaps in QEMU's memory."""
     out = checkpoints
     for checkpoint in checkpoints:
         changed: dict[str, tuple[Segment, ...]] = {}
@@ -157,7 +161,9 @@ def after_commit(
             for s in segments:
                 if s.file == top_file:
                     if not has_base:
-                        merged.append(Segment(base_file, on_top.bitmap))
+                        merged.append(
+                            Segment(base_file, on_top.bitmap, disk not in in_memory_bases)
+                        )
                 else:
                     merged.append(s)
             changed[disk] = tuple(merged)

@@ -163,9 +163,9 @@ def test_checkpoints_made_with_virsh_are_listed_and_usable(
     created = nbdsrv.cli("checkpoint", "create", vm, "--name", "by-nbdsrv")
     assert (created["name"], created["parent"]) == ("by-nbdsrv", "by-virsh")
     listed = nbdsrv.cli("checkpoint", "list", vm)
-    assert [(c["name"], c["parent"], c["valid"], c["reason"]) for c in listed] == [
-        ("by-virsh", None, True, None),
-        ("by-nbdsrv", "by-virsh", True, None),
+    assert [(c["name"], c["parent"], c["valid"], c["reason"], c["persistent"]) for c in listed] == [
+        ("by-virsh", None, True, None, True),
+        ("by-nbdsrv", "by-virsh", True, None, True),
     ]
     domain.write("vda", 0x55, 1 * MiB, 64 * K)
     session = nbdsrv.cli("backup", "begin", vm, "--from", "by-virsh", "--no-checkpoint")

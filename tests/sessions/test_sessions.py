@@ -381,9 +381,6 @@ def test_raw_disk_full_backup_needs_no_checkpoint(
     vm: ExternalQSD, nbdsrv: DaemonProcess, workdir: Path
 ) -> None:
     vm.write(0, 0x77, 0, 1 * MiB)
-    message = nbdsrv.error("backup", "begin", "vm1")
-    assert "is raw: checkpoints need qcow2" in message and "--no-checkpoint" in message
-    assert qemu_leftovers(vm) == []
     session = begin(nbdsrv, "--no-checkpoint")
     assert sha(nbdcopy(nbdsrv.uri("vm1/disk0"), workdir / "full.raw")) == sha(vm.models[0])
     end(nbdsrv, session)

@@ -237,6 +237,7 @@ class LibvirtVM:
                 "disks": sorted(c.bitmaps),
                 "valid": reason is None,
                 "reason": reason,
+                "persistent": True,  # libvirt makes checkpoints on qcow2 v3 images only
             }
             for c, reason in snap.checkpoints
         ]

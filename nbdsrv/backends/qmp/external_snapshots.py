@@ -24,7 +24,7 @@ from ...backup.snapshots import (
 )
 from ...errors import NbdsrvError
 from ...qemu.block_jobs import wait_job_gone, wait_job_ready
-from ...qemu.chain import nodes_of_file
+from ...qemu.chain import PROTOCOL_DRIVERS, nodes_of_file
 from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.images import create_overlay
 from ...qemu.names import disk_name
@@ -65,7 +65,9 @@ async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
     try:
         for disk, item in plan.items():
             top = state[disk][0]
-            await create_overlay(item["file"], top.filename, top.format)
+            # A device or file given to the guest with no format node holds raw data.
+            backing_format = "raw" if top.format in PROTOCOL_DRIVERS else top.format
+            await create_overlay(item["file"], top.filename, backing_format)
             await vm.monitor.execute(
                 "blockdev-add",
                 {
@@ -228,7 +230,8 @@ async def _complete_commit(
             overlays.remove(top_file)
         removed[disk] = top_file
     tops = {disk: base for disk, (_, base) in done.items()}
-    vm.save_chain(after_commit(chain, done), op_id, overlays, tops=tops)
+    in_memory = frozenset(disk for disk in done if not state[disk][0].persistent_bitmaps)
+    vm.save_chain(after_commit(chain, done, in_memory), op_id, overlays, tops=tops)
     crash_point("snapshot-commit:after-commit")
     vm.store.clear_intent()
     log.info("VM %s: committed %s", vm.name, removed)

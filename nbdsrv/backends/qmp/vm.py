@@ -40,9 +40,10 @@ from ...backup.checkpoints import (
     observed_counts,
 )
 from ...backup.crash_points import crash_point
+from ...backup.in_memory import held_in_memory, restart_problem
 from ...backup.store import VMStore
-from ...qemu import scratch_image
-from ...qemu.chain import BlockState, query_block_state
+from ...qemu import process_marker, scratch_image
+from ...qemu.chain import STATE_QUERIES, BlockState, block_state_of, query_block_state
 from ...qemu.errors import QEMUError, QEMUGoneError, QEMUUnreachableError, QMPError, QMPTimeoutError
 from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
@@ -103,6 +104,13 @@ class QmpVM:
         self.known_disks: list[str] = []
         self.points: dict[str, point_in_time.HeldPoint] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The markers of the QEMU process behind the connection (qemu/process_marker.py):
+        # None until looked at after each (re)connect. ``_connections`` counts losses, so
+        # that an answer from before a loss is not taken for the process after it.
+        self.qemu_markers: frozenset[str] | None = None
+        self.marker_failure: str | None = None
+        self._connections = 0
+        self._identifying = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -142,6 +150,9 @@ class QmpVM:
     def lost(self, reason: str) -> None:
         """QEMU went away: every point in time it held is broken."""
         self.failure = reason
+        # The next process may be another one: look at its markers again.
+        self.qemu_markers = None
+        self._connections += 1
         point_in_time.broken(self, reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -203,8 +214,40 @@ class QmpVM:
         return (await self.block_state()).chains(self.roots)
 
     async def block_state(self) -> BlockState:
-        """QEMU's disks, nodes and exports now (one round trip)."""
-        return await query_block_state(self.monitor)
+        """QEMU's disks, nodes and exports now (one round trip). The first look after a
+        (re)connect also finds which QEMU process this is; a process with a disk that cannot
+        store bitmaps gets a marker if it has none (qemu/process_marker.py)."""
+        if self.qemu_markers:
+            return await query_block_state(self.monitor)
+        async with self._identifying:
+            connection = self._connections
+            if self.qemu_markers is None:
+                answers = await self.monitor.execute_many([process_marker.QUERY, *STATE_QUERIES])
+                state = block_state_of(answers[1:])
+                markers = process_marker.markers_of(answers[0])
+            else:
+                state = await query_block_state(self.monitor)
+                markers = self.qemu_markers
+            if not markers and self._holds_memory_bitmaps(state):
+                try:
+                    markers = frozenset({await process_marker.mark(self.monitor)})
+                    self.marker_failure = None
+                except QMPError as e:
+                    # Checkpoints in memory are refused then; everything else goes on.
+                    log.warning("VM %s: cannot mark the QEMU process: %s", self.name, e)
+                    self.marker_failure = str(e)
+            if connection == self._connections:
+                self.qemu_markers = markers
+            return state
+
+    def _holds_memory_bitmaps(self, state: BlockState) -> bool:
+        """A disk whose top layer cannot store bitmaps: its checkpoints live in memory."""
+        try:
+            return any(
+                not layers[0].persistent_bitmaps for layers in state.chains(self.roots).values()
+            )
+        except QEMUError:
+            return False
 
     async def disks(self) -> list[str]:
         return sorted((await self.chains()).keys())
@@ -225,6 +268,7 @@ class QmpVM:
         """Write the chain. ``overlays``: the snapshot files nbdsrv made; ``tops``: disks whose
         top image changed (the embedded QSD opens these at the next start). Both kept if None."""
         document = self.store.load_checkpoints()
+        chain = self._held_here(chain)
         if overlays is None:
             overlays = list(document.get("overlays", []))
         all_tops = {**document.get("tops", {}), **(tops or {})}
@@ -236,6 +280,14 @@ class QmpVM:
                 "tops": all_tops,
             }
         )
+
+    def _held_here(self, chain: CheckpointChain) -> CheckpointChain:
+        """Checkpoints that gained bitmaps in memory (a commit into a raw base) are held by
+        the QEMU process nbdsrv looks at now."""
+        for checkpoint in chain:
+            if checkpoint.process is None and not checkpoint.persistent and self.qemu_markers:
+                chain = chain.replaced(replace(checkpoint, process=min(self.qemu_markers)))
+        return chain
 
     def overlays(self) -> list[str]:
         return list(self.store.load_checkpoints().get("overlays", []))
@@ -251,7 +303,8 @@ class QmpVM:
         for checkpoint in chain:
             if checkpoint.invalid is not None:
                 continue
-            reason = reasons[checkpoint.name]
+            # A restart first: its bitmaps are gone, or are not the ones that saw every write.
+            reason = restart_problem(checkpoint, self.qemu_markers) or reasons[checkpoint.name]
             if reason is None or reason.startswith("later checkpoint"):
                 reason = count_problem(checkpoint, state, seen)
             if reason:
@@ -382,7 +435,17 @@ class QmpVM:
             raise CheckpointError(f"VM {self.name} already has a checkpoint '{name}'")
         if not state:
             raise CheckpointError(f"VM {self.name} has no disks")
-        return create_actions(chain, state, name, granularity)
+        checkpoint, actions = create_actions(chain, state, name, granularity)
+        if not checkpoint.persistent:
+            # Bitmaps in QEMU's memory: valid as long as this process runs (backup/in_memory.py).
+            if not self.qemu_markers:
+                raise CheckpointError(
+                    f"VM {self.name}: disks {', '.join(sorted(held_in_memory(checkpoint)))} "
+                    "need bitmaps in QEMU's memory, and nbdsrv could not mark the QEMU process "
+                    f"that holds them ({self.marker_failure or 'not looked at yet'})"
+                )
+            checkpoint = replace(checkpoint, process=min(self.qemu_markers))
+        return checkpoint, actions
 
     def begin_create(self, checkpoint: Checkpoint) -> str:
         """Write the intent of creating ``checkpoint``; its id. Hold the lock."""
@@ -479,6 +542,7 @@ class QmpVM:
                     "disks": sorted(c.disks),
                     "valid": reasons[c.name] is None,
                     "reason": reasons[c.name],
+                    "persistent": c.persistent,
                 }
                 for c in chain
             ]
