@@ -46,6 +46,7 @@ def checkpoints(args: Args, result: list[dict[str, Any]]) -> str:
     lines = [
         f"{c['name']}\t{c['created']}\tparent={c['parent'] or '-'}\t"
         + ("valid" if c["valid"] else f"INVALID: {c['reason']}")
+        + ("" if c.get("persistent", True) else "\tin memory")
         for c in result
     ]
     return "\n".join(lines) or f"VM {args['vm']} has no checkpoints"
