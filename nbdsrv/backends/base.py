@@ -128,6 +128,10 @@ class VMBackend(Protocol):
         """Hold the lock. Fix one point in time over all disks (and create the checkpoint);
         on failure nothing is left behind."""
 
+    def confirm_point_in_time(self, session: str) -> None:
+        """Hold the lock. The session's begin completed (its exports are open): the
+        checkpoint it created stays from now on. Until then a restart removes it."""
+
     def scratch_bytes(self, session: str) -> int:
         """What copy-before-write has stored for ``session`` so far."""
 

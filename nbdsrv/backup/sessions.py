@@ -43,6 +43,7 @@ from ..net.address import Address
 from ..proto.constants import DIRTY_BITMAP_PREFIX
 from ..together import all_of
 from .checkpoints import check_name, now_iso
+from .crash_points import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class SessionManager:
         session.quiesced = point.quiesced
         try:
             await self._open_exports(session, request, point)
+            crash_point("backup-begin:after-open")
+            vm.confirm_point_in_time(session.id)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             await self._close_exports(session)

@@ -10,7 +10,13 @@ begin (the VM's lock held)::
           a qemu-storage-daemon (cannot pause): transaction adding the next checkpoint's
           bitmap ─► ONE reopen puts every filter into its path ─► transaction disabling
           the old bitmap and adding the frozen ones          (dirty maps are supersets)
-      ─►  checkpoint commit  ─►  snapshot-access nodes, QEMU exports on QEMU's NBD server
+      ─►  snapshot-access nodes, QEMU exports on QEMU's NBD server  ─►  checkpoint commit
+      ─►  (the session confirms: its exports are open)  record says "begun"
+
+A begin that does not complete leaves no checkpoint behind: before the commit the intent
+(which names the session) makes a failed begin or a restart roll the new checkpoint back
+(merged into its parent, which records again); after it, a record not yet "begun" makes
+the restart delete the checkpoint the same way (:func:`clean_stale`).
 
 Everything is named in the record before it is created, so a failed begin, an end, or a
 restart after a crash removes exactly that (qemu/fleece.py); the record stays until QEMU
@@ -40,7 +46,7 @@ from ...backup.crash_points import crash_point
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece, scratch_image
 from ...qemu.chain import STATE_QUERIES, block_state_of
-from ...qemu.errors import QEMUError, QMPError
+from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.monitor import QMPEvent, raise_first_error, transaction_command
 from ..base import (
     BrokenCallback,
@@ -70,6 +76,8 @@ class HeldPoint:
     unsubscribe: Any = None
     watcher: asyncio.Task[None] | None = None
     ending: bool = False
+    # The session confirmed its begin: from now on its checkpoint stays whatever happens.
+    begun: bool = False
 
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
@@ -124,13 +132,14 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             # for its guest (whose vCPUs then issue nothing) they are exact.
             adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
             rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
-            op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
+            # The intent names the session: until the commit below, a failed begin or a
+            # restart rolls the new checkpoint back (vm.roll_back_create).
+            op_id = vm.begin_create(new_checkpoint, request.session) if new_checkpoint else None
             try:
                 async with quiescer.frozen(), _paused(vm, held, running):
-                    if new_checkpoint is not None and op_id is not None:
+                    if op_id is not None:
                         await vm.transaction(f"backup begin on VM {vm.name}", adds)
-                        vm.commit_create(chain, new_checkpoint, op_id)
-                        committed = True
+                        crash_point("checkpoint-create:after-transaction")
                     await _switch_and_freeze(vm, plan.disks, freeze + rest)
                     crash_point("backup-begin:after-switch")
             except QuiesceError:
@@ -142,6 +151,10 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             answers = await vm.monitor.execute_many([*exports, *STATE_QUERIES])
             raise_first_error(answers[: len(exports)])
             crash_point("backup-begin:after-exports")
+            if new_checkpoint is not None and op_id is not None:
+                # The old checkpoint's bitmap is disabled by now: the chain is whole.
+                vm.commit_create(chain, new_checkpoint, op_id)
+                committed = True
             after = block_state_of(answers[len(exports) :])
             counts = {d.scratch_node: after.bitmap_counts(d.scratch_node) for d in plan.disks}
             # The new checkpoint's counts are the baseline for third-party checks from now.
@@ -150,6 +163,11 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             with contextlib.suppress(QEMUError):
                 await end(vm, request.session, drop_checkpoint=committed)
+            # QEMU did not let go of it: the record stays for the next reconnect.
+            if vm.points.pop(request.session, None) is not None and held.unsubscribe:
+                held.unsubscribe()
+            if op_id is not None and not committed:
+                await _roll_back_checkpoint(vm)
             raise
         if vm.scratch_limit:
             held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))
@@ -160,6 +178,21 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             disks=tuple(_upstream_disk(plan, d, counts[d.scratch_node]) for d in plan.disks),
             quiesced=quiescer.quiesced,
         )
+
+
+async def _roll_back_checkpoint(vm: QmpVM) -> None:
+    """Undo the new checkpoint of a failed begin (its intent is on disk). When QEMU cannot
+    be reached the intent stays: the next reconcile rolls it back."""
+    intent = vm.store.read_intent()
+    if intent is None:
+        return  # QEMU refused the transaction that adds it: nothing was done
+    try:
+        state = await vm.chains()
+        await vm.roll_back_create(intent, vm.load()[0], state)
+    except (QEMUError, QEMUGoneError) as e:
+        log.error("VM %s: the new checkpoint is rolled back later: %s", vm.name, e)
+        return
+    vm.store.clear_intent()
 
 
 def _upstream_disk(
@@ -216,9 +249,9 @@ async def _switch_and_freeze(
 ) -> None:
     """The switch, then the transaction of ``actions``, in one round trip. Should the
     switch fail, the transaction still runs, harmlessly: the frozen bitmaps go with the
-    scratch nodes, and the old checkpoint's bitmap stops recording as it would have anyway,
-    the new checkpoint being committed already (a failed begin deletes it again, merging
-    it back)."""
+    scratch nodes, and the old checkpoint's bitmap stops recording as it would have anyway
+    (a failed begin rolls the new checkpoint back, merging it into the old one, which then
+    records again)."""
     switch = fleece.switch_in(disks)
     transaction = [transaction_command(actions)] if actions else []
     answers = await vm.monitor.execute_many([*switch, *transaction])
@@ -229,28 +262,36 @@ async def _switch_and_freeze(
 
 
 async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None:
-    """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``). With QEMU
-    unreachable the record and files stay: the next reconnect removes them."""
-    held = vm.points.pop(session, None)
+    """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``). When QEMU
+    cannot be reached, or does not let go of it, this fails and everything stays (record,
+    scratch files, the session) for the end to run again: never "ended" for work not done."""
+    held = vm.points.get(session)
     if held is None:
         return
+    if not vm.monitor.connected:
+        raise QEMUGoneError(
+            f"cannot end backup session {session}: QEMU is not connected "
+            f"({vm.failure or 'no QMP connection'}); the session and its scratch files "
+            "stay: run `backup end` again once QEMU is back"
+        )
     held.ending = True
-    if held.unsubscribe is not None:
-        held.unsubscribe()
     if held.watcher is not None:
         held.watcher.cancel()
     try:
         gone = await fleece.teardown(vm.monitor, held.plan)
+        if not gone:
+            raise QEMUGoneError(
+                f"cannot end backup session {session}: the QMP connection was lost; the "
+                "session and its scratch files stay: run `backup end` again once QEMU is back"
+            )
     except QEMUError as e:
         log.error("session %s: cleanup in QEMU failed: %s", session, e)
+        held.ending = False
         raise
-    if gone:
-        vm.store.remove_session(session)
-    else:
-        log.warning(
-            "session %s: QEMU is not connected; its nodes and files go when it reconnects",
-            session,
-        )
+    vm.points.pop(session, None)
+    if held.unsubscribe is not None:
+        held.unsubscribe()
+    vm.store.remove_session(session)
     if drop_checkpoint and held.checkpoint and vm.monitor.connected:
         await vm.delete_checkpoint_locked(held.checkpoint)
 
@@ -308,7 +349,9 @@ async def clean_stale(vm: QmpVM) -> None:
         log.info("VM %s: cleaning up stale backup session %s", vm.name, record["id"])
         plan = fleece.FleecePlan.from_json(record["plan"])
         try:
-            gone = await fleece.teardown(vm.monitor, plan)
+            async with vm.lock:
+                await _drop_unconfirmed_checkpoint(vm, record)
+                gone = await fleece.teardown(vm.monitor, plan)
         except QEMUError as e:
             log.error("VM %s: stale session %s stays: %s", vm.name, record["id"], e)
             continue
@@ -316,13 +359,36 @@ async def clean_stale(vm: QmpVM) -> None:
             vm.store.remove_session(record["id"])
 
 
+async def _drop_unconfirmed_checkpoint(vm: QmpVM, record: dict[str, Any]) -> None:
+    """A begin that did not complete leaves no checkpoint behind: delete the one it
+    committed (merged into its parent). Records of older nbdsrv versions have no "begun":
+    their checkpoints stay."""
+    name = record.get("checkpoint")
+    if record.get("begun", True) or not name or not vm.load()[0].has(name):
+        return
+    log.info("VM %s: deleting checkpoint %s of the unfinished backup begin %s",
+             vm.name, name, record["id"])  # fmt: skip
+    await vm.delete_checkpoint_locked(name)
+    # Deleted: a kill from here on must not delete it again (the name may be reused).
+    vm.store.write_session(record["id"], {**record, "checkpoint": None})
+
+
 def _record(vm: QmpVM, held: HeldPoint) -> dict[str, Any]:
     return {
         "id": held.plan.session,
         "vm": vm.name,
         "checkpoint": held.checkpoint,
+        "begun": held.begun,
         "plan": held.plan.to_json(),
     }
+
+
+def confirm(vm: QmpVM, session: str) -> None:
+    """The session's begin completed: its checkpoint stays from now on."""
+    held = vm.points.get(session)
+    if held is not None and not held.begun:
+        held.begun = True
+        vm.store.write_session(session, _record(vm, held))
 
 
 def _plan_disk(
