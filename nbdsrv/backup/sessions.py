@@ -225,7 +225,12 @@ class SessionManager:
         async with vm.lock:
             session.ending = True
             await self._close_exports(session)
-            await vm.end_point_in_time(session.id)
+            try:
+                await vm.end_point_in_time(session.id)
+            except NbdsrvError as e:
+                # Not ended: the backend keeps what it needs for `backup end` to run again.
+                session.state, session.error = "ending", str(e)
+                raise
         self.sessions.pop(session_id, None)
         log.info("VM %s: backup session %s ended", vm.name, session_id)
 
