@@ -22,6 +22,7 @@ reason (``why_broken``).
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,8 +48,16 @@ from .crash_points import crash_point
 
 log = logging.getLogger(__name__)
 
-# Seconds between the probe reads that find a broken point in time without a reader.
+# Seconds between the probe reads that find a broken point in time without a reader
+# (NBDSRV_PROBE_INTERVAL; readers' own failed reads fail the session at once).
 PROBE_INTERVAL = 1.0
+
+
+def probe_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get("NBDSRV_PROBE_INTERVAL", PROBE_INTERVAL)))
+    except ValueError:
+        return PROBE_INTERVAL
 
 
 class SessionError(NbdsrvError):
@@ -80,16 +89,23 @@ class Session:
     error: str | None = None
     ending: bool = False
     prober: "asyncio.Task[None] | None" = None
+    giving_up: "asyncio.Task[None] | None" = None
 
     def fail(self, reason: str) -> None:
         if self.ending:
             return
-        if self.state == "running":
+        first = self.state == "running"
+        if first:
             self.state = "failed"
             self.error = reason
             log.error("session %s of VM %s failed: %s", self.id, self.vm.name, reason)
         for export in self.exports.values():
             export.fail(reason)
+        if first:
+            # Free the VM at once (filters out of the guest's path, scratch), not at the end.
+            self.giving_up = asyncio.get_running_loop().create_task(
+                self.vm.give_up_point_in_time(self.id)
+            )
 
 
 class SessionManager:
@@ -287,7 +303,7 @@ class SessionManager:
 async def _probe(session: Session) -> None:
     """Find a broken point in time without waiting for a reader."""
     while session.state == "running" and not session.ending:
-        await asyncio.sleep(PROBE_INTERVAL)
+        await asyncio.sleep(probe_interval())
         for export in list(session.exports.values()):
             if session.state != "running" or session.ending:
                 return

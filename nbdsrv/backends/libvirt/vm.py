@@ -166,6 +166,10 @@ class LibvirtVM:
                 raise
         remove_durably(str(self._begin_record()))
 
+    async def give_up_point_in_time(self, session: str) -> None:
+        """libvirt's job owns the scratch space; `backup end` aborts it (after the upstream
+        connections are closed: see end_point_in_time)."""
+
     def confirm_point_in_time(self, session: str) -> None:
         held = self.points.get(session)
         if held is not None and held.checkpoint is not None:

@@ -27,11 +27,10 @@ shows only as failing reads: sessions learn it from their upstream reads and pro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -57,13 +56,12 @@ from ..base import (
     UpstreamDisk,
 )
 from .quiesce import QuiesceError
+from .scratch_limit import ScratchLimit
 
 if TYPE_CHECKING:
     from .vm import QmpVM
 
 log = logging.getLogger(__name__)
-
-SCRATCH_POLL = 0.5
 
 
 @dataclass
@@ -74,8 +72,10 @@ class HeldPoint:
     checkpoint: str | None
     on_broken: BrokenCallback
     unsubscribe: Any = None
-    watcher: asyncio.Task[None] | None = None
+    limit: ScratchLimit | None = None
     ending: bool = False
+    # The point in time broke and was taken out of QEMU (filters, scratch) before the end.
+    given_up: bool = False
     # The session confirmed its begin: from now on its checkpoint stays whatever happens.
     begun: bool = False
 
@@ -170,7 +170,8 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
                 await _roll_back_checkpoint(vm)
             raise
         if vm.scratch_limit:
-            held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))
+            held.limit = ScratchLimit(vm, held, vm.scratch_limit, _exceeded(vm, held))
+            await held.limit.start()
         return PointInTime(
             session=request.session,
             checkpoint=held.checkpoint,
@@ -275,8 +276,8 @@ async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None
             "stay: run `backup end` again once QEMU is back"
         )
     held.ending = True
-    if held.watcher is not None:
-        held.watcher.cancel()
+    if held.limit is not None:
+        held.limit.stop()
     try:
         gone = await fleece.teardown(vm.monitor, held.plan)
         if not gone:
@@ -321,17 +322,39 @@ def scratch_bytes(vm: QmpVM, session: str) -> int:
     return total
 
 
-async def _watch_scratch(vm: QmpVM, held: HeldPoint, limit: int) -> None:
-    """Break the point in time when its scratch data passes ``limit`` (--scratch-limit):
-    its readers get EIO, and copy-before-write stops so the scratch stops growing; the
-    guest's writes go on."""
-    while True:
-        await asyncio.sleep(SCRATCH_POLL)
-        used = scratch_bytes(vm, held.plan.session)
-        if used > limit:
-            held.on_broken(f"scratch data {used} bytes passed --scratch-limit {limit}")
-            await fleece.stop_copy_before_write(vm.monitor, held.plan)
+def _exceeded(vm: QmpVM, held: HeldPoint) -> Callable[[str], None]:
+    def exceeded(reason: str) -> None:
+        held.on_broken(reason)  # first: readers get EIO before anything goes
+        vm._spawn(give_up(vm, held.plan.session))
+
+    return exceeded
+
+
+async def give_up(vm: QmpVM, session: str) -> None:
+    """A broken point in time leaves QEMU at once, before `backup end`: its filters leave
+    the guest's write path and its scratch files are deleted (its readers get EIO). The
+    end later removes what is left (QEMU's NBD server, the record)."""
+    held = vm.points.get(session)
+    if held is None or held.ending or held.given_up:
+        return
+    held.given_up = True
+    if held.limit is not None:
+        held.limit.stop()
+    async with vm.lock:
+        if held.ending or vm.points.get(session) is not held:
             return
+        try:
+            freed = await fleece.give_up(vm.monitor, held.plan)
+        except QEMUError as e:
+            log.warning("session %s: the broken point in time stays until the end: %s",
+                        session, e)  # fmt: skip
+            return
+    if freed:
+        log.info(
+            "session %s: broken point in time taken out of QEMU: no filter in the guest's "
+            "write path, scratch freed",
+            session,
+        )
 
 
 def broken(vm: QmpVM, reason: str) -> None:

@@ -187,6 +187,9 @@ class QmpVM:
     ) -> PointInTime:
         return await point_in_time.begin(self, request, on_broken)
 
+    async def give_up_point_in_time(self, session: str) -> None:
+        await point_in_time.give_up(self, session)
+
     def confirm_point_in_time(self, session: str) -> None:
         point_in_time.confirm(self, session)
 
