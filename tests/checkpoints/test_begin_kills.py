@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.sessions.test_point_in_time import GuestVM, guest_workdir, start_daemon
+from tests.sessions.test_point_in_time import leftovers as qemu_leftovers
 from tests.tools import DaemonProcess, nbdsrv_argv
-from tests.vmharness import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB
+from tests.vmharness import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, wait_for
+
+__all__ = ["guest_workdir"]
 
 BEGIN = ("backup", "begin", "vm1", "--from", "c1", "--checkpoint", "c2")
 
@@ -156,3 +160,38 @@ def test_random_kills_during_begin_never_cost_the_chain(
         assert_chain_whole(vm, nbdsrv, ["c1"])
     print(f"seed {seed}: {kills} kills, begin {span:.2f} s, outcomes {outcomes}")
     incremental_is_right(vm, nbdsrv, workdir)
+
+
+@pytest.mark.parametrize(
+    "fault", ["checkpoint-create:after-transaction", "backup-begin:after-switch"]
+)
+def test_killed_begin_on_a_running_vm_leaves_c1_valid_and_the_vm_running(
+    guest_workdir: Path, fault: str
+) -> None:
+    """The same on a VM with vCPUs, which nbdsrv stops around the switch: the restart
+    rolls c2 back on both disks and resumes the VM."""
+    vm = GuestVM(guest_workdir, running=True)
+    daemon, cli = start_daemon(guest_workdir, vm.qmp_path)
+    try:
+        cli("checkpoint", "create", "vm", "--name", "c1")
+        vm.write(0, 0x11, 0, 1 * MiB)
+        vm.write(1, 0x12, 0, 1 * MiB)
+        assert daemon.stop() == 0
+        daemon.start(fault=fault)
+        begin = ("backup", "begin", "vm", "--from", "c1", "--checkpoint", "c2")
+        assert daemon.cli(*begin).returncode == 1
+        daemon.wait_killed()
+        daemon.start()
+        wait_for(lambda: qemu_leftovers(vm.qmp) == [], "the stale session to go")
+        listed = cli("checkpoint", "list", "vm")
+        assert [(c["name"], c["valid"]) for c in listed] == [("c1", True)], listed
+        assert vm.qmp.cmd("query-status")["status"] == "running"
+        session = cli(*begin)
+        for disk, byte in (("vdisk0", 0x11), ("sdisk1", 0x12)):
+            dirty = session["disks"][disk]["dirty_bytes"]["qemu:dirty-bitmap:c1"]
+            assert dirty == 1 * MiB, (disk, byte, dirty)
+        cli("backup", "end", "vm", session["id"])
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        vm.stop()

@@ -42,6 +42,7 @@ from ...backup.checkpoints import (
     wanted_checkpoints,
 )
 from ...backup.crash_points import crash_point
+from ...errors import NbdsrvError
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece, scratch_image
 from ...qemu.chain import STATE_QUERIES, block_state_of
@@ -375,7 +376,7 @@ async def clean_stale(vm: QmpVM) -> None:
             async with vm.lock:
                 await _drop_unconfirmed_checkpoint(vm, record)
                 gone = await fleece.teardown(vm.monitor, plan)
-        except QEMUError as e:
+        except NbdsrvError as e:
             log.error("VM %s: stale session %s stays: %s", vm.name, record["id"], e)
             continue
         if gone:
