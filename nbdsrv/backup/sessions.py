@@ -260,6 +260,15 @@ class SessionManager:
             if self.catalog.find_export(export.name) is export:
                 self.catalog.remove(export.name)
             await export.aclose()
+        refused = sum(export.refusals for export in session.exports.values())
+        if refused:
+            # One line per session and cause, not one per refused request.
+            log.warning(
+                "session %s of VM %s: %d requests refused with EIO after it failed: %s",
+                session.id, session.vm.name, refused, session.error,
+            )  # fmt: skip
+            for export in session.exports.values():
+                export.refusals = 0
 
     async def end_all(self) -> None:
         for session in list(self.sessions.values()):

@@ -91,7 +91,7 @@ class UpstreamExport(Export):
         self.bitmaps: dict[str, DirtyRuns] = {}
         self.freeze_bitmaps(bitmaps)
         self.failure: str | None = None
-        # Requests refused with EIO since the failure: logged once, with the count.
+        # Requests refused with EIO since the failure (the session logs the count).
         self.refusals = 0
         self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
@@ -155,15 +155,11 @@ class UpstreamExport(Export):
             self._upstream_failed(detail)
 
     def count_refusal(self) -> bool:
+        """Counted, not logged one by one: the session logs the count once (it logged the
+        cause when it failed)."""
         if self.failure is None:
             return False
         self.refusals += 1
-        if self.refusals == 1:
-            log.warning(
-                "export %s: refusing requests with EIO: %s (counted; the count is logged "
-                "when the export closes)",
-                self.name, self.failure,
-            )  # fmt: skip
         return True
 
     def _upstream_failed(self, detail: str) -> None:
@@ -238,12 +234,6 @@ class UpstreamExport(Export):
 
     async def aclose(self) -> None:
         """Close the export (its clients get ESHUTDOWN) and the connections to QEMU."""
-        if self.refusals:
-            log.warning(
-                "export %s: %d requests refused with EIO: %s",
-                self.name, self.refusals, self.failure,
-            )  # fmt: skip
-            self.refusals = 0
         self.close()
         for link in list(self._links):
             link.abort()
