@@ -82,6 +82,9 @@ class HeldBackup:
     on_broken: BrokenCallback
     ending: bool = False
     broken: bool = False
+    # A begin that failed and whose end failed too: no session to end it again, so the
+    # daemon ends it when libvirt is back (reconnected).
+    orphaned: bool = False
 
     def break_(self, reason: str) -> None:
         if not self.ending and not self.broken:
@@ -203,7 +206,15 @@ class LibvirtVM:
                 held.break_(f"libvirt's backup job ended behind nbdsrv's back ({message})")
 
     async def reconnected(self) -> None:
-        """libvirtd came back: the jobs of running sessions must still be there."""
+        """libvirtd came back: the jobs of running sessions must still be there; failed
+        begins that could not be undone without libvirt are undone now."""
+        for held in [h for h in self.points.values() if h.orphaned]:
+            async with self.lock:
+                try:
+                    await self.end_point_in_time(held.session, drop_checkpoint=True)
+                except LibvirtError as e:
+                    log.warning("VM %s: failed begin %s not undone yet: %s",
+                                self.name, held.session, e)  # fmt: skip
         if not self.points:
             return
         try:
@@ -423,6 +434,7 @@ class LibvirtVM:
         if self.running and not self.connection.connected:
             # The job and its scratch files stay in QEMU: nothing is ended until libvirt
             # says so. Everything is kept for `backup end` to be run again.
+            held.orphaned = drop_checkpoint
             raise LibvirtError(
                 f"VM {self.name}: cannot end backup session {session}: libvirt is not "
                 f"connected ({self.connection.failure or 'libvirtd is down'}); the session "
@@ -438,6 +450,7 @@ class LibvirtVM:
             # libvirt did not say the job is gone (libvirtd went away meanwhile, ...): the
             # session, its job and its scratch files stay for `backup end` to run again.
             held.ending = False
+            held.orphaned = drop_checkpoint
             raise
         if self.connected and drop_checkpoint and held.checkpoint is not None:
             try:

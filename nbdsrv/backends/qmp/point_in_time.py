@@ -162,11 +162,10 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             await vm.remember_counts(after)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
-            with contextlib.suppress(QEMUError):
+            with contextlib.suppress(NbdsrvError):
                 await end(vm, request.session, drop_checkpoint=committed)
             # QEMU did not let go of it: the record stays for the next reconnect.
-            if vm.points.pop(request.session, None) is not None and held.unsubscribe:
-                held.unsubscribe()
+            _forget(vm, held)
             if op_id is not None and not committed:
                 await _roll_back_checkpoint(vm)
             raise
@@ -266,36 +265,50 @@ async def _switch_and_freeze(
 async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None:
     """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``). When QEMU
     cannot be reached, or does not let go of it, this fails and everything stays (record,
-    scratch files, the session) for the end to run again: never "ended" for work not done."""
+    scratch files, the session) for the end to run again: never "ended" for work not done.
+    ``drop_checkpoint`` (a begin that failed): the record goes only after the checkpoint,
+    and on failure the point is left to :func:`clean_stale` at the next reconnect, which
+    deletes the checkpoint of a record not "begun"."""
     held = vm.points.get(session)
     if held is None:
         return
-    if not vm.monitor.connected:
-        raise QEMUGoneError(
-            f"cannot end backup session {session}: QEMU is not connected "
-            f"({vm.failure or 'no QMP connection'}); the session and its scratch files "
-            "stay: run `backup end` again once QEMU is back"
-        )
-    held.ending = True
-    if held.limit is not None:
-        held.limit.stop()
     try:
+        if not vm.monitor.connected:
+            raise QEMUGoneError(
+                f"cannot end backup session {session}: QEMU is not connected "
+                f"({vm.failure or 'no QMP connection'}); the session and its scratch files "
+                "stay: run `backup end` again once QEMU is back"
+            )
+        held.ending = True
+        if held.limit is not None:
+            held.limit.stop()
         gone = await fleece.teardown(vm.monitor, held.plan)
         if not gone:
             raise QEMUGoneError(
                 f"cannot end backup session {session}: the QMP connection was lost; the "
                 "session and its scratch files stay: run `backup end` again once QEMU is back"
             )
-    except QEMUError as e:
+        if drop_checkpoint and held.checkpoint and vm.load()[0].has(held.checkpoint):
+            await vm.delete_checkpoint_locked(held.checkpoint)
+    except NbdsrvError as e:
         log.error("session %s: cleanup in QEMU failed: %s", session, e)
         held.ending = False
+        if drop_checkpoint:
+            _forget(vm, held)  # no session to end again: the next reconnect finishes it
         raise
-    vm.points.pop(session, None)
+    _forget(vm, held)
+    vm.store.remove_session(session)
+
+
+def _forget(vm: QmpVM, held: HeldPoint) -> None:
+    """This daemon no longer holds ``held`` (its record, if any, is clean_stale's)."""
+    if vm.points.get(held.plan.session) is held:
+        del vm.points[held.plan.session]
+    if held.limit is not None:
+        held.limit.stop()
     if held.unsubscribe is not None:
         held.unsubscribe()
-    vm.store.remove_session(session)
-    if drop_checkpoint and held.checkpoint and vm.monitor.connected:
-        await vm.delete_checkpoint_locked(held.checkpoint)
+        held.unsubscribe = None
 
 
 def why_broken(vm: QmpVM, session: str, detail: str) -> str:
