@@ -195,3 +195,53 @@ def test_killed_begin_on_a_running_vm_leaves_c1_valid_and_the_vm_running(
     finally:
         daemon.kill()
         vm.stop()
+
+
+def test_random_kills_during_begin_on_a_running_vm(guest_workdir: Path) -> None:
+    """The same loop on a VM with vCPUs and two disks (stopped around the switch): every
+    kill leaves c1 valid, the VM running and nothing of the begin in QEMU; "since c1"
+    then holds exactly the blocks written (seeded: NBDSRV_KILL_SEED, NBDSRV_KILLS)."""
+    seed = int(os.environ.get("NBDSRV_KILL_SEED", "19"))
+    kills = int(os.environ.get("NBDSRV_KILLS", "12"))
+    rng = random.Random(seed)
+    vm = GuestVM(guest_workdir, running=True)
+    daemon, cli = start_daemon(guest_workdir, vm.qmp_path)
+    begin = ("backup", "begin", "vm", "--from", "c1", "--checkpoint", "c2")
+    try:
+        cli("checkpoint", "create", "vm", "--name", "c1")
+        started = time.monotonic()
+        session = cli(*begin)
+        span = time.monotonic() - started
+        cli("backup", "end", "vm", session["id"])
+        cli("checkpoint", "delete", "vm", "c2")
+        written: set[int] = set()
+        for i in range(kills):
+            block = rng.randrange(0, DISK_SIZE // (64 * K))
+            written.add(block)
+            vm.write(0, 0x40 + i, block * 64 * K, 64 * K)
+            client = subprocess.Popen(
+                nbdsrv_argv(*begin, "--control", daemon.control),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(rng.uniform(0, span * 1.2))
+            daemon.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            daemon.wait_killed()
+            client.wait(60)
+            daemon.start()
+            wait_for(lambda: qemu_leftovers(vm.qmp) == [], "the stale session to go")
+            listed = cli("checkpoint", "list", "vm")
+            assert all(c["valid"] for c in listed), (seed, i, listed)
+            if [c["name"] for c in listed] == ["c1", "c2"]:
+                cli("checkpoint", "delete", "vm", "c2")
+            else:
+                assert [c["name"] for c in listed] == ["c1"], (seed, i, listed)
+            assert vm.qmp.cmd("query-status")["status"] == "running", (seed, i)
+            assert leftovers(guest_workdir / "state") == [], (seed, i)
+        session = cli(*begin)
+        dirty = session["disks"]["vdisk0"]["dirty_bytes"]["qemu:dirty-bitmap:c1"]
+        assert dirty == len(written) * 64 * K, (seed, dirty, sorted(written))
+        cli("backup", "end", "vm", session["id"])
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        vm.stop()
