@@ -114,6 +114,7 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
         vm.store.write_session(request.session, _record(vm, held))
         vm.points[request.session] = held
         committed = False
+        op_id: str | None = None
         try:
             if plan.start_nbd_server:
                 await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)

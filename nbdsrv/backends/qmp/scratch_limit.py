@@ -1,5 +1,5 @@
-"""--scratch-limit as a cap: QEMU says when a session's scratch crosses it (DESIGN.md
-decision 10: events, not polls).
+"""--scratch-limit as a cap: QEMU says when a session's scratch crosses it (events, not
+polls).
 
 The limit holds for the session's scratch images together. Each disk's scratch file node
 gets a write threshold at its end of file plus its share of what is left of the limit::
