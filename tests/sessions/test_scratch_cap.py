@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.sessions.test_point_in_time import GuestVM, guest_workdir
+from tests.sessions.test_point_in_time import leftovers as qemu_leftovers
 from tests.tools import DaemonProcess, require_tool
 from tests.vmharness import ExternalQSD, K, MiB, attached_daemon, wait_for
+
+__all__ = ["guest_workdir"]
 
 DISK = 256 * MiB
 WRITTEN = 128 * MiB
@@ -146,3 +150,32 @@ def test_first_relayed_eio_fails_the_session_and_refusals_are_counted(
     counted = [line for line in log.splitlines() if "requests refused with EIO" in line]
     assert len(counted) == 1 and " WARNING " in counted[0], counted
     assert " 51 requests refused" in counted[0] or " 52 requests refused" in counted[0], counted
+
+
+def test_scratch_limit_on_a_running_vm_frees_at_once(guest_workdir: Path) -> None:
+    """The same on a VM with vCPUs: the filters leave the devices' path (qom-set back) and
+    the scratch goes before `backup end`; the guest's writes go on."""
+    vm = GuestVM(guest_workdir, running=True)
+    control = str(guest_workdir / "control.sock")
+    daemon = DaemonProcess(
+        ["--state-dir", str(guest_workdir / "state"), "--control", control,
+         "--listen", f"unix:{guest_workdir / 'nbd.sock'}", "--qmp", f"vm={vm.qmp_path}",
+         "--scratch-limit", str(1 * MiB)],
+        control, guest_workdir / "daemon.log",
+    )  # fmt: skip
+    daemon.start()
+    try:
+        vm.write(0, 0x11, 0, 8 * MiB)
+        session = daemon.json("backup", "begin", "vm", "--no-checkpoint")
+        for offset in range(0, 8 * MiB, 1 * MiB):
+            vm.write(0, 0x22, offset, 1 * MiB)  # raises if the guest's write fails
+        wait_for(lambda: daemon.json("backup", "list", "vm")[0]["state"] == "failed", "break")
+        assert "--scratch-limit" in daemon.json("backup", "list", "vm")[0]["error"]
+        wait_for(lambda: qemu_leftovers(vm.qmp) == [], "the filters to leave the path")
+        wait_for(lambda: not list((guest_workdir / "state").rglob("*.qcow2")), "scratch freed")
+        vm.write(0, 0x33, 0, 1 * MiB)
+        daemon.json("backup", "end", "vm", session["id"])
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        vm.stop()
