@@ -133,6 +133,15 @@ class VMBackend(Protocol):
         """Hold the lock. Fix one point in time over all disks (and create the checkpoint);
         on failure nothing is left behind."""
 
+    def confirm_point_in_time(self, session: str) -> None:
+        """Hold the lock. The session's begin completed (its exports are open): the
+        checkpoint it created stays from now on. Until then a restart removes it."""
+
+    async def give_up_point_in_time(self, session: str) -> None:
+        """The session failed: release at once what its point in time holds in the VM
+        (filters out of the guest's write path, scratch freed) where the backend can;
+        `end_point_in_time` still follows."""
+
     def scratch_bytes(self, session: str) -> int:
         """What copy-before-write has stored for ``session`` so far."""
 

@@ -59,6 +59,9 @@ class DiskPlan:
     scratch_file: str
     scratch_node: str
     export: str
+    # The scratch image's file node, named so that QEMU's write threshold can watch it
+    # (--scratch-limit); "" in records of nbdsrv before it.
+    scratch_file_node: str = ""
     cbw_node: str = ""
     access_node: str = ""
     # How the filter enters the path: SWITCH_QDEV (qom-set of the device at switch_target)
@@ -238,6 +241,7 @@ def plan_disk(
         size=size,
         scratch_file=os.path.join(scratch_dir, f"{session}-{index}.qcow2"),
         scratch_node=scratch_node,
+        scratch_file_node=f"{base}-sf{index}",
         export=f"nbdsrv-{session}-{index}",
         cbw_node=f"{base}-cbw{index}",
         access_node=access_node,
@@ -295,14 +299,13 @@ def _since_bitmaps(
 def filter_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
     """The scratch node and the filter above the disk — not yet in anybody's path (for
     `Monitor.execute_many`: when the first fails the second fails too, harmlessly)."""
+    file = scratch_file(plan.scratch_file)
+    if plan.scratch_file_node:
+        file["node-name"] = plan.scratch_file_node
     return [
         (
             "blockdev-add",
-            {
-                "driver": "qcow2",
-                "node-name": plan.scratch_node,
-                "file": scratch_file(plan.scratch_file),
-            },
+            {"driver": "qcow2", "node-name": plan.scratch_node, "file": file},
         ),
         (
             "blockdev-add",
@@ -650,11 +653,31 @@ async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 3
     return True
 
 
-async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
-    """Give the point in time up in QEMU: its export, snapshot-access nodes, filters and
-    scratch nodes go, so nothing is copied any more and the scratch stops growing; the
-    writers go on. The files and the record stay until the session ends."""
-    await _dismantle(monitor, plan, 30.0, stop_nbd_server=False)
+async def give_up(monitor: Monitor, plan: FleecePlan) -> bool:
+    """Give a broken point in time up at once: its exports (readers get EIO), snapshot-access
+    nodes, filters (out of the guest's write path) and scratch nodes go, and the scratch
+    files are deleted; the guest's writes go on. QEMU's NBD server and the record stay until
+    the session ends. True when QEMU holds none of it any more."""
+    if not monitor.connected:
+        return False
+    nodes = await _dismantle(monitor, plan, 30.0, stop_nbd_server=False)
+    if _our_nodes(plan) & {str(n["node-name"]) for n in nodes}:
+        return False
+    for disk in plan.disks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(disk.scratch_file)
+    return True
+
+
+def write_threshold_commands(
+    thresholds: Mapping[str, int],
+) -> list[tuple[str, dict[str, Any]]]:
+    """Arm QEMU's write threshold on scratch file nodes (node → offset): QEMU sends
+    BLOCK_WRITE_THRESHOLD once a write goes past it, then disarms it."""
+    return [
+        ("block-set-write-threshold", {"node-name": node, "write-threshold": offset})
+        for node, offset in thresholds.items()
+    ]
 
 
 def remove_files(plan: FleecePlan) -> None:

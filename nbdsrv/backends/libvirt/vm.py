@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ...backup.checkpoints import CheckpointError, check_name, generated_name
+from ...backup.store import read_json, remove_durably, write_json
 from ...errors import NbdsrvError, NotFoundError
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu.block_exports import unix_uri
@@ -84,6 +85,9 @@ class HeldBackup:
     on_broken: BrokenCallback
     ending: bool = False
     broken: bool = False
+    # A begin that failed and whose end failed too: no session to end it again, so the
+    # daemon ends it when libvirt is back (reconnected).
+    orphaned: bool = False
 
     def break_(self, reason: str) -> None:
         if not self.ending and not self.broken:
@@ -133,11 +137,16 @@ class LibvirtVM:
     async def start(self) -> None:
         """Abort a backup job an earlier daemon left on the domain (its sessions are gone
         with it) and remove the files it left."""
+        unfinished = read_json(str(self._begin_record()))
         try:
             job = await self._call(self._job_xml)
             if job is not None and self._is_ours(backup_socket(job)):
                 log.warning("VM %s: aborting the backup job an earlier nbdsrv left", self.name)
                 await self._abort_and_wait()
+            if isinstance(unfinished, dict) and unfinished.get("checkpoint"):
+                # A begin that did not complete leaves no checkpoint behind; libvirt merges
+                # its bits into the parent, so "since the parent" stays exact.
+                await self._drop_checkpoint(str(unfinished["checkpoint"]), unfinished)
         except LibvirtError as e:
             log.warning("VM %s: %s", self.name, e)
             return
@@ -145,6 +154,32 @@ class LibvirtVM:
             path = Path(base) / "libvirt" / self.name
             if path.is_dir() and (job is None or self._is_ours(backup_socket(job))):
                 dirs.clear(path)
+
+    def _begin_record(self) -> Path:
+        """Written before a backup begin that creates a checkpoint, removed once the
+        session confirms it: a restart that finds it deletes that checkpoint."""
+        return Path(self.state_dir) / "libvirt" / self.name / "begin.json"
+
+    async def _drop_checkpoint(self, name: str, record: dict[str, Any]) -> None:
+        log.warning(
+            "VM %s: deleting checkpoint %s of the unfinished backup begin %s",
+            self.name, name, record.get("session"),
+        )  # fmt: skip
+        try:
+            await self._call(self._delete_checkpoint, name)
+        except LibvirtError as e:
+            if e.code != self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                raise
+        remove_durably(str(self._begin_record()))
+
+    async def give_up_point_in_time(self, session: str) -> None:
+        """libvirt's job owns the scratch space; `backup end` aborts it (after the upstream
+        connections are closed: see end_point_in_time)."""
+
+    def confirm_point_in_time(self, session: str) -> None:
+        held = self.points.get(session)
+        if held is not None and held.checkpoint is not None:
+            remove_durably(str(self._begin_record()))
 
     async def stop(self) -> None:
         """Sessions were ended before; the domain keeps running under libvirt."""
@@ -174,7 +209,15 @@ class LibvirtVM:
                 held.break_(f"libvirt's backup job ended behind nbdsrv's back ({message})")
 
     async def reconnected(self) -> None:
-        """libvirtd came back: the jobs of running sessions must still be there."""
+        """libvirtd came back: the jobs of running sessions must still be there; failed
+        begins that could not be undone without libvirt are undone now."""
+        for held in [h for h in self.points.values() if h.orphaned]:
+            async with self.lock:
+                try:
+                    await self.end_point_in_time(held.session, drop_checkpoint=True)
+                except LibvirtError as e:
+                    log.warning("VM %s: failed begin %s not undone yet: %s",
+                                self.name, held.session, e)  # fmt: skip
         if not self.points:
             return
         try:
@@ -318,7 +361,16 @@ class LibvirtVM:
         backup_doc = backup_xml(str(socket), backup, request.from_checkpoint, skip=[])
         checkpoint_doc = checkpoint_xml(new, snap.disks) if new is not None else None
         started = time.monotonic()
-        await self._call(self._backup_begin, backup_doc, checkpoint_doc, request.quiesce)
+        if new is not None:
+            write_json(str(self._begin_record()), {"session": request.session, "checkpoint": new})
+        try:
+            await self._call(self._backup_begin, backup_doc, checkpoint_doc, request.quiesce)
+        except LibvirtError as e:
+            if new is not None and e.code is not None:
+                # libvirt refused: it created no checkpoint. (Without an answer it may have:
+                # the record stays for the next start.)
+                remove_durably(str(self._begin_record()))
+            raise
         self.points[request.session] = held
         log.info(
             "VM %s: libvirt backup job begun in %.2f s (session %s, from %s, checkpoint %s)",
@@ -395,26 +447,42 @@ class LibvirtVM:
         held = self.points.get(session)
         if held is None:
             return
+        if self.running and not self.connection.connected:
+            # The job and its scratch files stay in QEMU: nothing is ended until libvirt
+            # says so. Everything is kept for `backup end` to be run again.
+            held.orphaned = drop_checkpoint
+            raise LibvirtError(
+                f"VM {self.name}: cannot end backup session {session}: libvirt is not "
+                f"connected ({self.connection.failure or 'libvirtd is down'}); the session "
+                "and its scratch files stay: run `backup end` again once libvirtd is back"
+            )
         held.ending = True
         try:
             if self.connected:
                 job = await self._call(self._job_xml)
                 if job is not None and backup_socket(job) == str(held.socket):
                     await self._abort_and_wait()
-                if drop_checkpoint and held.checkpoint is not None:
-                    try:
-                        await self._call(self._delete_checkpoint, held.checkpoint)
-                    except LibvirtError as e:
-                        log.warning(
-                            "VM %s: cannot delete checkpoint %s: %s", self.name, held.checkpoint, e
-                        )
-        finally:
-            # libvirt removes them itself, except when the domain died under the job.
-            for path in [held.socket, *held.scratch]:
-                path.unlink(missing_ok=True)
-            self.points.pop(session, None)
-            if not self.running and not self.points and self.on_released is not None:
-                self.on_released(self)
+        except BaseException:
+            # libvirt did not say the job is gone (libvirtd went away meanwhile, ...): the
+            # session, its job and its scratch files stay for `backup end` to run again.
+            held.ending = False
+            held.orphaned = drop_checkpoint
+            raise
+        if self.connected and drop_checkpoint and held.checkpoint is not None:
+            try:
+                await self._call(self._delete_checkpoint, held.checkpoint)
+                remove_durably(str(self._begin_record()))
+            except LibvirtError as e:
+                log.warning(
+                    "VM %s: cannot delete checkpoint %s (the next start does): %s",
+                    self.name, held.checkpoint, e,
+                )  # fmt: skip
+        # libvirt removes them itself, except when the domain died under the job.
+        for path in [held.socket, *held.scratch]:
+            path.unlink(missing_ok=True)
+        self.points.pop(session, None)
+        if not self.running and not self.points and self.on_released is not None:
+            self.on_released(self)
 
     async def _abort_and_wait(self) -> None:
         await self._call(self._abort_job)

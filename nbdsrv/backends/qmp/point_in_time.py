@@ -10,7 +10,13 @@ begin (the VM's lock held)::
           a qemu-storage-daemon (cannot pause): transaction adding the next checkpoint's
           bitmap ─► ONE reopen puts every filter into its path ─► transaction disabling
           the old bitmap and adding the frozen ones          (dirty maps are supersets)
-      ─►  checkpoint commit  ─►  snapshot-access nodes, QEMU exports on QEMU's NBD server
+      ─►  snapshot-access nodes, QEMU exports on QEMU's NBD server  ─►  checkpoint commit
+      ─►  (the session confirms: its exports are open)  record says "begun"
+
+A begin that does not complete leaves no checkpoint behind: before the commit the intent
+(which names the session) makes a failed begin or a restart roll the new checkpoint back
+(merged into its parent, which records again); after it, a record not yet "begun" makes
+the restart delete the checkpoint the same way (:func:`clean_stale`).
 
 Everything is named in the record before it is created, so a failed begin, an end, or a
 restart after a crash removes exactly that (qemu/fleece.py); the record stays until QEMU
@@ -21,11 +27,10 @@ shows only as failing reads: sessions learn it from their upstream reads and pro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +42,12 @@ from ...backup.checkpoints import (
     wanted_checkpoints,
 )
 from ...backup.crash_points import crash_point
+from ...errors import NbdsrvError
 from ...proto.constants import DIRTY_BITMAP_PREFIX
 from ...qemu import fleece, scratch_image
 from ...qemu.block_exports import unix_uri
 from ...qemu.chain import STATE_QUERIES, block_state_of
-from ...qemu.errors import QEMUError, QMPError
+from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.monitor import QMPEvent, raise_first_error, transaction_command
 from ..base import (
     BrokenCallback,
@@ -52,13 +58,12 @@ from ..base import (
     UpstreamDisk,
 )
 from .quiesce import QuiesceError
+from .scratch_limit import ScratchLimit
 
 if TYPE_CHECKING:
     from .vm import QmpVM
 
 log = logging.getLogger(__name__)
-
-SCRATCH_POLL = 0.5
 
 
 @dataclass
@@ -69,8 +74,12 @@ class HeldPoint:
     checkpoint: str | None
     on_broken: BrokenCallback
     unsubscribe: Any = None
-    watcher: asyncio.Task[None] | None = None
+    limit: ScratchLimit | None = None
     ending: bool = False
+    # The point in time broke and was taken out of QEMU (filters, scratch) before the end.
+    given_up: bool = False
+    # The session confirmed its begin: from now on its checkpoint stays whatever happens.
+    begun: bool = False
 
 
 async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallback) -> PointInTime:
@@ -106,6 +115,7 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
         vm.store.write_session(request.session, _record(vm, held))
         vm.points[request.session] = held
         committed = False
+        op_id: str | None = None
         try:
             if plan.start_nbd_server:
                 await fleece.start_nbd_server(vm.monitor, plan.nbd_socket)
@@ -125,13 +135,14 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             # for its guest (whose vCPUs then issue nothing) they are exact.
             adds = [a for a in checkpoint_actions if a[0] == "block-dirty-bitmap-add"]
             rest = [a for a in checkpoint_actions if a[0] != "block-dirty-bitmap-add"]
-            op_id = vm.begin_create(new_checkpoint) if new_checkpoint else None
+            # The intent names the session: until the commit below, a failed begin or a
+            # restart rolls the new checkpoint back (vm.roll_back_create).
+            op_id = vm.begin_create(new_checkpoint, request.session) if new_checkpoint else None
             try:
                 async with quiescer.frozen(), _paused(vm, held, running):
-                    if new_checkpoint is not None and op_id is not None:
+                    if op_id is not None:
                         await vm.transaction(f"backup begin on VM {vm.name}", adds)
-                        vm.commit_create(chain, new_checkpoint, op_id)
-                        committed = True
+                        crash_point("checkpoint-create:after-transaction")
                     await _switch_and_freeze(vm, plan.disks, freeze + rest)
                     crash_point("backup-begin:after-switch")
             except QuiesceError:
@@ -143,17 +154,26 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             answers = await vm.monitor.execute_many([*exports, *STATE_QUERIES])
             raise_first_error(answers[: len(exports)])
             crash_point("backup-begin:after-exports")
+            if new_checkpoint is not None and op_id is not None:
+                # The old checkpoint's bitmap is disabled by now: the chain is whole.
+                vm.commit_create(chain, new_checkpoint, op_id)
+                committed = True
             after = block_state_of(answers[len(exports) :])
             counts = {d.scratch_node: after.bitmap_counts(d.scratch_node) for d in plan.disks}
             # The new checkpoint's counts are the baseline for third-party checks from now.
             await vm.remember_counts(after)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
-            with contextlib.suppress(QEMUError):
+            with contextlib.suppress(NbdsrvError):
                 await end(vm, request.session, drop_checkpoint=committed)
+            # QEMU did not let go of it: the record stays for the next reconnect.
+            _forget(vm, held)
+            if op_id is not None and not committed:
+                await _roll_back_checkpoint(vm)
             raise
         if vm.scratch_limit:
-            held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))
+            held.limit = ScratchLimit(vm, held, vm.scratch_limit, _exceeded(vm, held))
+            await held.limit.start()
         return PointInTime(
             session=request.session,
             checkpoint=held.checkpoint,
@@ -161,6 +181,21 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             disks=tuple(_upstream_disk(plan, d, counts[d.scratch_node]) for d in plan.disks),
             quiesced=quiescer.quiesced,
         )
+
+
+async def _roll_back_checkpoint(vm: QmpVM) -> None:
+    """Undo the new checkpoint of a failed begin (its intent is on disk). When QEMU cannot
+    be reached the intent stays: the next reconcile rolls it back."""
+    intent = vm.store.read_intent()
+    if intent is None:
+        return  # QEMU refused the transaction that adds it: nothing was done
+    try:
+        state = await vm.chains()
+        await vm.roll_back_create(intent, vm.load()[0], state)
+    except (QEMUError, QEMUGoneError) as e:
+        log.error("VM %s: the new checkpoint is rolled back later: %s", vm.name, e)
+        return
+    vm.store.clear_intent()
 
 
 def _upstream_disk(
@@ -218,9 +253,9 @@ async def _switch_and_freeze(
 ) -> None:
     """The switch, then the transaction of ``actions``, in one round trip. Should the
     switch fail, the transaction still runs, harmlessly: the frozen bitmaps go with the
-    scratch nodes, and the old checkpoint's bitmap stops recording as it would have anyway,
-    the new checkpoint being committed already (a failed begin deletes it again, merging
-    it back)."""
+    scratch nodes, and the old checkpoint's bitmap stops recording as it would have anyway
+    (a failed begin rolls the new checkpoint back, merging it into the old one, which then
+    records again)."""
     switch = fleece.switch_in(disks)
     transaction = [transaction_command(actions)] if actions else []
     answers = await vm.monitor.execute_many([*switch, *transaction])
@@ -231,30 +266,52 @@ async def _switch_and_freeze(
 
 
 async def end(vm: QmpVM, session: str, *, drop_checkpoint: bool = False) -> None:
-    """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``). With QEMU
-    unreachable the record and files stay: the next reconnect removes them."""
-    held = vm.points.pop(session, None)
+    """Remove ``session``'s point in time from QEMU and disk (hold ``vm.lock``). When QEMU
+    cannot be reached, or does not let go of it, this fails and everything stays (record,
+    scratch files, the session) for the end to run again: never "ended" for work not done.
+    ``drop_checkpoint`` (a begin that failed): the record goes only after the checkpoint,
+    and on failure the point is left to :func:`clean_stale` at the next reconnect, which
+    deletes the checkpoint of a record not "begun"."""
+    held = vm.points.get(session)
     if held is None:
         return
-    held.ending = True
+    try:
+        if not vm.monitor.connected:
+            raise QEMUGoneError(
+                f"cannot end backup session {session}: QEMU is not connected "
+                f"({vm.failure or 'no QMP connection'}); the session and its scratch files "
+                "stay: run `backup end` again once QEMU is back"
+            )
+        held.ending = True
+        if held.limit is not None:
+            held.limit.stop()
+        gone = await fleece.teardown(vm.monitor, held.plan)
+        if not gone:
+            raise QEMUGoneError(
+                f"cannot end backup session {session}: the QMP connection was lost; the "
+                "session and its scratch files stay: run `backup end` again once QEMU is back"
+            )
+        if drop_checkpoint and held.checkpoint and vm.load()[0].has(held.checkpoint):
+            await vm.delete_checkpoint_locked(held.checkpoint)
+    except NbdsrvError as e:
+        log.error("session %s: cleanup in QEMU failed: %s", session, e)
+        held.ending = False
+        if drop_checkpoint:
+            _forget(vm, held)  # no session to end again: the next reconnect finishes it
+        raise
+    _forget(vm, held)
+    vm.store.remove_session(session)
+
+
+def _forget(vm: QmpVM, held: HeldPoint) -> None:
+    """This daemon no longer holds ``held`` (its record, if any, is clean_stale's)."""
+    if vm.points.get(held.plan.session) is held:
+        del vm.points[held.plan.session]
+    if held.limit is not None:
+        held.limit.stop()
     if held.unsubscribe is not None:
         held.unsubscribe()
-    if held.watcher is not None:
-        held.watcher.cancel()
-    try:
-        gone = await fleece.teardown(vm.monitor, held.plan)
-    except QEMUError as e:
-        log.error("session %s: cleanup in QEMU failed: %s", session, e)
-        raise
-    if gone:
-        vm.store.remove_session(session)
-    else:
-        log.warning(
-            "session %s: QEMU is not connected; its nodes and files go when it reconnects",
-            session,
-        )
-    if drop_checkpoint and held.checkpoint and vm.monitor.connected:
-        await vm.delete_checkpoint_locked(held.checkpoint)
+        held.unsubscribe = None
 
 
 def why_broken(vm: QmpVM, session: str, detail: str) -> str:
@@ -282,17 +339,39 @@ def scratch_bytes(vm: QmpVM, session: str) -> int:
     return total
 
 
-async def _watch_scratch(vm: QmpVM, held: HeldPoint, limit: int) -> None:
-    """Break the point in time when its scratch data passes ``limit`` (--scratch-limit):
-    its readers get EIO, and copy-before-write stops so the scratch stops growing; the
-    guest's writes go on."""
-    while True:
-        await asyncio.sleep(SCRATCH_POLL)
-        used = scratch_bytes(vm, held.plan.session)
-        if used > limit:
-            held.on_broken(f"scratch data {used} bytes passed --scratch-limit {limit}")
-            await fleece.stop_copy_before_write(vm.monitor, held.plan)
+def _exceeded(vm: QmpVM, held: HeldPoint) -> Callable[[str], None]:
+    def exceeded(reason: str) -> None:
+        held.on_broken(reason)  # first: readers get EIO before anything goes
+        vm._spawn(give_up(vm, held.plan.session))
+
+    return exceeded
+
+
+async def give_up(vm: QmpVM, session: str) -> None:
+    """A broken point in time leaves QEMU at once, before `backup end`: its filters leave
+    the guest's write path and its scratch files are deleted (its readers get EIO). The
+    end later removes what is left (QEMU's NBD server, the record)."""
+    held = vm.points.get(session)
+    if held is None or held.ending or held.given_up:
+        return
+    held.given_up = True
+    if held.limit is not None:
+        held.limit.stop()
+    async with vm.lock:
+        if held.ending or vm.points.get(session) is not held:
             return
+        try:
+            freed = await fleece.give_up(vm.monitor, held.plan)
+        except QEMUError as e:
+            log.warning("session %s: the broken point in time stays until the end: %s",
+                        session, e)  # fmt: skip
+            return
+    if freed:
+        log.info(
+            "session %s: broken point in time taken out of QEMU: no filter in the guest's "
+            "write path, scratch freed",
+            session,
+        )
 
 
 def broken(vm: QmpVM, reason: str) -> None:
@@ -310,12 +389,28 @@ async def clean_stale(vm: QmpVM) -> None:
         log.info("VM %s: cleaning up stale backup session %s", vm.name, record["id"])
         plan = fleece.FleecePlan.from_json(record["plan"])
         try:
-            gone = await fleece.teardown(vm.monitor, plan)
-        except QEMUError as e:
+            async with vm.lock:
+                await _drop_unconfirmed_checkpoint(vm, record)
+                gone = await fleece.teardown(vm.monitor, plan)
+        except NbdsrvError as e:
             log.error("VM %s: stale session %s stays: %s", vm.name, record["id"], e)
             continue
         if gone:
             vm.store.remove_session(record["id"])
+
+
+async def _drop_unconfirmed_checkpoint(vm: QmpVM, record: dict[str, Any]) -> None:
+    """A begin that did not complete leaves no checkpoint behind: delete the one it
+    committed (merged into its parent). Records of older nbdsrv versions have no "begun":
+    their checkpoints stay."""
+    name = record.get("checkpoint")
+    if record.get("begun", True) or not name or not vm.load()[0].has(name):
+        return
+    log.info("VM %s: deleting checkpoint %s of the unfinished backup begin %s",
+             vm.name, name, record["id"])  # fmt: skip
+    await vm.delete_checkpoint_locked(name)
+    # Deleted: a kill from here on must not delete it again (the name may be reused).
+    vm.store.write_session(record["id"], {**record, "checkpoint": None})
 
 
 def _record(vm: QmpVM, held: HeldPoint) -> dict[str, Any]:
@@ -323,8 +418,17 @@ def _record(vm: QmpVM, held: HeldPoint) -> dict[str, Any]:
         "id": held.plan.session,
         "vm": vm.name,
         "checkpoint": held.checkpoint,
+        "begun": held.begun,
         "plan": held.plan.to_json(),
     }
+
+
+def confirm(vm: QmpVM, session: str) -> None:
+    """The session's begin completed: its checkpoint stays from now on."""
+    held = vm.points.get(session)
+    if held is not None and not held.begun:
+        held.begun = True
+        vm.store.write_session(session, _record(vm, held))
 
 
 def _plan_disk(

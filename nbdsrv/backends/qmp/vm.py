@@ -198,6 +198,12 @@ class QmpVM:
     ) -> PointInTime:
         return await point_in_time.begin(self, request, on_broken)
 
+    async def give_up_point_in_time(self, session: str) -> None:
+        await point_in_time.give_up(self, session)
+
+    def confirm_point_in_time(self, session: str) -> None:
+        point_in_time.confirm(self, session)
+
     async def end_point_in_time(self, session: str, *, drop_checkpoint: bool = False) -> None:
         await point_in_time.end(self, session, drop_checkpoint=drop_checkpoint)
 
@@ -353,10 +359,38 @@ class QmpVM:
             if intent is not None:
                 if document.get("last_op") == intent["id"]:
                     log.info("VM %s: operation %s was committed", self.name, intent["id"])
+                elif intent["op"] == "create" and intent.get("session"):
+                    # A backup begin that did not complete leaves no checkpoint behind.
+                    chain = await self.roll_back_create(intent, chain, state)
+                    state = await self.chains()  # as the rollback left it
                 else:
                     chain = await self._finish_intent(intent, chain, state)
                 self.store.clear_intent()
             self._record_problems(chain, state)
+
+    async def roll_back_create(
+        self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    ) -> CheckpointChain:
+        """Undo the checkpoint a backup begin had started to create (hold the lock): merge
+        its bits into its parent, which records again, and remove it, so "since the parent"
+        stays exact. The parent may have gone on recording meanwhile: a superset, still
+        right. Nothing to do when its bitmap was never added. The committed chain, which
+        never listed it; the intent is left for the caller to clear."""
+        checkpoint = Checkpoint.from_json(intent["checkpoint"])
+        if not any(_segments_present(checkpoint, state)):
+            return chain
+        log.info("VM %s: rolling back checkpoint %s of an unfinished backup begin",
+                 self.name, checkpoint.name)  # fmt: skip
+        staged = chain if chain.has(checkpoint.name) else chain.added(checkpoint)
+        actions = delete_actions(staged, state, checkpoint.name)
+        if actions:
+            nodes = {str(data["node"]) for _, data in actions}
+            async with writable(self.monitor, list(state.values()), nodes):  # type: ignore[arg-type]
+                await self.monitor.transaction(actions)
+        crash_point("checkpoint-rollback:after-transaction")
+        chain = merged_parent(staged, checkpoint.name)
+        self.save_chain(chain, intent["id"])
+        return chain
 
     async def _finish_intent(
         self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
@@ -447,15 +481,18 @@ class QmpVM:
             checkpoint = replace(checkpoint, process=min(self.qemu_markers))
         return checkpoint, actions
 
-    def begin_create(self, checkpoint: Checkpoint) -> str:
-        """Write the intent of creating ``checkpoint``; its id. Hold the lock."""
+    def begin_create(self, checkpoint: Checkpoint, session: str | None = None) -> str:
+        """Write the intent of creating ``checkpoint``; its id. Hold the lock. With
+        ``session`` (a backup begin), a restart that finds the intent rolls it back."""
         op_id = uuid.uuid4().hex
-        self.store.write_intent({"id": op_id, "op": "create", "checkpoint": checkpoint.to_json()})
+        intent = {"id": op_id, "op": "create", "checkpoint": checkpoint.to_json()}
+        if session is not None:
+            intent["session"] = session
+        self.store.write_intent(intent)
         crash_point("checkpoint-create:after-intent")
         return op_id
 
     def commit_create(self, chain: CheckpointChain, checkpoint: Checkpoint, op_id: str) -> None:
-        crash_point("checkpoint-create:after-transaction")
         self.save_chain(chain.added(checkpoint), op_id)
         crash_point("checkpoint-create:after-commit")
         self.store.clear_intent()
@@ -471,6 +508,7 @@ class QmpVM:
             async with contextlib.aclosing(await self.quiescer(quiesce)) as quiescer:
                 op_id = self.begin_create(checkpoint)
                 await self.transaction(f"checkpoint create {checkpoint.name}", actions, quiescer)
+            crash_point("checkpoint-create:after-transaction")
             self.commit_create(chain, checkpoint, op_id)
             await self.remember_counts()
             return CreatedCheckpoint(
