@@ -44,6 +44,31 @@ class DaemonConfig:
     scratch_limit: int = 0
 
 
+# The longest `status` waits for one VM: a hung QEMU, libvirtd or guest agent costs only its
+# own VM's entry (backends bound their own waits well below it).
+VM_STATUS_TIMEOUT = 5.0
+
+
+async def _describe_vm(vm: VMBackend) -> dict[str, Any]:
+    """What status shows for ``vm``; whatever goes wrong there is that entry's error."""
+    try:
+        async with asyncio.timeout(VM_STATUS_TIMEOUT):
+            return await vm.describe()
+    except Exception as e:  # one broken VM never fails status for the others
+        reason = (
+            f"no answer within {VM_STATUS_TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
+        )
+        log.error("VM %s: status: %s", vm.name, reason)
+        return {
+            "name": vm.name,
+            "connected": vm.connected,
+            "guest_frozen": vm.guest_frozen,
+            "error": reason,
+            "disks": [],
+            "checkpoints": [],
+        }
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -175,7 +200,7 @@ class Daemon:
             "listen": [str(address) for address in self.server.addresses],
             "exports": exports,
             # All at once: one hung QEMU costs status one short timeout, not one per VM.
-            "vms": list(await asyncio.gather(*(vm.describe() for vm in self.vms.vms.values()))),
+            "vms": list(await asyncio.gather(*map(_describe_vm, self.vms.vms.values()))),
             "sessions": [self.sessions.describe(s) for s in self.sessions.sessions.values()],
             "connections": len(self.server.connections),
         }

@@ -102,6 +102,12 @@ class VMBackend(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def guest_frozen(self) -> bool:
+        """True while a guest nbdsrv froze (--quiesce) is not confirmed thawed: from the
+        daemon's own state, never a question to QEMU or the agent."""
+        ...
+
     async def start(self) -> None:
         """Connect (retrying in the background), reconcile, and release what sessions of
         earlier daemons left behind."""

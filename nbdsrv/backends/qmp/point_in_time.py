@@ -50,6 +50,7 @@ from ..base import (
     UpstreamBitmap,
     UpstreamDisk,
 )
+from ..frozen_guest import GuestFrozenError
 from .quiesce import QuiesceError
 
 if TYPE_CHECKING:
@@ -150,6 +151,8 @@ async def begin(vm: QmpVM, request: PointInTimeRequest, on_broken: BrokenCallbac
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             with contextlib.suppress(QEMUError):
                 await end(vm, request.session, drop_checkpoint=committed)
+            if isinstance(e, GuestFrozenError) and new_checkpoint and not committed:
+                await vm.undo_create(new_checkpoint.name)  # its transaction may have run
             raise
         if vm.scratch_limit:
             held.watcher = asyncio.create_task(_watch_scratch(vm, held, vm.scratch_limit))

@@ -41,6 +41,7 @@ from ...backup.checkpoints import (
 )
 from ...backup.crash_points import crash_point
 from ...backup.store import VMStore
+from ...errors import NbdsrvError
 from ...qemu import scratch_image
 from ...qemu.chain import BlockState, query_block_state
 from ...qemu.errors import QEMUError, QEMUGoneError, QEMUUnreachableError, QMPError, QMPTimeoutError
@@ -48,8 +49,9 @@ from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
 from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
+from ..frozen_guest import FrozenGuest, GuestFrozenError
 from . import external_snapshots, point_in_time
-from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
+from .quiesce import QuiesceError, Quiescer, thaw_path
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class QmpVM:
         self.nbd_socket = nbd_socket
         # The unix socket of the guest agent (--qga), for --quiesce.
         self.guest_agent = guest_agent
+        # A guest frozen by --quiesce whose thaw is not confirmed yet (retried until it is).
+        self.frozen_guest = FrozenGuest(name, store.directory, self._thaw_once)
         # --scratch-limit: a session whose scratch data grows past it breaks (0: no limit).
         self.scratch_limit = 0
         self.failure: str | None = None
@@ -108,11 +112,26 @@ class QmpVM:
     def connected(self) -> bool:
         return self.monitor.connected
 
+    @property
+    def guest_frozen(self) -> bool:
+        return self.frozen_guest.frozen
+
+    async def _thaw_once(self) -> bool:
+        path = self.guest_agent or self.frozen_guest.info().get("agent")
+        if not path:
+            log.error("VM %s: the guest may be frozen but no guest agent is known", self.name)
+            return False
+        return await thaw_path(str(path), self.name)
+
     # -- life -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect (else keep trying in the background) and reconcile; reconcile again
-        whenever QMP comes back."""
+        whenever QMP comes back. A guest an earlier daemon left frozen is thawed (retried
+        in the background, whether QEMU's monitor answers or not)."""
+        if self.frozen_guest.frozen:
+            log.warning("VM %s: an earlier daemon may have left the guest frozen", self.name)
+            self.frozen_guest.keep_thawing()
         self._watch()
         try:
             await self.monitor.connect(timeout=5)
@@ -129,6 +148,7 @@ class QmpVM:
         self.monitor.on_disconnect = lambda reason: self.lost(f"QMP connection lost: {reason}")
 
     async def stop(self) -> None:
+        await self.frozen_guest.stop()
         await self._cancel_tasks()
         await self.monitor.close()
 
@@ -162,7 +182,6 @@ class QmpVM:
         try:
             await self.reconcile()
             await point_in_time.clean_stale(self)
-            await thaw_left_frozen(self.name, self.store.directory)
             self.failure = None
         except QEMUError as e:
             self.failure = str(e)
@@ -294,16 +313,20 @@ class QmpVM:
     async def reconcile(self) -> None:
         """Finish or roll back a half-done operation; mark what QEMU lost invalid."""
         async with self.lock:
-            state = await self.chains()
-            intent = self.store.read_intent()
-            chain, document = self.load()
-            if intent is not None:
-                if document.get("last_op") == intent["id"]:
-                    log.info("VM %s: operation %s was committed", self.name, intent["id"])
-                else:
-                    chain = await self._finish_intent(intent, chain, state)
-                self.store.clear_intent()
-            self._record_problems(chain, state)
+            await self.reconcile_locked()
+
+    async def reconcile_locked(self) -> None:
+        """:meth:`reconcile` for a caller that holds the lock."""
+        state = await self.chains()
+        intent = self.store.read_intent()
+        chain, document = self.load()
+        if intent is not None:
+            if document.get("last_op") == intent["id"]:
+                log.info("VM %s: operation %s was committed", self.name, intent["id"])
+            else:
+                chain = await self._finish_intent(intent, chain, state)
+            self.store.clear_intent()
+        self._record_problems(chain, state)
 
     async def _finish_intent(
         self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
@@ -407,17 +430,35 @@ class QmpVM:
             checkpoint, actions = self.plan_checkpoint(chain, state, name, granularity)
             async with contextlib.aclosing(await self.quiescer(quiesce)) as quiescer:
                 op_id = self.begin_create(checkpoint)
-                await self.transaction(f"checkpoint create {checkpoint.name}", actions, quiescer)
+                try:
+                    await self.transaction(
+                        f"checkpoint create {checkpoint.name}", actions, quiescer
+                    )
+                except GuestFrozenError:
+                    await self.undo_create(checkpoint.name)
+                    raise
             self.commit_create(chain, checkpoint, op_id)
             await self.remember_counts()
             return CreatedCheckpoint(
                 checkpoint.name, checkpoint.parent, checkpoint.created, quiescer.quiesced
             )
 
+    async def undo_create(self, name: str) -> None:
+        """A checkpoint create whose command fails after its transaction may have run (the
+        thaw was not confirmed): settle the intent as a restart would, then delete the
+        checkpoint if it was made, so the failed command leaves none. Hold the lock."""
+        try:
+            await self.reconcile_locked()
+            if self.load()[0].has(name):
+                await self.delete_checkpoint_locked(name)
+        except (NbdsrvError, QEMUError, QEMUGoneError) as e:
+            # The intent stays: the next reconcile settles it.
+            log.error("VM %s: cannot undo checkpoint %s now: %s", self.name, name, e)
+
     async def quiescer(self, wanted: bool) -> Quiescer:
         """The guest agent, connected and answering, when ``wanted``; fails before anything
         is done otherwise."""
-        return await Quiescer.open(self.name, self.guest_agent, self.store.directory, wanted)
+        return await Quiescer.open(self.name, self.guest_agent, self.frozen_guest, wanted)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
@@ -497,6 +538,7 @@ class QmpVM:
             "guest_agent_connected": (
                 await agent_answers(self.guest_agent) if self.guest_agent else False
             ),
+            "guest_frozen": self.guest_frozen,
             "error": self.failure,
             "disks": [],
         }
