@@ -101,6 +101,14 @@ class FrozenGuest:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
+    def forget(self) -> None:
+        """The guest is gone (its domain stopped): nothing is frozen any more."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self.frozen:
+            self.clear()
+
     async def stop(self) -> None:
         """Stop retrying (the marker stays: the next daemon goes on)."""
         if self._task is not None:

@@ -56,7 +56,6 @@ def assert_left_nothing(daemon: DaemonProcess) -> None:
 def test_unconfirmed_thaw_fails_and_is_retried_until_confirmed(
     daemon: DaemonProcess, agent: FakeAgent, workdir: Path, command: str, fault: str
 ) -> None:
-    assert guest_frozen(daemon) is False
     agent.thaw = fault
     message = daemon.error(*QUIESCED_COMMANDS[command])
     assert "may still be frozen" in message
