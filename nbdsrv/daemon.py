@@ -221,7 +221,7 @@ class Daemon:
         }
 
     async def _gauges(self) -> list[tuple[str, str, str, Sample]]:
-        """Gauges read at scrape time."""
+        """Gauges read at scrape time, from the daemon's own state only."""
         rows: list[tuple[str, str, str, Sample]] = []
 
         def gauge(name: str, text: str, labels: Labels, value: float) -> None:
@@ -238,16 +238,23 @@ class Daemon:
                 (("vm", vm.name),),
                 1 if vm.connected else 0,
             )
+            gauge(
+                "nbdsrv_guest_frozen",
+                "1 while a guest frozen by --quiesce is not confirmed thawed.",
+                (("vm", vm.name),),
+                1 if vm.guest_frozen else 0,
+            )
+            # What the daemon knows already: a scrape never waits on a VM lock or QEMU.
             try:
-                checkpoints = await vm.list_checkpoints()
+                checkpoints = vm.known_checkpoints()
             except NbdsrvError:
                 continue
             for valid in (True, False):
                 gauge(
                     "nbdsrv_checkpoints",
-                    "Checkpoints per VM, by validity.",
+                    "Checkpoints per VM, by validity (as last checked).",
                     (("vm", vm.name), ("valid", str(valid).lower())),
-                    sum(1 for c in checkpoints if c["valid"] is valid),
+                    sum(1 for _, ok in checkpoints if ok is valid),
                 )
         return rows
 

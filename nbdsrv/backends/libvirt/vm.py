@@ -127,6 +127,8 @@ class LibvirtVM:
         self.failure: str | None = None
         # Called when the domain has stopped and no session holds this VM any more.
         self.on_released = on_released
+        # Checkpoint names and validity as last seen (for metrics: no libvirt call).
+        self._known: list[tuple[str, bool]] = []
         # A guest frozen by --quiesce whose thaw libvirt has not confirmed yet. Not in
         # <state-dir>/libvirt/<VM>/: start() clears that directory.
         self.frozen_guest = FrozenGuest(name, str(Path(state_dir) / "vms" / name), self._thaw_once)
@@ -229,6 +231,8 @@ class LibvirtVM:
                 snap = await self._call(self._snapshot, "names")
                 info["disks"] = sorted(d.target for d in snap.disks)
                 info["checkpoints"] = [c.name for c, _ in snap.checkpoints]
+                valid = dict(self._known)
+                self._known = [(c.name, valid.get(c.name, True)) for c, _ in snap.checkpoints]
             except LibvirtError as e:
                 info["error"] = str(e)
         return info
@@ -260,6 +264,7 @@ class LibvirtVM:
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         snap = await self._call(self._snapshot, "validated")
+        self._known = [(c.name, reason is None) for c, reason in snap.checkpoints]
         return [
             {
                 "name": c.name,
@@ -271,6 +276,9 @@ class LibvirtVM:
             }
             for c, reason in snap.checkpoints
         ]
+
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        return list(self._known)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:

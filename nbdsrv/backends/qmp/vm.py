@@ -304,9 +304,12 @@ class QmpVM:
                 continue
             try:
                 async with self.lock:
-                    self._record_problems(self.load()[0], await self.chains())
-            except (QEMUError, QEMUGoneError) as e:
-                log.debug("VM %s: bitmap poll: %s", self.name, e)
+                    # Bounded: a stopped QEMU must not hold the lock for QMP's long timeout.
+                    async with asyncio.timeout(STATUS_TIMEOUT):
+                        state = await self.chains()
+                    self._record_problems(self.load()[0], state)
+            except (QEMUError, QEMUGoneError, TimeoutError) as e:
+                log.debug("VM %s: bitmap poll: %s", self.name, e or "no answer")
 
     # -- reconciliation ------------------------------------------------------------------------
 
@@ -502,11 +505,25 @@ class QmpVM:
             finally:
                 await self.remember_counts()
 
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        """From checkpoints.json: what the last look at QEMU found (see _poll)."""
+        return [(c.name, c.invalid is None) for c in self.load()[0]]
+
     async def list_checkpoints(self) -> list[dict[str, Any]]:
+        """Each checkpoint re-checked against QEMU now. A QEMU that does not answer within
+        STATUS_TIMEOUT (stopped, hung) fails the listing at once, saying so: validity that
+        cannot be checked is not reported."""
         async with self.lock:
             chain, _ = self.load()
             if self.monitor.connected:
-                state = await self.chains()
+                try:
+                    async with asyncio.timeout(STATUS_TIMEOUT):
+                        state = await self.chains()
+                except TimeoutError:
+                    raise QEMUError(
+                        f"VM {self.name}: QEMU did not answer within {STATUS_TIMEOUT:g} s "
+                        "(stopped or hung?), so its checkpoints cannot be checked now"
+                    ) from None
                 chain = self._record_problems(chain, state)
                 reasons = assess(chain, state)
             else:
