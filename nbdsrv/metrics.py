@@ -143,7 +143,12 @@ class Metrics:
 
     async def listen(self, address: Address) -> None:
         self._server = await asyncio.start_server(
-            self._handle, address.host or None, address.port, reuse_address=True
+            self._handle,
+            address.host or None,
+            address.port,
+            reuse_address=True,
+            # A burst of connections waits in the kernel, not as descriptors of ours.
+            backlog=MAX_CONNECTIONS,
         )
 
     async def stop(self) -> None:

@@ -13,8 +13,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from tests.reliability.fake_agent import FakeAgent
 from tests.tools import DaemonProcess, require_tool
-from tests.vmharness import ExternalQSD, attached_daemon
+from tests.vmharness import ExternalQSD, attached_daemon, make_images, wait_for
 
 # Far below QMP's own timeouts (20-30 s): a scrape that waits on QEMU cannot make it.
 SCRAPE_TIMEOUT = 5.0
@@ -34,6 +37,14 @@ def scrape(port: int) -> str:
     ) as response:
         assert response.status == 200
         return str(response.read().decode())
+
+
+def scrapes(port: int) -> bool:
+    try:
+        scrape(port)
+    except OSError:  # over the connection limit: closed at once
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -95,9 +106,55 @@ def test_idle_metrics_connections_leave_descriptors_for_status_and_nbd(
         for conn in idle:
             conn.close()
         idle.clear()
+        # Once the daemon has seen the idle ones go (their slots free), scrapes are served.
+        wait_for(lambda: scrapes(port), "a scrape served")
         assert "nbdsrv_sessions_active 0" in scrape(port)
         daemon.stop()
     finally:
         for conn in idle:
             conn.close()
         daemon.kill()
+
+
+@pytest.fixture
+def vm2(workdir: Path) -> Iterator[ExternalQSD]:
+    directory = workdir / "vm2"
+    directory.mkdir()
+    qsd = ExternalQSD(directory, make_images(directory, "qcow2"))
+    qsd.start()
+    yield qsd
+    qsd.close()
+
+
+def test_a_stopped_qemu_and_a_hostile_agent_leave_other_vms_alone(
+    vm: ExternalQSD, vm2: ExternalQSD, workdir: Path
+) -> None:
+    """vm1's QEMU stopped and its agent answering sync with 100 KiB and no delimiter; vm2 is
+    fine: status answers for both, and vm2's commands work meanwhile."""
+    agent = FakeAgent(workdir / "qga.sock")
+    agent.oversize_sync = True
+    daemon = attached_daemon(
+        workdir,
+        vm,
+        "--qga",
+        f"vm1={agent.path}",
+        "--qmp",
+        f"vm2={vm2.qmp_path}",
+        "--qemu-nbd",
+        f"vm2={vm2.nbd_path}",
+    )
+    daemon.start()
+    try:
+        with stopped(vm.pid):
+            vms = {info["name"]: info for info in daemon.status()["vms"]}
+            assert vms["vm1"]["responsive"] is False
+            assert vms["vm1"]["guest_agent_connected"] is False
+            assert vms["vm2"]["responsive"] is True and vms["vm2"]["disks"] == ["disk0"]
+            daemon.json("checkpoint", "create", "vm2", "--name", "c1")
+            assert [c["name"] for c in daemon.checkpoints("vm2")] == ["c1"]
+            session = daemon.json("backup", "begin", "vm2", "--from", "c1")
+            daemon.cli("backup", "end", "vm2", session["id"])
+        daemon.stop()
+    finally:
+        daemon.kill()
+        agent.close()
