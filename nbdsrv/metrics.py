@@ -127,6 +127,12 @@ class Metrics:
             kind_text = f"Duration of {operation.replace('_', ' ')}, seconds."
             for sample in histogram.samples(name, ()):
                 add(name, "histogram", kind_text, sample)
+        add(
+            "nbdsrv_metrics_connections_refused_total",
+            "counter",
+            "Metrics connections closed at once: the connection limit was reached.",
+            ("nbdsrv_metrics_connections_refused_total", (), self.refused),
+        )
         if self.collect is not None:
             for name, kind, text, sample in await self.collect():
                 add(name, kind, text, sample)

@@ -108,7 +108,10 @@ def test_idle_metrics_connections_leave_descriptors_for_status_and_nbd(
         idle.clear()
         # Once the daemon has seen the idle ones go (their slots free), scrapes are served.
         wait_for(lambda: scrapes(port), "a scrape served")
-        assert "nbdsrv_sessions_active 0" in scrape(port)
+        text = scrape(port)
+        assert "nbdsrv_sessions_active 0" in text
+        refused = [line for line in text.splitlines() if line.startswith("nbdsrv_metrics_conn")]
+        assert refused and float(refused[0].split()[1]) > 0
         daemon.stop()
     finally:
         for conn in idle:
