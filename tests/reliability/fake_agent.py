@@ -8,7 +8,9 @@ real guest cannot be made to do on demand, it does when told:
 - ``thaw = "hang"``: every thaw goes unanswered (the guest stays frozen);
 - ``thaw = "ok"``: thaws work again (the agent recovered);
 - ``oversize_sync = True``: guest-sync is answered by 100 KiB with no delimiter and no
-  newline, then nothing.
+  newline, then nothing;
+- ``stale``: bytes sent before each sync answer (what an earlier client left unread);
+- ``oversize_status = True``: guest-fsfreeze-status answers with a 100 KiB line.
 
 Each connection is served by its own thread, as a hostile agent would let many wait.
 """
@@ -30,6 +32,8 @@ class FakeAgent:
         self.frozen = False
         self.thaw = "ok"
         self.oversize_sync = False
+        self.stale = b""
+        self.oversize_status = False
         self.commands: list[str] = []
         self._lock = threading.Lock()
         self._connections: list[socket.socket] = []
@@ -84,12 +88,15 @@ class FakeAgent:
                 conn.sendall(b"x" * OVERSIZE)
                 return
             reply = b"\xff" + json.dumps({"return": message["arguments"]["id"]}).encode()
-            conn.sendall(reply + b"\n")
+            conn.sendall(self.stale + reply + b"\n")
             return
         if command == "guest-fsfreeze-freeze":
             self.frozen = True
             self._reply(conn, {"return": 1})
         elif command == "guest-fsfreeze-status":
+            if self.oversize_status:
+                self._reply(conn, {"return": "x" * OVERSIZE})
+                return
             self._reply(conn, {"return": "frozen" if self.frozen else "thawed"})
         elif command == "guest-fsfreeze-thaw":
             if self.thaw == "hang":
