@@ -1,7 +1,8 @@
 """A libvirt domain with a real Linux guest (tests/guest) whose agent libvirt drives: a daemon
 SIGKILLed between `virDomainFSFreeze` and `virDomainFSThaw` of `backup begin --quiesce`
 leaves the guest frozen; the restarted daemon thaws it (`virDomainFSThaw`, retried until
-libvirt's agent confirms), clears its marker, and `--quiesce` works again. The guest's
+libvirt's agent confirms: the domain is paused at first, so the first attempts fail), clears
+its marker, and `--quiesce` works again. The guest's
 freeze state is read through the agent itself (`guest-fsfreeze-status`)."""
 
 from __future__ import annotations
@@ -89,9 +90,15 @@ def test_restarted_daemon_thaws_a_guest_a_killed_one_left_frozen(
         nbdsrv.daemon.wait_killed()
         assert agent(guest_domain, "guest-fsfreeze-status") == "frozen"
 
+        # Paused, libvirt refuses agent calls: the restarted daemon's first thaws fail.
+        guest_domain.suspend()
         nbdsrv.daemon = DaemonProcess(nbdsrv.daemon.args, nbdsrv.control, nbdsrv.daemon.log_path)
         nbdsrv.daemon.start()
         nbdsrv.wait_vm(vm)
+        assert nbdsrv.vm(vm)["guest_frozen"] is True  # type: ignore[index]
+        wait_for(lambda: "thaw attempt failed" in nbdsrv.daemon.log(), "a failed thaw")
+        assert nbdsrv.vm(vm)["guest_frozen"] is True  # type: ignore[index]
+        guest_domain.resume()
         wait_for(lambda: agent(guest_domain, "guest-fsfreeze-status") == "thawed", "a thaw", 60)
         wait_for(lambda: (nbdsrv.vm(vm) or {}).get("guest_frozen") is False, "no marker")
         assert not (domains.dir / "state" / "vms" / vm / "frozen.json").exists()
