@@ -45,6 +45,31 @@ class DaemonConfig:
     scratch_limit: int = 0
 
 
+# The longest `status` waits for one VM: a hung QEMU, libvirtd or guest agent costs only its
+# own VM's entry (backends bound their own waits well below it).
+VM_STATUS_TIMEOUT = 5.0
+
+
+async def _describe_vm(vm: VMBackend) -> dict[str, Any]:
+    """What status shows for ``vm``; whatever goes wrong there is that entry's error."""
+    try:
+        async with asyncio.timeout(VM_STATUS_TIMEOUT):
+            return await vm.describe()
+    except Exception as e:  # one broken VM never fails status for the others
+        reason = (
+            f"no answer within {VM_STATUS_TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
+        )
+        log.error("VM %s: status: %s", vm.name, reason)
+        return {
+            "name": vm.name,
+            "connected": vm.connected,
+            "guest_frozen": vm.guest_frozen,
+            "error": reason,
+            "disks": [],
+            "checkpoints": [],
+        }
+
+
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
@@ -172,7 +197,7 @@ class Daemon:
             "listen": [str(address) for address in self.server.addresses],
             "exports": exports,
             # All at once: one hung QEMU costs status one short timeout, not one per VM.
-            "vms": list(await asyncio.gather(*(vm.describe() for vm in self.vms.vms.values()))),
+            "vms": list(await asyncio.gather(*map(_describe_vm, self.vms.vms.values()))),
             "sessions": [self.sessions.describe(s) for s in self.sessions.sessions.values()],
             "connections": len(self.server.connections),
         }
@@ -193,7 +218,7 @@ class Daemon:
         }
 
     async def _gauges(self) -> list[tuple[str, str, str, Sample]]:
-        """Gauges read at scrape time."""
+        """Gauges read at scrape time, from the daemon's own state only."""
         rows: list[tuple[str, str, str, Sample]] = []
 
         def gauge(name: str, text: str, labels: Labels, value: float) -> None:
@@ -210,16 +235,23 @@ class Daemon:
                 (("vm", vm.name),),
                 1 if vm.connected else 0,
             )
+            gauge(
+                "nbdsrv_guest_frozen",
+                "1 while a guest frozen by --quiesce is not confirmed thawed.",
+                (("vm", vm.name),),
+                1 if vm.guest_frozen else 0,
+            )
+            # What the daemon knows already: a scrape never waits on a VM lock or QEMU.
             try:
-                checkpoints = await vm.list_checkpoints()
+                checkpoints = vm.known_checkpoints()
             except NbdsrvError:
                 continue
             for valid in (True, False):
                 gauge(
                     "nbdsrv_checkpoints",
-                    "Checkpoints per VM, by validity.",
+                    "Checkpoints per VM, by validity (as last checked).",
                     (("vm", vm.name), ("valid", str(valid).lower())),
-                    sum(1 for c in checkpoints if c["valid"] is valid),
+                    sum(1 for _, ok in checkpoints if ok is valid),
                 )
         return rows
 

@@ -21,6 +21,10 @@ NbdsrvError                                  code
  ├── StoreError            backup/store.py: metadata not written         store
  ├── SnapshotError         backends/qmp/external_snapshots.py            snapshot
  ├── QuiesceError          backends/qmp/quiesce.py                       quiesce
+ ├── GuestFrozenError      backends/frozen_guest.py: the thaw was not confirmed
+ │                                                                      guest-frozen
+ ├── ThawNotConfirmed      backends/libvirt/vm.py: the same, inside a libvirt call
+ │                                                                      guest-frozen
  ├── LibvirtError          backends/libvirt/connection.py                libvirt
  │    └── NotConnectedError                                    libvirt-not-connected
  ├── LibvirtRefusal        backends/libvirt/vm.py: not offered for libvirt domains

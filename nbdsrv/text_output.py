@@ -30,7 +30,8 @@ def status(args: Args, status: dict[str, Any]) -> str:
             if vm.get("qmp_connected") and vm.get("responsive") is False:
                 connected = "connected but unresponsive"
             via = f"QMP {connected}"
-        lines.append(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}")
+        frozen = ", GUEST MAY BE FROZEN (thaw retried)" if vm.get("guest_frozen") else ""
+        lines.append(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}{frozen}")
     lines.append(f"sessions ({len(status['sessions'])}):")
     for session in status["sessions"]:
         lines.append(f"  {session['id']}: VM {session['vm']}, {session.get('state', '')}")

@@ -107,6 +107,12 @@ class VMBackend(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def guest_frozen(self) -> bool:
+        """True while a guest nbdsrv froze (--quiesce) is not confirmed thawed: from the
+        daemon's own state, never a question to QEMU or the agent."""
+        ...
+
     async def start(self) -> None:
         """Connect (retrying in the background), reconcile, and release what sessions of
         earlier daemons left behind."""
@@ -120,6 +126,11 @@ class VMBackend(Protocol):
     ) -> CreatedCheckpoint: ...
 
     async def list_checkpoints(self) -> list[dict[str, Any]]: ...
+
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        """Each checkpoint's name and validity as the daemon last saw them, oldest first:
+        its own state only (for metrics), never a question to QEMU or libvirt."""
+        ...
 
     async def delete_checkpoint(self, name: str) -> None: ...
 

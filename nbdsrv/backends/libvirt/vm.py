@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ...backup.checkpoints import CheckpointError, check_name, generated_name
+from ...backup.crash_points import crash_point
 from ...backup.store import read_json, remove_durably, write_json
 from ...errors import NbdsrvError, NotFoundError
 from ...proto.constants import DIRTY_BITMAP_PREFIX
@@ -46,6 +47,7 @@ from ..base import (
     UpstreamBitmap,
     UpstreamDisk,
 )
+from ..frozen_guest import FrozenGuest
 from . import dirs
 from .connection import LibvirtConnection, LibvirtError
 from .xmldesc import (
@@ -66,6 +68,13 @@ log = logging.getLogger(__name__)
 JOB_GONE_TIMEOUT = 60.0
 DEFAULT_GRANULARITY = 64 * 1024
 QCOW2_MAGIC = b"QFI\xfb"
+
+
+class ThawNotConfirmed(NbdsrvError):
+    """libvirt's guest agent did not confirm the thaw (raised in a call thread; the event
+    loop side starts the retries)."""
+
+    code = "guest-frozen"
 
 
 class LibvirtRefusal(NbdsrvError):
@@ -127,16 +136,34 @@ class LibvirtVM:
         self.failure: str | None = None
         # Called when the domain has stopped and no session holds this VM any more.
         self.on_released = on_released
+        # Checkpoint names and validity as last seen (for metrics: no libvirt call).
+        self._known: list[tuple[str, bool]] = []
+        # A guest frozen by --quiesce whose thaw libvirt has not confirmed yet. Not in
+        # <state-dir>/libvirt/<VM>/: start() clears that directory.
+        self.frozen_guest = FrozenGuest(name, str(Path(state_dir) / "vms" / name), self._thaw_once)
 
     @property
     def connected(self) -> bool:
         return self.running and self.connection.connected
 
+    @property
+    def guest_frozen(self) -> bool:
+        return self.frozen_guest.frozen
+
+    async def _thaw_once(self) -> bool:
+        await self._call(self._thaw)
+        return True
+
     # -- life -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Abort a backup job an earlier daemon left on the domain (its sessions are gone
-        with it) and remove the files it left."""
+        with it) and remove the files it left. A guest an earlier daemon froze and did not
+        see thawed (killed between freeze and thaw) is thawed, retried until libvirt's agent
+        confirms."""
+        if self.frozen_guest.frozen:
+            log.warning("VM %s: an earlier daemon may have left the guest frozen", self.name)
+            self.frozen_guest.keep_thawing()
         unfinished = read_json(str(self._begin_record()))
         try:
             job = await self._call(self._job_xml)
@@ -168,7 +195,7 @@ class LibvirtVM:
         try:
             await self._call(self._delete_checkpoint, name)
         except LibvirtError as e:
-            if e.code != self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            if e.libvirt_code != self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                 raise
         remove_durably(str(self._begin_record()))
 
@@ -182,12 +209,16 @@ class LibvirtVM:
             remove_durably(str(self._begin_record()))
 
     async def stop(self) -> None:
-        """Sessions were ended before; the domain keeps running under libvirt."""
+        """Sessions were ended before; the domain keeps running under libvirt (a guest not
+        confirmed thawed stays marked: the next daemon retries)."""
+        await self.frozen_guest.stop()
 
     def domain_stopped(self, reason: str) -> None:
         """The domain stopped: its sessions fail (EIO); the VM goes once none holds it."""
         self.running = False
         self.failure = reason
+        # A guest that stopped is frozen no more: its next run boots afresh.
+        self.frozen_guest.forget()
         for held in self.points.values():
             held.break_(reason)
         if not self.points and self.on_released is not None:
@@ -238,6 +269,7 @@ class LibvirtVM:
             "libvirt": self.connection.uri,
             "connected": self.connected,
             "error": self.failure or self.connection.failure,
+            "guest_frozen": self.guest_frozen,
             "disks": [],
             "checkpoints": [],
         }
@@ -247,6 +279,8 @@ class LibvirtVM:
                 snap = await self._call(self._snapshot, "names")
                 info["disks"] = sorted(d.target for d in snap.disks)
                 info["checkpoints"] = [c.name for c, _ in snap.checkpoints]
+                valid = dict(self._known)
+                self._known = [(c.name, valid.get(c.name, True)) for c, _ in snap.checkpoints]
             except LibvirtError as e:
                 info["error"] = str(e)
         return info
@@ -267,11 +301,18 @@ class LibvirtVM:
             )
         name = check_name(name) if name is not None else generated_name()
         async with self.lock:
-            desc: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
+            try:
+                desc: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
+            except ThawNotConfirmed as e:
+                # The command fails: it leaves no checkpoint.
+                with contextlib.suppress(LibvirtError):
+                    await self._call(self._delete_checkpoint_if_any, name)
+                raise self.frozen_guest.not_thawed(str(e)) from None
         return CreatedCheckpoint(desc.name, desc.parent, desc.created, quiesced=quiesce)
 
     async def list_checkpoints(self) -> list[dict[str, Any]]:
         snap = await self._call(self._snapshot, "validated")
+        self._known = [(c.name, reason is None) for c, reason in snap.checkpoints]
         return [
             {
                 "name": c.name,
@@ -284,6 +325,9 @@ class LibvirtVM:
             }
             for c, reason in snap.checkpoints
         ]
+
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        return list(self._known)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
@@ -365,8 +409,14 @@ class LibvirtVM:
             write_json(str(self._begin_record()), {"session": request.session, "checkpoint": new})
         try:
             await self._call(self._backup_begin, backup_doc, checkpoint_doc, request.quiesce)
+        except ThawNotConfirmed as e:
+            # The command fails: it leaves no job and no checkpoint.
+            self.points[request.session] = held
+            await self.end_point_in_time(request.session, drop_checkpoint=True)
+            remove_durably(str(self._begin_record()))
+            raise self.frozen_guest.not_thawed(str(e)) from None
         except LibvirtError as e:
-            if new is not None and e.code is not None:
+            if new is not None and e.libvirt_code is not None:
                 # libvirt refused: it created no checkpoint. (Without an answer it may have:
                 # the record stays for the next start.)
                 remove_durably(str(self._begin_record()))
@@ -573,6 +623,13 @@ class LibvirtVM:
     def _delete_checkpoint(self, name: str) -> None:
         self._domain().checkpointLookupByName(name).delete(0)
 
+    def _delete_checkpoint_if_any(self, name: str) -> None:
+        try:
+            self._delete_checkpoint(name)
+        except self.libvirt.libvirtError as e:
+            if e.get_error_code() != self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                raise
+
     def _job_xml(self, dom: Any = None) -> str | None:
         """The running backup job's XML, None when there is none."""
         libvirt = self.libvirt
@@ -593,15 +650,39 @@ class LibvirtVM:
     @contextlib.contextmanager
     def _frozen(self, dom: Any, quiesce: bool) -> Iterator[None]:
         """The guest's filesystems frozen through libvirt's guest agent (without one the
-        freeze fails and nothing was done), thawed whatever happens."""
+        freeze fails and nothing was done), thawed whatever happens. The marker is written
+        before the freeze and removed once libvirt confirms the thaw; ThawNotConfirmed
+        otherwise (the marker stays)."""
         if not quiesce:
             yield
             return
-        dom.fsFreeze()
+        if self.frozen_guest.frozen:
+            raise LibvirtError(
+                f"--quiesce: VM {self.name}: the guest may still be frozen from an earlier "
+                "--quiesce and nbdsrv is retrying its thaw; try again once `nbdsrv status` "
+                "shows guest_frozen false"
+            )
+        self.frozen_guest.mark(domain=self.name)
+        try:
+            dom.fsFreeze()
+        except self.libvirt.libvirtError:
+            # qemu-ga undoes a freeze that fails; thaw anyway in case (no agent: fails too).
+            with contextlib.suppress(self.libvirt.libvirtError):
+                dom.fsThaw()
+            self.frozen_guest.clear()
+            raise
+        crash_point("quiesce:after-freeze")
         try:
             yield
         finally:
-            dom.fsThaw()
+            try:
+                dom.fsThaw()
+            except self.libvirt.libvirtError as e:
+                raise ThawNotConfirmed(f"libvirt: {e}") from None
+            self.frozen_guest.clear()
+
+    def _thaw(self) -> None:
+        self._domain().fsThaw()
 
     def _abort_job(self) -> None:
         libvirt = self.libvirt

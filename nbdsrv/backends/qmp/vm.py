@@ -42,6 +42,7 @@ from ...backup.checkpoints import (
 from ...backup.crash_points import crash_point
 from ...backup.in_memory import held_in_memory, restart_problem
 from ...backup.store import VMStore
+from ...errors import NbdsrvError
 from ...qemu import process_marker, scratch_image
 from ...qemu.chain import STATE_QUERIES, BlockState, block_state_of, query_block_state
 from ...qemu.errors import QEMUError, QEMUGoneError, QEMUUnreachableError, QMPError, QMPTimeoutError
@@ -49,8 +50,9 @@ from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
 from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
+from ..frozen_guest import FrozenGuest, GuestFrozenError
 from . import external_snapshots, point_in_time
-from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
+from .quiesce import QuiesceError, Quiescer, thaw_path
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class QmpVM:
         self.nbd_socket = nbd_socket
         # The unix socket of the guest agent (--qga), for --quiesce.
         self.guest_agent = guest_agent
+        # A guest frozen by --quiesce whose thaw is not confirmed yet (retried until it is).
+        self.frozen_guest = FrozenGuest(name, store.directory, self._thaw_once)
         # --scratch-limit: a session whose scratch data grows past it breaks (0: no limit).
         self.scratch_limit = 0
         self.failure: str | None = None
@@ -116,11 +120,26 @@ class QmpVM:
     def connected(self) -> bool:
         return self.monitor.connected
 
+    @property
+    def guest_frozen(self) -> bool:
+        return self.frozen_guest.frozen
+
+    async def _thaw_once(self) -> bool:
+        path = self.guest_agent or self.frozen_guest.info().get("agent")
+        if not path:
+            log.error("VM %s: the guest may be frozen but no guest agent is known", self.name)
+            return False
+        return await thaw_path(str(path), self.name)
+
     # -- life -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect (else keep trying in the background) and reconcile; reconcile again
-        whenever QMP comes back."""
+        whenever QMP comes back. A guest an earlier daemon left frozen is thawed (retried
+        in the background, whether QEMU's monitor answers or not)."""
+        if self.frozen_guest.frozen:
+            log.warning("VM %s: an earlier daemon may have left the guest frozen", self.name)
+            self.frozen_guest.keep_thawing()
         self._watch()
         try:
             await self.monitor.connect(timeout=5)
@@ -137,6 +156,7 @@ class QmpVM:
         self.monitor.on_disconnect = lambda reason: self.lost(f"QMP connection lost: {reason}")
 
     async def stop(self) -> None:
+        await self.frozen_guest.stop()
         await self._cancel_tasks()
         await self.monitor.close()
 
@@ -173,7 +193,6 @@ class QmpVM:
         try:
             await self.reconcile()
             await point_in_time.clean_stale(self)
-            await thaw_left_frozen(self.name, self.store.directory)
             self.failure = None
         except QEMUError as e:
             self.failure = str(e)
@@ -344,29 +363,36 @@ class QmpVM:
                 continue
             try:
                 async with self.lock:
-                    self._record_problems(self.load()[0], await self.chains())
-            except (QEMUError, QEMUGoneError) as e:
-                log.debug("VM %s: bitmap poll: %s", self.name, e)
+                    # Bounded: a stopped QEMU must not hold the lock for QMP's long timeout.
+                    async with asyncio.timeout(STATUS_TIMEOUT):
+                        state = await self.chains()
+                    self._record_problems(self.load()[0], state)
+            except (QEMUError, QEMUGoneError, TimeoutError) as e:
+                log.debug("VM %s: bitmap poll: %s", self.name, e or "no answer")
 
     # -- reconciliation ------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
         """Finish or roll back a half-done operation; mark what QEMU lost invalid."""
         async with self.lock:
-            state = await self.chains()
-            intent = self.store.read_intent()
-            chain, document = self.load()
-            if intent is not None:
-                if document.get("last_op") == intent["id"]:
-                    log.info("VM %s: operation %s was committed", self.name, intent["id"])
-                elif intent["op"] == "create" and intent.get("session"):
-                    # A backup begin that did not complete leaves no checkpoint behind.
-                    chain = await self.roll_back_create(intent, chain, state)
-                    state = await self.chains()  # as the rollback left it
-                else:
-                    chain = await self._finish_intent(intent, chain, state)
-                self.store.clear_intent()
-            self._record_problems(chain, state)
+            await self.reconcile_locked()
+
+    async def reconcile_locked(self) -> None:
+        """:meth:`reconcile` for a caller that holds the lock."""
+        state = await self.chains()
+        intent = self.store.read_intent()
+        chain, document = self.load()
+        if intent is not None:
+            if document.get("last_op") == intent["id"]:
+                log.info("VM %s: operation %s was committed", self.name, intent["id"])
+            elif intent["op"] == "create" and intent.get("session"):
+                # A backup begin that did not complete leaves no checkpoint behind.
+                chain = await self.roll_back_create(intent, chain, state)
+                state = await self.chains()  # as the rollback left it
+            else:
+                chain = await self._finish_intent(intent, chain, state)
+            self.store.clear_intent()
+        self._record_problems(chain, state)
 
     async def roll_back_create(
         self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
@@ -507,7 +533,13 @@ class QmpVM:
             checkpoint, actions = self.plan_checkpoint(chain, state, name, granularity)
             async with contextlib.aclosing(await self.quiescer(quiesce)) as quiescer:
                 op_id = self.begin_create(checkpoint)
-                await self.transaction(f"checkpoint create {checkpoint.name}", actions, quiescer)
+                try:
+                    await self.transaction(
+                        f"checkpoint create {checkpoint.name}", actions, quiescer
+                    )
+                except GuestFrozenError:
+                    await self.undo_create(checkpoint.name)
+                    raise
             crash_point("checkpoint-create:after-transaction")
             self.commit_create(chain, checkpoint, op_id)
             await self.remember_counts()
@@ -515,10 +547,22 @@ class QmpVM:
                 checkpoint.name, checkpoint.parent, checkpoint.created, quiescer.quiesced
             )
 
+    async def undo_create(self, name: str) -> None:
+        """A checkpoint create whose command fails after its transaction may have run (the
+        thaw was not confirmed): settle the intent as a restart would, then delete the
+        checkpoint if it was made, so the failed command leaves none. Hold the lock."""
+        try:
+            await self.reconcile_locked()
+            if self.load()[0].has(name):
+                await self.delete_checkpoint_locked(name)
+        except (NbdsrvError, QEMUError, QEMUGoneError) as e:
+            # The intent stays: the next reconcile settles it.
+            log.error("VM %s: cannot undo checkpoint %s now: %s", self.name, name, e)
+
     async def quiescer(self, wanted: bool) -> Quiescer:
         """The guest agent, connected and answering, when ``wanted``; fails before anything
         is done otherwise."""
-        return await Quiescer.open(self.name, self.guest_agent, self.store.directory, wanted)
+        return await Quiescer.open(self.name, self.guest_agent, self.frozen_guest, wanted)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
@@ -562,11 +606,25 @@ class QmpVM:
             finally:
                 await self.remember_counts()
 
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        """From checkpoints.json: what the last look at QEMU found (see _poll)."""
+        return [(c.name, c.invalid is None) for c in self.load()[0]]
+
     async def list_checkpoints(self) -> list[dict[str, Any]]:
+        """Each checkpoint re-checked against QEMU now. A QEMU that does not answer within
+        STATUS_TIMEOUT (stopped, hung) fails the listing at once, saying so: validity that
+        cannot be checked is not reported."""
         async with self.lock:
             chain, _ = self.load()
             if self.monitor.connected:
-                state = await self.chains()
+                try:
+                    async with asyncio.timeout(STATUS_TIMEOUT):
+                        state = await self.chains()
+                except TimeoutError:
+                    raise QEMUError(
+                        f"VM {self.name}: QEMU did not answer within {STATUS_TIMEOUT:g} s "
+                        "(stopped or hung?), so its checkpoints cannot be checked now"
+                    ) from None
                 chain = self._record_problems(chain, state)
                 reasons = assess(chain, state)
             else:
@@ -599,6 +657,7 @@ class QmpVM:
             "guest_agent_connected": (
                 await agent_answers(self.guest_agent) if self.guest_agent else False
             ),
+            "guest_frozen": self.guest_frozen,
             "error": self.failure,
             "disks": [],
         }
