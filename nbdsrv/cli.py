@@ -124,6 +124,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
 
 
 def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
+    from .config.remote import add_remote_options
     from .config.security import add_security_options
 
     daemon.add_argument("--state-dir", metavar="DIR", help="metadata and scratch images")
@@ -186,9 +187,11 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     )
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     add_security_options(daemon)
+    add_remote_options(daemon)
 
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
+    from .config.remote import remote_from_args
     from .config.security import policy_from_args
     from .daemon import DaemonConfig
     from .net.address import parse_address
@@ -208,6 +211,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         policy=policy_from_args(args),
         metrics=_metrics_address(args.metrics),
         scratch_limit=_non_negative(args.scratch_limit, "--scratch-limit"),
+        remote=remote_from_args(args),
     )
 
 
