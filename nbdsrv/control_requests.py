@@ -3,9 +3,9 @@
 A request is ``{"op": NAME, "args": {...}}``, optionally with ``"version": N`` (one newer
 than the daemon's protocol is refused with ``unsupported-version`` before anything else).
 Every argument has one JSON type; an optional one may also be null (the CLI sends null for
-an option not given). A wrong type, a missing or unknown argument, two arguments that exclude each other, or a line that is not a JSON
-object is answered with one sentence — a handler never sees it, so no ``TypeError`` or
-traceback comes out of a bad request.
+an option not given). A wrong type, a missing or unknown argument, two arguments that
+exclude each other, or a line that is not a JSON object is answered with one sentence — a
+handler never sees it, so no ``TypeError`` or traceback comes out of a bad request.
 """
 
 import json
