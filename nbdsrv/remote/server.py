@@ -29,15 +29,15 @@ import contextlib
 import json
 import logging
 import ssl
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ..control import Handler, answer, control_peer, error_response
-from ..errors import LimitError, NbdsrvError
+from ..errors import BadRequestError, LimitError, NbdsrvError
 from ..net.access import Peer, subject_of
 from ..net.address import Address
 from ..operations import Operation
+from .connection import NotTLS, RemoteConnection
 from .grants import Grants, RemoteView
 
 log = logging.getLogger(__name__)
@@ -63,102 +63,6 @@ class RemoteLimits:
         return self.idle_timeout or REMOTE_IDLE_TIMEOUT
 
 
-class _Accepted(asyncio.Protocol):
-    """A new TCP connection: reading stays paused until TLS takes the transport over, so
-    that no byte of the client's hello is read as anything else."""
-
-    def __init__(self, server: RemoteControlServer) -> None:
-        self._server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tcp = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport's kind
-        tcp.pause_reading()
-        self._server.accepted(tcp)
-
-
-class _Lines(asyncio.Protocol):
-    """The request lines of one TLS connection, one at a time, each at most ``limit`` bytes;
-    and writing with the client's flow control."""
-
-    def __init__(self, limit: int) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._limit = limit
-        self._buffer = bytearray()
-        self._scanned = 0
-        self._lines: deque[bytes] = deque()
-        self._arrived = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self.closed = False
-        self.overrun = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while (end := self._buffer.find(b"\n", self._scanned)) >= 0:
-            self._lines.append(bytes(self._buffer[: end + 1]))
-            del self._buffer[: end + 1]
-            self._scanned = 0
-        self._scanned = len(self._buffer)
-        if len(self._buffer) > self._limit:
-            self.overrun = True
-            self._buffer.clear()
-        if (self._lines or self.overrun) and self.transport is not None:
-            self.transport.pause_reading()  # the next request waits in the kernel
-        self._arrived.set()
-
-    def eof_received(self) -> bool:
-        self.closed = True
-        self._arrived.set()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._arrived.set()
-        self._writable.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    async def next_line(self) -> bytes | None:
-        """The next request line; None at the end; LimitError for one too long."""
-        assert self.transport is not None
-        while not self._lines:
-            if self.overrun:
-                raise LimitError(f"request line longer than {self._limit} bytes")
-            if self.closed:
-                return None
-            self._arrived.clear()
-            self.transport.resume_reading()
-            await self._arrived.wait()
-        return self._lines.popleft()
-
-    async def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        if self.closed:
-            return
-        self.transport.write(data)
-        await self._writable.wait()
-
-    async def drop_input(self, seconds: float) -> None:
-        """Read and drop what the client still sends, for at most ``seconds``."""
-        assert self.transport is not None
-        self.overrun = False
-        self._lines.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                while not self.closed:
-                    self._buffer.clear()
-                    self._arrived.clear()
-                    self.transport.resume_reading()
-                    await self._arrived.wait()
-
-
 class RemoteControlServer:
     def __init__(
         self,
@@ -174,14 +78,14 @@ class RemoteControlServer:
         self._handlers = handlers
         self._limits = limits
         self._server: asyncio.AbstractServer | None = None
-        self._pending: dict[asyncio.Transport, None] = {}  # oldest first
-        self._clients: set[asyncio.Transport] = set()
+        self._pending: dict[RemoteConnection, None] = {}  # oldest first
+        self._clients: set[RemoteConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Accepted(self), self.address.host, self.address.port, reuse_address=True
+            self._accept, self.address.host, self.address.port, reuse_address=True
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = Address("tcp", host=host, port=port)
@@ -192,95 +96,102 @@ class RemoteControlServer:
             return
         self._server.close()
         self._server = None
-        for transport in [*self._pending, *self._clients]:
-            transport.abort()
+        for connection in [*self._pending, *self._clients]:
+            if connection.transport is not None:
+                connection.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def accepted(self, transport: asyncio.Transport) -> None:
+    def _accept(self) -> RemoteConnection:
+        connection = RemoteConnection(self._context, MAX_REQUEST)
         limit = self._limits.max_connections
         if limit and len(self._pending) >= limit:
             oldest = next(iter(self._pending))
+            self._pending.pop(oldest)
             audit.warning(
                 "remote control: dropped %s in the TLS handshake (%d connections in it)",
                 _address(oldest),
                 limit,
             )
-            self._pending.pop(oldest)
-            oldest.abort()
-        self._pending[transport] = None
-        task = asyncio.get_running_loop().create_task(self._serve(transport))
+            if oldest.transport is not None:
+                oldest.transport.abort()
+        self._pending[connection] = None
+        task = asyncio.get_running_loop().create_task(self._serve(connection))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return connection
 
-    async def _serve(self, transport: asyncio.Transport) -> None:
-        address = _address(transport)
-        lines = _Lines(MAX_REQUEST)
+    async def _serve(self, connection: RemoteConnection) -> None:
+        await asyncio.sleep(0)  # connection_made has run: the transport is there
+        address = _address(connection)
         try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport,
-                lines,
-                self._context,
-                server_side=True,
-                ssl_handshake_timeout=self._limits.handshake_timeout or None,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as e:
-            reason = "timed out" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+            async with asyncio.timeout(self._limits.handshake_timeout or None):
+                await connection.handshake
+        except NotTLS:
+            audit.warning("remote control: refused %s: not TLS", address)
+            assert connection.transport is not None
+            connection.transport.write(json.dumps(error_response(_NOT_TLS)).encode() + b"\n")
+            connection.transport.close()
+            return
+        except (OSError, ssl.SSLError, ValueError, TimeoutError) as e:
+            reason = "timed out" if isinstance(e, TimeoutError) else _reason(e)
             audit.warning("remote control: refused %s: TLS handshake failed: %s", address, reason)
-            transport.abort()
+            if connection.transport is not None:
+                connection.transport.close()  # after the alert that tells the client why
             return
         finally:
-            self._pending.pop(transport, None)
-        if tls is None:  # the connection went while the handshake finished
-            transport.abort()
-            return
-        lines.connection_made(tls)
-        peer = Peer(address, subject_of(tls.get_extra_info("peercert")))
+            self._pending.pop(connection, None)
+        peer = Peer(address, subject_of(connection.peer_certificate))
         who = f"subject={peer.subject_text()} addr={address}"
         control_peer.set(who)  # this task's context: the audit lines of the handlers
         limit = self._limits.max_connections
         if limit and len(self._clients) >= limit:
-            await self._refuse(lines, who, LimitError(f"too many remote control clients ({limit})"))
-            tls.close()
+            await self._refuse(
+                connection, who, LimitError(f"too many remote control clients ({limit})")
+            )
+            connection.close()
             return
-        self._clients.add(tls)
+        self._clients.add(connection)
         audit.info("remote control: connected %s", who)
         try:
-            await self._conversation(lines, grants_view=self._grants.view(peer), who=who)
+            await self._conversation(connection, self._grants.view(peer), who)
         finally:
-            self._clients.discard(tls)
-            tls.close()
+            self._clients.discard(connection)
+            connection.close()
 
-    async def _conversation(self, lines: _Lines, grants_view: RemoteView, who: str) -> None:
+    async def _conversation(self, connection: RemoteConnection, view: RemoteView, who: str) -> None:
         idle = self._limits.idle
         while True:
             try:
                 async with asyncio.timeout(idle):
-                    line = await lines.next_line()
+                    line = await connection.next_line()
             except TimeoutError:
                 audit.info("remote control: closed %s: idle for %g s", who, idle)
                 return
-            except LimitError as e:
-                await self._refuse(lines, who, e)
-                await lines.drop_input(LINGER)
+            if connection.overrun:
+                await self._refuse(
+                    connection, who, LimitError(f"request line longer than {MAX_REQUEST} bytes")
+                )
+                await connection.drop_input(LINGER)
                 return
             if line is None:
-                audit.info("remote control: %s disconnected", who)
+                why = f" ({connection.error})" if connection.error else ""
+                audit.info("remote control: %s disconnected%s", who, why)
                 return
-            response = await _Request(grants_view, self._handlers).answer(line, who)
+            response = await _Request(view, self._handlers).answer(line, who)
             try:
                 async with asyncio.timeout(idle):
-                    await lines.write(json.dumps(response).encode() + b"\n")
+                    await connection.write(json.dumps(response).encode() + b"\n")
             except TimeoutError:
                 audit.info("remote control: closed %s: answer not taken for %g s", who, idle)
                 return
 
-    async def _refuse(self, lines: _Lines, who: str, error: NbdsrvError) -> None:
+    async def _refuse(self, connection: RemoteConnection, who: str, error: NbdsrvError) -> None:
         audit.warning("remote control: refused %s: %s", who, error)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._limits.idle):
-                await lines.write(json.dumps(error_response(error)).encode() + b"\n")
+                await connection.write(json.dumps(error_response(error)).encode() + b"\n")
 
 
 class _Request:
@@ -319,6 +230,21 @@ class _Request:
         return self._view.filter(op, await self._handlers[op.name](args))
 
 
-def _address(transport: asyncio.BaseTransport) -> str:
-    peername = transport.get_extra_info("peername")
+_NOT_TLS = BadRequestError(
+    "this port speaks TLS only: connect with TLS and a client certificate (docs/api.md)"
+)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"client certificate refused: {e.verify_message}"
+    if isinstance(e, ssl.SSLError):
+        return str(e.reason or e)
+    return str(e) or type(e).__name__
+
+
+def _address(connection: RemoteConnection) -> str:
+    if connection.transport is None:
+        return "?"
+    peername = connection.transport.get_extra_info("peername")
     return str(peername[0]) if peername else "?"

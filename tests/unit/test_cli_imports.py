@@ -15,8 +15,15 @@ from nbdsrv.proto.server import TLSMode
 CLIENT_MODULES = {
     "nbdsrv",
     "nbdsrv.cli",
+    "nbdsrv.client",  # the client library (its asyncio half loads only when asked for)
+    "nbdsrv.client.endpoint",
+    "nbdsrv.client.operations",
+    "nbdsrv.client.results",
+    "nbdsrv.client.sync",
+    "nbdsrv.client.wire",
     "nbdsrv.config",
     "nbdsrv.config.paths",
+    "nbdsrv.config.remote",  # --remote, --remote-allow
     "nbdsrv.config.security",  # the daemon's options are part of the command line
     "nbdsrv.control_client",
     "nbdsrv.errors",
