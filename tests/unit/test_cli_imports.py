@@ -25,7 +25,6 @@ CLIENT_MODULES = {
     "nbdsrv.config.paths",
     "nbdsrv.config.remote",  # --remote, --remote-allow
     "nbdsrv.config.security",  # the daemon's options are part of the command line
-    "nbdsrv.control_client",
     "nbdsrv.errors",
     "nbdsrv.net",
     "nbdsrv.net.limits",  # the security options' defaults
