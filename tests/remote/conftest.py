@@ -26,3 +26,9 @@ def hosts(
     host1 = start_host(nbdsrv_daemons, tmp_path, fleet_certs, IPS[0], ("web", "secret"))
     host2 = start_host(nbdsrv_daemons, tmp_path, fleet_certs, IPS[1], ("mail",))
     return host1, host2
+
+
+@pytest.fixture
+def host(nbdsrv_daemons: StartDaemon, tmp_path: Path, fleet_certs: FleetCerts) -> Host:
+    """One host (127.0.0.1) with VMs web (granted to CN=backup) and secret (CN=reader)."""
+    return start_host(nbdsrv_daemons, tmp_path, fleet_certs, IPS[0], ("web", "secret"))

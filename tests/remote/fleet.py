@@ -92,7 +92,7 @@ class Host:
     remote_port: int
     nbd_port: int
     # What each VM's disk0 must hold, from the writes the test made on purpose.
-    model: dict[str, bytearray] = field(default_factory=dict)
+    model: dict[str, bytearray] = field(default_factory=dict, repr=False)
 
     @property
     def connect(self) -> str:
