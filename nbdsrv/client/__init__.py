@@ -19,32 +19,36 @@ library is needed (``ssl`` is loaded for remote daemons only).
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ControlError
-from .endpoint import Endpoint
-from .results import (
-    Checkpoint,
-    CheckpointCreated,
-    CheckpointDeleted,
-    Hello,
-    Session,
-    SessionDisk,
-    SessionEnded,
-    SnapshotCommitted,
-    SnapshotCreated,
-    Status,
-)
 from .sync import Client
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
+    from .endpoint import Endpoint
+    from .results import (
+        Checkpoint,
+        CheckpointCreated,
+        CheckpointDeleted,
+        Hello,
+        Session,
+        SessionDisk,
+        SessionEnded,
+        SnapshotCommitted,
+        SnapshotCreated,
+        Status,
+    )
+
+# Loaded when first used: a CLI command needs only Client (asyncio and the TypedDicts cost
+# start-up time).
+_LAZY = {"AsyncClient": "aio", "Endpoint": "endpoint"}
 
 
 def __getattr__(name: str) -> Any:
-    # asyncio loads only for those who use it: a CLI command does not.
-    if name == "AsyncClient":
-        from .aio import AsyncClient
+    import importlib
 
-        return AsyncClient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY.get(name, 'results')}", __name__)
+    return getattr(module, name)
 
 
 __all__ = [

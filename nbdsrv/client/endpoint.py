@@ -6,8 +6,7 @@ QEMU read them). ``ssl`` is imported only for a remote endpoint: a local command
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..config.paths import default_control
 from ..errors import ConfigError, ControlError, UsageError
@@ -21,9 +20,9 @@ DEFAULT_PORT = 10810
 CA_CERT, CLIENT_CERT, CLIENT_KEY = "ca-cert.pem", "client-cert.pem", "client-key.pem"
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A local control socket (``path``) or a remote daemon (``host``, ``port``)."""
+class Endpoint(NamedTuple):
+    """A local control socket (``path``) or a remote daemon (``host``, ``port``). (Not a
+    dataclass: ``dataclasses`` would cost every client command's start-up.)"""
 
     path: str = ""
     host: str = ""

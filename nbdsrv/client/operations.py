@@ -5,19 +5,20 @@ operation of the table has its method in both, with the table's arguments."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from .results import (
-    Checkpoint,
-    CheckpointCreated,
-    CheckpointDeleted,
-    Hello,
-    Session,
-    SessionEnded,
-    SnapshotCommitted,
-    SnapshotCreated,
-    Status,
-)
+if TYPE_CHECKING:  # not loaded by a CLI command: TypedDicts cost start-up time
+    from .results import (
+        Checkpoint,
+        CheckpointCreated,
+        CheckpointDeleted,
+        Hello,
+        Session,
+        SessionEnded,
+        SnapshotCommitted,
+        SnapshotCreated,
+        Status,
+    )
 
 
 class Operations:
@@ -25,10 +26,10 @@ class Operations:
         raise NotImplementedError
 
     def hello(self) -> Hello:
-        return cast(Hello, self.call("hello"))
+        return cast("Hello", self.call("hello"))
 
     def status(self) -> Status:
-        return cast(Status, self.call("status"))
+        return cast("Status", self.call("status"))
 
     def checkpoint_create(
         self,
@@ -38,13 +39,13 @@ class Operations:
         quiesce: bool = False,
     ) -> CheckpointCreated:
         args = {"vm": vm, "name": name, "granularity": granularity, "quiesce": quiesce}
-        return cast(CheckpointCreated, self.call("checkpoint-create", args))
+        return cast("CheckpointCreated", self.call("checkpoint-create", args))
 
     def checkpoint_list(self, vm: str) -> list[Checkpoint]:
-        return cast(list[Checkpoint], self.call("checkpoint-list", {"vm": vm}))
+        return cast("list[Checkpoint]", self.call("checkpoint-list", {"vm": vm}))
 
     def checkpoint_delete(self, vm: str, name: str) -> CheckpointDeleted:
-        return cast(CheckpointDeleted, self.call("checkpoint-delete", {"vm": vm, "name": name}))
+        return cast("CheckpointDeleted", self.call("checkpoint-delete", {"vm": vm, "name": name}))
 
     def backup_begin(
         self,
@@ -63,16 +64,16 @@ class Operations:
         )  # fmt: skip
 
     def backup_list(self, vm: str) -> list[Session]:
-        return cast(list[Session], self.call("backup-list", {"vm": vm}))
+        return cast("list[Session]", self.call("backup-list", {"vm": vm}))
 
     def backup_end(self, vm: str, id: str) -> SessionEnded:
-        return cast(SessionEnded, self.call("backup-end", {"vm": vm, "id": id}))
+        return cast("SessionEnded", self.call("backup-end", {"vm": vm, "id": id}))
 
     def snapshot_create(self, vm: str, dir: str | None = None) -> SnapshotCreated:
-        return cast(SnapshotCreated, self.call("snapshot-create", {"vm": vm, "dir": dir}))
+        return cast("SnapshotCreated", self.call("snapshot-create", {"vm": vm, "dir": dir}))
 
     def snapshot_commit(self, vm: str) -> SnapshotCommitted:
-        return cast(SnapshotCommitted, self.call("snapshot-commit", {"vm": vm}))
+        return cast("SnapshotCommitted", self.call("snapshot-commit", {"vm": vm}))
 
 
 class AsyncOperations:
@@ -80,10 +81,10 @@ class AsyncOperations:
         raise NotImplementedError
 
     async def hello(self) -> Hello:
-        return cast(Hello, await self.call("hello"))
+        return cast("Hello", await self.call("hello"))
 
     async def status(self) -> Status:
-        return cast(Status, await self.call("status"))
+        return cast("Status", await self.call("status"))
 
     async def checkpoint_create(
         self,
@@ -93,14 +94,14 @@ class AsyncOperations:
         quiesce: bool = False,
     ) -> CheckpointCreated:
         args = {"vm": vm, "name": name, "granularity": granularity, "quiesce": quiesce}
-        return cast(CheckpointCreated, await self.call("checkpoint-create", args))
+        return cast("CheckpointCreated", await self.call("checkpoint-create", args))
 
     async def checkpoint_list(self, vm: str) -> list[Checkpoint]:
-        return cast(list[Checkpoint], await self.call("checkpoint-list", {"vm": vm}))
+        return cast("list[Checkpoint]", await self.call("checkpoint-list", {"vm": vm}))
 
     async def checkpoint_delete(self, vm: str, name: str) -> CheckpointDeleted:
         args = {"vm": vm, "name": name}
-        return cast(CheckpointDeleted, await self.call("checkpoint-delete", args))
+        return cast("CheckpointDeleted", await self.call("checkpoint-delete", args))
 
     async def backup_begin(
         self,
@@ -119,16 +120,16 @@ class AsyncOperations:
         )  # fmt: skip
 
     async def backup_list(self, vm: str) -> list[Session]:
-        return cast(list[Session], await self.call("backup-list", {"vm": vm}))
+        return cast("list[Session]", await self.call("backup-list", {"vm": vm}))
 
     async def backup_end(self, vm: str, id: str) -> SessionEnded:
-        return cast(SessionEnded, await self.call("backup-end", {"vm": vm, "id": id}))
+        return cast("SessionEnded", await self.call("backup-end", {"vm": vm, "id": id}))
 
     async def snapshot_create(self, vm: str, dir: str | None = None) -> SnapshotCreated:
-        return cast(SnapshotCreated, await self.call("snapshot-create", {"vm": vm, "dir": dir}))
+        return cast("SnapshotCreated", await self.call("snapshot-create", {"vm": vm, "dir": dir}))
 
     async def snapshot_commit(self, vm: str) -> SnapshotCommitted:
-        return cast(SnapshotCommitted, await self.call("snapshot-commit", {"vm": vm}))
+        return cast("SnapshotCommitted", await self.call("snapshot-commit", {"vm": vm}))
 
 
 def _begin_args(

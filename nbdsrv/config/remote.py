@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import ConfigError
 
@@ -36,9 +35,10 @@ def add_remote_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@dataclass
-class RemoteConfig:
-    addresses: list[Address] = field(default_factory=list)
+class RemoteConfig(NamedTuple):
+    """The remote listeners of a daemon (none by default)."""
+
+    addresses: tuple[Address, ...] = ()
     context: ssl.SSLContext | None = None
     grants: Grants | None = None
     limits: RemoteLimits | None = None
@@ -77,7 +77,7 @@ def remote_from_args(args: argparse.Namespace) -> RemoteConfig:
             raise ConfigError(f"--remote {text}: use tcp:HOST:PORT")
         addresses.append(address)
     return RemoteConfig(
-        addresses=addresses,
+        addresses=tuple(addresses),
         context=server_context(args.tls_cert, args.tls_key, args.tls_ca),
         grants=Grants.parse(args.remote_allow),
         limits=RemoteLimits(
