@@ -58,7 +58,7 @@ class Operations:
         quiesce: bool = False,
     ) -> Session:
         return cast(
-            Session,
+            "Session",
             self.call("backup-begin", _begin_args(vm, from_, checkpoint, no_checkpoint,
                                                   all_checkpoints, bitmap_name, quiesce)),
         )  # fmt: skip
@@ -114,7 +114,7 @@ class AsyncOperations:
         quiesce: bool = False,
     ) -> Session:
         return cast(
-            Session,
+            "Session",
             await self.call("backup-begin", _begin_args(vm, from_, checkpoint, no_checkpoint,
                                                         all_checkpoints, bitmap_name, quiesce)),
         )  # fmt: skip

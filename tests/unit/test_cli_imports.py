@@ -18,7 +18,6 @@ CLIENT_MODULES = {
     "nbdsrv.client",  # the client library (its asyncio half loads only when asked for)
     "nbdsrv.client.endpoint",
     "nbdsrv.client.operations",
-    "nbdsrv.client.results",
     "nbdsrv.client.sync",
     "nbdsrv.client.wire",
     "nbdsrv.config",
