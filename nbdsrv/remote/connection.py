@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 # The first byte of every TLS client's first record (a handshake record, RFC 8446 5.1).
@@ -29,7 +30,13 @@ class NotTLS(Exception):
 
 
 class RemoteConnection(asyncio.Protocol):
-    def __init__(self, context: ssl.SSLContext, limit: int) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        limit: int,
+        on_connected: Callable[[RemoteConnection], None],
+    ) -> None:
+        self._on_connected = on_connected
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
@@ -51,6 +58,7 @@ class RemoteConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not of that class
+        self._on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         if not self.handshake.done():

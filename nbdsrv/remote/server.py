@@ -104,7 +104,9 @@ class RemoteControlServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _accept(self) -> RemoteConnection:
-        connection = RemoteConnection(self._context, MAX_REQUEST)
+        return RemoteConnection(self._context, MAX_REQUEST, self._connected)
+
+    def _connected(self, connection: RemoteConnection) -> None:
         limit = self._limits.max_connections
         if limit and len(self._pending) >= limit:
             oldest = next(iter(self._pending))
@@ -120,10 +122,8 @@ class RemoteControlServer:
         task = asyncio.get_running_loop().create_task(self._serve(connection))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return connection
 
     async def _serve(self, connection: RemoteConnection) -> None:
-        await asyncio.sleep(0)  # connection_made has run: the transport is there
         address = _address(connection)
         try:
             async with asyncio.timeout(self._limits.handshake_timeout or None):
