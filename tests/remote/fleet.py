@@ -109,7 +109,12 @@ class Host:
 
 
 def start_host(
-    start: StartDaemon, workdir: Path, certs: FleetCerts, ip: str, vms: tuple[str, ...]
+    start: StartDaemon,
+    workdir: Path,
+    certs: FleetCerts,
+    ip: str,
+    vms: tuple[str, ...],
+    *extra: str,
 ) -> Host:
     images = {}
     for vm in vms:
@@ -129,7 +134,7 @@ def start_host(
     ]  # fmt: skip
     for vm, image in images.items():
         args += ["--image", f"{vm}={image}"]
-    daemon = start(*args, name=f"host-{ip}")
+    daemon = start(*args, *extra, name=f"host-{ip}")
     status = daemon.status()
     remote_port = int(status["remote"][0].rpartition(":")[2])
     nbd_port = int(status["listen"][0].rpartition(":")[2])
