@@ -41,8 +41,8 @@ def test_silent_and_idle_connections_are_closed_and_extra_clients_refused(
     assert "remote control: refused 127.0.0.1: TLS handshake failed: timed out" in log
     assert "remote control: closed subject=CN=backup,O=nbdsrv tests addr=127.0.0.1: idle" in log
 
-    # Two clients at most past the handshake; a third is told why. Each client keeps its
-    # connection from going idle (3 s) meanwhile.
+    # Two clients at most past the handshake; a third is told why (the two do not go idle,
+    # 3 s, meanwhile).
     with (
         tls_connection(host, context(fleet_certs.backup)) as first,
         tls_connection(host, context(fleet_certs.backup)) as second,
