@@ -68,3 +68,11 @@ def test_status_shows_only_the_granted_vms() -> None:
         "sessions": [session],
         "exports": [{"name": "web/disk0"}],
     }
+
+
+def test_hello_lists_only_what_a_remote_client_may_use() -> None:
+    names = [op.name for op in OPERATIONS]
+    hello = {"protocol": 1, "nbdsrv": "x", "operations": [*names, "x-local"]}
+    filtered = GRANTS.view(BACKUP).filter(BY_NAME["hello"], hello)
+    # x-local is not in the table: unknown here means not offered remotely.
+    assert filtered["operations"] == [op.name for op in OPERATIONS if op.scope != "local"]
