@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import __version__
 from .backends.base import VMBackend
 from .backends.embedded import EmbeddedVM
 from .backends.qmp.vm import QmpVM
 from .backup.sessions import BeginRequest, SessionError, SessionManager
 from .backup.store import VMStore
+from .config.remote import RemoteConfig
 from .control import ControlServer, control_peer
 from .errors import ConfigError, NbdsrvError
 from .exports.catalog import ExportCatalog
@@ -20,9 +22,10 @@ from .exports.file import FileExport
 from .metrics import Labels, Metrics, Sample
 from .net.address import Address
 from .net.server import NBDServer, ServerPolicy
-from .operations import OPERATIONS
+from .operations import OPERATIONS, PROTOCOL_VERSION
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
+from .remote.server import RemoteControlServer
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("nbdsrv.audit")
@@ -43,6 +46,7 @@ class DaemonConfig:
     policy: ServerPolicy = field(default_factory=ServerPolicy)
     metrics: Address | None = None
     scratch_limit: int = 0
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 # The longest `status` waits for one VM: a hung QEMU, libvirtd or guest agent costs only its
@@ -83,9 +87,15 @@ class Daemon:
             self.metrics = Metrics()
             self.metrics.collect = self._gauges
             self.server.on_request = self.metrics.count_request
-        self.control = ControlServer(
-            config.control, {op.name: getattr(self, op.handler) for op in OPERATIONS}
-        )
+        handlers = {op.name: getattr(self, op.handler) for op in OPERATIONS}
+        self.control = ControlServer(config.control, handlers)
+        remote = config.remote
+        self.remote: list[RemoteControlServer] = []
+        if remote.context is not None and remote.grants is not None and remote.limits:
+            self.remote = [
+                RemoteControlServer(address, remote.context, remote.grants, handlers, remote.limits)
+                for address in remote.addresses
+            ]
         self._stop = asyncio.Event()
         self.libvirt: list[Any] = []
 
@@ -165,6 +175,13 @@ class Daemon:
                 raise ConfigError(
                     f"cannot serve metrics on {self.config.metrics}: {e.strerror or e}"
                 ) from e
+        for listener in self.remote:
+            try:
+                await listener.start()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot serve remote control on {listener.address}: {e.strerror or e}"
+                ) from e
         # The control socket comes last: `nbdsrv status` succeeding means ready.
         try:
             await self.control.start()
@@ -172,6 +189,8 @@ class Daemon:
             raise ConfigError(f"cannot open the control socket: {e.strerror or e}") from e
 
     async def shutdown(self) -> None:
+        for listener in self.remote:
+            await listener.stop()
         await self.control.stop()
         if self.metrics is not None:
             await self.metrics.stop()
@@ -195,11 +214,19 @@ class Daemon:
             "state_dir": self.config.state_dir,
             "control": self.config.control,
             "listen": [str(address) for address in self.server.addresses],
+            "remote": [str(listener.address) for listener in self.remote],
             "exports": exports,
             # All at once: one hung QEMU costs status one short timeout, not one per VM.
             "vms": list(await asyncio.gather(*map(_describe_vm, self.vms.vms.values()))),
             "sessions": [self.sessions.describe(s) for s in self.sessions.sessions.values()],
             "connections": len(self.server.connections),
+        }
+
+    async def hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "nbdsrv": __version__,
+            "operations": [op.name for op in OPERATIONS],
         }
 
     async def checkpoint_create(self, args: dict[str, Any]) -> dict[str, Any]:

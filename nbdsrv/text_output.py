@@ -38,6 +38,13 @@ def status(args: Args, status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def hello(args: Args, hello: dict[str, Any]) -> str:
+    return (
+        f"nbdsrv {hello['nbdsrv']}, control protocol version {hello['protocol']}\n"
+        "operations: " + ", ".join(hello["operations"])
+    )
+
+
 def checkpoint_created(args: Args, result: dict[str, Any]) -> str:
     parent = f" (parent {result['parent']})" if result["parent"] else ""
     return f"checkpoint {result['name']} created{parent}"
