@@ -20,7 +20,7 @@ an operation according to its ``scope``:
 - ``"vm"``: it acts on the VM named by its ``vm`` argument; allowed when the certificate is
   granted that VM, answered as for an unknown VM otherwise (the client learns no names);
 - ``"daemon"``: it names no VM (``status``, ``hello``); allowed, and its result is filtered so
-  that it shows only the VMs the certificate is granted (nbdsrv/remote/scope.py);
+  that it shows only the VMs the certificate is granted (nbdsrv/remote/grants.py);
 - ``"local"`` (the default, so an operation nobody thought about stays local): refused to
   remote clients with ``permission-denied`` — e.g. an operation that writes to a host path
   the caller chooses.
