@@ -15,12 +15,9 @@ from ...backup.crash_points import crash_point
 from ...backup.snapshots import (
     after_commit,
     after_snapshot,
-    commit_job,
-    commit_merge_actions,
     commit_result_problems,
     intent_disks,
     overlay_file,
-    snapshot_actions,
 )
 from ...errors import NbdsrvError
 from ...qemu.block_jobs import wait_job_gone, wait_job_ready
@@ -28,6 +25,7 @@ from ...qemu.chain import PROTOCOL_DRIVERS, nodes_of_file
 from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.images import create_overlay
 from ...qemu.names import disk_name
+from .bitmap_actions import commit_merge_actions, snapshot_actions
 
 if TYPE_CHECKING:
     from .vm import QmpVM
@@ -39,6 +37,11 @@ class SnapshotError(NbdsrvError):
     """A snapshot operation refused or failed; QEMU's chain is as it was."""
 
     code = "snapshot"
+
+
+def commit_job(op_id: str, disk: str) -> str:
+    """The id of the commit job of ``disk`` in operation ``op_id``."""
+    return disk_name("nbdsrv-commit", op_id[:8], disk)
 
 
 async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:

@@ -32,8 +32,6 @@ from ...backup.checkpoints import (
     assess,
     check_granularity,
     count_problem,
-    create_actions,
-    delete_actions,
     find_layer,
     merged_parent,
     name_or_generated,
@@ -50,6 +48,7 @@ from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
 from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
 from . import external_snapshots, point_in_time
+from .bitmap_actions import create_actions, delete_actions
 from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
 
 log = logging.getLogger(__name__)
