@@ -11,6 +11,7 @@ from typing import Any
 from .backends.base import VMBackend
 from .backends.embedded import EmbeddedVM
 from .backends.qmp.vm import QmpVM
+from .backends.views import CheckpointInfo
 from .backup.sessions import BeginRequest, SessionError, SessionManager
 from .backup.store import VMStore
 from .control import ControlServer, control_peer
@@ -223,7 +224,7 @@ class Daemon:
                 )
         return rows
 
-    async def checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def checkpoint_list(self, args: dict[str, Any]) -> list[CheckpointInfo]:
         return await self.vms.get(str(args["vm"])).list_checkpoints()
 
     async def checkpoint_delete(self, args: dict[str, Any]) -> dict[str, Any]:

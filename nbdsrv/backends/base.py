@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
+
+from .views import CheckpointInfo, LibvirtVMStatus, QmpVMStatus
 
 
 @dataclass(frozen=True)
@@ -113,13 +115,14 @@ class VMBackend(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def describe(self) -> dict[str, Any]: ...
+    async def describe(self) -> QmpVMStatus | LibvirtVMStatus:
+        """Its entry in `status` (never waits long on QEMU or libvirt)."""
 
     async def create_checkpoint(
         self, name: str | None, granularity: int | None, *, quiesce: bool = False
     ) -> CreatedCheckpoint: ...
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]: ...
+    async def list_checkpoints(self) -> list[CheckpointInfo]: ...
 
     async def delete_checkpoint(self, name: str) -> None: ...
 

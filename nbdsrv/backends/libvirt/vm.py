@@ -46,6 +46,7 @@ from ..base import (
     UpstreamBitmap,
     UpstreamDisk,
 )
+from ..views import CheckpointInfo, LibvirtVMStatus
 from . import dirs
 from .connection import LibvirtConnection, LibvirtError
 from .xmldesc import (
@@ -231,8 +232,8 @@ class LibvirtVM:
 
     # -- views ----------------------------------------------------------------------------------
 
-    async def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+    async def describe(self) -> LibvirtVMStatus:
+        info: LibvirtVMStatus = {
             "name": self.name,
             "backend": "libvirt",
             "libvirt": self.connection.uri,
@@ -270,7 +271,7 @@ class LibvirtVM:
             desc: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
         return CreatedCheckpoint(desc.name, desc.parent, desc.created, quiesced=quiesce)
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
         snap = await self._call(self._snapshot, "validated")
         return [
             {

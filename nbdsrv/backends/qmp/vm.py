@@ -47,6 +47,7 @@ from ...qemu.guest_agent import agent_answers
 from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
 from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
+from ..views import BlockJobInfo, CheckpointInfo, QmpVMStatus
 from . import external_snapshots, point_in_time
 from .bitmap_actions import create_actions, delete_actions
 from .quiesce import QuiesceError, Quiescer, thaw_left_frozen
@@ -561,7 +562,7 @@ class QmpVM:
             finally:
                 await self.remember_counts()
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
         async with self.lock:
             chain, _ = self.load()
             if self.monitor.connected:
@@ -571,43 +572,50 @@ class QmpVM:
             else:
                 reasons = {c.name: c.invalid for c in chain}
             return [
-                {
-                    "name": c.name,
-                    "parent": c.parent,
-                    "created": c.created,
-                    "granularity": c.granularity,
-                    "disks": sorted(c.disks),
-                    "valid": reasons[c.name] is None,
-                    "reason": reasons[c.name],
-                    "persistent": c.persistent,
-                }
+                CheckpointInfo(
+                    name=c.name,
+                    parent=c.parent,
+                    created=c.created,
+                    granularity=c.granularity,
+                    disks=sorted(c.disks),
+                    valid=reasons[c.name] is None,
+                    reason=reasons[c.name],
+                    persistent=c.persistent,
+                )
                 for c in chain
             ]
 
-    async def describe(self) -> dict[str, Any]:
+    async def describe(self) -> QmpVMStatus:
         """What ``nbdsrv status`` shows. Never waits long on QEMU: when QEMU does not answer
         within STATUS_TIMEOUT (stopped, hung), the last known disks are shown and the VM is
         marked unresponsive."""
-        info: dict[str, Any] = {
-            "name": self.name,
-            "qmp": self.monitor.path,
-            "qmp_connected": self.monitor.connected,
-            "responsive": self.monitor.connected,
-            "live_socket": self.live_socket,
-            "guest_agent": self.guest_agent,
-            "guest_agent_connected": (
+        info = QmpVMStatus(
+            name=self.name,
+            qmp=self.monitor.path,
+            qmp_connected=self.monitor.connected,
+            responsive=self.monitor.connected,
+            live_socket=self.live_socket,
+            guest_agent=self.guest_agent,
+            guest_agent_connected=(
                 await agent_answers(self.guest_agent) if self.guest_agent else False
             ),
-            "error": self.failure,
-            "disks": [],
-        }
-        info["jobs"] = []
+            error=self.failure,
+            disks=[],
+            jobs=[],
+            checkpoints=[],
+        )
         if self.monitor.connected:
             try:
                 async with asyncio.timeout(STATUS_TIMEOUT):
                     self.known_disks = await self.disks()
                     info["jobs"] = [
-                        {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
+                        BlockJobInfo(
+                            device=job.get("device"),
+                            type=job.get("type"),
+                            offset=job.get("offset"),
+                            len=job.get("len"),
+                            ready=job.get("ready"),
+                        )
                         for job in await self.monitor.execute("query-block-jobs")
                     ]
                 info["disks"] = self.known_disks
