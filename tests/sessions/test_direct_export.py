@@ -175,7 +175,9 @@ def test_broken_point_in_time_fails_direct_reads_too(
     """A copy into the scratch image fails (blkdebug): QEMU breaks the snapshot and every
     read of the direct export fails, as the relay's do, and never returns newer data; the
     guest's write succeeds. QEMU 7.2's snapshot-access answers such reads with EACCES,
-    which its NBD server sends as EINVAL (the relay says EIO)."""
+    which its NBD server sends as EINVAL (the relay says EIO). Once the session has seen the
+    failure (a relayed read, the probe) nbdsrv gives the point in time up in QEMU: the direct
+    export is then gone."""
     vm.write(0, 0x11, 0, 1 * MiB)
     nbdsrv.stop()
     nbdsrv.start(fault="scratch-write-error")
@@ -186,7 +188,8 @@ def test_broken_point_in_time_fails_direct_reads_too(
     vm.write(0, 0x99, 0, 64 * K)
     for command in ("read 0 64k", "read 4M 64k"):
         result = run_result([require_tool("qemu-io"), "-r", "-f", "raw", "-c", command, direct])
-        assert "read failed: Invalid argument" in result.stdout + result.stderr, result
+        failed = result.stdout + result.stderr
+        assert "read failed: Invalid argument" in failed or "not present" in failed, result
         relay = run_result([require_tool("qemu-io"), "-r", "-f", "raw", "-c", command,
                             nbdsrv.uri("vm1/disk0")])  # fmt: skip
         assert "read failed: Input/output error" in relay.stdout + relay.stderr, relay
