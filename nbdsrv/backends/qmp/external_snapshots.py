@@ -8,7 +8,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ...backup.checkpoints import ChainState, CheckpointChain, CheckpointError
 from ...backup.crash_points import crash_point
@@ -19,16 +19,15 @@ from ...backup.snapshots import (
     intent_disks,
     overlay_file,
 )
+from ...backup.store import VMStore
 from ...errors import NbdsrvError
 from ...qemu.block_jobs import wait_job_gone, wait_job_ready
 from ...qemu.chain import PROTOCOL_DRIVERS, nodes_of_file
 from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.images import create_overlay
+from ...qemu.monitor import Monitor
 from ...qemu.names import disk_name
-from .bitmap_actions import commit_merge_actions, snapshot_actions
-
-if TYPE_CHECKING:
-    from .vm import QmpVM
+from .bitmap_actions import Action, commit_merge_actions, snapshot_actions
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,39 @@ class SnapshotError(NbdsrvError):
     code = "snapshot"
 
 
+class SnapshotHost(Protocol):
+    """What snapshot create and commit use of the VM (a QmpVM): its QEMU, its store, and
+    its committed chain."""
+
+    name: str
+    monitor: Monitor
+    store: VMStore
+
+    async def chains(self) -> ChainState: ...
+
+    def load(self) -> tuple[CheckpointChain, dict[str, Any]]: ...
+
+    def load_checked(self, state: ChainState) -> CheckpointChain: ...
+
+    def overlays(self) -> list[str]: ...
+
+    def save_chain(
+        self,
+        chain: CheckpointChain,
+        op_id: str | None,
+        overlays: list[str] | None = None,
+        tops: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+    async def transaction(self, what: str, actions: list[Action]) -> None: ...
+
+
 def commit_job(op_id: str, disk: str) -> str:
     """The id of the commit job of ``disk`` in operation ``op_id``."""
     return disk_name("nbdsrv-commit", op_id[:8], disk)
 
 
-async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
+async def create(vm: SnapshotHost, directory: str | None = None) -> dict[str, str]:
     """New qcow2 overlays on every disk in one transaction; disk → overlay file."""
     state = await vm.chains()
     chain = vm.load_checked(state)
@@ -104,7 +130,7 @@ async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
     return files
 
 
-async def _drop_overlays(vm: QmpVM, plan: Mapping[str, Mapping[str, str]]) -> None:
+async def _drop_overlays(vm: SnapshotHost, plan: Mapping[str, Mapping[str, str]]) -> None:
     """Remove overlays that did not make it into a chain (nodes, then files)."""
     for item in plan.values():
         if vm.monitor.connected:
@@ -115,7 +141,7 @@ async def _drop_overlays(vm: QmpVM, plan: Mapping[str, Mapping[str, str]]) -> No
 
 
 async def finish_create(
-    vm: QmpVM, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    vm: SnapshotHost, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
 ) -> CheckpointChain:
     plan = intent["overlays"]
     done = all(
@@ -134,7 +160,7 @@ async def finish_create(
     return chain
 
 
-async def commit(vm: QmpVM) -> dict[str, str]:
+async def commit(vm: SnapshotHost) -> dict[str, str]:
     """Commit every disk's top overlay into the layer directly below it (never deeper: QEMU's
     default base is the bottom of the chain); disk → removed overlay."""
     state = await vm.chains()
@@ -208,7 +234,7 @@ async def commit(vm: QmpVM) -> dict[str, str]:
 
 
 async def _complete_commit(
-    vm: QmpVM,
+    vm: SnapshotHost,
     chain: CheckpointChain,
     disks: Mapping[str, tuple[str, str]],
     op_id: str,
@@ -242,7 +268,7 @@ async def _complete_commit(
 
 
 async def finish_commit(
-    vm: QmpVM, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    vm: SnapshotHost, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
 ) -> CheckpointChain:
     disks = intent_disks(intent)
     for disk in disks:
