@@ -55,12 +55,9 @@ class SnapshotHost(Protocol):
     def overlays(self) -> list[str]: ...
 
     def save_chain(
-        self,
-        chain: CheckpointChain,
-        op_id: str | None,
-        overlays: list[str] | None = None,
-        tops: Mapping[str, str] | None = None,
-    ) -> None: ...
+        self, chain: CheckpointChain, op_id: str, overlays: list[str], *, tops: Mapping[str, str]
+    ) -> None:
+        """Write the chain with nbdsrv's overlays and the disks' new top images."""
 
     async def transaction(self, what: str, actions: list[Action]) -> None: ...
 
