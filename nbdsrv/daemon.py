@@ -12,6 +12,7 @@ from . import __version__
 from .backends.base import VMBackend
 from .backends.embedded import EmbeddedVM
 from .backends.qmp.vm import QmpVM
+from .backends.views import CheckpointInfo, UnansweredVMStatus, VMStatus
 from .backup.sessions import BeginRequest, SessionError, SessionManager
 from .backup.store import VMStore
 from .config.remote import RemoteConfig
@@ -54,7 +55,7 @@ class DaemonConfig:
 VM_STATUS_TIMEOUT = 5.0
 
 
-async def _describe_vm(vm: VMBackend) -> dict[str, Any]:
+async def _describe_vm(vm: VMBackend) -> VMStatus:
     """What status shows for ``vm``; whatever goes wrong there is that entry's error."""
     try:
         async with asyncio.timeout(VM_STATUS_TIMEOUT):
@@ -64,14 +65,14 @@ async def _describe_vm(vm: VMBackend) -> dict[str, Any]:
             f"no answer within {VM_STATUS_TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
         )
         log.error("VM %s: status: %s", vm.name, reason)
-        return {
-            "name": vm.name,
-            "connected": vm.connected,
-            "guest_frozen": vm.guest_frozen,
-            "error": reason,
-            "disks": [],
-            "checkpoints": [],
-        }
+        return UnansweredVMStatus(
+            name=vm.name,
+            connected=vm.connected,
+            guest_frozen=vm.guest_frozen,
+            error=reason,
+            disks=[],
+            checkpoints=[],
+        )
 
 
 class Daemon:
@@ -282,7 +283,7 @@ class Daemon:
                 )
         return rows
 
-    async def checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def checkpoint_list(self, args: dict[str, Any]) -> list[CheckpointInfo]:
         return await self.vms.get(str(args["vm"])).list_checkpoints()
 
     async def checkpoint_delete(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,10 @@ Each function takes the request's arguments and the operation's result (the JSON
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the types only: a client command loads no backend module
+    from .backends.views import CheckpointInfo, VMStatus
 
 Args = dict[str, Any]
 
@@ -20,11 +23,12 @@ def status(args: Args, status: dict[str, Any]) -> str:
     ]
     for export in status["exports"]:
         lines.append(f"  {export['name']}: {export['size']} bytes, {', '.join(export['contexts'])}")
-    lines.append(f"VMs ({len(status['vms'])}):")
-    for vm in status["vms"]:
+    vms: list[VMStatus] = status["vms"]
+    lines.append(f"VMs ({len(vms)}):")
+    for vm in vms:
         if vm.get("backend") == "libvirt":
             connected = "connected" if vm.get("connected") else "not connected"
-            via = f"libvirt {vm['libvirt']} {connected}"
+            via = f"libvirt {vm.get('libvirt')} {connected}"
         else:
             connected = "connected" if vm.get("qmp_connected") else "not connected"
             if vm.get("qmp_connected") and vm.get("responsive") is False:
@@ -50,7 +54,7 @@ def checkpoint_created(args: Args, result: dict[str, Any]) -> str:
     return f"checkpoint {result['name']} created{parent}"
 
 
-def checkpoints(args: Args, result: list[dict[str, Any]]) -> str:
+def checkpoints(args: Args, result: list[CheckpointInfo]) -> str:
     lines = [
         f"{c['name']}\t{c['created']}\tparent={c['parent'] or '-'}\t"
         + ("valid" if c["valid"] else f"INVALID: {c['reason']}")

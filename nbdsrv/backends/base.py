@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
+
+from .views import CheckpointInfo, LibvirtVMStatus, QmpVMStatus
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,14 @@ class VMBackend(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def describe(self) -> dict[str, Any]: ...
+    async def describe(self) -> QmpVMStatus | LibvirtVMStatus:
+        """Its entry in `status` (never waits long on QEMU or libvirt)."""
 
     async def create_checkpoint(
         self, name: str | None, granularity: int | None, *, quiesce: bool = False
     ) -> CreatedCheckpoint: ...
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]: ...
+    async def list_checkpoints(self) -> list[CheckpointInfo]: ...
 
     def known_checkpoints(self) -> list[tuple[str, bool]]:
         """Each checkpoint's name and validity as the daemon last saw them, oldest first:

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from nbdsrv.backends.qmp.bitmap_actions import create_actions, delete_actions
 from nbdsrv.backup.checkpoints import (
     Checkpoint,
     CheckpointChain,
@@ -13,8 +14,6 @@ from nbdsrv.backup.checkpoints import (
     check_granularity,
     check_name,
     count_problem,
-    create_actions,
-    delete_actions,
     merged_parent,
     observed_counts,
 )

@@ -48,6 +48,7 @@ from ..base import (
     UpstreamDisk,
 )
 from ..frozen_guest import FrozenGuest
+from ..views import CheckpointInfo, LibvirtVMStatus
 from . import dirs
 from .connection import LibvirtConnection, LibvirtError
 from .xmldesc import (
@@ -262,8 +263,8 @@ class LibvirtVM:
 
     # -- views ----------------------------------------------------------------------------------
 
-    async def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+    async def describe(self) -> LibvirtVMStatus:
+        info: LibvirtVMStatus = {
             "name": self.name,
             "backend": "libvirt",
             "libvirt": self.connection.uri,
@@ -310,7 +311,7 @@ class LibvirtVM:
                 raise self.frozen_guest.not_thawed(str(e)) from None
         return CreatedCheckpoint(desc.name, desc.parent, desc.created, quiesced=quiesce)
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
         snap = await self._call(self._snapshot, "validated")
         self._known = [(c.name, reason is None) for c, reason in snap.checkpoints]
         return [

@@ -19,15 +19,11 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...qemu import fleece
 from ...qemu.errors import QEMUError
-from ...qemu.monitor import QMPEvent, raise_first_error
-
-if TYPE_CHECKING:
-    from .point_in_time import HeldPoint
-    from .vm import QmpVM
+from ...qemu.monitor import Monitor, QMPEvent, raise_first_error
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +50,14 @@ class ScratchLimit:
     """Watches one session's scratch against ``limit``; ``on_exceeded(reason)`` once."""
 
     def __init__(
-        self, vm: QmpVM, held: HeldPoint, limit: int, on_exceeded: Callable[[str], None]
+        self,
+        monitor: Monitor,
+        plan: fleece.FleecePlan,
+        limit: int,
+        on_exceeded: Callable[[str], None],
     ) -> None:
-        self.vm = vm
-        self.plan = held.plan
+        self.monitor = monitor
+        self.plan = plan
         self.limit = limit
         self.on_exceeded = on_exceeded
         self.nodes = {d.scratch_file_node: d.scratch_file for d in self.plan.disks}
@@ -69,7 +69,7 @@ class ScratchLimit:
         return sum(allocated(path) for path in self.nodes.values())
 
     async def start(self) -> None:
-        self._unsubscribe = self.vm.monitor.subscribe(EVENT, self._on_event)
+        self._unsubscribe = self.monitor.subscribe(EVENT, self._on_event)
         await self._check()
         self._spawn(self._poll())
 
@@ -109,7 +109,7 @@ class ScratchLimit:
         thresholds = {node: end_of_file(path) + share for node, path in self.nodes.items()}
         try:
             raise_first_error(
-                await self.vm.monitor.execute_many(fleece.write_threshold_commands(thresholds))
+                await self.monitor.execute_many(fleece.write_threshold_commands(thresholds))
             )
         except QEMUError as e:
             # The nodes are gone (the session ends) or QEMU is: the poll stays the net.

@@ -32,8 +32,6 @@ from ...backup.checkpoints import (
     assess,
     check_granularity,
     count_problem,
-    create_actions,
-    delete_actions,
     find_layer,
     merged_parent,
     name_or_generated,
@@ -51,7 +49,10 @@ from ...qemu.monitor import Monitor
 from ...qemu.reopen import writable
 from ..base import BrokenCallback, CreatedCheckpoint, PointInTime, PointInTimeRequest
 from ..frozen_guest import FrozenGuest, GuestFrozenError
-from . import external_snapshots, point_in_time
+from ..views import BlockJobInfo, CheckpointInfo, QmpVMStatus
+from . import external_snapshots
+from .bitmap_actions import create_actions, delete_actions
+from .point_in_time import PointsInTime
 from .quiesce import QuiesceError, Quiescer, thaw_path
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class QmpVM:
         self.failure: str | None = None
         # The disks QEMU showed last: what status reports while QEMU does not answer.
         self.known_disks: list[str] = []
-        self.points: dict[str, point_in_time.HeldPoint] = {}
+        self.points_in_time = PointsInTime(self)
         self._tasks: set[asyncio.Task[None]] = set()
         # The markers of the QEMU process behind the connection (qemu/process_marker.py):
         # None until looked at after each (re)connect. ``_connections`` counts losses, so
@@ -146,13 +147,13 @@ class QmpVM:
         except QEMUUnreachableError as e:
             self.failure = str(e)
             log.warning("VM %s: %s; retrying in the background", self.name, e)
-            self._spawn(self._connect_later())
+            self.spawn(self._connect_later())
             return
         await self._reconcile()
 
     def _watch(self) -> None:
-        self._spawn(self._poll())
-        self.monitor.on_reconnect = lambda: self._spawn(self._reconcile())
+        self.spawn(self._poll())
+        self.monitor.on_reconnect = lambda: self.spawn(self._reconcile())
         self.monitor.on_disconnect = lambda reason: self.lost(f"QMP connection lost: {reason}")
 
     async def stop(self) -> None:
@@ -173,9 +174,10 @@ class QmpVM:
         # The next process may be another one: look at its markers again.
         self.qemu_markers = None
         self._connections += 1
-        point_in_time.broken(self, reason)
+        self.points_in_time.broken(reason)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background until the VM stops."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -192,13 +194,13 @@ class QmpVM:
     async def _reconcile(self) -> None:
         try:
             await self.reconcile()
-            await point_in_time.clean_stale(self)
+            await self.points_in_time.clean_stale()
             self.failure = None
         except QEMUError as e:
             self.failure = str(e)
             log.error("VM %s: reconciliation failed: %s", self.name, e)
             return
-        self._spawn(self._prepare_scratch())
+        self.spawn(self._prepare_scratch())
 
     async def _prepare_scratch(self) -> None:
         """Scratch image templates of the disks' sizes now, so that no backup begin waits
@@ -215,22 +217,22 @@ class QmpVM:
     async def begin_point_in_time(
         self, request: PointInTimeRequest, on_broken: BrokenCallback
     ) -> PointInTime:
-        return await point_in_time.begin(self, request, on_broken)
+        return await self.points_in_time.begin(request, on_broken)
 
     async def give_up_point_in_time(self, session: str) -> None:
-        await point_in_time.give_up(self, session)
+        await self.points_in_time.give_up(session)
 
     def confirm_point_in_time(self, session: str) -> None:
-        point_in_time.confirm(self, session)
+        self.points_in_time.confirm(session)
 
     async def end_point_in_time(self, session: str, *, drop_checkpoint: bool = False) -> None:
-        await point_in_time.end(self, session, drop_checkpoint=drop_checkpoint)
+        await self.points_in_time.end(session, drop_checkpoint=drop_checkpoint)
 
     def scratch_bytes(self, session: str) -> int:
-        return point_in_time.scratch_bytes(self, session)
+        return self.points_in_time.scratch_bytes(session)
 
     def why_broken(self, session: str, detail: str) -> str:
-        return point_in_time.why_broken(self, session, detail)
+        return self.points_in_time.why_broken(session, detail)
 
     # -- QEMU state ---------------------------------------------------------------------------
 
@@ -313,6 +315,10 @@ class QmpVM:
             if checkpoint.process is None and not checkpoint.persistent and self.qemu_markers:
                 chain = chain.replaced(replace(checkpoint, process=min(self.qemu_markers)))
         return chain
+
+    def has_checkpoint(self, name: str) -> bool:
+        """The committed chain lists ``name``."""
+        return self.load()[0].has(name)
 
     def overlays(self) -> list[str]:
         return list(self.store.load_checkpoints().get("overlays", []))
@@ -417,6 +423,21 @@ class QmpVM:
         chain = merged_parent(staged, checkpoint.name)
         self.save_chain(chain, intent["id"])
         return chain
+
+    async def roll_back_begin(self) -> None:
+        """Undo the new checkpoint of a failed backup begin (its intent is on disk; hold the
+        lock). When QEMU cannot be reached the intent stays: the next reconcile rolls it
+        back."""
+        intent = self.store.read_intent()
+        if intent is None:
+            return  # QEMU refused the transaction that adds it: nothing was done
+        try:
+            state = await self.chains()
+            await self.roll_back_create(intent, self.load()[0], state)
+        except (QEMUError, QEMUGoneError) as e:
+            log.error("VM %s: the new checkpoint is rolled back later: %s", self.name, e)
+            return
+        self.store.clear_intent()
 
     async def _finish_intent(
         self, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
@@ -610,7 +631,7 @@ class QmpVM:
         """From checkpoints.json: what the last look at QEMU found (see _poll)."""
         return [(c.name, c.invalid is None) for c in self.load()[0]]
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
         """Each checkpoint re-checked against QEMU now. A QEMU that does not answer within
         STATUS_TIMEOUT (stopped, hung) fails the listing at once, saying so: validity that
         cannot be checked is not reported."""
@@ -630,44 +651,51 @@ class QmpVM:
             else:
                 reasons = {c.name: c.invalid for c in chain}
             return [
-                {
-                    "name": c.name,
-                    "parent": c.parent,
-                    "created": c.created,
-                    "granularity": c.granularity,
-                    "disks": sorted(c.disks),
-                    "valid": reasons[c.name] is None,
-                    "reason": reasons[c.name],
-                    "persistent": c.persistent,
-                }
+                CheckpointInfo(
+                    name=c.name,
+                    parent=c.parent,
+                    created=c.created,
+                    granularity=c.granularity,
+                    disks=sorted(c.disks),
+                    valid=reasons[c.name] is None,
+                    reason=reasons[c.name],
+                    persistent=c.persistent,
+                )
                 for c in chain
             ]
 
-    async def describe(self) -> dict[str, Any]:
+    async def describe(self) -> QmpVMStatus:
         """What ``nbdsrv status`` shows. Never waits long on QEMU: when QEMU does not answer
         within STATUS_TIMEOUT (stopped, hung), the last known disks are shown and the VM is
         marked unresponsive."""
-        info: dict[str, Any] = {
-            "name": self.name,
-            "qmp": self.monitor.path,
-            "qmp_connected": self.monitor.connected,
-            "responsive": self.monitor.connected,
-            "live_socket": self.live_socket,
-            "guest_agent": self.guest_agent,
-            "guest_agent_connected": (
+        info = QmpVMStatus(
+            name=self.name,
+            qmp=self.monitor.path,
+            qmp_connected=self.monitor.connected,
+            responsive=self.monitor.connected,
+            live_socket=self.live_socket,
+            guest_agent=self.guest_agent,
+            guest_agent_connected=(
                 await agent_answers(self.guest_agent) if self.guest_agent else False
             ),
-            "guest_frozen": self.guest_frozen,
-            "error": self.failure,
-            "disks": [],
-        }
-        info["jobs"] = []
+            guest_frozen=self.guest_frozen,
+            error=self.failure,
+            disks=[],
+            jobs=[],
+            checkpoints=[],
+        )
         if self.monitor.connected:
             try:
                 async with asyncio.timeout(STATUS_TIMEOUT):
                     self.known_disks = await self.disks()
                     info["jobs"] = [
-                        {k: job.get(k) for k in ("device", "type", "offset", "len", "ready")}
+                        BlockJobInfo(
+                            device=job.get("device"),
+                            type=job.get("type"),
+                            offset=job.get("offset"),
+                            len=job.get("len"),
+                            ready=job.get("ready"),
+                        )
                         for job in await self.monitor.execute("query-block-jobs")
                     ]
                 info["disks"] = self.known_disks
