@@ -578,21 +578,40 @@ def _our_nodes(plan: FleecePlan) -> set[str]:
 
 
 async def _dismantle(
-    monitor: Monitor, plan: FleecePlan, timeout: float, *, stop_nbd_server: bool
+    monitor: Monitor,
+    plan: FleecePlan,
+    timeout: float,
+    *,
+    stop_nbd_server: bool,
+    unless_others_are_at_it: bool = False,
 ) -> Sequence[Mapping[str, Any]]:
     """Take ``plan`` out of QEMU, newest first, in the only order QEMU allows (export,
     snapshot-access node, filter out of the path, filter, scratch node), in three round
-    trips; query-named-block-nodes afterwards."""
+    trips; query-named-block-nodes afterwards.
+
+    ``unless_others_are_at_it``: when one of its exports is gone already, someone else is
+    taking the point in time apart; QEMUError then, with nothing more done. Two parties
+    moving a device's drive at once could make nbdsrv set it to the node it already has,
+    and QEMU 7.2 aborts on that (`bdrv_replace_child_noperm: Assertion old_bs != new_bs`):
+    the guest would die."""
     disks = plan.disks
     # 1. The exports (hard: their clients are cut), and whether they are gone yet.
+    exports = _exports(disks)
     answers = await _quietly(
         monitor,
         [
-            *(("block-export-del", {"id": export, "mode": "hard"}) for export in _exports(disks)),
+            *(("block-export-del", {"id": export, "mode": "hard"}) for export in exports),
             ("query-block-exports", None),
         ],
     )
     raise_first_error(answers[-1:])
+    if unless_others_are_at_it:
+        taken = [e for e, a in zip(exports, answers, strict=False) if isinstance(a, QMPError)]
+        if taken:
+            raise QEMUError(
+                f"session {plan.session}: someone else deleted {', '.join(taken)}; what is "
+                "left goes at the end, not to race them in QEMU"
+            )
     listed = {e.get("id") for e in answers[-1]}
     for export in _exports(disks):
         if export in listed:
@@ -660,7 +679,9 @@ async def give_up(monitor: Monitor, plan: FleecePlan) -> bool:
     the session ends. True when QEMU holds none of it any more."""
     if not monitor.connected:
         return False
-    nodes = await _dismantle(monitor, plan, 30.0, stop_nbd_server=False)
+    nodes = await _dismantle(
+        monitor, plan, 30.0, stop_nbd_server=False, unless_others_are_at_it=True
+    )
     if _our_nodes(plan) & {str(n["node-name"]) for n in nodes}:
         return False
     for disk in plan.disks:
