@@ -308,16 +308,22 @@ class NBDClient:
         length: int,
         sink: ReplySink,
         cookie: int | None = None,
+        payload: bytes | None = None,
     ) -> None:
         """Send a request whose reply goes to ``sink``; ``cookie`` is used unless it is in
-        flight already. Raises ConnectionClosed once the connection is gone."""
+        flight already; ``payload`` follows a WRITE's header. Raises ConnectionClosed once
+        the connection is gone."""
         if self._link.closed is not None:
             raise ConnectionClosed(f"connection closed: {self._link.closed}")
         if cookie is None or cookie in self._core:
             cookie = next(self._cookies)
             while cookie in self._core:
                 cookie = next(self._cookies)
+        if payload is not None and self.extended:
+            flags |= CommandFlag.PAYLOAD_LEN
         self._write(self._core.request(cookie, command, flags, offset, length, sink))
+        if payload:
+            self._write(payload)
 
     def forward(self, data: bytes, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
         """Send READs as another client wrote them: ``data`` is their requests, in this
@@ -349,11 +355,25 @@ class NBDClient:
         if corked and self._link.closed is None and self._link.transport is not None:
             self._link.transport.write(b"".join(corked))
 
-    async def _call(self, command: int, flags: int, offset: int, length: int) -> _Collect:
+    async def _call(
+        self, command: int, flags: int, offset: int, length: int, payload: bytes | None = None
+    ) -> _Collect:
         sink = _Collect(offset, length)
-        self.submit(command, flags, offset, length, sink)
+        self.submit(command, flags, offset, length, sink, payload=payload)
         await sink.future
         return sink
+
+    async def write(self, offset: int, data: bytes, *, flags: int = 0) -> None:
+        await self._call(Command.WRITE, flags, offset, len(data), bytes(data))
+
+    async def write_zeroes(self, offset: int, length: int, *, flags: int = 0) -> None:
+        await self._call(Command.WRITE_ZEROES, flags, offset, length)
+
+    async def trim(self, offset: int, length: int, *, flags: int = 0) -> None:
+        await self._call(Command.TRIM, flags, offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._call(Command.CACHE, 0, offset, length)
 
     async def read(self, offset: int, length: int, *, flags: int = 0) -> bytearray:
         sink = await self._call(Command.READ, flags, offset, length)
