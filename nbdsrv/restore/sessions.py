@@ -40,6 +40,7 @@ from ..qemu.storage_daemon import StorageDaemon
 from .records import RestoreRecord, RestoreRecords
 from .source import Source, SourceError, TLSFiles, parse_source
 from .target import (
+    TargetError,
     TargetNodes,
     add_tls_creds,
     cancel_job,
@@ -50,6 +51,7 @@ from .target import (
     node_size,
     open_image,
     open_source,
+    qemu_words,
     remove_export,
     start_stream,
 )
@@ -341,7 +343,7 @@ class RestoreSessions:
             try:
                 await open_image(monitor, nodes, record.image, record.format, backing)
             except QEMUError as e:
-                raise RestoreError(f"cannot open {record.image}: {_qemu_words(e)}") from e
+                raise RestoreError(f"cannot open {record.image}: {qemu_words(e)}") from e
             size = await node_size(monitor, nodes.image)
             if source_size is not None and size != source_size:
                 raise RestoreError(
@@ -371,8 +373,10 @@ class RestoreSessions:
             if (created or (record.created_image and not resumed)) and os.path.exists(record.image):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record.image)
-            if isinstance(e, QEMUError) and not isinstance(e, RestoreError):
-                raise RestoreError(_qemu_words(e)) from e
+            if isinstance(e, TargetError):
+                raise RestoreError(str(e)) from e
+            if isinstance(e, QEMUError):
+                raise RestoreError(qemu_words(e)) from e
             raise
         if record.ready and record.source is not None:
             session.streamed_bytes = size
@@ -480,10 +484,3 @@ class RestoreSessions:
 def _settled(record: RestoreRecord) -> str:
     """The state of a session with no copy under way."""
     return READY if record.source is not None else WRITABLE
-
-
-def _qemu_words(error: QEMUError) -> str:
-    """QEMU's reason in one line, without the command name in front."""
-    text = one_line(str(error))
-    _, sep, rest = text.partition(" failed: ")
-    return rest if sep else text

@@ -51,6 +51,13 @@ class TargetError(QEMUError):
     """QEMU refused to open or export the target (one line, QEMU's own words)."""
 
 
+def qemu_words(error: QEMUError) -> str:
+    """QEMU's reason in one line, without the command name in front."""
+    text = one_line(str(error))
+    _, sep, rest = text.partition(" failed: ")
+    return rest if sep else text
+
+
 async def node_size(monitor: Monitor, node: str) -> int:
     """The virtual size of a named node."""
     for info in await monitor.execute("query-named-block-nodes", {"flat": True}):
@@ -100,7 +107,7 @@ async def open_source(monitor: Monitor, options: dict[str, Any]) -> int:
     try:
         await monitor.execute("blockdev-add", options)
     except QEMUError as e:
-        raise TargetError(f"source unreachable: {one_line(str(e))}") from e
+        raise TargetError(f"source unreachable: {qemu_words(e)}") from e
     return await node_size(monitor, str(options["node-name"]))
 
 
