@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -43,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nbdsrv.qemu.parent_death import dies_with_parent
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -69,14 +70,6 @@ class BenchError(Exception):
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the harness dies, however it dies."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -236,12 +229,11 @@ class Server:
     def spawn(self, cmd: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
-                cmd,
+                dies_with_parent(cmd),  # SIGTERM when the harness dies, however it dies
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,
                 start_new_session=True,  # Ctrl-C goes to the harness, which stops us in order
-                preexec_fn=_die_with_parent,
             )
         self.procs.append(proc)
         self.logs.append(log_path)

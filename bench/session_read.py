@@ -343,7 +343,7 @@ def scenario_single(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> di
 
 def scenario_multi(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> dict[str, Any]:
     size, count = spec.multi_size, spec.multi_vms
-    if size != spec.read_size:  # its own file of random data, kept in bench/work like raw
+    if size != spec.read_size:  # its own file of random data, kept in bench/work/ like raw
         raw = raw.with_name(f"{raw.stem}-{size // MiB}M.raw")
     make_random_file(raw, size)
     images = {f"vm{i}": [base / f"multi-vm{i}.qcow2"] for i in range(count)}

@@ -3,9 +3,10 @@
 Only the daemon's own user and root may use it: besides the socket's mode, each client's
 credentials (SO_PEERCRED) are checked, and others get one error answer and are closed.
 
-Request:  ``{"op": "status", "args": {...}}``
+Request:  ``{"op": "status", "args": {...}}`` (the operations: operations.py)
 Response: ``{"ok": true, "result": ...}`` or
-          ``{"ok": false, "error": {"class": "NotFoundError", "message": "..."}}``
+          ``{"ok": false, "error": {"code": "not-found", "message": "..."}}`` (the codes:
+          errors.py)
 """
 
 import asyncio
@@ -21,7 +22,7 @@ from typing import Any
 
 from .control_client import MAX_LINE, call
 from .control_requests import parse_request
-from .errors import ControlError, NbdsrvError
+from .errors import InternalError, NbdsrvError, PermissionDeniedError
 from .net.socket_path import clear_stale_socket
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ControlServer:
         if credentials is None or credentials[1] not in (os.getuid(), 0):
             who = f"uid {credentials[1]}" if credentials else "a peer of unknown uid"
             log.warning("control socket: refused %s (not the daemon's user or root)", who)
-            error = {"class": "PermissionError", "message": f"permission denied for {who}"}
+            error = _error(PermissionDeniedError(f"permission denied for {who}"))
             with contextlib.suppress(ConnectionError, ValueError, TimeoutError):
                 # Take the request first: closing with it unread would reset the connection
                 # before the client reads the answer.
@@ -101,16 +102,15 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
             op, args = parse_request(line)
-            handler = self._handlers.get(op)
-            if handler is None:
-                raise ControlError(f"unknown control operation '{op}'")
-            return {"ok": True, "result": await handler(args)}
+            return {"ok": True, "result": await self._handlers[op.name](args)}
         except NbdsrvError as e:
-            return {"ok": False, "error": {"class": type(e).__name__, "message": str(e)}}
+            return {"ok": False, "error": _error(e)}
         except Exception as e:
             # A bug of ours, not the request's: logged in full, answered in one line.
             log.exception("control operation failed")
-            return {
-                "ok": False,
-                "error": {"class": "InternalError", "message": f"internal error: {e}"},
-            }
+            return {"ok": False, "error": _error(InternalError(f"internal error: {e}"))}
+
+
+def _error(error: NbdsrvError) -> dict[str, str]:
+    """The error object of a response: the stable code and the sentence."""
+    return {"code": error.code, "message": str(error)}

@@ -1,85 +1,79 @@
-"""What each control operation accepts, checked before any handler runs.
+"""What each control operation accepts (operations.py), checked before any handler runs.
 
 A request is ``{"op": NAME, "args": {...}}``. Every argument has one JSON type; an optional
 one may also be null (the CLI sends null for an option not given). A wrong type, a missing
-or unknown argument, or a line that is not a JSON object is answered with one sentence — a
-handler never sees it, so no ``TypeError`` or traceback comes out of a bad request.
+or unknown argument, two arguments that exclude each other, or a line that is not a JSON
+object is answered with one sentence — a handler never sees it, so no ``TypeError`` or
+traceback comes out of a bad request.
 """
 
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ControlError
+from .errors import BadRequestError
+from .operations import BY_NAME, Operation
 
-# JSON type → Python type and its name in messages. bool is not an int here.
+# An argument's kind → its Python type and its name in messages. bool is not an int here.
 _TYPES: dict[str, tuple[type, str]] = {
     "str": (str, "a string"),
+    "path": (str, "a string"),
     "int": (int, "an integer"),
     "bool": (bool, "true or false"),
 }
-# op → argument → (type, required)
-ARGUMENTS: dict[str, dict[str, tuple[str, bool]]] = {
-    "status": {},
-    "checkpoint-create": {
-        "vm": ("str", True),
-        "name": ("str", False),
-        "granularity": ("int", False),
-        "quiesce": ("bool", False),
-    },
-    "checkpoint-list": {"vm": ("str", True)},
-    "checkpoint-delete": {"vm": ("str", True), "name": ("str", True)},
-    "backup-begin": {
-        "vm": ("str", True),
-        "from": ("str", False),
-        "checkpoint": ("str", False),
-        "no_checkpoint": ("bool", False),
-        "all_checkpoints": ("bool", False),
-        "bitmap_name": ("str", False),
-        "quiesce": ("bool", False),
-    },
-    "backup-list": {"vm": ("str", True)},
-    "backup-end": {"vm": ("str", True), "id": ("str", True)},
-    "snapshot-create": {"vm": ("str", True), "dir": ("str", False)},
-    "snapshot-commit": {"vm": ("str", True)},
-}
 
 
-def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
-    """(op, args) of one request line; ControlError with one sentence when it is malformed."""
+def parse_request(line: bytes) -> tuple[Operation, dict[str, Any]]:
+    """(operation, args) of one request line; BadRequestError with one sentence when it is
+    malformed."""
     try:
         request = json.loads(line)
     except RecursionError:
-        raise ControlError("malformed control request: nested too deeply") from None
+        raise BadRequestError("malformed control request: nested too deeply") from None
     except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
-        raise ControlError("malformed control request: not JSON") from None
+        raise BadRequestError("malformed control request: not JSON") from None
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-        raise ControlError('malformed control request: expected {"op": NAME, "args": {...}}')
-    op = request["op"]
+        raise BadRequestError('malformed control request: expected {"op": NAME, "args": {...}}')
+    name = request["op"]
+    op = BY_NAME.get(name)
+    if op is None:
+        raise BadRequestError(f"unknown control operation '{name}'")
     args = request.get("args")
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        raise ControlError(f"control operation '{op}': args must be an object")
+        raise BadRequestError(f"control operation '{name}': args must be an object")
     check_arguments(op, args)
     return op, args
 
 
-def check_arguments(op: str, args: Mapping[str, Any]) -> None:
-    """Every argument known for ``op``, of its type; required ones present. Operations
-    without an entry in ARGUMENTS are checked by their handler."""
-    schema = ARGUMENTS.get(op)
-    if schema is None:
-        return
+def check_arguments(op: Operation, args: Mapping[str, Any]) -> None:
+    """Every argument known to ``op``, of its type; required ones present; at most one of
+    each exclusive set."""
+    known = {arg.name: arg for arg in op.args}
     for name, value in args.items():
-        if name not in schema:
-            raise ControlError(f"control operation '{op}': unknown argument '{name}'")
-        kind, required = schema[name]
-        python_type, described = _TYPES[kind]
-        if value is None and not required:
+        arg = known.get(name)
+        if arg is None:
+            raise BadRequestError(f"control operation '{op.name}': unknown argument '{name}'")
+        python_type, described = _TYPES[arg.kind]
+        if value is None and not arg.required:
             continue
-        if not isinstance(value, python_type) or (kind == "int" and isinstance(value, bool)):
-            raise ControlError(f"control operation '{op}': '{name}' must be {described}")
-    for name, (_, required) in schema.items():
-        if required and args.get(name) is None:
-            raise ControlError(f"control operation '{op}': '{name}' is required")
+        if not isinstance(value, python_type) or (arg.kind == "int" and isinstance(value, bool)):
+            raise BadRequestError(f"control operation '{op.name}': '{name}' must be {described}")
+        if arg.choices and value not in arg.choices:
+            raise BadRequestError(
+                f"control operation '{op.name}': '{name}' must be one of " + ", ".join(arg.choices)
+            )
+    given: dict[str, str] = {}
+    for arg in op.args:
+        value = args.get(arg.name)
+        if arg.required and value is None:
+            raise BadRequestError(f"control operation '{op.name}': '{arg.name}' is required")
+        if arg.exclusive is None or value is None or value is False:
+            continue
+        if arg.exclusive in given:
+            raise BadRequestError(
+                f"control operation '{op.name}': '{given[arg.exclusive]}' and '{arg.name}' "
+                "exclude each other"
+            )
+        given[arg.exclusive] = arg.name

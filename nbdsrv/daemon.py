@@ -20,6 +20,7 @@ from .exports.file import FileExport
 from .metrics import Labels, Metrics, Sample
 from .net.address import Address
 from .net.server import NBDServer, ServerPolicy
+from .operations import OPERATIONS
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
 
@@ -58,18 +59,7 @@ class Daemon:
             self.metrics.collect = self._gauges
             self.server.on_request = self.metrics.count_request
         self.control = ControlServer(
-            config.control,
-            {
-                "status": self._status,
-                "checkpoint-create": self._checkpoint_create,
-                "checkpoint-list": self._checkpoint_list,
-                "checkpoint-delete": self._checkpoint_delete,
-                "backup-begin": self._backup_begin,
-                "backup-list": self._backup_list,
-                "backup-end": self._backup_end,
-                "snapshot-create": self._snapshot_create,
-                "snapshot-commit": self._snapshot_commit,
-            },
+            config.control, {op.name: getattr(self, op.handler) for op in OPERATIONS}
         )
         self._stop = asyncio.Event()
         self.libvirt: list[Any] = []
@@ -92,7 +82,14 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     async def start(self) -> None:
-        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot use the state directory {self.config.state_dir}: {e.strerror or e}"
+            ) from e
+        if not os.access(self.config.state_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write to the state directory {self.config.state_dir}")
         for name, path in self.config.files:
             try:
                 self.catalog.add(FileExport(name, path))
@@ -162,7 +159,7 @@ class Daemon:
         for domains in self.libvirt:
             await domains.stop()
 
-    async def _status(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def status(self, args: dict[str, Any]) -> dict[str, Any]:
         exports = []
         for export in self.catalog.list_exports():
             info = export.describe()
@@ -180,7 +177,7 @@ class Daemon:
             "connections": len(self.server.connections),
         }
 
-    async def _checkpoint_create(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def checkpoint_create(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         granularity = args.get("granularity")
         checkpoint = await vm.create_checkpoint(
@@ -226,15 +223,15 @@ class Daemon:
                 )
         return rows
 
-    async def _checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return await self.vms.get(str(args["vm"])).list_checkpoints()
 
-    async def _checkpoint_delete(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def checkpoint_delete(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         await vm.delete_checkpoint(str(args["name"]))
         return {"deleted": args["name"]}
 
-    async def _backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         request = BeginRequest(
             vm=vm.name,
@@ -266,11 +263,11 @@ class Daemon:
             self.metrics.observe("backup_begin", time.monotonic() - started)
         return self.sessions.describe(session)
 
-    async def _backup_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def backup_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         vm = self.vms.get(str(args["vm"]))
         return [self.sessions.describe(s) for s in self.sessions.sessions.values() if s.vm is vm]
 
-    async def _backup_end(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def backup_end(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         started = time.monotonic()
         await self.sessions.end(vm, str(args["id"]))
@@ -279,12 +276,12 @@ class Daemon:
         audit.info("session ended: id=%s vm=%s by=%s", args["id"], vm.name, control_peer.get())
         return {"ended": args["id"]}
 
-    async def _snapshot_create(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def snapshot_create(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         self._no_session(vm, "snapshot create")
         return {"vm": vm.name, "overlays": await vm.snapshot_create(args.get("dir"))}
 
-    async def _snapshot_commit(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def snapshot_commit(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         self._no_session(vm, "snapshot commit")
         return {"vm": vm.name, "committed": await vm.snapshot_commit()}

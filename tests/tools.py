@@ -198,7 +198,7 @@ class DaemonProcess:
 
     def start(self, timeout: float = READY_TIMEOUT, *, fault: str | None = None) -> dict[str, Any]:
         """Start the daemon and wait until ``nbdsrv status`` answers; return the status.
-        ``fault`` is an injected crash point (``NBDSRV_FAULT``, see nbdsrv/faults)."""
+        ``fault`` is an injected crash point (``NBDSRV_FAULT``, nbdsrv/backup/crash_points.py)."""
         argv = nbdsrv_argv("daemon", "--control", self.control, *self.args)
         env = {k: v for k, v in os.environ.items() if k != "NBDSRV_FAULT"}
         if fault:

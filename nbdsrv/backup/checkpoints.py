@@ -1,6 +1,6 @@
 """Checkpoint chains: the model, its rules, and the QMP actions that change it.
 
-Chain model (DESIGN.md decision 1): one recording bitmap per disk at a time::
+Chain model (docs/checkpoints.md): one recording bitmap per disk at a time::
 
     c1 ──► c2 ──► c3 (recording)        bitmap cN holds the writes between cN and cN+1
     "changed since c2" = c2 | c3        (OR of the checkpoint's bitmap and every later one)
@@ -13,7 +13,8 @@ A checkpoint's bitmap on one disk may lie on several layers of the backing chain
 external snapshot); each piece is a *segment* ``(image file, bitmap name)``. Image file names
 identify layers because node names change when QEMU restarts.
 
-Everything here is pure: no QMP, no files. nbdsrv.vm runs it against QEMU and the store.
+Everything here is pure: no QMP, no files. nbdsrv.backends.qmp.vm runs it against QEMU
+and nbdsrv.backup.store.
 """
 
 import os
@@ -31,6 +32,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 class CheckpointError(NbdsrvError):
     """A checkpoint operation refused before anything changed."""
+
+    code = "checkpoint"
 
 
 def check_name(name: object, what: str = "checkpoint name") -> str:

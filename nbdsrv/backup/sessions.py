@@ -53,6 +53,8 @@ PROBE_INTERVAL = 1.0
 class SessionError(NbdsrvError):
     """A backup session cannot begin or end as asked."""
 
+    code = "session"
+
 
 @dataclass(frozen=True)
 class BeginRequest:

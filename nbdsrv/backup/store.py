@@ -28,6 +28,8 @@ FORMAT_VERSION = 1
 class StoreError(NbdsrvError):
     """Metadata could not be written (the disk is full, the directory is gone, ...)."""
 
+    code = "store"
+
 
 def write_atomic(path: str, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.

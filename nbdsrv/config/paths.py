@@ -1,4 +1,4 @@
-"""Default locations of the state directory and the control socket (CONTRACT.md)."""
+"""Default locations of the state directory and the control socket (docs/reference.md)."""
 
 import os
 

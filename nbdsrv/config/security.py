@@ -2,7 +2,6 @@
 
 import argparse
 import os
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
@@ -65,7 +64,7 @@ def add_security_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def policy_from_args(args: SimpleNamespace) -> "ServerPolicy":
+def policy_from_args(args: argparse.Namespace) -> "ServerPolicy":
     """The ServerPolicy the options describe; ConfigError for a contradiction."""
     from ..net.access import AccessPolicy, parse_allow
     from ..net.server import ServerPolicy

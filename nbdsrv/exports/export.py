@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..errors import NbdsrvError
 from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS
 from ..proto.extents import Extent, PackedExtents, StatusSource
 
@@ -31,8 +32,10 @@ class FileRange(NamedTuple):
 Segment = tuple[int, int, bytes | bytearray | memoryview | FileRange | None]
 
 
-class ExportGone(Exception):
+class ExportGone(NbdsrvError):
     """The export was removed while a client still used it (answered with ESHUTDOWN)."""
+
+    code = "export-gone"
 
 
 class Export(ABC):

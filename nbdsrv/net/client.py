@@ -42,6 +42,8 @@ Mover = Callable[[int, int], int | None]
 class ConnectionClosed(ReplyError):
     """The connection ended while requests were in flight (they fail with EIO)."""
 
+    code = "nbd-closed"
+
     def __init__(self, message: str) -> None:
         super().__init__(Errno.EIO, message)
 

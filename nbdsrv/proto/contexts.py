@@ -1,4 +1,4 @@
-"""Meta-context queries with QEMU's semantics (nbd/server.c, docs/interop/nbd.rst).
+"""Meta-context queries with QEMU's semantics (QEMU's qemu/nbd/server.c, qemu/docs/interop/nbd.rst).
 
 - ``base:allocation`` and ``qemu:allocation-depth`` and ``qemu:dirty-bitmap:NAME`` match
   exactly; for LIST only, ``base:`` selects base:allocation, ``qemu:`` every ``qemu:`` context

@@ -1,29 +1,36 @@
 """Errors of the protocol core, and the one mapping from OSError to an NBD errno.
 
-NBDError
+NBDError               (a branch of nbdsrv.errors.NbdsrvError: the whole tree is drawn there)
  ├── ProtocolError      the peer broke the protocol: close the connection
  └── ReplyError         the server answered a request or option with an error (client side)
 """
 
 import errno as _errno
 
+from ..errors import NbdsrvError
 from .constants import Errno
 
 
-class NBDError(Exception):
+class NBDError(NbdsrvError):
     """Base of the protocol core's errors."""
+
+    code = "nbd"
 
 
 class ProtocolError(NBDError):
     """The peer sent something the protocol forbids; the only answer is to hang up."""
 
+    code = "nbd-protocol"
+
 
 class ReplyError(NBDError):
     """The server refused an option or failed a request (as seen by a client)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    code = "nbd-reply"
+
+    def __init__(self, errno: int, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.errno = errno
         self.message = message
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import NamedTuple, Protocol, TypeVar
 
+from ..errors import NbdsrvError
 from . import wire
 from .constants import (
     EXTENDED_REPLY_MAGIC,
@@ -149,8 +150,10 @@ class Phase(Enum):
 _READING_PHASES = (Phase.CLIENT_FLAGS, Phase.OPTIONS, Phase.TRANSMISSION)
 
 
-class OptionError(Exception):
+class OptionError(NbdsrvError):
     """An option failed: answered with ``reply`` and ``message``; negotiation goes on."""
+
+    code = "nbd-option"
 
     def __init__(self, reply: Reply, message: str) -> None:
         super().__init__(message)

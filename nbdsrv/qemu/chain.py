@@ -15,7 +15,7 @@ the file name of the node below them.
 
 Which disks: with `roots` given, exactly those (node names or BlockBackend / device names);
 otherwise every `query-block` entry with a medium (id: BlockBackend name, else the guest
-device's id, else the root node name: never a QOM path, see CONTRACT.md "Disk names");
+device's id, else the root node name: never a QOM path, see docs/reference.md "Disk names");
 and when there is none (qemu-storage-daemon has no named BlockBackends), the format nodes
 named `disk0`, `disk1`, ... that `StorageDaemon` creates.
 """
@@ -104,7 +104,7 @@ class BlockState:
         return disks_from(self.block, self.nodes, roots, self.exports)
 
     def chains(self, roots: Sequence[str] | None = None) -> dict[str, tuple[Layer, ...]]:
-        """Disk id → layers, top first (the shape nbdsrv.checkpoints calls ChainState)."""
+        """Disk id → layers, top first (the shape nbdsrv.backup.checkpoints calls ChainState)."""
         return {disk.id: disk.layers for disk in self.disks(roots)}
 
     def bitmap_counts(self, node: str) -> dict[str, int]:
@@ -145,7 +145,7 @@ async def discover_disks(monitor: Monitor, roots: Sequence[str] | None = None) -
 async def discover_chains(
     monitor: Monitor, roots: Sequence[str] | None = None
 ) -> dict[str, tuple[Layer, ...]]:
-    """Disk id → layers, top first (the shape nbdsrv.checkpoints calls ChainState)."""
+    """Disk id → layers, top first (the shape nbdsrv.backup.checkpoints calls ChainState)."""
     return (await query_block_state(monitor)).chains(roots)
 
 

@@ -17,6 +17,8 @@ from ..errors import NbdsrvError
 class QEMUError(NbdsrvError):
     """Something went wrong with QEMU."""
 
+    code = "qemu"
+
 
 class QMPError(QEMUError):
     """A QMP command returned an error.
@@ -24,6 +26,8 @@ class QMPError(QEMUError):
     `command` is the command name, `error_class` QEMU's error class (e.g. "GenericError")
     and `desc` QEMU's own message.
     """
+
+    code = "qmp"
 
     def __init__(self, command: str, desc: str, error_class: str = "GenericError") -> None:
         super().__init__(f"{command} failed: {desc}")
@@ -34,6 +38,8 @@ class QMPError(QEMUError):
 
 class QMPTimeoutError(QMPError):
     """A QMP command got no answer in time (QEMU may still carry it out)."""
+
+    code = "qmp-timeout"
 
     def __init__(self, command: str, timeout: float) -> None:
         desc = f"no answer from QEMU after {timeout:g}s"
@@ -47,6 +53,8 @@ class QMPTimeoutError(QMPError):
 class QEMUGoneError(QEMUError):
     """The QMP connection to QEMU is lost, or QEMU is not there."""
 
+    code = "qemu-gone"
+
     def __init__(self, path: str, detail: str | None = None) -> None:
         message = f"QEMU at {path} went away"
         if detail:
@@ -58,6 +66,8 @@ class QEMUGoneError(QEMUError):
 class QEMUUnreachableError(QEMUGoneError):
     """No QMP connection could be made (nothing listening, or QEMU does not answer)."""
 
+    code = "qemu-unreachable"
+
     def __init__(self, path: str, detail: str) -> None:
         QEMUError.__init__(self, f"cannot reach QEMU at {path}: {detail}")
         self.path = path
@@ -65,6 +75,8 @@ class QEMUUnreachableError(QEMUGoneError):
 
 class EventTimeoutError(QMPTimeoutError):
     """An awaited QMP event did not arrive in time."""
+
+    code = "event-timeout"
 
     def __init__(self, event: str, timeout: float) -> None:
         QEMUError.__init__(self, f"QEMU sent no {event} event within {timeout:g}s")
@@ -77,6 +89,10 @@ class EventTimeoutError(QMPTimeoutError):
 class ImageError(QEMUError):
     """An image cannot be used: missing, unreadable, or an unsupported format."""
 
+    code = "image"
+
 
 class StorageDaemonError(QEMUError):
     """The private qemu-storage-daemon could not start, or stopped unexpectedly."""
+
+    code = "storage-daemon"

@@ -1,6 +1,6 @@
 """A point in time over QEMU's disks: copy-before-write filters, snapshot-access nodes,
-frozen bitmaps, read-only exports (DESIGN.md decision 3; facts in
-shared/research/fleecing-7.2.md).
+frozen bitmaps, read-only exports (docs/architecture.md "Holding the
+point in time"; facts in docs/research/fleecing-7.2.md).
 
 For each disk of a backup session::
 

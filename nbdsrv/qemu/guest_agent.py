@@ -25,6 +25,8 @@ _DELIMITER = b"\xff"
 class GuestAgentError(QEMUError):
     """The guest agent cannot be reached, does not answer, or refused a command."""
 
+    code = "guest-agent"
+
 
 class GuestAgent:
     """One connection to a guest agent."""

@@ -19,7 +19,8 @@ Writers (a VM with `-drive driver=nbd,server.type=unix,server.path=…,export=di
 `qemu-io -f raw nbd+unix:///disk0?socket=…`) go through QEMU, so dirty bitmaps on the
 format nodes record their writes. Format nodes are opened read-write, which persistent
 bitmaps on qcow2 need. The process runs in its own session (a Ctrl-C on nbdsrv's terminal
-does not kill it) and gets SIGTERM if nbdsrv dies, so its images are closed cleanly.
+does not kill it), with umask 077, and gets SIGTERM if nbdsrv dies, so its images are closed
+cleanly: see nbdsrv/qemu/parent_death.py for how, without `preexec_fn`.
 
 Facts checked on QSD 7.2: `--blockdev` and `--export` take JSON; `--chardev`, `--monitor`
 and `--nbd-server` take `key=value` lists (a comma inside a value is written twice);
@@ -30,11 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from typing import IO
 from .errors import ImageError, QEMUError, StorageDaemonError
 from .images import SUPPORTED_FORMATS, detect_format, one_line
 from .monitor import Monitor
+from .parent_death import dies_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +78,6 @@ class Image:
 def _opt(value: str | os.PathLike[str]) -> str:
     """A value for a QEMU `key=value,...` option: commas are doubled."""
     return str(value).replace(",", ",,")
-
-
-def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
-    os.setsid()
-    os.umask(0o077)
-    # PR_SET_PDEATHSIG (1): SIGTERM to QSD if nbdsrv dies, so images are closed cleanly.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def describe_status(returncode: int) -> str:
@@ -272,25 +266,28 @@ class StorageDaemon:
         await self._cancel_watcher()
         self._close_log()
         self._stopping = False
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # The user's only, like everything QSD itself creates (umask 077).
+        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._log = open(descriptor, "ab")  # noqa: SIM115 - closed in stop()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"{_LOG_MARK} starting qemu-storage-daemon at {stamp}\n".encode())
         self._log.flush()
         argv = self.command()
         log.info("starting qemu-storage-daemon for %s: %s", self.vm, " ".join(argv))
+        if shutil.which(self.qsd) is None:
+            self._close_log()
+            raise StorageDaemonError(f"{self.qsd} is not installed (package qemu-system-common)")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *dies_with_parent(argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=self._log,
                 stderr=self._log,
-                preexec_fn=_child_setup,
+                start_new_session=True,
             )
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             self._close_log()
-            raise StorageDaemonError(
-                f"{self.qsd} is not installed (package qemu-system-common)"
-            ) from None
+            raise StorageDaemonError(f"cannot start {self.qsd}: {e}") from None
 
         proc = self._proc
         connect = asyncio.create_task(self.monitor.connect(timeout=self.start_timeout))

@@ -8,7 +8,7 @@
     -qmp unix:vm.qmp   (for nbdsrv: a monitor it has to itself)
     -qmp unix:test.qmp (for the test)
 
-KVM is not usable on these machines (DESIGN.md "Useful facts"), so the guest runs under TCG;
+KVM is not usable on these machines (docs/architecture.md "Facts"), so the guest runs under TCG;
 it boots in a few seconds. The test drives it through the agent.
 """
 

@@ -38,6 +38,12 @@ BAD = [
         "unknown argument",
     ),
     (json.dumps({"op": "no-such-op"}).encode(), "unknown control operation"),
+    (
+        json.dumps(
+            {"op": "backup-begin", "args": {"vm": "v", "checkpoint": "c", "no_checkpoint": True}}
+        ).encode(),
+        "'checkpoint' and 'no_checkpoint' exclude each other",
+    ),
     (json.dumps({"op": "status", "args": {"deep": [[[[[[[]]]]]]]}}).encode(), "unknown argument"),
 ]
 
@@ -56,6 +62,6 @@ def test_bad_request_gets_one_clear_line(nbdsrv: Served, line: bytes, message: s
     answer = ask(nbdsrv.control, line)
     assert answer["ok"] is False
     error = answer["error"]
-    assert error["class"] == "ControlError", error
+    assert error["code"] == "bad-request", error
     assert message in error["message"] and "\n" not in error["message"], error
     assert ask(nbdsrv.control, b'{"op": "status"}')["ok"] is True  # still serving

@@ -82,10 +82,10 @@ async def test_client_sees_error_replies_and_keeps_the_connection(server: Addres
     client = await NBDClient.connect(server, "disk")
     with pytest.raises(ReplyError) as excinfo:
         await client.read(4 * MiB - 512, 1024)
-    assert excinfo.value.code == Errno.EINVAL
+    assert excinfo.value.errno == Errno.EINVAL
     with pytest.raises(ReplyError) as excinfo:
         await client.request(Command.TRIM, 0, 0, 4096)
-    assert excinfo.value.code == Errno.EPERM
+    assert excinfo.value.errno == Errno.EPERM
     assert len(await client.read(0, 512)) == 512
     await client.close()
 

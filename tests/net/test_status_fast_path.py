@@ -227,7 +227,7 @@ async def burst_answers(served: Served, kind: str, extended: bool, burst: Burst)
             await client.request(command, 0, offset, length)
             return None
         except ReplyError as e:
-            return e.code
+            return e.errno
 
     client.cork()
     tasks = [asyncio.ensure_future(one(*request)) for request in burst]
@@ -305,11 +305,11 @@ def test_a_failed_session_answers_eio_and_a_removed_export_eshutdown(
             served.exports[kind].fail("copy-before-write broke the snapshot")
             with pytest.raises(ReplyError) as failed:
                 await client.block_status(0, G, req_one=True)
-            assert failed.value.code == errno.EIO
+            assert failed.value.errno == errno.EIO
             served.exports[kind].close()
             with pytest.raises(ReplyError) as gone:
                 await client.block_status(0, G, req_one=True)
-            assert gone.value.code == errno.ESHUTDOWN
+            assert gone.value.errno == errno.ESHUTDOWN
             await client.close()
 
     run(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import tempfile
@@ -13,21 +12,7 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.qemu.storage_daemon import StorageDaemon
-
-try:
-    from tests.tools import require_tool
-except ImportError:  # tests/tools.py not there yet
-
-    def require_tool(name: str) -> str:
-        """Path of `name`; a missing tool fails under NBDSRV_REQUIRE_TOOLS=1, else skips."""
-        path = shutil.which(name)
-        if path is None:
-            message = f"{name} is not installed"
-            if os.environ.get("NBDSRV_REQUIRE_TOOLS") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
-        return path
-
+from tests.tools import require_tool
 
 SIZE = 4 * 1024 * 1024
 

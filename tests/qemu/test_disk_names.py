@@ -1,4 +1,4 @@
-"""Disk names of a `--qmp` VM with a modern command line (CONTRACT.md "Disk names"): a disk
+"""Disk names of a `--qmp` VM with a modern command line (docs/reference.md "Disk names"): a disk
 attached as `-blockdev … -device virtio-blk-pci,drive=NODE,id=vdisk0` is `vdisk0` (query-block
 reports the QOM path `/machine/peripheral/vdisk0/virtio-backend`), a `scsi-hd` is its id, a
 device without id falls back to its root node name, and a backup of each works.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,73 @@ def test_qemu_tool_runs_and_reports_its_version(tool: str) -> None:
     """The QEMU programs nbdsrv and these tests drive are installed and run."""
     out = run([require_tool(tool), "--version"])
     assert re.match(rf"{tool} version \d+\.\d+\.\d+", out), out
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+
+
+async def test_qsd_runs_in_its_own_session_with_umask_077(qsd: StorageDaemon) -> None:
+    pid = qsd.pid
+    assert pid is not None
+    assert proc_status(pid)["Name"].startswith("qemu-storage-d")  # the wrapper exec'd QSD
+    assert os.getsid(pid) == pid != os.getsid(0)
+    assert proc_status(pid)["Umask"] == "0077"
+    # The QMP sockets are never chmod'ed: that no one else may connect is the umask's work.
+    assert stat.S_IMODE(os.stat(qsd.qmp_path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(qsd.log_path).st_mode) == 0o600
+
+
+# A daemon that starts a QSD under uvloop (as nbdsrv's does), adds a persistent bitmap, says
+# the QSD's pid and waits to be killed.
+_DAEMON = """
+import sys, uvloop
+from nbdsrv.qemu.storage_daemon import StorageDaemon
+
+async def main():
+    qsd = StorageDaemon("vm", sys.argv[2:], sys.argv[1])
+    await qsd.start()
+    await qsd.monitor.execute(
+        "block-dirty-bitmap-add", {"node": "disk0", "name": "c1", "persistent": True}
+    )
+    print(qsd.pid, flush=True)
+    await qsd.monitor.execute("query-block")
+    sys.stdin.read()
+
+uvloop.run(main())
+"""
+
+
+async def test_qsd_closes_its_images_cleanly_when_the_daemon_is_killed(
+    images: list[Path], state_dir: Path
+) -> None:
+    require_tool("qemu-storage-daemon")
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DAEMON,
+        str(state_dir),
+        *map(str, images),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert daemon.stdout is not None
+    line = await asyncio.wait_for(daemon.stdout.readline(), 30)
+    qsd_pid = int(line)
+    try:
+        assert alive(qsd_pid)
+        daemon.kill()
+        await daemon.wait()
+        for _ in range(300):
+            if not alive(qsd_pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not alive(qsd_pid)
+    finally:
+        if alive(qsd_pid):  # the test failed: leave no orphan behind
+            os.kill(qsd_pid, signal.SIGKILL)
+    # Closed cleanly (SIGTERM, not left running nor killed): the bitmap is stored, not in use.
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(images[0])]))
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    assert [(b["name"], b["flags"]) for b in bitmaps] == [("c1", ["auto"])]

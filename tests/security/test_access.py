@@ -137,7 +137,7 @@ def test_control_socket_refuses_another_user(
     os.waitpid(pid, 0)
     response = json.loads(answer)
     assert response["ok"] is False
-    assert response["error"]["class"] == "PermissionError"
+    assert response["error"]["code"] == "permission-denied"
     assert "refused uid 65534" in served.daemon.log()
     os.chmod(control, 0o600)
     served.daemon.status()  # our own user still gets answers

@@ -71,15 +71,17 @@ def _run_events(libvirt: Any) -> None:
 
 
 class LibvirtError(NbdsrvError):
-    """libvirt refused or failed a call; ``code`` is libvirt's ``VIR_ERR_*`` number."""
+    """libvirt refused or failed a call; ``libvirt_code`` is libvirt's ``VIR_ERR_*`` number."""
+
+    code = "libvirt"
 
     def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.libvirt_code = code
 
 
 class NotConnectedError(LibvirtError):
-    pass
+    code = "libvirt-not-connected"
 
 
 @dataclass(frozen=True)

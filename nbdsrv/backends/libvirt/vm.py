@@ -69,6 +69,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 class LibvirtRefusal(NbdsrvError):
     """An nbdsrv operation that libvirt domains do not offer; the message says what to use."""
 
+    code = "libvirt-refused"
+
 
 @dataclass
 class HeldBackup:
@@ -243,7 +245,7 @@ class LibvirtVM:
             try:
                 await self._call(self._delete_checkpoint, name)
             except LibvirtError as e:
-                if e.code == self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                if e.libvirt_code == self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                     raise NotFoundError(f"VM {self.name} has no checkpoint '{name}'") from e
                 if "not found in backing chain" in str(e):
                     raise LibvirtError(

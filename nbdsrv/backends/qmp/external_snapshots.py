@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 class SnapshotError(NbdsrvError):
     """A snapshot operation refused or failed; QEMU's chain is as it was."""
 
+    code = "snapshot"
+
 
 async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
     """New qcow2 overlays on every disk in one transaction; disk → overlay file."""

@@ -1,5 +1,5 @@
 """Points in time of a QMP-driven VM: copy-before-write filters in QEMU, guarded by a
-session record (DESIGN.md decision 3; docs/architecture.md "Holding the point in time").
+session record (docs/architecture.md "Holding the point in time").
 
 begin (the VM's lock held)::
 

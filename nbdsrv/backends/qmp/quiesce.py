@@ -35,6 +35,8 @@ THAW_TIMEOUT = 10.0
 class QuiesceError(NbdsrvError):
     """--quiesce cannot be honoured; nothing was done."""
 
+    code = "quiesce"
+
 
 def _marker(directory: str) -> str:
     return os.path.join(directory, "frozen.json")

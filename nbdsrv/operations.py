@@ -1,0 +1,178 @@
+"""Every control operation, once: its name, its command line, its arguments, its handler.
+
+From this table alone
+- ``cli.py`` builds the client commands (``nbdsrv checkpoint create VM --name NAME``): one
+  command word per operation word, positionals and options from the arguments;
+- ``control_requests.py`` checks each request's arguments before any handler runs;
+- ``daemon.py`` dispatches each operation to the handler named after it
+  (``checkpoint-create`` → ``Daemon.checkpoint_create``; tests/control/test_operations.py
+  checks that every operation has one).
+
+Adding an operation is one entry here, a handler, and tests. Each entry's ``show`` writes the
+result for people (``--json`` prints the result itself); text_output.py holds those functions.
+
+A request on the wire is ``{"op": NAME, "args": {ARG: VALUE, ...}}`` (docs/api.md); the CLI
+sends null for an option not given, so an optional argument may always be null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import text_output
+
+
+class Arg(NamedTuple):
+    """One argument of an operation: a request field and its command-line form."""
+
+    name: str
+    """The request's field (``vm``, ``from``, ``no_checkpoint``)."""
+    kind: str
+    """``str``, ``int``, ``bool`` (a flag on the command line) or ``path`` (a string the CLI
+    makes absolute, since the daemon's working directory is not the user's)."""
+    help: str
+    required: bool = False
+    positional: bool = False
+    """A word of its own on the command line (``VM``) instead of an option (``--name``)."""
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    exclusive: str | None = None
+    """Arguments with the same value here cannot be given together."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+class Operation(NamedTuple):
+    name: str
+    """The name on the wire (``checkpoint-create``); the handler is ``Daemon.<name with _>``."""
+    words: tuple[str, ...]
+    """The command words (``checkpoint create``)."""
+    help: str
+    args: tuple[Arg, ...]
+    show: Callable[[dict[str, Any], Any], str]
+    """The result as text for people, from the request's arguments and the result."""
+    progress_of: str | None = None
+    """While it runs, the CLI shows the progress of the VM's block jobs of this type."""
+
+    @property
+    def handler(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _vm(help_text: str = "the VM") -> Arg:
+    return Arg("vm", "str", help_text, required=True, positional=True, metavar="VM")
+
+
+_QUIESCE = Arg(
+    "quiesce",
+    "bool",
+    "freeze the guest's filesystems for the instant (needs the guest agent: --qga or libvirt)",
+)
+
+# In the order `nbdsrv --help` lists them.
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "status",
+        ("status",),
+        "VMs, exports and sessions of a running daemon",
+        (),
+        text_output.status,
+    ),
+    Operation(
+        "checkpoint-create",
+        ("checkpoint", "create"),
+        "a checkpoint over all disks of VM, atomically",
+        (
+            _vm(),
+            Arg("name", "str", "the checkpoint's name (default: ckpt-<UTC time>)", metavar="NAME"),
+            Arg("granularity", "int", "bitmap granularity (default 65536)", metavar="BYTES"),
+            _QUIESCE,
+        ),
+        text_output.checkpoint_created,
+    ),
+    Operation(
+        "checkpoint-list",
+        ("checkpoint", "list"),
+        "checkpoints of VM, oldest first",
+        (_vm(),),
+        text_output.checkpoints,
+    ),
+    Operation(
+        "checkpoint-delete",
+        ("checkpoint", "delete"),
+        "delete a checkpoint; its changes go to its parent",
+        (_vm(), Arg("name", "str", "the checkpoint", required=True, positional=True)),
+        text_output.checkpoint_deleted,
+    ),
+    Operation(
+        "backup-begin",
+        ("backup", "begin"),
+        "fix a point in time and export every disk of VM",
+        (
+            _vm(),
+            Arg(
+                "from",
+                "str",
+                "incremental: offer qemu:dirty-bitmap:CKPT (changed since CKPT)",
+                metavar="CKPT",
+            ),
+            Arg("checkpoint", "str", "name of the new checkpoint", metavar="NAME", exclusive="new"),
+            Arg(
+                "no_checkpoint",
+                "bool",
+                "do not create a checkpoint at the point in time",
+                exclusive="new",
+            ),
+            Arg(
+                "all_checkpoints",
+                "bool",
+                "offer a dirty-bitmap context for every valid checkpoint",
+            ),
+            Arg(
+                "bitmap_name",
+                "str",
+                "name the --from context qemu:dirty-bitmap:NAME",
+                metavar="NAME",
+            ),
+            _QUIESCE,
+        ),
+        text_output.session,
+    ),
+    Operation(
+        "backup-list", ("backup", "list"), "backup sessions of VM", (_vm(),), text_output.sessions
+    ),
+    Operation(
+        "backup-end",
+        ("backup", "end"),
+        "end a backup session; its exports go",
+        (_vm(), Arg("id", "str", "the session", required=True, positional=True)),
+        text_output.session_ended,
+    ),
+    Operation(
+        "snapshot-create",
+        ("snapshot", "create"),
+        "new qcow2 overlays on every disk of VM, atomically",
+        (_vm(), Arg("dir", "path", "where the overlays go (default: beside)", metavar="DIR")),
+        text_output.snapshot_created,
+    ),
+    Operation(
+        "snapshot-commit",
+        ("snapshot", "commit"),
+        "commit every disk's top overlay into its backing",
+        (_vm(),),
+        text_output.snapshot_committed,
+        progress_of="commit",
+    ),
+)
+
+BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
+
+# Help of the command words that group several operations.
+GROUPS: dict[str, str] = {
+    "checkpoint": "create, list and delete checkpoints",
+    "backup": "pull-mode backup sessions",
+    "snapshot": "external snapshots that keep checkpoints usable",
+}
