@@ -23,6 +23,8 @@ from .net.server import NBDServer, ServerPolicy
 from .operations import OPERATIONS
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
+from .restore.sessions import BeginRestore, RestoreSessions
+from .restore.source import TLSFiles
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("nbdsrv.audit")
@@ -43,6 +45,7 @@ class DaemonConfig:
     policy: ServerPolicy = field(default_factory=ServerPolicy)
     metrics: Address | None = None
     scratch_limit: int = 0
+    tls_files: TLSFiles | None = None
 
 
 class Daemon:
@@ -52,6 +55,9 @@ class Daemon:
         self.server = NBDServer(self.catalog, config.policy)
         self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
         self.sessions = SessionManager(self.catalog, self.server.addresses)
+        self.restores = RestoreSessions(
+            self.catalog, self.server.addresses, config.state_dir, tls_files=config.tls_files
+        )
         self.vms = VMRegistry()
         self.metrics: Metrics | None = None
         if config.metrics is not None:
@@ -140,6 +146,8 @@ class Daemon:
                 raise ConfigError(
                     f"cannot serve metrics on {self.config.metrics}: {e.strerror or e}"
                 ) from e
+        # Restore sessions a stopped or killed daemon left: cleaned up, or opened again.
+        await self.restores.start()
         # The control socket comes last: `nbdsrv status` succeeding means ready.
         try:
             await self.control.start()
@@ -153,11 +161,30 @@ class Daemon:
         for session in self.sessions.sessions.values():
             audit.info("session ended: id=%s vm=%s by=daemon-stop", session.id, session.vm.name)
         await self.sessions.end_all()
+        await self.restores.shutdown()
         await self.server.stop()
         self.catalog.close_all()
         await self.vms.stop()
         for domains in self.libvirt:
             await domains.stop()
+
+    async def restore_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.restores.begin(
+            BeginRestore(
+                image=args.get("image"),
+                size=args.get("size"),
+                format=args.get("format"),
+                source=args.get("source"),
+                vm=args.get("vm"),
+                disk=args.get("disk"),
+            )
+        )
+
+    async def restore_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.restores.list()
+
+    async def restore_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.restores.end(str(args["id"]), abort=bool(args.get("abort")))
 
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:
         exports = []

@@ -38,7 +38,7 @@ MAX_UPSTREAM_LENGTH = (1 << 32) - (1 << 20)
 
 def _os_error(what: str, error: NBDError) -> OSError:
     """QEMU's errno passes through to the client (ENOSPC, ENOTSUP, …); else EIO."""
-    code = error.code if isinstance(error, ReplyError) and error.code else errno.EIO
+    code = error.errno if isinstance(error, ReplyError) and error.errno else errno.EIO
     return OSError(code, f"{what}: {error}")
 
 

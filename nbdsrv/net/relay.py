@@ -264,7 +264,7 @@ class _Acknowledged:
         if self.error is None:
             self.error = relay.refusal()
         if error is not None and self.error is None:
-            code = Errno(error.code) if error.code in _ERRNOS else Errno.EIO
+            code = Errno(error.errno) if error.errno in _ERRNOS else Errno.EIO
             self.error = (code, f"QEMU: {error.message}")
         if self.error is not None:
             relay.write([relay.core.error_reply(request, *self.error)])

@@ -37,10 +37,10 @@ from ..qemu.errors import QEMUError
 from ..qemu.images import detect_format, one_line
 from ..qemu.monitor import Monitor
 from ..qemu.storage_daemon import StorageDaemon
+from .errors import RestoreError
 from .records import RestoreRecord, RestoreRecords
-from .source import Source, SourceError, TLSFiles, parse_source
+from .source import Source, TLSFiles, parse_source
 from .target import (
-    TargetError,
     TargetNodes,
     add_tls_creds,
     cancel_job,
@@ -72,10 +72,6 @@ STREAMING = "streaming"
 READY = "ready"
 UNREACHABLE = "source unreachable"
 FAILED = "failed"
-
-
-class RestoreError(NbdsrvError):
-    """A restore session cannot begin or end as asked."""
 
 
 @dataclass
@@ -274,10 +270,7 @@ class RestoreSessions:
             raise RestoreError("--size must be a positive number of bytes")
         source: Source | None = None
         if request.source is not None:
-            try:
-                source = parse_source(request.source)
-            except SourceError as e:
-                raise RestoreError(str(e)) from None
+            source = parse_source(request.source)
             if source.tls:
                 self._tls_directory()  # refuses now when there are no certificates
         for other in self.sessions.values():
@@ -373,8 +366,6 @@ class RestoreSessions:
             if (created or (record.created_image and not resumed)) and os.path.exists(record.image):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record.image)
-            if isinstance(e, TargetError):
-                raise RestoreError(str(e)) from e
             if isinstance(e, QEMUError):
                 raise RestoreError(qemu_words(e)) from e
             raise

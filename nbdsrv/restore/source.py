@@ -10,15 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..errors import NbdsrvError
 from ..proto.constants import DEFAULT_PORT
+from .errors import RestoreError
 
 # Seconds a request waits for a lost source before it fails with EIO.
 RECONNECT_DELAY = 5
-
-
-class SourceError(NbdsrvError):
-    """A --source that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,7 @@ class Source:
 
 
 def parse_source(uri: str) -> Source:
-    """The source ``uri`` names; SourceError in one sentence for anything else."""
+    """The source ``uri`` names; RestoreError in one sentence for anything else."""
     parts = urlsplit(uri)
     scheme = parts.scheme
     tls = scheme in ("nbds", "nbds+unix")
@@ -62,17 +58,17 @@ def parse_source(uri: str) -> Source:
     if scheme in ("nbd+unix", "nbds+unix"):
         sockets = parse_qs(parts.query).get("socket")
         if not sockets or not sockets[0]:
-            raise SourceError(f"bad --source {uri!r}: {scheme}:// needs ?socket=PATH")
+            raise RestoreError(f"bad --source {uri!r}: {scheme}:// needs ?socket=PATH")
         return Source(uri, tls, {"type": "unix", "path": sockets[0]}, export)
     if scheme in ("nbd", "nbds"):
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError:
-            raise SourceError(f"bad --source {uri!r}: the port is not a number") from None
+            raise RestoreError(f"bad --source {uri!r}: the port is not a number") from None
         if not parts.hostname:
-            raise SourceError(f"bad --source {uri!r}: no host")
+            raise RestoreError(f"bad --source {uri!r}: no host")
         return Source(uri, tls, {"type": "inet", "host": parts.hostname, "port": str(port)}, export)
-    raise SourceError(
+    raise RestoreError(
         f"bad --source {uri!r}: use nbd://HOST[:PORT]/EXPORT, "
         "nbd+unix:///EXPORT?socket=PATH or nbds://…"
     )

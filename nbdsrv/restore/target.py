@@ -26,6 +26,7 @@ from ..qemu.block_exports import wait_export_deleted
 from ..qemu.errors import QEMUError
 from ..qemu.images import one_line
 from ..qemu.monitor import Monitor
+from .errors import RestoreError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ class TargetNodes:
         return cls(base, f"{base}-file", f"{base}-src", f"{base}-stream", base, f"{base}-tls")
 
 
-class TargetError(QEMUError):
-    """QEMU refused to open or export the target (one line, QEMU's own words)."""
-
-
 def qemu_words(error: QEMUError) -> str:
     """QEMU's reason in one line, without the command name in front."""
     text = one_line(str(error))
@@ -63,7 +60,7 @@ async def node_size(monitor: Monitor, node: str) -> int:
     for info in await monitor.execute("query-named-block-nodes", {"flat": True}):
         if info.get("node-name") == node:
             return int(info["image"]["virtual-size"])
-    raise TargetError(f"node {node} is not in QEMU")
+    raise RestoreError(f"node {node} is not in QEMU")
 
 
 async def create_image(path: str, fmt: str, size: int, qemu_img: str = "qemu-img") -> None:
@@ -86,7 +83,7 @@ async def create_image(path: str, fmt: str, size: int, qemu_img: str = "qemu-img
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         text = one_line((err or out).decode(errors="replace")) or f"status {proc.returncode}"
-        raise TargetError(f"cannot create {path}: {text}")
+        raise RestoreError(f"cannot create {path}: {text}")
 
 
 async def add_tls_creds(monitor: Monitor, nodes: TargetNodes, directory: str) -> None:
@@ -107,7 +104,7 @@ async def open_source(monitor: Monitor, options: dict[str, Any]) -> int:
     try:
         await monitor.execute("blockdev-add", options)
     except QEMUError as e:
-        raise TargetError(f"source unreachable: {qemu_words(e)}") from e
+        raise RestoreError(f"source unreachable: {qemu_words(e)}") from e
     return await node_size(monitor, str(options["node-name"]))
 
 
