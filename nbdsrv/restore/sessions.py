@@ -115,12 +115,15 @@ class RestoreSessions:
         *,
         tls_files: TLSFiles | None = None,
         qemu_img: str = "qemu-img",
+        stream_speed: int = 0,
     ) -> None:
         self.catalog = catalog
         self.addresses = addresses
         self.state_dir = state_dir
         self.tls_files = tls_files
         self.qemu_img = qemu_img
+        # Bytes a second the background copy may take from the source (0: no limit).
+        self.stream_speed = stream_speed
         self.records = RestoreRecords(state_dir)
         self.sessions: dict[str, RestoreSession] = {}
         self._qsd: StorageDaemon | None = None
@@ -347,7 +350,7 @@ class RestoreSessions:
                 raise RestoreError(f"{record.image} is {size} bytes, not --size {record.size}")
             await export_writable(monitor, nodes.image, nodes.export)
             if streaming:
-                await start_stream(monitor, nodes)
+                await start_stream(monitor, nodes, self.stream_speed)
             record = replace(record, size=size, step="open")
             session = RestoreSession(
                 record, nodes, monitor, None, STREAMING if streaming else _settled(record)

@@ -141,7 +141,7 @@ async def export_writable(monitor: Monitor, node: str, export: str) -> None:
     )
 
 
-async def start_stream(monitor: Monitor, nodes: TargetNodes) -> None:
+async def start_stream(monitor: Monitor, nodes: TargetNodes, speed: int = 0) -> None:
     await monitor.execute(
         "block-stream",
         {
@@ -149,6 +149,7 @@ async def start_stream(monitor: Monitor, nodes: TargetNodes) -> None:
             "device": nodes.image,
             "on-error": "stop",
             "auto-dismiss": False,
+            "speed": speed,
         },
     )
 
