@@ -23,7 +23,7 @@ from .net.server import NBDServer, ServerPolicy
 from .operations import OPERATIONS
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
-from .restore.sessions import BeginRestore, RestoreSessions
+from .restore.sessions import BeginRestore, RestoreSessions, stream_speed_from_environment
 from .restore.source import TLSFiles
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,11 @@ class Daemon:
         self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
         self.sessions = SessionManager(self.catalog, self.server.addresses)
         self.restores = RestoreSessions(
-            self.catalog, self.server.addresses, config.state_dir, tls_files=config.tls_files
+            self.catalog,
+            self.server.addresses,
+            config.state_dir,
+            tls_files=config.tls_files,
+            stream_speed=stream_speed_from_environment(),
         )
         self.vms = VMRegistry()
         self.metrics: Metrics | None = None

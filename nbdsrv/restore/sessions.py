@@ -29,6 +29,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..backup.crash_points import crash_point
 from ..errors import NbdsrvError, NotFoundError
 from ..exports.catalog import ExportCatalog
 from ..exports.restore import RestoreExport
@@ -66,6 +67,8 @@ WATCH_INTERVAL = 0.5
 # Seconds between attempts to resume a copy stopped by an unreachable source.
 RESUME_INTERVAL = 2.0
 
+# Tries to open a session again while a dying QEMU still holds the image's lock.
+LOCK_RETRIES = 20
 # States of the contract (restore list).
 WRITABLE = "writable"
 STREAMING = "streaming"
@@ -174,13 +177,25 @@ class RestoreSessions:
                 self.records.remove(record.id)
             else:
                 try:
-                    await self._open(record, resumed=True)
+                    await self._open_again(record)
                     log.info("restore %s: opened again after a restart", record.id)
                 except NbdsrvError as e:
                     log.error("restore %s cannot be opened again: %s", record.id, e)
                     self.sessions[record.id] = RestoreSession(
                         record, TargetNodes.of(record.id), None, None, FAILED, str(e)
                     )
+
+    async def _open_again(self, record: RestoreRecord) -> None:
+        """Open a running session again; the QEMU of a killed daemon may still be closing
+        the image (it got SIGTERM when the daemon died), so QEMU's lock gets a moment."""
+        for attempt in range(LOCK_RETRIES):
+            try:
+                await self._open(record, resumed=True)
+                return
+            except RestoreError as e:
+                if "lock" not in str(e) or attempt == LOCK_RETRIES - 1:
+                    raise
+            await asyncio.sleep(0.5)
 
     async def shutdown(self) -> None:
         """Daemon stop: exports go, QEMU closes the images; records stay, so the next start
@@ -330,12 +345,13 @@ class RestoreSessions:
                     )
                 backing = nodes.source
             if not os.path.exists(record.image):
-                if not record.created_image:
+                if resumed:
                     raise RestoreError(f"{record.image} is gone")
                 await create_image(
                     record.image, record.format, record.size or source_size or 0, self.qemu_img
                 )
                 created = True
+                crash_point("restore-image-created")
             try:
                 await open_image(monitor, nodes, record.image, record.format, backing)
             except QEMUError as e:
@@ -360,6 +376,7 @@ class RestoreSessions:
             )
             self.catalog.add(export)
             session.export = export
+            crash_point("restore-before-open-record")
             self.records.write(record)
         except BaseException as e:
             if export is not None and self.catalog.find_export(export.name) is export:
@@ -473,6 +490,18 @@ class RestoreSessions:
         session.streamed_bytes = session.record.size
         session.state = READY
         log.info("restore %s: copy from the source complete", session.id)
+
+
+def stream_speed_from_environment() -> int:
+    """NBDSRV_RESTORE_SPEED: bytes a second a live restore's copy may take (0: no limit)."""
+    text = os.environ.get("NBDSRV_RESTORE_SPEED", "0")
+    try:
+        value = int(text)
+    except ValueError:
+        raise RestoreError(f"NBDSRV_RESTORE_SPEED={text!r} is not a number of bytes") from None
+    if value < 0:
+        raise RestoreError("NBDSRV_RESTORE_SPEED must not be negative")
+    return value
 
 
 def _settled(record: RestoreRecord) -> str:
