@@ -55,14 +55,15 @@ class Daemon:
         self.server = NBDServer(self.catalog, config.policy)
         self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
         self.sessions = SessionManager(self.catalog, self.server.addresses)
+        self.vms = VMRegistry()
         self.restores = RestoreSessions(
             self.catalog,
             self.server.addresses,
             config.state_dir,
             tls_files=config.tls_files,
             stream_speed=stream_speed_from_environment(),
+            vms=self.vms,
         )
-        self.vms = VMRegistry()
         self.metrics: Metrics | None = None
         if config.metrics is not None:
             self.metrics = Metrics()
@@ -173,6 +174,8 @@ class Daemon:
             await domains.stop()
 
     async def restore_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("vm") is not None:
+            self._no_session(self.vms.get(str(args["vm"])), "restore begin")
         return await self.restores.begin(
             BeginRestore(
                 image=args.get("image"),

@@ -27,7 +27,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backup.crash_points import crash_point
 from ..errors import NbdsrvError, NotFoundError
@@ -56,6 +56,10 @@ from .target import (
     remove_export,
     start_stream,
 )
+
+if TYPE_CHECKING:
+    from ..backends.embedded import EmbeddedVM
+    from ..registry import VMRegistry
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("nbdsrv.audit")
@@ -119,6 +123,7 @@ class RestoreSessions:
         tls_files: TLSFiles | None = None,
         qemu_img: str = "qemu-img",
         stream_speed: int = 0,
+        vms: "VMRegistry | None" = None,
     ) -> None:
         self.catalog = catalog
         self.addresses = addresses
@@ -127,6 +132,7 @@ class RestoreSessions:
         self.qemu_img = qemu_img
         # Bytes a second the background copy may take from the source (0: no limit).
         self.stream_speed = stream_speed
+        self.vms = vms
         self.records = RestoreRecords(state_dir)
         self.sessions: dict[str, RestoreSession] = {}
         self._qsd: StorageDaemon | None = None
@@ -245,7 +251,11 @@ class RestoreSessions:
                 self._drop_export(session)
                 await session.export.aclose()
             if session.monitor is not None and session.monitor.connected:
-                await self._close_target(session.monitor, session.nodes)
+                if session.record.vm is not None and session.record.disk is not None:
+                    await remove_export(session.monitor, session.nodes.export)
+                    await self._embedded(session.record.vm).open_live_export(session.record.disk)
+                else:
+                    await self._close_target(session.monitor, session.nodes)
             del self.sessions[session_id]
             self.records.remove(session_id)
             await self._stop_idle_daemon()
@@ -278,7 +288,7 @@ class RestoreSessions:
     async def _checked(self, request: BeginRestore) -> RestoreRecord:
         """The record of a session ``request`` asks for; RestoreError for bad input."""
         if request.vm is not None or request.disk is not None:
-            raise RestoreError("restore into a VM's disk is not available yet")
+            return self._checked_disk(request)
         if not request.image:
             raise RestoreError("restore begin needs --image PATH (or VM --disk DISK)")
         image = os.path.abspath(request.image)
@@ -319,9 +329,88 @@ class RestoreSessions:
             source=request.source,
         )
 
+    def _checked_disk(self, request: BeginRestore) -> RestoreRecord:
+        if request.vm is None or request.disk is None:
+            raise RestoreError("restore into a VM's disk needs both VM and --disk DISK")
+        if request.image is not None:
+            raise RestoreError("give --image PATH or VM --disk DISK, not both")
+        if request.size is not None or request.format is not None:
+            raise RestoreError("--size and --format are for a new image, not a VM's disk")
+        if request.source is not None:
+            raise RestoreError(
+                "live restore (--source) into a VM's disk is not offered; "
+                "restore into a new image with --image PATH --source URI"
+            )
+        image = self._embedded(request.vm).restore_image(request.disk)
+        for other in self.sessions.values():
+            if os.path.realpath(other.record.image) == os.path.realpath(image.path):
+                raise RestoreError(f"{image.path} is being restored already (restore {other.id})")
+        return RestoreRecord(
+            id=secrets.token_hex(4),
+            image=str(image.path),
+            format=image.format,
+            size=0,
+            step="opening",
+            created_image=False,
+            vm=request.vm,
+            disk=request.disk,
+        )
+
+    def _embedded(self, name: str) -> "EmbeddedVM":
+        from ..backends.embedded import EmbeddedVM
+
+        if self.vms is None:
+            raise NotFoundError(f"no VM named '{name}'")
+        vm = self.vms.get(name)
+        if not isinstance(vm, EmbeddedVM):
+            raise RestoreError(
+                f"restore into a disk is offered for VMs of --image (nbdsrv's own "
+                f"qemu-storage-daemon); VM {name} is not one: restore into an image instead"
+            )
+        return vm
+
+    async def _open_disk(self, record: RestoreRecord) -> RestoreSession:
+        """A disk of an embedded VM: its live export is taken away (refused while a writer is
+        connected) and the restore export sits on the same live node, in the same QSD."""
+        assert record.vm is not None and record.disk is not None
+        vm = self._embedded(record.vm)
+        disk = record.disk
+        monitor = vm.monitor
+        nodes = TargetNodes.of(record.id)
+        image = vm.restore_image(disk)
+        if vm.live_socket is None:
+            raise RestoreError(f"VM {vm.name} is not running")
+        async with vm.lock:
+            await vm.close_live_export(disk)
+            export: RestoreExport | None = None
+            try:
+                size = await node_size(monitor, image.live_node)
+                await export_writable(monitor, image.live_node, nodes.export)
+                record = replace(record, size=size, step="open")
+                session = RestoreSession(record, nodes, monitor, None, WRITABLE)
+                address = Address("unix", path=vm.live_socket)
+                export = RestoreExport(session.export_name, size, address, nodes.export)
+                self.catalog.add(export)
+                session.export = export
+                self.records.write(record)
+            except BaseException as e:
+                if export is not None and self.catalog.find_export(export.name) is export:
+                    self.catalog.remove(export.name)
+                with contextlib.suppress(QEMUError):
+                    await remove_export(monitor, nodes.export)
+                with contextlib.suppress(QEMUError):
+                    await vm.open_live_export(disk)
+                if isinstance(e, QEMUError):
+                    raise RestoreError(qemu_words(e)) from e
+                raise
+        self.sessions[record.id] = session
+        return session
+
     async def _open(self, record: RestoreRecord, *, resumed: bool) -> RestoreSession:
         """QEMU's side and the export of ``record`` (a new session, or one opened again after
         a restart); everything undone on failure."""
+        if record.vm is not None:
+            return await self._open_disk(record)
         qsd = await self._storage_daemon()
         monitor = qsd.monitor
         nodes = TargetNodes.of(record.id)
