@@ -15,10 +15,11 @@ the image flushes it — and the private QSD once no session needs it: afterward
 nbdsrv's holds the image. A session still copying from its source is ended only with
 ``abort``.
 
-The copy's state is read from QEMU every WATCH_INTERVAL: ``streaming`` while the job runs,
-``source unreachable`` while it stands stopped on a read error (it is resumed every
-RESUME_INTERVAL: QEMU's nbd client reconnects on the next request), ``ready`` once it has
-completed and QEMU dropped the backing link, ``failed`` if it ended with an error.
+The copy's state is read from QEMU at each of QEMU's events about the job, and every
+WATCH_INTERVAL: ``streaming`` while the job runs, ``source unreachable`` while it stands
+stopped on a read error (it is resumed every RESUME_INTERVAL: QEMU's nbd client reconnects
+on the next request), ``ready`` once it has completed and QEMU dropped the backing link,
+``failed`` if it ended with an error.
 """
 
 import asyncio
@@ -36,7 +37,7 @@ from ..exports.restore import RestoreExport
 from ..net.address import Address
 from ..qemu.errors import QEMUError
 from ..qemu.images import detect_format, one_line
-from ..qemu.monitor import Monitor
+from ..qemu.monitor import Monitor, QMPEvent
 from ..qemu.storage_daemon import StorageDaemon
 from .errors import RestoreError
 from .records import RestoreRecord, RestoreRecords
@@ -68,6 +69,8 @@ FORMATS = ("qcow2", "raw")
 EXPORT_PREFIX = "restore/"
 # Seconds between looks at a live restore's copy job.
 WATCH_INTERVAL = 0.5
+# QEMU's news of a job: its state changed, it stopped on an error, it ended.
+JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 # Seconds between attempts to resume a copy stopped by an unreachable source.
 RESUME_INTERVAL = 2.0
 
@@ -532,29 +535,48 @@ class RestoreSessions:
     async def _watch(self, session: RestoreSession) -> None:
         monitor, job = session.monitor, session.nodes.job
         assert monitor is not None
+        news = asyncio.Event()
+
+        def about_the_job(event: QMPEvent) -> None:
+            if event.data.get("device") == job or event.data.get("id") == job:
+                news.set()
+
+        unsubscribe = monitor.subscribe(JOB_EVENTS, about_the_job)
+        try:
+            await self._follow(session, monitor, job, news)
+        finally:
+            unsubscribe()
+
+    async def _follow(
+        self, session: RestoreSession, monitor: Monitor, job: str, news: asyncio.Event
+    ) -> None:
+        """Look at the job when QEMU sends news of it, and every WATCH_INTERVAL (the
+        progress, and the safety net)."""
         last_resume = 0.0
         loop = asyncio.get_running_loop()
         while True:
+            news.clear()
             try:
                 info = await job_info(monitor, job)
             except QEMUError as e:
                 log.warning("restore %s: cannot look at the copy: %s", session.id, e)
-                await asyncio.sleep(WATCH_INTERVAL)
-                continue
+                info = {}
             if info is None or info.get("status") == "concluded":
                 await self._copy_ended(session, info)
                 return
-            session.streamed_bytes = int(info.get("offset", 0))
-            stopped = info.get("status") == "paused" or info.get("io-status", "ok") != "ok"
-            if stopped:
-                session.state = UNREACHABLE
-                if loop.time() - last_resume >= RESUME_INTERVAL:
-                    last_resume = loop.time()
-                    with contextlib.suppress(QEMUError):
-                        await monitor.execute("block-job-resume", {"device": job})
-            else:
-                session.state = STREAMING
-            await asyncio.sleep(WATCH_INTERVAL)
+            if info:
+                session.streamed_bytes = int(info.get("offset", 0))
+                stopped = info.get("status") == "paused" or info.get("io-status", "ok") != "ok"
+                if stopped:
+                    session.state = UNREACHABLE
+                    if loop.time() - last_resume >= RESUME_INTERVAL:
+                        last_resume = loop.time()
+                        with contextlib.suppress(QEMUError):
+                            await monitor.execute("block-job-resume", {"device": job})
+                else:
+                    session.state = STREAMING
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(news.wait(), WATCH_INTERVAL)
 
     async def _copy_ended(self, session: RestoreSession, info: dict[str, Any] | None) -> None:
         monitor, nodes = session.monitor, session.nodes
