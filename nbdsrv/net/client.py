@@ -264,6 +264,7 @@ class NBDClient:
         self.contexts = negotiated.contexts
         self._cookies = itertools.count(1)
         self._corked: list[bytes] | None = None
+        self._corked_payloads = False
 
     @classmethod
     async def connect(
@@ -325,6 +326,7 @@ class NBDClient:
             flags |= CommandFlag.PAYLOAD_LEN
         self._write(self._core.request(cookie, command, flags, offset, length, sink))
         if payload:
+            self._corked_payloads = self._corked is not None
             self._write(payload)
 
     def forward(self, data: bytes, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
@@ -355,7 +357,12 @@ class NBDClient:
     def uncork(self) -> None:
         corked, self._corked = self._corked, None
         if corked and self._link.closed is None and self._link.transport is not None:
-            self._link.transport.write(b"".join(corked))
+            if self._corked_payloads:
+                # WRITE payloads: handed over as they are, not copied into one buffer.
+                self._link.transport.writelines(corked)
+            else:
+                self._link.transport.write(b"".join(corked))
+        self._corked_payloads = False
 
     async def _call(
         self, command: int, flags: int, offset: int, length: int, payload: bytes | None = None

@@ -361,7 +361,9 @@ class NBDConnection(asyncio.Protocol):
             if isinstance(event, Request):
                 self.requests += 1
                 self._pending.append(event)
-                if self._upstream_wanted and event.command == Command.READ:
+                if self._upstream_wanted and (
+                    event.command == Command.READ or event.command in _RELAYED_WRITES
+                ):
                     self._upstream_wanted = False
                     assert self._export is not None
                     self._attaching = self._loop.create_task(self._attach(self._export))
@@ -617,8 +619,8 @@ class NBDConnection(asyncio.Protocol):
             [name for _, name in self._contexts],
         )
         self._take_writes()
-        # Opened at the first READ: a client that only maps (nbdinfo, qemu-img map) costs
-        # neither nbdsrv nor QEMU an upstream handshake.
+        # Opened at the first READ (or write): a client that only maps (nbdinfo, qemu-img
+        # map) costs neither nbdsrv nor QEMU an upstream handshake.
         self._upstream_wanted = export is not None and export.relays_reads
 
     def _take_writes(self) -> None:
