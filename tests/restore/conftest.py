@@ -14,6 +14,7 @@ from nbdsrv.exports.catalog import ExportCatalog
 from nbdsrv.net.address import Address
 from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.restore.sessions import RestoreSessions
+from tests.security.conftest import certs  # noqa: F401 - the fixture, for nbds:// sources
 from tests.tools import SYSTEM_PATH_FIRST, TIMEOUT, require_tool
 
 
