@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Socket buffers of an upstream connection: a 2 MiB read reply passes in one go (QEMU sizes
 # its own NBD sockets the same way).
 SOCKET_BUFFER = 4 * 1024 * 1024
+_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 # Reads per wake-up of a directly read link, so one busy link does not starve the others.
 DIRECT_READS_PER_WAKEUP = 32
 
@@ -322,8 +323,10 @@ class NBDClient:
             cookie = next(self._cookies)
             while cookie in self._core:
                 cookie = next(self._cookies)
+        # PAYLOAD_LEN belongs to this link's header form, not to the request it carries on.
+        flags &= ~_PAYLOAD_LEN
         if payload is not None and self.extended:
-            flags |= CommandFlag.PAYLOAD_LEN
+            flags |= _PAYLOAD_LEN
         self._write(self._core.request(cookie, command, flags, offset, length, sink))
         if payload:
             self._corked_payloads = self._corked is not None

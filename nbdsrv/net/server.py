@@ -776,7 +776,13 @@ class NBDConnection(asyncio.Protocol):
         if error is None and self._export is not None:
             self._counted_request(self._export, request, served)
         if error is not None and error[0] != Errno.ESHUTDOWN:
-            self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
+            self.log.warning(
+                "%s at %d+%d failed: %s",
+                _COMMAND_NAMES[request.command],
+                request.offset,
+                request.length,
+                error[1],
+            )
         self._last_activity = self._loop.time()
         if self._pending or self._core.backlog or (self._reading_paused and not self._full()):
             self._pump()
