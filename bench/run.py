@@ -15,12 +15,15 @@ Scenarios (each on a unix socket and on TCP to 127.0.0.1, servers interleaved ro
   sessions of four VMs read at once (``session-read``, ``bench/session_read.py``); time to
   begin and end a session (``session-begin``); the dirty map of a 1 TiB disk with 100,000
   dirty blocks against ``qemu-nbd -B`` (``session-map``) (``bench/sessions.py``).
+* ``restore``: writing an image through ``restore/ID`` against ``qemu-nbd`` writable, and a
+  live restore's background copy against ``qemu-img convert`` (``bench/restore.py``).
 
 Work files live in ``bench/work/`` (git-ignored) and are reused when they already fit.
 Servers are stopped and their sockets removed at the end, also on Ctrl-C or an error.
 
 Usage: ``.venv/bin/python bench/run.py [--rounds N] [--quick]
-[--only read|map|session|session-read|session-begin|session-map|libvirt] [--json FILE]``.
+[--only read|map|session|session-read|session-begin|session-map|libvirt|restore]
+[--json FILE]``.
 """
 
 from __future__ import annotations
@@ -629,7 +632,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="save the results as JSON")
     p.add_argument(
         "--only",
-        choices=("read", "map", "session", *SESSION_PARTS, "libvirt"),
+        choices=("read", "map", "session", *SESSION_PARTS, "libvirt", "restore"),
         action="append",
         help="run only this scenario (repeatable)",
     )
@@ -653,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick
         else SparseSpec(size=64 * GiB, regions=20_000, region_size=4096)
     )
-    scenarios = args.only or ["read", "map", "session", "libvirt"]
+    scenarios = args.only or ["read", "map", "session", "libvirt", "restore"]
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     try:
@@ -694,6 +697,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["scenarios"]["libvirt"] = libvirt_session.scenario_libvirt(
                 args.quick, rounds, size, read_path
             )
+        if "restore" in scenarios:
+            import restore
+
+            results["scenarios"]["restore"] = restore.scenario_restore(
+                args.quick, rounds, size, read_path
+            )
         results["load_after"] = os.getloadavg()
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
@@ -726,6 +735,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print()
         print(libvirt_session.report(results["scenarios"]["libvirt"]))
+    if "restore" in results["scenarios"]:
+        import restore
+
+        print()
+        print(restore.report(results["scenarios"]["restore"]))
     print(
         "\nload average (1/5/15 min) at the end: "
         + " ".join(f"{x:.2f}" for x in results["load_after"])

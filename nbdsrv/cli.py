@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from .daemon import DaemonConfig
     from .net.address import Address
+    from .restore.source import TLSFiles
 
 DEFAULT_LISTEN = "tcp:127.0.0.1:10809"
 
@@ -263,7 +264,17 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         metrics=_metrics_address(args.metrics),
         scratch_limit=_non_negative(args.scratch_limit, "--scratch-limit"),
         remote=remote_from_args(args),
+        tls_files=_tls_files(args),
     )
+
+
+def _tls_files(args: argparse.Namespace) -> TLSFiles | None:
+    """The daemon's certificates, also a live restore's client credentials for nbds://."""
+    from .restore.source import TLSFiles
+
+    if args.tls_cert is None or args.tls_key is None:
+        return None
+    return TLSFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def _non_negative(value: int, option: str) -> int:

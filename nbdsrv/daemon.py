@@ -27,6 +27,8 @@ from .operations import OPERATIONS, PROTOCOL_VERSION
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
 from .remote.server import RemoteControlServer
+from .restore.sessions import BeginRestore, RestoreSessions, stream_speed_from_environment
+from .restore.source import TLSFiles
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("nbdsrv.audit")
@@ -48,6 +50,7 @@ class DaemonConfig:
     metrics: Address | None = None
     scratch_limit: int = 0
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    tls_files: TLSFiles | None = None
 
 
 # The longest `status` waits for one VM: a hung QEMU, libvirtd or guest agent costs only its
@@ -83,6 +86,14 @@ class Daemon:
         self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
         self.sessions = SessionManager(self.catalog, self.server.addresses)
         self.vms = VMRegistry()
+        self.restores = RestoreSessions(
+            self.catalog,
+            self.server.addresses,
+            config.state_dir,
+            tls_files=config.tls_files,
+            stream_speed=stream_speed_from_environment(),
+            vms=self.vms,
+        )
         self.metrics: Metrics | None = None
         if config.metrics is not None:
             self.metrics = Metrics()
@@ -176,6 +187,8 @@ class Daemon:
                 raise ConfigError(
                     f"cannot serve metrics on {self.config.metrics}: {e.strerror or e}"
                 ) from e
+        # Restore sessions a stopped or killed daemon left: cleaned up, or opened again.
+        await self.restores.start()
         for listener in self.remote:
             try:
                 await listener.start()
@@ -198,11 +211,32 @@ class Daemon:
         for session in self.sessions.sessions.values():
             audit.info("session ended: id=%s vm=%s by=daemon-stop", session.id, session.vm.name)
         await self.sessions.end_all()
+        await self.restores.shutdown()
         await self.server.stop()
         self.catalog.close_all()
         await self.vms.stop()
         for domains in self.libvirt:
             await domains.stop()
+
+    async def restore_begin(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("vm") is not None:
+            self._no_session(self.vms.get(str(args["vm"])), "restore begin")
+        return await self.restores.begin(
+            BeginRestore(
+                image=args.get("image"),
+                size=args.get("size"),
+                format=args.get("format"),
+                source=args.get("source"),
+                vm=args.get("vm"),
+                disk=args.get("disk"),
+            )
+        )
+
+    async def restore_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.restores.list()
+
+    async def restore_end(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.restores.end(str(args["id"]), abort=bool(args.get("abort")))
 
     async def status(self, args: dict[str, Any]) -> dict[str, Any]:
         exports = []

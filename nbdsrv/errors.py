@@ -21,6 +21,7 @@ NbdsrvError                                  code
  ├── InternalError         a bug of nbdsrv's, answered in one line       internal
  ├── CheckpointError       backup/checkpoints.py                         checkpoint
  ├── SessionError          backup/sessions.py                            session
+ ├── RestoreError          restore/errors.py                             restore
  ├── StoreError            backup/store.py: metadata not written         store
  ├── SnapshotError         backends/qmp/external_snapshots.py            snapshot
  ├── QuiesceError          backends/qmp/quiesce.py                       quiesce

@@ -223,6 +223,47 @@ OPERATIONS: tuple[Operation, ...] = (
         progress_of="commit",
         scope="vm",
     ),
+    Operation(
+        "restore-begin",
+        ("restore", "begin"),
+        "a writable export restore/ID into an image, or into a disk of VM",
+        (
+            Arg("vm", "str", "restore into a disk of this VM (with --disk)", positional=True),
+            Arg("image", "path", "the image to restore into", metavar="PATH", exclusive="into"),
+            Arg("disk", "str", "the VM's disk to restore into", metavar="DISK", exclusive="into"),
+            Arg("size", "int", "size of an image to create", metavar="BYTES"),
+            Arg(
+                "format",
+                "str",
+                "format of an image to create (default qcow2)",
+                choices=("qcow2", "raw"),
+            ),
+            Arg(
+                "source",
+                "str",
+                "live restore: read from this NBD URI at once, copy it in the background",
+                metavar="URI",
+            ),
+        ),
+        text_output.restore,
+    ),
+    Operation(
+        "restore-list",
+        ("restore", "list"),
+        "restore sessions and their progress",
+        (),
+        text_output.restores,
+    ),
+    Operation(
+        "restore-end",
+        ("restore", "end"),
+        "flush and close a restore session's image; its export goes",
+        (
+            Arg("id", "str", "the restore session", required=True, positional=True),
+            Arg("abort", "bool", "end it even while it still copies from its source"),
+        ),
+        text_output.restore_ended,
+    ),
 )
 
 BY_NAME: dict[str, Operation] = {op.name: op for op in OPERATIONS}
@@ -232,4 +273,5 @@ GROUPS: dict[str, str] = {
     "checkpoint": "create, list and delete checkpoints",
     "backup": "pull-mode backup sessions",
     "snapshot": "external snapshots that keep checkpoints usable",
+    "restore": "restore sessions: writable exports into images and disks, live restore",
 }

@@ -125,3 +125,37 @@ def snapshot_created(args: Args, result: dict[str, Any]) -> str:
 
 def snapshot_committed(args: Args, result: dict[str, Any]) -> str:
     return "\n".join(f"{disk}: {file} committed" for disk, file in result["committed"].items())
+
+
+def restore(args: Args, session: dict[str, Any]) -> str:
+    line = f"restore {session['id']}: {session['state']}"
+    if session.get("error"):
+        line += f" ({session['error']})"
+    into = f"{session['vm']}/{session['disk']}" if session.get("vm") else session["image"]
+    lines = [line, f"  into {into} ({session['format']}, {session['size']} bytes)"]
+    if session.get("source"):
+        lines.append(f"  from {session['source']}")
+    lines.append(f"  {session['uri'] or session['export']}")
+    return "\n".join(lines)
+
+
+def restores(args: Args, sessions: list[dict[str, Any]]) -> str:
+    rows = [("RESTORE", "STATE", "INTO", "WRITTEN", "STREAMED", "OF")]
+    for session in sessions:
+        into = f"{session['vm']}/{session['disk']}" if session.get("vm") else session["image"]
+        streamed = str(session["streamed_bytes"]) if session.get("source") else "-"
+        rows.append(
+            (
+                session["id"],
+                session["state"],
+                into,
+                str(session["written_bytes"]),
+                streamed,
+                str(session["size"]),
+            )
+        )
+    return table(rows) if len(rows) > 1 else "no restore session"
+
+
+def restore_ended(args: Args, result: dict[str, Any]) -> str:
+    return f"restore {result['id']} ended: {result['image']} is closed"

@@ -57,6 +57,8 @@ sha256sum "$work/backup.raw" "$work/expected.raw"
 cmp "$work/backup.raw" "$work/expected.raw" && echo "the incremental backup is exact"
 nbdsrv backup end demo "$sid"
 
+bash scripts/restore-demo.sh "$work" "$work/backup.raw"
+
 step "checkpoints"
 nbdsrv checkpoint list demo
 step "stop the daemon (SIGTERM)"

@@ -8,8 +8,11 @@ QSD (qemu/storage_daemon.py) whose live disks are writable NBD exports on
 import os
 
 from ..backup.store import VMStore
-from ..qemu.errors import QEMUError
-from ..qemu.storage_daemon import StorageDaemon, describe_status
+from ..errors import NotFoundError
+from ..qemu.block_exports import wait_export_deleted
+from ..qemu.errors import QEMUError, QMPError
+from ..qemu.storage_daemon import Image, StorageDaemon, describe_status
+from ..restore.errors import RestoreError
 from .qmp.vm import QmpVM
 
 
@@ -50,3 +53,40 @@ class EmbeddedVM(QmpVM):
             raise
         finally:
             await self.monitor.close()
+
+    # -- restore into a disk (nbdsrv/restore/sessions.py) -----------------------------------
+
+    def restore_image(self, disk: str) -> Image:
+        """``disk``'s image; a restore writes through its live node, where the writers'
+        path is, so the recording bitmap sees every block the restore writes."""
+        for image in self.storage_daemon.images:
+            if image.node == disk:
+                return image
+        raise NotFoundError(f"VM {self.name} has no disk '{disk}'")
+
+    async def close_live_export(self, disk: str) -> None:
+        """Take the disk's live export away for a restore. Refused while a writer is
+        connected: QEMU's safe mode removes no export that is in use."""
+        image = self.restore_image(disk)
+        try:
+            await self.monitor.execute("block-export-del", {"id": image.node})
+        except QMPError as e:
+            raise RestoreError(
+                f"VM {self.name}'s disk {disk} has a writer connected to its live export "
+                f"({e.desc.splitlines()[0] if e.desc else e}); disconnect it first"
+            ) from None
+        await wait_export_deleted(self.monitor, image.node)
+
+    async def open_live_export(self, disk: str) -> None:
+        """Give the disk's live export back (a restore into it ended)."""
+        image = self.restore_image(disk)
+        await self.monitor.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": image.node,
+                "node-name": image.live_node,
+                "name": image.node,
+                "writable": True,
+            },
+        )

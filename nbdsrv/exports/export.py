@@ -7,6 +7,7 @@ Extents are ``(length, flags)`` starting at the asked offset; they may stop earl
 past the asked range — the protocol core clips, merges and caps them.
 """
 
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -38,11 +39,18 @@ class ExportGone(NbdsrvError):
 
 
 class Export(ABC):
-    """A read-only NBD export."""
+    """An NBD export: read-only unless ``writable`` (restore exports)."""
 
     # Whether each client connection gets an upstream connection of its own for its READs
-    # (open_upstream), relayed by the server instead of going through read().
+    # (open_upstream), relayed by the server instead of going through read(); for a
+    # writable export its writes, zeroes, trims, flushes and cache hints go there too.
     relays_reads = False
+    # Whether WRITE, WRITE_ZEROES and TRIM are taken (then FLUSH and CACHE are real too);
+    # every other export answers them EPERM in the protocol core.
+    writable = False
+    # NBD_FLAG_CAN_MULTI_CONN of a writable export: a FLUSH on one connection covers the
+    # writes completed on all of them.
+    multi_conn = True
 
     def __init__(self, name: str, size: int, description: str = "") -> None:
         self.name = name
@@ -101,6 +109,30 @@ class Export(ABC):
 
     def read_served(self, offset: int, length: int) -> None:
         """A READ that bypassed read() (relayed) was answered with data."""
+        return None
+
+    async def write(self, offset: int, data: bytes, flags: int) -> None:
+        """Write ``data`` at ``offset`` (``flags``: the request's, FUA); writable only."""
+        raise OSError(errno.EPERM, "export is read-only")
+
+    async def write_zeroes(self, offset: int, length: int, flags: int) -> None:
+        """Make ``[offset, offset + length)`` read as zeroes (NO_HOLE, FAST_ZERO, FUA)."""
+        raise OSError(errno.EPERM, "export is read-only")
+
+    async def trim(self, offset: int, length: int, flags: int) -> None:
+        """The range's data is no longer needed."""
+        raise OSError(errno.EPERM, "export is read-only")
+
+    async def flush(self) -> None:
+        """Every write completed so far is on stable storage."""
+        return None
+
+    async def cache(self, offset: int, length: int) -> None:
+        """A hint that the range will be read soon."""
+        return None
+
+    def write_served(self, command: int, offset: int, length: int) -> None:
+        """A WRITE or WRITE_ZEROES (relayed or not) succeeded: for progress figures."""
         return None
 
     def broken(self) -> str | None:

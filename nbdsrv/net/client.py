@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # Socket buffers of an upstream connection: a 2 MiB read reply passes in one go (QEMU sizes
 # its own NBD sockets the same way).
 SOCKET_BUFFER = 4 * 1024 * 1024
+_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 # Reads per wake-up of a directly read link, so one busy link does not starve the others.
 DIRECT_READS_PER_WAKEUP = 32
 
@@ -264,6 +265,7 @@ class NBDClient:
         self.contexts = negotiated.contexts
         self._cookies = itertools.count(1)
         self._corked: list[bytes] | None = None
+        self._corked_payloads = False
 
     @classmethod
     async def connect(
@@ -310,16 +312,25 @@ class NBDClient:
         length: int,
         sink: ReplySink,
         cookie: int | None = None,
+        payload: bytes | None = None,
     ) -> None:
         """Send a request whose reply goes to ``sink``; ``cookie`` is used unless it is in
-        flight already. Raises ConnectionClosed once the connection is gone."""
+        flight already; ``payload`` follows a WRITE's header. Raises ConnectionClosed once
+        the connection is gone."""
         if self._link.closed is not None:
             raise ConnectionClosed(f"connection closed: {self._link.closed}")
         if cookie is None or cookie in self._core:
             cookie = next(self._cookies)
             while cookie in self._core:
                 cookie = next(self._cookies)
+        # PAYLOAD_LEN belongs to this link's header form, not to the request it carries on.
+        flags &= ~_PAYLOAD_LEN
+        if payload is not None and self.extended:
+            flags |= _PAYLOAD_LEN
         self._write(self._core.request(cookie, command, flags, offset, length, sink))
+        if payload:
+            self._corked_payloads = self._corked is not None
+            self._write(payload)
 
     def forward(self, data: bytes, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
         """Send READs as another client wrote them: ``data`` is their requests, in this
@@ -349,13 +360,32 @@ class NBDClient:
     def uncork(self) -> None:
         corked, self._corked = self._corked, None
         if corked and self._link.closed is None and self._link.transport is not None:
-            self._link.transport.write(b"".join(corked))
+            if self._corked_payloads:
+                # WRITE payloads: handed over as they are, not copied into one buffer.
+                self._link.transport.writelines(corked)
+            else:
+                self._link.transport.write(b"".join(corked))
+        self._corked_payloads = False
 
-    async def _call(self, command: int, flags: int, offset: int, length: int) -> _Collect:
+    async def _call(
+        self, command: int, flags: int, offset: int, length: int, payload: bytes | None = None
+    ) -> _Collect:
         sink = _Collect(offset, length)
-        self.submit(command, flags, offset, length, sink)
+        self.submit(command, flags, offset, length, sink, payload=payload)
         await sink.future
         return sink
+
+    async def write(self, offset: int, data: bytes, *, flags: int = 0) -> None:
+        await self._call(Command.WRITE, flags, offset, len(data), bytes(data))
+
+    async def write_zeroes(self, offset: int, length: int, *, flags: int = 0) -> None:
+        await self._call(Command.WRITE_ZEROES, flags, offset, length)
+
+    async def trim(self, offset: int, length: int, *, flags: int = 0) -> None:
+        await self._call(Command.TRIM, flags, offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._call(Command.CACHE, 0, offset, length)
 
     async def read(self, offset: int, length: int, *, flags: int = 0) -> bytearray:
         sink = await self._call(Command.READ, flags, offset, length)

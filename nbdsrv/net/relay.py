@@ -44,6 +44,7 @@ from .client import ConnectionClosed, NBDClient
 from .direct_writer import SPLICE_FLAGS, DirectWriter
 
 _DONE = int(ReplyFlag.DONE)
+_UINT32_MAX = 0xFFFFFFFF
 _DF = int(CommandFlag.DF)
 _OFFSET_SIZE = wire.OFFSET_DATA.size
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
@@ -119,6 +120,33 @@ class ReadRelay:
             )
         except ConnectionClosed as e:
             # Never call back into the connection from inside its own start of the request.
+            asyncio.get_running_loop().call_soon(sink.done, e)
+
+    def takes(self, request: Request) -> bool:
+        """Whether a write, zeroes, trim, flush or cache request can go upstream as it is:
+        an upstream link with compact headers takes lengths of 32 bits only (a longer
+        zeroing or trim from an extended client goes through the export, which splits it)."""
+        return self.upstream.extended or request.length <= _UINT32_MAX
+
+    def command(self, request: Request) -> None:
+        """Relay a request of a writable export (see :meth:`takes`); the reply is an
+        acknowledgement or an error."""
+        sink = _Acknowledged(self, request)
+        sink.error = self.refusal()
+        if sink.error is not None:
+            asyncio.get_running_loop().call_soon(sink.done, None)
+            return
+        try:
+            self.upstream.submit(
+                request.command,
+                int(request.flags),
+                request.offset,
+                request.length,
+                sink,
+                cookie=request.cookie,
+                payload=request.data,
+            )
+        except ConnectionClosed as e:
             asyncio.get_running_loop().call_soon(sink.done, e)
 
     def forward(self, data: bytes, requests: list[Request]) -> bool:
@@ -204,6 +232,51 @@ class ReadRelay:
         if reason is not None:
             return Errno.EIO, f"backup session failed: {reason}"
         return None
+
+
+class _Acknowledged:
+    """The reply to a relayed write, zeroes, trim, flush or cache request: QEMU's errno
+    passes through (ENOSPC, ENOTSUP for a FAST_ZERO it cannot do fast, …)."""
+
+    def __init__(self, relay: ReadRelay, request: Request) -> None:
+        self.relay = relay
+        self.request = request
+        self.error: tuple[Errno, str] | None = None
+
+    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        return False
+
+    def data_buffer(self, offset: int, length: int) -> memoryview:
+        self.error = (Errno.EIO, "data in the reply to a write")  # QEMU never sends it
+        return memoryview(bytearray(length))
+
+    def data(self, offset: int, length: int) -> None:
+        pass
+
+    def hole(self, offset: int, length: int) -> None:
+        self.error = (Errno.EIO, "a hole in the reply to a write")
+
+    def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
+        self.error = (Errno.EIO, "block status in the reply to a write")
+
+    def done(self, error: ReplyError | None) -> None:
+        relay, request = self.relay, self.request
+        if self.error is None:
+            self.error = relay.refusal()
+        if error is not None and self.error is None:
+            code = Errno(error.errno) if error.errno in _ERRNOS else Errno.EIO
+            self.error = (code, f"QEMU: {error.message}")
+        if self.error is not None:
+            relay.write([relay.core.error_reply(request, *self.error)])
+            relay.finished(request, 0, self.error)
+            return
+        relay.write([relay.core.ok_reply(request)])
+        if request.command == Command.WRITE or request.command == Command.WRITE_ZEROES:
+            relay.export.write_served(request.command, request.offset, request.length)
+        relay.finished(request, 0, None)
+
+
+_ERRNOS = frozenset(int(code) for code in Errno if code != Errno.OK)
 
 
 class _Read(ABC):

@@ -56,6 +56,10 @@ MAX_POLL_BACKOFF = 64
 POLL_BURST = 16
 
 
+# Requests of a writable export that go over the connection's upstream link like READs.
+_RELAYED_WRITES = frozenset(
+    (Command.WRITE, Command.WRITE_ZEROES, Command.TRIM, Command.FLUSH, Command.CACHE)
+)
 # Enum's .name is a property lookup: too slow for every request.
 _COMMAND_NAMES = {command: command.name for command in Command}
 
@@ -110,8 +114,9 @@ class _AllowedExports:
 
 
 def _cost(request: Request) -> int:
-    """Bytes of reply a request may hold in memory until it is sent."""
-    if request.command == Command.READ:
+    """Bytes of reply (or of a WRITE's payload) a request may hold in memory until it is
+    answered."""
+    if request.command == Command.READ or request.command == Command.WRITE:
         return request.length
     if request.command == Command.BLOCK_STATUS:
         return BLOCK_STATUS_COST
@@ -356,7 +361,9 @@ class NBDConnection(asyncio.Protocol):
             if isinstance(event, Request):
                 self.requests += 1
                 self._pending.append(event)
-                if self._upstream_wanted and event.command == Command.READ:
+                if self._upstream_wanted and (
+                    event.command == Command.READ or event.command in _RELAYED_WRITES
+                ):
                     self._upstream_wanted = False
                     assert self._export is not None
                     self._attaching = self._loop.create_task(self._attach(self._export))
@@ -612,8 +619,8 @@ class NBDConnection(asyncio.Protocol):
             [name for _, name in self._contexts],
         )
         self._take_writes()
-        # Opened at the first READ: a client that only maps (nbdinfo, qemu-img map) costs
-        # neither nbdsrv nor QEMU an upstream handshake.
+        # Opened at the first READ (or write): a client that only maps (nbdinfo, qemu-img
+        # map) costs neither nbdsrv nor QEMU an upstream handshake.
         self._upstream_wanted = export is not None and export.relays_reads
 
     def _take_writes(self) -> None:
@@ -688,10 +695,16 @@ class NBDConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         cost = _cost(request)
         self._in_flight_bytes += cost
-        if request.command == Command.READ and self._relay is not None:
-            self._relayed += 1
-            self._relay.read(request)
-            return
+        relay = self._relay
+        if relay is not None:
+            if request.command == Command.READ:
+                self._relayed += 1
+                relay.read(request)
+                return
+            if request.command in _RELAYED_WRITES and relay.takes(request):
+                self._relayed += 1
+                relay.command(request)
+                return
         if request.command == Command.READ and self._writer is not None and self._read_now(request):
             self._in_flight_bytes -= cost
             return
@@ -758,12 +771,18 @@ class NBDConnection(asyncio.Protocol):
 
     def _relayed_done(self, request: Request, served: int, error: tuple[Errno, str] | None) -> None:
         self._relayed -= 1
-        self._in_flight_bytes -= request.length  # _cost of a READ
+        self._in_flight_bytes -= _cost(request)
         self.bytes_served += served
         if error is None and self._export is not None:
-            self._counted_request(self._export, request, request.length)
+            self._counted_request(self._export, request, served)
         if error is not None and error[0] != Errno.ESHUTDOWN and not self._refusal_counted():
-            self.log.warning("READ at %d+%d failed: %s", request.offset, request.length, error[1])
+            self.log.warning(
+                "%s at %d+%d failed: %s",
+                _COMMAND_NAMES[request.command],
+                request.offset,
+                request.length,
+                error[1],
+            )
         self._last_activity = self._loop.time()
         if self._pending or self._core.backlog or (self._reading_paused and not self._full()):
             self._pump()
@@ -830,7 +849,10 @@ class NBDConnection(asyncio.Protocol):
                 if not all(extents for _, extents in per_context):
                     raise OSError(errno.EIO, "the export reported no extent")
                 self._send(core.block_status_reply(request, per_context))
-            else:  # CACHE: a hint we have no use for
+            else:
+                await _write_request(export, request)
+                if export.closed:
+                    raise ExportGone()
                 self._send(core.ok_reply(request))
             self._counted_request(export, request, 0)
         except ExportGone:
@@ -901,6 +923,26 @@ class NBDServer:
             if address.kind == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(address.path)
+
+
+async def _write_request(export: Export, request: Request) -> None:
+    """A write, zeroes, trim, flush or cache request through the export's own methods (a
+    read-only export never gets the first three: the protocol core refuses them)."""
+    command, offset, length, flags = request.command, request.offset, request.length, request.flags
+    if command == Command.WRITE:
+        assert request.data is not None
+        await export.write(offset, request.data, int(flags))
+    elif command == Command.WRITE_ZEROES:
+        await export.write_zeroes(offset, length, int(flags))
+    elif command == Command.TRIM:
+        await export.trim(offset, length, int(flags))
+    elif command == Command.FLUSH:
+        await export.flush()
+    else:  # CACHE: a hint
+        await export.cache(offset, length)
+        return
+    if command == Command.WRITE or command == Command.WRITE_ZEROES:
+        export.write_served(command, offset, length)
 
 
 def _status_sources(

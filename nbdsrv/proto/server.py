@@ -111,6 +111,8 @@ class Request(NamedTuple):
     flags: CommandFlag
     offset: int
     length: int
+    data: bytes | None = None
+    """A WRITE's payload (writable exports only)."""
 
 
 @dataclass(frozen=True)
@@ -190,19 +192,45 @@ _TYPE_STATUS = int(ReplyType.BLOCK_STATUS)
 _TYPE_STATUS_EXT = int(ReplyType.BLOCK_STATUS_EXT)
 
 
-def transmission_flags(*, structured: bool) -> TransmissionFlag:
-    """Flags of every export: read-only, shareable, flush/FUA/cache accepted as no-ops."""
+def transmission_flags(
+    *, structured: bool, writable: bool = False, multi_conn: bool = True
+) -> TransmissionFlag:
+    """Flags of an export. Read-only ones are shareable and take flush/FUA/cache as no-ops;
+    writable ones (restore exports) take every write command, shareable only when the
+    export says a flush covers all its connections."""
     flags = (
         TransmissionFlag.HAS_FLAGS
-        | TransmissionFlag.READ_ONLY
         | TransmissionFlag.SEND_FLUSH
         | TransmissionFlag.SEND_FUA
-        | TransmissionFlag.CAN_MULTI_CONN
         | TransmissionFlag.SEND_CACHE
     )
+    if writable:
+        flags |= (
+            TransmissionFlag.SEND_TRIM
+            | TransmissionFlag.SEND_WRITE_ZEROES
+            | TransmissionFlag.SEND_FAST_ZERO
+        )
+        if multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+    else:
+        flags |= TransmissionFlag.READ_ONLY | TransmissionFlag.CAN_MULTI_CONN
     if structured:
         flags |= TransmissionFlag.SEND_DF
     return flags
+
+
+def _writable(export: ExportDescription) -> bool:
+    """Whether WRITE, WRITE_ZEROES and TRIM are accepted: only where the export says so
+    (``writable``: restore exports); every other export is read-only."""
+    return bool(getattr(export, "writable", False))
+
+
+def _export_flags(export: ExportDescription, *, structured: bool) -> TransmissionFlag:
+    """``multi_conn``: whether a FLUSH on one connection covers writes completed on every
+    other one (exports that do not say are read-only, where it is always true)."""
+    writable = bool(getattr(export, "writable", False))
+    multi_conn = bool(getattr(export, "multi_conn", True))
+    return transmission_flags(structured=structured, writable=writable, multi_conn=multi_conn)
 
 
 def _short(message: str) -> bytes:
@@ -230,6 +258,7 @@ class ServerConnection:
         self.structured = False
         self.extended = False
         self.export: ExportDescription | None = None
+        self.writable = False  # the export takes writes (see _writable)
         self._meta_export: str | None = None
         self._meta_contexts: tuple[MetaContext, ...] = ()
         self.contexts: tuple[MetaContext, ...] = ()
@@ -406,7 +435,7 @@ class ServerConnection:
         if export is None:
             # The spec leaves no way to refuse EXPORT_NAME but hanging up.
             raise ProtocolError(f"NBD_OPT_EXPORT_NAME: export {name!r} not present")
-        flags = transmission_flags(structured=self.structured)
+        flags = _export_flags(export, structured=self.structured)
         self._out += wire.EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self.no_zeroes:
             self._out += wire.EXPORT_NAME_PADDING
@@ -447,7 +476,7 @@ class ServerConnection:
             )
         requests = {wire.UINT16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(count)}
         export = self._find(name)
-        flags = transmission_flags(structured=self.structured)
+        flags = _export_flags(export, structured=self.structured)
         self._option_reply(
             option, Reply.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, export.size, flags)
         )
@@ -494,6 +523,7 @@ class ServerConnection:
 
     def _enter_transmission(self, export: ExportDescription, events: list[Event]) -> None:
         self.export = export
+        self.writable = _writable(export)
         # Contexts chosen for another export do not carry over (QEMU: nbd_check_meta_export).
         self.contexts = self._meta_contexts if self._meta_export == export.name else ()
         self.phase = Phase.TRANSMISSION
@@ -514,22 +544,35 @@ class ServerConnection:
         header = wire.EXTENDED_REQUEST if self.extended else wire.REQUEST
         if self._available() < header.size:
             return False
-        magic, flags, ctype, cookie, offset, length = header.unpack(self._take(header.size))
+        magic, flags, ctype, cookie, offset, length = header.unpack_from(self._buf, self._pos)
         expected = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
         if magic != expected:
             raise ProtocolError(f"bad request magic 0x{magic:x}")
-        self._dispatch_request(flags, ctype, cookie, offset, length, events)
-        return True
-
-    def _dispatch_request(
-        self, flags: int, ctype: int, cookie: int, offset: int, length: int, events: list[Event]
-    ) -> None:
         payload = 0
         if self.extended:
             if flags & _PAYLOAD_LEN:
                 payload = length
         elif ctype == Command.WRITE:
             payload = length
+        # A WRITE a writable export may take is handled once its payload is all here; any
+        # other payload is read and thrown away after the error reply is decided.
+        taken = self.writable and ctype == Command.WRITE and 0 < payload <= MAXIMUM_BLOCK_SIZE
+        if taken and self._available() < header.size + payload:
+            return False
+        self._pos += header.size
+        self._dispatch_request(flags, ctype, cookie, offset, length, payload, events)
+        return True
+
+    def _dispatch_request(
+        self,
+        flags: int,
+        ctype: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: int,
+        events: list[Event],
+    ) -> None:
         # RESIZE is named in the spec but not offered: as unknown as any other number.
         command = _COMMANDS.get(ctype)
         if command is None:
@@ -545,25 +588,30 @@ class ServerConnection:
         bad_flags = flags & ~allowed
         if command == Command.READ and flags & _DF and not self.structured:
             bad_flags |= _DF
-        if command in _WRITING:
+        if command in _WRITING and not self.writable:
             self._refuse(cookie, offset, payload, Errno.EPERM, "export is read-only")
             return
         if bad_flags:
             self._refuse(cookie, offset, payload, Errno.EINVAL, f"invalid flags 0x{bad_flags:x}")
             return
-        if payload:
+        if payload and command != Command.WRITE:
             self._refuse(cookie, offset, payload, Errno.EINVAL, "unexpected payload")
+            return
+        if payload > MAXIMUM_BLOCK_SIZE:
+            message = f"write of {payload} bytes over the {MAXIMUM_BLOCK_SIZE} limit"
+            self._refuse(cookie, offset, payload, Errno.EOVERFLOW, message)
             return
         flag_value = _FLAG_VALUES.get(flags)  # only allowed bits here: a handful of values
         if flag_value is None:
             flag_value = _FLAG_VALUES[flags] = CommandFlag(flags)
-        request = Request(cookie, command, flag_value, offset, length)
+        data = bytes(self._take(payload)) if payload else None
+        request = Request(cookie, command, flag_value, offset, length, data)
         error = self._check_request(request)
         if error is not None:
             errno, message = error
             self._out += self.error_reply(request, errno, message)
             return
-        if command == Command.FLUSH:
+        if command == Command.FLUSH and not self.writable:
             self._out += self.ok_reply(request)
             return
         events.append(request)
@@ -574,6 +622,8 @@ class ServerConnection:
         command, offset, length = request.command, request.offset, request.length
         if command == Command.FLUSH:
             return None
+        if command == Command.WRITE and len(request.data or b"") != length:
+            return Errno.EINVAL, "WRITE without its payload (extended headers: PAYLOAD_LEN)"
         if command == Command.BLOCK_STATUS:
             if not self.contexts:
                 return Errno.EINVAL, "no meta context negotiated"

@@ -124,8 +124,10 @@ class StorageDaemon:
         qsd: str = "qemu-storage-daemon",
         qemu_img: str = "qemu-img",
         start_timeout: float = 15.0,
+        empty: bool = False,
     ) -> None:
-        if not images:
+        # empty: no images at start; nodes and exports come later over QMP (restore targets).
+        if not images and not empty:
             raise ImageError(f"VM {vm} has no images")
         if formats is not None and len(formats) != len(images):
             raise ImageError(f"VM {vm}: {len(images)} images but {len(formats)} formats")

@@ -12,6 +12,7 @@ from nbdsrv.backup import checkpoints, sessions, store
 from nbdsrv.operations import OPERATIONS
 from nbdsrv.qemu import errors as qemu_errors
 from nbdsrv.qemu import guest_agent
+from nbdsrv.restore import errors as restore_errors
 
 API = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
 # Every module that defines part of the tree (errors.py draws them all).
@@ -26,6 +27,7 @@ MODULES = (
     libvirt_vm,
     qemu_errors,
     guest_agent,
+    restore_errors,
 )
 
 

@@ -1,0 +1,1 @@
+"""Restore sessions: writable exports into images and disks, and live restore."""

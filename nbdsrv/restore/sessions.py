@@ -1,0 +1,620 @@
+"""Restore sessions: a writable ``restore/ID`` export into an image, optionally fed from a
+live-restore source while it is already in use.
+
+begin::
+
+    input checked (one sentence for each refusal; nothing created)
+      ─►  record "opening"  ─►  nbdsrv's private qemu-storage-daemon (started on demand)
+      ─►  [source nbd node; size checked]  ─►  [image created]  ─►  image nodes (QEMU's lock)
+      ─►  writable QEMU export  ─►  [block-stream]  ─►  restore/ID on every listener
+      ─►  record "open"
+
+A failure on the way undoes every step (an image begin created is removed). end removes
+``restore/ID`` (its clients get ESHUTDOWN), QEMU's export, the job and the nodes — closing
+the image flushes it — and the private QSD once no session needs it: afterwards no QEMU of
+nbdsrv's holds the image. A session still copying from its source is ended only with
+``abort``.
+
+The copy's state is read from QEMU at each of QEMU's events about the job, and every
+WATCH_INTERVAL: ``streaming`` while the job runs, ``source unreachable`` while it stands
+stopped on a read error (it is resumed every RESUME_INTERVAL: QEMU's nbd client reconnects
+on the next request), ``ready`` once it has completed and QEMU dropped the backing link,
+``failed`` if it ended with an error.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from ..backup.crash_points import crash_point
+from ..errors import NbdsrvError, NotFoundError
+from ..exports.catalog import ExportCatalog
+from ..exports.restore import RestoreExport
+from ..net.address import Address
+from ..qemu.errors import QEMUError
+from ..qemu.images import detect_format, one_line
+from ..qemu.monitor import Monitor, QMPEvent
+from ..qemu.storage_daemon import StorageDaemon
+from .errors import RestoreError
+from .records import RestoreRecord, RestoreRecords
+from .source import Source, TLSFiles, parse_source
+from .target import (
+    TargetNodes,
+    add_tls_creds,
+    cancel_job,
+    close_nodes,
+    create_image,
+    export_writable,
+    job_info,
+    node_size,
+    open_image,
+    open_source,
+    qemu_words,
+    remove_export,
+    start_stream,
+)
+
+if TYPE_CHECKING:
+    from ..backends.embedded import EmbeddedVM
+    from ..registry import VMRegistry
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("nbdsrv.audit")
+
+FORMATS = ("qcow2", "raw")
+EXPORT_PREFIX = "restore/"
+# Seconds between looks at a live restore's copy job.
+WATCH_INTERVAL = 0.5
+# QEMU's news of a job: its state changed, it stopped on an error, it ended.
+JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+# Seconds between attempts to resume a copy stopped by an unreachable source.
+RESUME_INTERVAL = 2.0
+
+# Tries to open a session again while a dying QEMU still holds the image's lock.
+LOCK_RETRIES = 20
+# States of the contract (restore list).
+WRITABLE = "writable"
+STREAMING = "streaming"
+READY = "ready"
+UNREACHABLE = "source unreachable"
+FAILED = "failed"
+
+
+@dataclass
+class RestoreSession:
+    record: RestoreRecord
+    nodes: TargetNodes
+    monitor: Monitor | None  # None: a session that could not be opened again
+    export: RestoreExport | None
+    state: str
+    error: str | None = None
+    streamed_bytes: int = 0
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def export_name(self) -> str:
+        return EXPORT_PREFIX + self.record.id
+
+
+@dataclass(frozen=True)
+class BeginRestore:
+    image: str | None = None
+    size: int | None = None
+    format: str | None = None
+    source: str | None = None
+    vm: str | None = None
+    disk: str | None = None
+
+
+class RestoreSessions:
+    """Every restore session of the daemon."""
+
+    def __init__(
+        self,
+        catalog: ExportCatalog,
+        addresses: list[Address],
+        state_dir: str,
+        *,
+        tls_files: TLSFiles | None = None,
+        qemu_img: str = "qemu-img",
+        stream_speed: int = 0,
+        vms: "VMRegistry | None" = None,
+    ) -> None:
+        self.catalog = catalog
+        self.addresses = addresses
+        self.state_dir = state_dir
+        self.tls_files = tls_files
+        self.qemu_img = qemu_img
+        # Bytes a second the background copy may take from the source (0: no limit).
+        self.stream_speed = stream_speed
+        self.vms = vms
+        self.records = RestoreRecords(state_dir)
+        self.sessions: dict[str, RestoreSession] = {}
+        self._qsd: StorageDaemon | None = None
+        self._lock = asyncio.Lock()
+
+    # -- the private qemu-storage-daemon ------------------------------------------------------
+
+    @property
+    def _qsd_dir(self) -> str:
+        return os.path.join(self.state_dir, "restore")
+
+    async def _storage_daemon(self) -> StorageDaemon:
+        if self._qsd is None:
+            self._qsd = StorageDaemon("qsd", [], self._qsd_dir, empty=True)
+        qsd = self._qsd
+        if not qsd.running:
+            qsd.on_exit = self._qsd_exited
+            await qsd.start()
+        return qsd
+
+    def _qsd_exited(self, returncode: int, tail: str) -> None:
+        last = one_line(tail) or "no message"
+        for session in self.sessions.values():
+            if session.state != FAILED:
+                session.state = FAILED
+                session.error = f"nbdsrv's qemu-storage-daemon went away: {last}"
+            self._drop_export(session)
+
+    async def _stop_idle_daemon(self) -> None:
+        if self._qsd is not None and not self.sessions:
+            qsd, self._qsd = self._qsd, None
+            with contextlib.suppress(QEMUError):
+                await qsd.stop()
+
+    # -- start and stop of the daemon ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Finish or clean up what a killed daemon left, and open again the sessions that
+        were running (a live restore's copy goes on)."""
+        for record in self.records.all():
+            if record.step == "opening":
+                log.warning("restore %s: begin was interrupted; cleaning up", record.id)
+                if record.created_image:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(record.image)
+                self.records.remove(record.id)
+            elif record.step == "ending":
+                self.records.remove(record.id)
+            else:
+                try:
+                    await self._open_again(record)
+                    log.info("restore %s: opened again after a restart", record.id)
+                except NbdsrvError as e:
+                    log.error("restore %s cannot be opened again: %s", record.id, e)
+                    self.sessions[record.id] = RestoreSession(
+                        record, TargetNodes.of(record.id), None, None, FAILED, str(e)
+                    )
+
+    async def _open_again(self, record: RestoreRecord) -> None:
+        """Open a running session again; the QEMU of a killed daemon may still be closing
+        the image (it got SIGTERM when the daemon died), so QEMU's lock gets a moment."""
+        for attempt in range(LOCK_RETRIES):
+            try:
+                await self._open(record, resumed=True)
+                return
+            except RestoreError as e:
+                if "lock" not in str(e) or attempt == LOCK_RETRIES - 1:
+                    raise
+            await asyncio.sleep(0.5)
+
+    async def shutdown(self) -> None:
+        """Daemon stop: exports go, QEMU closes the images; records stay, so the next start
+        opens the sessions again."""
+        for session in list(self.sessions.values()):
+            await self._stop_watching(session)
+            if session.export is not None:
+                self._drop_export(session)
+                await session.export.aclose()
+        self.sessions.clear()
+        await self._stop_idle_daemon()
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def begin(self, request: BeginRestore) -> dict[str, Any]:
+        async with self._lock:
+            record = await self._checked(request)
+            self.records.write(record)
+            try:
+                session = await self._open(record, resumed=False)
+            except BaseException:
+                self.records.remove(record.id)
+                await self._stop_idle_daemon()
+                raise
+        audit.info(
+            "restore begun: id=%s image=%s source=%s", record.id, record.image, record.source
+        )
+        return self.describe(session)
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.describe(session) for session in self.sessions.values()]
+
+    async def end(self, session_id: str, *, abort: bool = False) -> dict[str, Any]:
+        async with self._lock:
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise NotFoundError(f"no restore session '{session_id}'")
+            if session.state in (STREAMING, UNREACHABLE) and not abort:
+                raise RestoreError(
+                    f"restore {session_id} is still copying from its source "
+                    f"({session.state}); wait until it is ready, or end it with --abort"
+                )
+            self.records.write(replace(session.record, step="ending"))
+            described = self.describe(session)
+            await self._stop_watching(session)
+            if session.export is not None:
+                self._drop_export(session)
+                await session.export.aclose()
+            if session.monitor is not None and session.monitor.connected:
+                if session.record.vm is not None and session.record.disk is not None:
+                    await remove_export(session.monitor, session.nodes.export)
+                    await self._embedded(session.record.vm).open_live_export(session.record.disk)
+                else:
+                    await self._close_target(session.monitor, session.nodes)
+            del self.sessions[session_id]
+            self.records.remove(session_id)
+            await self._stop_idle_daemon()
+        audit.info("restore ended: id=%s abort=%s", session_id, abort)
+        return {**described, "ended": True}
+
+    def describe(self, session: RestoreSession) -> dict[str, Any]:
+        record = session.record
+        export = session.export
+        name = session.export_name
+        return {
+            "id": record.id,
+            "image": record.image,
+            "vm": record.vm,
+            "disk": record.disk,
+            "format": record.format,
+            "size": record.size,
+            "export": name,
+            "uri": self.addresses[0].uri(name) if self.addresses else None,
+            "uris": [address.uri(name) for address in self.addresses],
+            "source": record.source,
+            "state": session.state,
+            "error": session.error,
+            "written_bytes": export.written_bytes if export is not None else 0,
+            "streamed_bytes": session.streamed_bytes,
+        }
+
+    # -- begin --------------------------------------------------------------------------------
+
+    async def _checked(self, request: BeginRestore) -> RestoreRecord:
+        """The record of a session ``request`` asks for; RestoreError for bad input."""
+        if request.vm is not None or request.disk is not None:
+            return self._checked_disk(request)
+        if not request.image:
+            raise RestoreError("restore begin needs --image PATH (or VM --disk DISK)")
+        image = os.path.abspath(request.image)
+        if request.format is not None and request.format not in FORMATS:
+            raise RestoreError(f"--format {request.format}: use qcow2 or raw")
+        if request.size is not None and request.size <= 0:
+            raise RestoreError("--size must be a positive number of bytes")
+        source: Source | None = None
+        if request.source is not None:
+            source = parse_source(request.source)
+            if source.tls:
+                self._tls_directory()  # refuses now when there are no certificates
+        for other in self.sessions.values():
+            if os.path.realpath(other.record.image) == os.path.realpath(image):
+                raise RestoreError(f"{image} is being restored already (restore {other.id})")
+        exists = os.path.exists(image)
+        if exists:
+            if os.path.isdir(image):
+                raise RestoreError(f"{image} is a directory")
+            fmt = request.format or await detect_format(image, self.qemu_img)
+        else:
+            if not os.path.isdir(os.path.dirname(image)):
+                raise RestoreError(f"cannot create {image}: no directory {os.path.dirname(image)}")
+            if request.size is None and source is None:
+                raise RestoreError(f"{image} does not exist: give --size to create it")
+            fmt = request.format or "qcow2"
+        if source is not None and fmt != "qcow2":
+            raise RestoreError(
+                "--source needs a qcow2 target: a raw image cannot have the source as backing"
+            )
+        return RestoreRecord(
+            id=secrets.token_hex(4),
+            image=image,
+            format=fmt,
+            size=request.size or 0,
+            step="opening",
+            created_image=not exists,
+            source=request.source,
+        )
+
+    def _checked_disk(self, request: BeginRestore) -> RestoreRecord:
+        if request.vm is None or request.disk is None:
+            raise RestoreError("restore into a VM's disk needs both VM and --disk DISK")
+        if request.image is not None:
+            raise RestoreError("give --image PATH or VM --disk DISK, not both")
+        if request.size is not None or request.format is not None:
+            raise RestoreError("--size and --format are for a new image, not a VM's disk")
+        if request.source is not None:
+            raise RestoreError(
+                "live restore (--source) into a VM's disk is not offered; "
+                "restore into a new image with --image PATH --source URI"
+            )
+        image = self._embedded(request.vm).restore_image(request.disk)
+        for other in self.sessions.values():
+            if os.path.realpath(other.record.image) == os.path.realpath(image.path):
+                raise RestoreError(f"{image.path} is being restored already (restore {other.id})")
+        return RestoreRecord(
+            id=secrets.token_hex(4),
+            image=str(image.path),
+            format=image.format,
+            size=0,
+            step="opening",
+            created_image=False,
+            vm=request.vm,
+            disk=request.disk,
+        )
+
+    def _embedded(self, name: str) -> "EmbeddedVM":
+        from ..backends.embedded import EmbeddedVM
+
+        if self.vms is None:
+            raise NotFoundError(f"no VM named '{name}'")
+        vm = self.vms.get(name)
+        if not isinstance(vm, EmbeddedVM):
+            raise RestoreError(
+                f"restore into a disk is offered for VMs of --image (nbdsrv's own "
+                f"qemu-storage-daemon); VM {name} is not one: restore into an image instead"
+            )
+        return vm
+
+    async def _open_disk(self, record: RestoreRecord) -> RestoreSession:
+        """A disk of an embedded VM: its live export is taken away (refused while a writer is
+        connected) and the restore export sits on the same live node, in the same QSD."""
+        assert record.vm is not None and record.disk is not None
+        vm = self._embedded(record.vm)
+        disk = record.disk
+        monitor = vm.monitor
+        nodes = TargetNodes.of(record.id)
+        image = vm.restore_image(disk)
+        if vm.live_socket is None:
+            raise RestoreError(f"VM {vm.name} is not running")
+        async with vm.lock:
+            await vm.close_live_export(disk)
+            export: RestoreExport | None = None
+            try:
+                size = await node_size(monitor, image.live_node)
+                await export_writable(monitor, image.live_node, nodes.export)
+                record = replace(record, size=size, step="open")
+                session = RestoreSession(record, nodes, monitor, None, WRITABLE)
+                address = Address("unix", path=vm.live_socket)
+                export = RestoreExport(session.export_name, size, address, nodes.export)
+                self.catalog.add(export)
+                session.export = export
+                self.records.write(record)
+            except BaseException as e:
+                if export is not None and self.catalog.find_export(export.name) is export:
+                    self.catalog.remove(export.name)
+                with contextlib.suppress(QEMUError):
+                    await remove_export(monitor, nodes.export)
+                with contextlib.suppress(QEMUError):
+                    await vm.open_live_export(disk)
+                if isinstance(e, QEMUError):
+                    raise RestoreError(qemu_words(e)) from e
+                raise
+        self.sessions[record.id] = session
+        return session
+
+    async def _open(self, record: RestoreRecord, *, resumed: bool) -> RestoreSession:
+        """QEMU's side and the export of ``record`` (a new session, or one opened again after
+        a restart); everything undone on failure."""
+        if record.vm is not None:
+            return await self._open_disk(record)
+        qsd = await self._storage_daemon()
+        monitor = qsd.monitor
+        nodes = TargetNodes.of(record.id)
+        streaming = record.source is not None and not record.ready
+        export: RestoreExport | None = None
+        created = False
+        try:
+            backing = None
+            source_size = None
+            if streaming:
+                assert record.source is not None
+                source = parse_source(record.source)
+                creds = None
+                if source.tls:
+                    await add_tls_creds(monitor, nodes, self._tls_directory())
+                    creds = nodes.tls_creds
+                source_size = await open_source(monitor, source.blockdev(nodes.source, creds))
+                if record.size and record.size != source_size:
+                    raise RestoreError(
+                        f"the source is {source_size} bytes, but --size says {record.size}"
+                    )
+                backing = nodes.source
+            if not os.path.exists(record.image):
+                if resumed:
+                    raise RestoreError(f"{record.image} is gone")
+                await create_image(
+                    record.image, record.format, record.size or source_size or 0, self.qemu_img
+                )
+                created = True
+                crash_point("restore-image-created")
+            try:
+                await open_image(monitor, nodes, record.image, record.format, backing)
+            except QEMUError as e:
+                raise RestoreError(f"cannot open {record.image}: {qemu_words(e)}") from e
+            size = await node_size(monitor, nodes.image)
+            if source_size is not None and size != source_size:
+                raise RestoreError(
+                    f"{record.image} is {size} bytes but the source is {source_size}: "
+                    "a restore target must be the source's size"
+                )
+            if record.size and size != record.size:
+                raise RestoreError(f"{record.image} is {size} bytes, not --size {record.size}")
+            await export_writable(monitor, nodes.image, nodes.export)
+            if streaming:
+                await start_stream(monitor, nodes, self.stream_speed)
+            record = replace(record, size=size, step="open")
+            session = RestoreSession(
+                record, nodes, monitor, None, STREAMING if streaming else _settled(record)
+            )
+            export = RestoreExport(
+                session.export_name, size, Address("unix", path=str(qsd.live_socket)), nodes.export
+            )
+            self.catalog.add(export)
+            session.export = export
+            crash_point("restore-before-open-record")
+            self.records.write(record)
+        except BaseException as e:
+            if export is not None and self.catalog.find_export(export.name) is export:
+                self.catalog.remove(export.name)
+            with contextlib.suppress(QEMUError):
+                await self._close_target(monitor, nodes)
+            if (created or (record.created_image and not resumed)) and os.path.exists(record.image):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record.image)
+            if isinstance(e, QEMUError):
+                raise RestoreError(qemu_words(e)) from e
+            raise
+        if record.ready and record.source is not None:
+            session.streamed_bytes = size
+        self.sessions[record.id] = session
+        if streaming:
+            session.watcher = asyncio.create_task(
+                self._watch(session), name=f"restore-watch {record.id}"
+            )
+        return session
+
+    def _tls_directory(self) -> str:
+        """A directory with the daemon's certificates under the names QEMU wants."""
+        files = self.tls_files
+        if files is None or files.ca is None:
+            raise RestoreError(
+                "nbds:// needs the daemon's TLS settings (--tls-cert, --tls-key and --tls-ca, "
+                "whose CA verifies the source)"
+            )
+        directory = os.path.join(self._qsd_dir, "tls")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name, path in (
+            ("client-cert.pem", files.cert),
+            ("client-key.pem", files.key),
+            ("ca-cert.pem", files.ca),
+        ):
+            link = os.path.join(directory, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            os.symlink(os.path.abspath(path), link)
+        return directory
+
+    # -- end ----------------------------------------------------------------------------------
+
+    def _drop_export(self, session: RestoreSession) -> None:
+        export = session.export
+        if export is not None and self.catalog.find_export(export.name) is export:
+            self.catalog.remove(export.name)
+
+    async def _close_target(self, monitor: Monitor, nodes: TargetNodes) -> None:
+        await cancel_job(monitor, nodes.job)
+        await remove_export(monitor, nodes.export)
+        await close_nodes(monitor, nodes)
+
+    async def _stop_watching(self, session: RestoreSession) -> None:
+        watcher, session.watcher = session.watcher, None
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    # -- the copy from the source ----------------------------------------------------------------
+
+    async def _watch(self, session: RestoreSession) -> None:
+        monitor, job = session.monitor, session.nodes.job
+        assert monitor is not None
+        news = asyncio.Event()
+
+        def about_the_job(event: QMPEvent) -> None:
+            if event.data.get("device") == job or event.data.get("id") == job:
+                news.set()
+
+        unsubscribe = monitor.subscribe(JOB_EVENTS, about_the_job)
+        try:
+            await self._follow(session, monitor, job, news)
+        finally:
+            unsubscribe()
+
+    async def _follow(
+        self, session: RestoreSession, monitor: Monitor, job: str, news: asyncio.Event
+    ) -> None:
+        """Look at the job when QEMU sends news of it, and every WATCH_INTERVAL (the
+        progress, and the safety net)."""
+        last_resume = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            news.clear()
+            try:
+                info = await job_info(monitor, job)
+            except QEMUError as e:
+                log.warning("restore %s: cannot look at the copy: %s", session.id, e)
+                info = {}
+            if info is None or info.get("status") == "concluded":
+                await self._copy_ended(session, info)
+                return
+            if info:
+                session.streamed_bytes = int(info.get("offset", 0))
+                stopped = info.get("status") == "paused" or info.get("io-status", "ok") != "ok"
+                if stopped:
+                    session.state = UNREACHABLE
+                    if loop.time() - last_resume >= RESUME_INTERVAL:
+                        last_resume = loop.time()
+                        with contextlib.suppress(QEMUError):
+                            await monitor.execute("block-job-resume", {"device": job})
+                else:
+                    session.state = STREAMING
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(news.wait(), WATCH_INTERVAL)
+
+    async def _copy_ended(self, session: RestoreSession, info: dict[str, Any] | None) -> None:
+        monitor, nodes = session.monitor, session.nodes
+        assert monitor is not None
+        error = info.get("error") if info is not None else None
+        if info is None:
+            error = "the copy job disappeared"
+        with contextlib.suppress(QEMUError):
+            await monitor.execute("job-dismiss", {"id": nodes.job})
+        if error:
+            session.state = FAILED
+            session.error = f"copy from the source failed: {error}"
+            log.error("restore %s: %s", session.id, session.error)
+            return
+        # QEMU dropped the backing link (and rewrote the header): the source can go.
+        with contextlib.suppress(QEMUError):
+            await monitor.execute("blockdev-del", {"node-name": nodes.source})
+        with contextlib.suppress(QEMUError):
+            await monitor.execute("object-del", {"id": nodes.tls_creds})
+        session.record = replace(session.record, ready=True)
+        self.records.write(session.record)
+        session.streamed_bytes = session.record.size
+        session.state = READY
+        log.info("restore %s: copy from the source complete", session.id)
+
+
+def stream_speed_from_environment() -> int:
+    """NBDSRV_RESTORE_SPEED: bytes a second a live restore's copy may take (0: no limit)."""
+    text = os.environ.get("NBDSRV_RESTORE_SPEED", "0")
+    try:
+        value = int(text)
+    except ValueError:
+        raise RestoreError(f"NBDSRV_RESTORE_SPEED={text!r} is not a number of bytes") from None
+    if value < 0:
+        raise RestoreError("NBDSRV_RESTORE_SPEED must not be negative")
+    return value
+
+
+def _settled(record: RestoreRecord) -> str:
+    """The state of a session with no copy under way."""
+    return READY if record.source is not None else WRITABLE
