@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Served
-from tests.tools import require_tool, run, run_fails
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run, run_fails
 
 
 def qemu_img(*args: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.tools import require_tool, run, run_result
+from tests.harness.tools import require_tool, run, run_result
 
 URI = "qemu:///system"
 MiB = 1024 * 1024

@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import subprocess
 
+from tests.harness.tools import require_tool
 from tests.libvirt.domains import DomainFactory, MiB
-from tests.tools import require_tool
 
 
 def test_domain_runs_with_both_disks_untainted(domains: DomainFactory) -> None:

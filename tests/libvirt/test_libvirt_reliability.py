@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess
 from tests.libvirt.domains import DomainFactory, MiB
 from tests.libvirt.test_libvirt_vm import Nbdsrv, copy_dirty, read_all, sha, started_vm
-from tests.tools import DaemonProcess
 
 LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
 

@@ -8,7 +8,6 @@ before the point in time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
@@ -18,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from tests.harness.checksums import sha256 as sha
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qsd import COPY_SCRIPT
+from tests.harness.tools import require_tool, run, run_fails, run_result
 from tests.libvirt.conftest import restart_libvirtd
 from tests.libvirt.domains import URI, Domain, DomainFactory, MiB
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run, run_fails, run_result
-from tests.vmharness import COPY_SCRIPT
 
 K = 1024
 
@@ -96,10 +97,6 @@ def copy_dirty(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
     """Read only the dirty extents of ``context`` into ``target`` with libnbd."""
     out = run(["/usr/bin/python3", str(COPY_SCRIPT), uri, context, str(target)], timeout=120)
     return [(o, n) for o, n in json.loads(out)]
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def started_vm(domains: DomainFactory, nbdsrv: Nbdsrv) -> Domain:

@@ -100,7 +100,7 @@ async def test_client_unknown_export_is_refused(server: Address) -> None:
 
 
 async def test_client_reads_from_qemu_nbd(tmp_path: Path, image: Path) -> None:
-    from tests.tools import require_tool
+    from tests.harness.tools import require_tool
 
     require_tool("qemu-nbd")
     sock = tmp_path / "q.sock"

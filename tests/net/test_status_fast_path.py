@@ -31,10 +31,10 @@ from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
 from nbdsrv.proto.server import ServerConnection
-from tests.extents import merged
+from tests.harness.extents import merged
+from tests.harness.tools import require_tool
 from tests.proto import spec
 from tests.proto.rawclient import RawClient
-from tests.tools import require_tool
 
 K = 1024
 G = 64 * K

@@ -21,9 +21,9 @@ from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.proto.constants import Command
+from tests.harness.sparse_file import write_sparse
 from tests.net.recorder import Recorder
 from tests.net.slow_reader import read_after_a_pause
-from tests.sparse_file import write_sparse
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -12,7 +12,7 @@ from nbdsrv.exports.export import Segment
 from nbdsrv.exports.file import FileExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.server import NBDServer
-from tests.sparse_file import write_sparse
+from tests.harness.sparse_file import write_sparse
 
 IMAGE_SIZE = 1 << 20
 # (offset, length) of the data runs; the rest of the image is a hole.

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.qemu.chain import disks_from
-from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
-from tests.vmharness import wait_for
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qmp import SyncQMP
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 
 K = 1024
 # The disks nbdsrv must see: two device ids and, for the device without id, its node name.

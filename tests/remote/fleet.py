@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import StartDaemon
+from tests.harness.daemon import DaemonProcess, StartDaemon, nbdsrv_argv
+from tests.harness.tools import require_tool, run, run_result
 from tests.security.certs import CLIENT_EXT, _ca, _leaf
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run, run_result
 
 MiB = 1024 * 1024
 DISK_SIZE = 16 * MiB

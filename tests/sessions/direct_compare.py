@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tests.tools import require_tool, run, run_result
+from tests.harness.tools import require_tool, run, run_result
 
 
 def offered_contexts(uri: str) -> list[str]:

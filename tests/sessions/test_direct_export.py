@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, qmp_daemon
+from tests.harness.qmp import SyncQMP
+from tests.harness.qsd import ExternalQSD, K, MiB, attached_daemon
+from tests.harness.tools import require_tool, run, run_result
+from tests.harness.waiting import wait_for
 from tests.sessions.direct_compare import assert_direct_same_as_relay, assert_gone
-from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run, run_result
-from tests.vmharness import ExternalQSD, K, MiB, attached_daemon, wait_for
 
 
 class BlockdevVM:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv, qmp_daemon
+from tests.harness.timeline import Timeline
+from tests.harness.tools import run
 from tests.sessions.test_qemu_vm import QemuVM
-from tests.timeline import Timeline
-from tests.tools import DaemonProcess, nbdsrv_argv, qmp_daemon, run
 
 K = 1024
 MiB = 1024 * K

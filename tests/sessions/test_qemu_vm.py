@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, qmp_daemon, require_tool, run
-from tests.vmharness import wait_for
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv, qmp_daemon
+from tests.harness.qmp import SyncQMP
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 
 K = 1024
 

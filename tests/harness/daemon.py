@@ -1,146 +1,30 @@
-"""Helpers for tests that drive real programs: external tools and the nbdsrv daemon itself.
-
-- :func:`require_tool` — the path of a tool; a missing tool fails in CI
-  (``NBDSRV_REQUIRE_TOOLS=1``) and skips elsewhere.
-- :func:`run` — run a command with a timeout; a failure shows the command, status and stderr.
-- :class:`DaemonProcess` — ``python -m nbdsrv daemon …`` as a subprocess, and its CLI:
-  started (optionally with an injected fault), polled until ``nbdsrv status`` answers,
-  stopped with a signal and checked for a clean exit.
-- :class:`SyncQMP` — the test's own monitor on a QEMU under test: qemu.qmp's synchronous
-  client, connected.
-"""
+"""``python -m nbdsrv daemon …`` as a subprocess, and its CLI: started (optionally with an
+injected fault), polled until ``nbdsrv status`` answers, stopped with a signal and checked for
+a clean exit; its ``--json`` answers parsed."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
-# Generous for a loaded 2-core machine, far below a test's budget.
-TIMEOUT = 30.0
+from tests.harness.tools import TIMEOUT, run, run_result
+
 READY_TIMEOUT = 20.0
-
-# Debian's python3-libnbd is built for /usr/bin/python3; nbdsh runs the first python3 on PATH.
-SYSTEM_PATH_FIRST = {"PATH": "/usr/bin:" + os.environ.get("PATH", "")}
-
-
-def require_tool(name: str) -> str:
-    """Path of the program ``name``. Missing: fail under NBDSRV_REQUIRE_TOOLS=1, else skip."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed"
-        if os.environ.get("NBDSRV_REQUIRE_TOOLS") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return path
-
-
-def _describe(argv: Sequence[str], result: subprocess.CompletedProcess[str] | None) -> str:
-    text = f"command: {shlex.join(argv)}"
-    if result is not None:
-        text += f"\nexit status: {result.returncode}"
-        if result.stdout:
-            text += f"\nstdout:\n{result.stdout.rstrip()}"
-        text += f"\nstderr:\n{result.stderr.rstrip() or '(empty)'}"
-    return text
-
-
-def run_result(
-    argv: Sequence[str],
-    *,
-    timeout: float = TIMEOUT,
-    env: Mapping[str, str] | None = None,
-    input: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` (text mode, stdout and stderr captured) and return whatever happened.
-    ``env`` entries are added to the current environment. A timeout fails the test."""
-    full_env = {**os.environ, **env} if env is not None else None
-    try:
-        return subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=full_env,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as e:
-        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
-        pytest.fail(
-            f"timed out after {timeout:g} s\n{_describe(argv, None)}\nstderr:\n{stderr or ''}",
-            pytrace=False,
-        )
-
-
-def run(
-    argv: Sequence[str],
-    *,
-    timeout: float = TIMEOUT,
-    env: Mapping[str, str] | None = None,
-    input: str | None = None,
-) -> str:
-    """Run ``argv``, require exit status 0 and return its stdout."""
-    result = run_result(argv, timeout=timeout, env=env, input=input)
-    if result.returncode != 0:
-        pytest.fail(f"command failed\n{_describe(argv, result)}", pytrace=False)
-    return result.stdout
-
-
-def run_fails(
-    argv: Sequence[str],
-    *,
-    timeout: float = TIMEOUT,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv``, require a non-zero exit status and return the result."""
-    result = run_result(argv, timeout=timeout, env=env)
-    if result.returncode == 0:
-        pytest.fail(f"command succeeded but should have failed\n{_describe(argv, result)}")
-    return result
 
 
 def nbdsrv_argv(*args: str) -> list[str]:
     """The nbdsrv CLI of the Python running the tests."""
     return [sys.executable, "-m", "nbdsrv", *args]
-
-
-class SyncQMP(QEMUMonitorProtocol):
-    """qemu.qmp's synchronous client, connected to ``path``: ``cmd(name, **arguments)``
-    returns QEMU's answer or raises ``qemu.qmp.ExecuteError``."""
-
-    def __init__(self, path: str | Path, timeout: float = TIMEOUT) -> None:
-        super().__init__(str(path))
-        self.settimeout(timeout)
-        self.connect()
-
-    def hmp(self, command: str) -> str:
-        return str(self.cmd("human-monitor-command", **{"command-line": command}))
-
-    def quit(self) -> None:
-        """Make QEMU exit, and close (QEMU's hang-up may come first: that is no error)."""
-        self.cmd("quit")
-        with contextlib.suppress(EOFError):
-            self.close()
-
-    def bitmaps(self, node: str) -> dict[str, dict[str, Any]]:
-        """Name → QEMU's info of every dirty bitmap on ``node``."""
-        for info in self.cmd("query-named-block-nodes", flat=True):
-            if info["node-name"] == node:
-                return {b["name"]: b for b in info.get("dirty-bitmaps", [])}
-        raise KeyError(node)
 
 
 class DaemonProcess:
@@ -305,3 +189,7 @@ def qmp_daemon(workdir: Path, qmp_path: str | Path, vm: str = "vm") -> DaemonPro
          "--qmp", f"{vm}={qmp_path}"],
         control, workdir / "daemon.log",
     )  # fmt: skip
+
+
+# The ``nbdsrv_daemons`` fixture (tests/conftest.py): ``start(*args, name="d0")``.
+StartDaemon = Callable[..., "DaemonProcess"]

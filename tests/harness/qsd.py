@@ -1,24 +1,22 @@
 """A test-owned qemu-storage-daemon (it outlives nbdsrv, as a real VM would) and an nbdsrv
-daemon (tools.DaemonProcess) attached to it with --qmp, which tests may kill and restart.
+daemon (daemon.DaemonProcess) attached to it with --qmp, which tests may kill and restart.
 Fixtures: workdir, vm (parametrize indirectly with image specs: "qcow2", "qcow2v2", "raw"),
 nbdsrv."""
 
 import asyncio
-import hashlib
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from nbdsrv.qemu.storage_daemon import StorageDaemon
-from tests.tools import DaemonProcess, SyncQMP, require_tool
+from tests.harness.daemon import DaemonProcess
+from tests.harness.dirs import short_tmp_dir
+from tests.harness.qmp import SyncQMP
+from tests.harness.tools import require_tool
 
 K = 1024
 MiB = 1024 * 1024
@@ -26,24 +24,12 @@ DISK_SIZE = 16 * MiB
 # The default checkpoint granularity: dirty maps are compared in blocks of this size.
 GRANULARITY = 64 * K
 # Copies the dirty extents of a context with libnbd, as a backup tool does (Debian's python3).
-COPY_SCRIPT = Path(__file__).parents[1] / "scripts" / "incremental_copy.py"
-
-
-def sha(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+COPY_SCRIPT = Path(__file__).parents[2] / "scripts" / "incremental_copy.py"
 
 
 def blocks(ranges: Sequence[Sequence[int]]) -> set[int]:
     """The GRANULARITY-sized blocks that (offset, length) ranges touch."""
     return {b for o, n in ranges for b in range(o // GRANULARITY, (o + n - 1) // GRANULARITY + 1)}
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class ExternalQSD:
@@ -145,9 +131,8 @@ def _attached_args(workdir: Path, qmp_path: str, live_socket: str) -> list[str]:
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nbdsrv-c-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp_dir("nbdsrv-c-") as path:
+        yield path
 
 
 def make_images(workdir: Path, *specs: str) -> list[Path]:
