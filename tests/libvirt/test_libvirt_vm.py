@@ -12,6 +12,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,21 @@ K = 1024
 class Nbdsrv:
     """An nbdsrv daemon following ``qemu:///system``, listening on a unix socket."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, libvirt_uri: str = URI) -> None:
         # 0700 like the default state dir: nbdsrv lets libvirt's QEMU search it.
         state = workdir / "state"
         state.mkdir(mode=0o700)
         self.control = str(state / "control.sock")
         self.socket = workdir / "nbd.sock"
         self.daemon = DaemonProcess(
-            ["--state-dir", str(state), "--listen", f"unix:{self.socket}", "--libvirt", URI],
+            [
+                "--state-dir",
+                str(state),
+                "--listen",
+                f"unix:{self.socket}",
+                "--libvirt",
+                libvirt_uri,
+            ],
             self.control,
             workdir / "daemon.log",
         )
@@ -75,16 +83,22 @@ class Nbdsrv:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def nbdsrv(domains: DomainFactory) -> Iterator[Nbdsrv]:
-    server = Nbdsrv(domains.dir)
+@contextmanager
+def serving(server: Nbdsrv) -> Iterator[Nbdsrv]:
+    """``server`` started; at the end it must stop with status 0 and no traceback logged."""
     server.daemon.start()
-    yield server
     try:
+        yield server
         assert server.daemon.stop() == 0, server.daemon.log()
         assert "Traceback" not in server.daemon.log(), server.daemon.log()
     finally:
         server.daemon.kill()
+
+
+@pytest.fixture
+def nbdsrv(domains: DomainFactory) -> Iterator[Nbdsrv]:
+    with serving(Nbdsrv(domains.dir)) as server:
+        yield server
 
 
 def read_all(uri: str) -> bytes:
