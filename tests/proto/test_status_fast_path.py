@@ -22,7 +22,7 @@ from nbdsrv.proto.server import Request, ServerConnection
 from tests.harness.extents import merged
 
 from . import spec
-from .harness import FakeCatalog, FakeExport, Outcome, feed, negotiate
+from .driver import FakeCatalog, FakeExport, Outcome, feed, negotiate
 
 K = 1024
 G = 64 * K  # the bitmap's granularity
