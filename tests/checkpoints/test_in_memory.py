@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from qemu.qmp import ExecuteError
 
 from tests.harness.checksums import sha256
 from tests.harness.daemon import DaemonProcess, qmp_daemon
+from tests.harness.dirs import short_tmp_dir
 from tests.harness.qmp import SyncQMP
 from tests.harness.qsd import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, blocks
 from tests.harness.tools import require_tool, run
@@ -124,17 +124,16 @@ class BlockdevVM:
 
 @pytest.fixture
 def machine() -> Iterator[tuple[BlockdevVM, DaemonProcess, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-m-", dir="/tmp"))
-    vm = BlockdevVM(workdir)
-    daemon = qmp_daemon(workdir, vm.qmp_path)
-    try:
-        daemon.start()
-        yield vm, daemon, workdir
-        daemon.stop()
-    finally:
-        daemon.kill()
-        vm.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with short_tmp_dir("nbdsrv-m-") as workdir:
+        vm = BlockdevVM(workdir)
+        daemon = qmp_daemon(workdir, vm.qmp_path)
+        try:
+            daemon.start()
+            yield vm, daemon, workdir
+            daemon.stop()
+        finally:
+            daemon.kill()
+            vm.close()
 
 
 class Backups:
