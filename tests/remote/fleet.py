@@ -72,14 +72,8 @@ def make_fleet_certs(root: Path, ips: tuple[str, ...]) -> FleetCerts:
     d = dirs["no-client-cert"] = root / "no-client-cert"
     d.mkdir()
     (d / "ca-cert.pem").write_text(ca)
-    return FleetCerts(
-        root=root,
-        backup=dirs["backup"],
-        reader=dirs["reader"],
-        stranger=dirs["stranger"],
-        expired=dirs["expired"],
-        no_client_cert=dirs["no-client-cert"],
-    )
+    # dirs holds one directory per field: backup, reader, stranger, expired, no-client-cert.
+    return FleetCerts(root=root, **{name.replace("-", "_"): d for name, d in dirs.items()})
 
 
 @dataclass
