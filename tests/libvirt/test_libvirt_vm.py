@@ -57,7 +57,7 @@ class Nbdsrv:
         self.daemon.start()
 
     def cli(self, *args: str) -> Any:
-        return json.loads(run(nbdsrv_argv(*args, "--control", self.control, "--json")))
+        return self.daemon.json(*args)
 
     def fails(self, *args: str) -> str:
         """Run a command that must fail; its one line of stderr."""
