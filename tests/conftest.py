@@ -18,13 +18,35 @@ from typing import Any
 
 import pytest
 
-from tests.harness.daemon import DaemonProcess
+from tests.harness.daemon import DaemonProcess, StartDaemon
 from tests.harness.dirs import short_tmp_dir
-from tests.harness.images import ImageFile, KiB, make_odd_image, make_sparse_image
-from tests.harness.served import Served, StartDaemon, serve_images
+from tests.harness.images import (
+    ODD_SIZE,
+    SPARSE_RUNS,
+    SPARSE_SIZE,
+    ImageFile,
+    KiB,
+    MiB,
+    layout_of,
+    make_odd_image,
+    make_sparse_image,
+)
+from tests.harness.served import Served, serve_images
 
 # Names other branches import from here (tests.conftest); new code imports tests.harness.*.
-__all__ = ["ImageFile", "Served", "StartDaemon"]
+__all__ = [
+    "ODD_SIZE",
+    "SPARSE_RUNS",
+    "SPARSE_SIZE",
+    "ImageFile",
+    "KiB",
+    "MiB",
+    "Served",
+    "StartDaemon",
+    "layout_of",
+    "make_odd_image",
+    "make_sparse_image",
+]
 
 _daemons_key = pytest.StashKey[list[DaemonProcess]]()
 

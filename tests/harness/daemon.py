@@ -192,4 +192,4 @@ def qmp_daemon(workdir: Path, qmp_path: str | Path, vm: str = "vm") -> DaemonPro
 
 
 # The ``nbdsrv_daemons`` fixture (tests/conftest.py): ``start(*args, name="d0")``.
-StartDaemon = Callable[..., "DaemonProcess"]
+StartDaemon = Callable[..., DaemonProcess]
