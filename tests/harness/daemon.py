@@ -27,6 +27,14 @@ def nbdsrv_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "nbdsrv", *args]
 
 
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """What a failed nbdsrv command says: it exits 1 with one ``nbdsrv: error: …`` line."""
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
+    return lines[0].removeprefix("nbdsrv: error: ")
+
+
 class DaemonProcess:
     """``nbdsrv daemon`` in a subprocess, and its CLI; stdout and stderr go to ``log_path``.
 
@@ -129,11 +137,7 @@ class DaemonProcess:
 
     def error(self, *args: str) -> str:
         """Run a command that must fail; return its one error line."""
-        result = self.cli(*args)
-        assert result.returncode == 1, result
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
-        return lines[0].removeprefix("nbdsrv: error: ")
+        return error_line(self.cli(*args))
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = self.json("status")

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from tests.harness.checksums import sha256 as sha
-from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.daemon import DaemonProcess
 from tests.harness.qsd import COPY_SCRIPT
-from tests.harness.tools import require_tool, run, run_fails, run_result
+from tests.harness.tools import require_tool, run, run_result
 from tests.libvirt.conftest import restart_libvirtd
 from tests.libvirt.domains import URI, Domain, DomainFactory, MiB
 
@@ -61,10 +61,7 @@ class Nbdsrv:
 
     def fails(self, *args: str) -> str:
         """Run a command that must fail; its one line of stderr."""
-        result = run_fails(nbdsrv_argv(*args, "--control", self.control))
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
-        return lines[0]
+        return "nbdsrv: error: " + self.daemon.error(*args)
 
     def uri(self, export: str) -> str:
         return f"nbd+unix:///{export}?socket={self.socket}"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.daemon import DaemonProcess, StartDaemon, nbdsrv_argv
+from tests.harness.daemon import DaemonProcess, StartDaemon, error_line, nbdsrv_argv
 from tests.harness.tools import require_tool, run, run_result
 from tests.security.certs import CLIENT_EXT, _ca, _leaf
 
@@ -147,8 +147,4 @@ def remote_cli(host: Host, certs: Path, *args: str) -> Any:
 def remote_error(host: Host, certs: Path, *args: str) -> str:
     """The one error line of a remote command that must fail."""
     argv = nbdsrv_argv(*args, "--connect", host.connect, "--tls-certificates", str(certs))
-    result = run_result(argv, timeout=60)
-    assert result.returncode == 1, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
-    return lines[0].removeprefix("nbdsrv: error: ")
+    return error_line(run_result(argv, timeout=60))
