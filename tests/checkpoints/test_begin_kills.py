@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qsd import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB
+from tests.harness.waiting import wait_for
 from tests.sessions.test_point_in_time import GuestVM, guest_workdir, start_daemon
 from tests.sessions.test_point_in_time import leftovers as qemu_leftovers
-from tests.tools import DaemonProcess, nbdsrv_argv
-from tests.vmharness import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, wait_for
 
 __all__ = ["guest_workdir"]
 

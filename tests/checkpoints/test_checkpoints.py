@@ -7,8 +7,8 @@ import time
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD, MiB
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, MiB
 
 K = 1024
 

@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,13 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run
-from tests.vmharness import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, blocks, sha, wait_for
+from tests.harness.checksums import sha256
+from tests.harness.daemon import DaemonProcess, qmp_daemon
+from tests.harness.dirs import short_tmp_dir
+from tests.harness.qmp import SyncQMP
+from tests.harness.qsd import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, blocks
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 
 DISKS = ("vraw", "vqcow", "vblk")
 
@@ -120,17 +124,16 @@ class BlockdevVM:
 
 @pytest.fixture
 def machine() -> Iterator[tuple[BlockdevVM, DaemonProcess, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-m-", dir="/tmp"))
-    vm = BlockdevVM(workdir)
-    daemon = qmp_daemon(workdir, vm.qmp_path)
-    try:
-        daemon.start()
-        yield vm, daemon, workdir
-        daemon.stop()
-    finally:
-        daemon.kill()
-        vm.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with short_tmp_dir("nbdsrv-m-") as workdir:
+        vm = BlockdevVM(workdir)
+        daemon = qmp_daemon(workdir, vm.qmp_path)
+        try:
+            daemon.start()
+            yield vm, daemon, workdir
+            daemon.stop()
+        finally:
+            daemon.kill()
+            vm.close()
 
 
 class Backups:
@@ -147,12 +150,12 @@ class Backups:
 
     def full(self, checkpoint: str) -> dict[str, Any]:
         session = self.daemon.json("backup", "begin", "vm", "--checkpoint", checkpoint)
-        expected = {disk: sha(model) for disk, model in self.vm.models.items()}
+        expected = {disk: sha256(model) for disk, model in self.vm.models.items()}
         self.vm.write("vraw", 0x7E, 0, 64 * K)  # after the point in time: in no backup
         for disk in DISKS:
             self.target(disk).unlink(missing_ok=True)
             run([require_tool("nbdcopy"), self.uri(disk), str(self.target(disk))], timeout=120)
-            assert sha(self.target(disk).read_bytes()) == expected[disk], disk
+            assert sha256(self.target(disk).read_bytes()) == expected[disk], disk
         self.end(session)
         return dict(session)
 
@@ -163,7 +166,7 @@ class Backups:
         session = self.daemon.json(
             "backup", "begin", "vm", "--from", since, "--checkpoint", checkpoint
         )
-        expected = {disk: sha(model) for disk, model in self.vm.models.items()}
+        expected = {disk: sha256(model) for disk, model in self.vm.models.items()}
         self.vm.write("vblk", 0x7F, 8 * MiB, 64 * K)  # after the point in time
         context = f"qemu:dirty-bitmap:{since}"
         for disk in DISKS:
@@ -175,7 +178,7 @@ class Backups:
             )  # fmt: skip
             dirty = [tuple(x) for x in json.loads(out)]
             assert blocks(dirty) == blocks(written.get(disk, [])), disk
-            assert sha(self.target(disk).read_bytes()) == expected[disk], disk
+            assert sha256(self.target(disk).read_bytes()) == expected[disk], disk
         self.end(session)
 
     def end(self, session: dict[str, Any]) -> None:
@@ -277,7 +280,7 @@ def test_qemu_restart_invalidates_in_memory_checkpoints_and_a_new_chain_works(
     ]
 
 
-# -- an external snapshot on a raw disk (a qemu-storage-daemon: tests/vmharness.py) ----------
+# -- an external snapshot on a raw disk (a qemu-storage-daemon: tests/harness/qsd.py) ----------
 
 
 def _incremental(nbdsrv: DaemonProcess, since: str, name: str, target: Path) -> set[int]:
@@ -310,7 +313,7 @@ def test_qcow2_overlay_on_a_raw_disk_holds_persistent_bitmaps(
     assert _incremental(nbdsrv, "c1", "c2", target) == blocks(
         [(2 * MiB, 64 * K), (3 * MiB, 64 * K)]
     )
-    assert sha(target.read_bytes()) == sha(vm.models[0])
+    assert sha256(target.read_bytes()) == sha256(vm.models[0])
     assert [(c["name"], c["persistent"]) for c in nbdsrv.checkpoints()] == [
         ("c1", False),
         ("c2", True),
@@ -327,7 +330,7 @@ def test_qcow2_overlay_on_a_raw_disk_holds_persistent_bitmaps(
     assert (second["name"], second["valid"]) == ("c2", True)
     assert "QEMU was restarted" in nbdsrv.error("backup", "begin", "vm1", "--from", "c1")
     assert _incremental(nbdsrv, "c2", "c3", target) == blocks([(4 * MiB, 64 * K)])
-    assert sha(target.read_bytes()) == sha(vm.models[0])
+    assert sha256(target.read_bytes()) == sha256(vm.models[0])
 
     # Committed into the raw base, the bitmaps are in memory again (and exact).
     vm.write(0, 0x14, 5 * MiB, 64 * K)
@@ -340,7 +343,7 @@ def test_qcow2_overlay_on_a_raw_disk_holds_persistent_bitmaps(
     assert _incremental(nbdsrv, "c3", "c4", target) == blocks(
         [(5 * MiB, 64 * K), (6 * MiB, 64 * K)]
     )
-    assert sha(target.read_bytes()) == sha(vm.models[0])
+    assert sha256(target.read_bytes()) == sha256(vm.models[0])
 
 
 # -- third parties and restarts behind nbdsrv's back ------------------------------------------

@@ -6,8 +6,8 @@ import os
 import signal
 
 from nbdsrv.backends.views import CheckpointInfo, QmpVMStatus
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD
 
 
 def test_status_answers_while_qemu_is_stopped(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:

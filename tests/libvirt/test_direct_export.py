@@ -9,10 +9,10 @@ import os
 import stat
 from pathlib import Path
 
+from tests.harness.tools import require_tool, run
 from tests.libvirt.domains import URI, DomainFactory, MiB
 from tests.libvirt.test_libvirt_vm import Nbdsrv, nbdsrv, started_vm
 from tests.sessions.direct_compare import assert_direct_same_as_relay, assert_gone, socket_of
-from tests.tools import require_tool, run
 
 K = 1024
 __all__ = ["nbdsrv"]  # the fixture

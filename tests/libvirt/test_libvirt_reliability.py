@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.libvirt.domains import DomainFactory, MiB
-from tests.libvirt.test_libvirt_vm import Nbdsrv, copy_dirty, read_all, sha, started_vm
-from tests.tools import DaemonProcess
+from tests.libvirt.test_libvirt_vm import Nbdsrv, copy_dirty, read_all, serving, sha, started_vm
 
 LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
 
@@ -99,19 +98,9 @@ def relay(domains: DomainFactory) -> Iterator[SocketRelay]:
 @pytest.fixture
 def relayed(domains: DomainFactory, relay: SocketRelay) -> Iterator[Nbdsrv]:
     """nbdsrv following the shared libvirtd through ``relay``."""
-    server = Nbdsrv(domains.dir)
-    server.daemon = DaemonProcess(
-        [*server.daemon.args[:-1], f"qemu+unix:///system?socket={relay.path}"],
-        server.control,
-        server.daemon.log_path,
-    )
-    server.daemon.start()
-    yield server
-    try:
-        assert server.daemon.stop() == 0, server.daemon.log()
-        assert "Traceback" not in server.daemon.log(), server.daemon.log()
-    finally:
-        server.daemon.kill()
+    relayed_uri = f"qemu+unix:///system?socket={relay.path}"
+    with serving(Nbdsrv(domains.dir, relayed_uri)) as server:
+        yield server
 
 
 def wait_connected(nbdsrv: Nbdsrv, vm: str, connected: bool) -> None:

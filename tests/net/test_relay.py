@@ -39,7 +39,7 @@ from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import Event, OptionError, Request, ServerConnection
 from tests.net.recorder import Recorder
 from tests.net.slow_reader import read_after_a_pause
-from tests.proto.harness import FakeCatalog, FakeExport
+from tests.proto.driver import FakeCatalog, FakeExport
 
 KiB = 1024
 SIZE = 1024 * KiB

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, attached_daemon
+from tests.harness.waiting import wait_for
 from tests.reliability.fake_agent import FakeAgent
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD, attached_daemon, wait_for
 
 QUIESCED_COMMANDS = {
     "backup begin": ("backup", "begin", "vm1", "--quiesce", "--checkpoint", "c1"),

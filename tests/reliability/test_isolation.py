@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, attached_daemon, make_images
+from tests.harness.tools import require_tool
+from tests.harness.waiting import wait_for
 from tests.reliability.fake_agent import FakeAgent
-from tests.tools import DaemonProcess, require_tool
-from tests.vmharness import ExternalQSD, attached_daemon, make_images, wait_for
 
 # Far below QMP's own timeouts (20-30 s): a scrape that waits on QEMU cannot make it.
 SCRAPE_TIMEOUT = 5.0

@@ -18,10 +18,10 @@ import pytest
 
 from tests.guest.build import Guest
 from tests.guest.vm import BOOT_TIMEOUT, KERNEL_ARGS, make_data_disk
+from tests.harness.daemon import DaemonProcess
+from tests.harness.waiting import wait_for
 from tests.libvirt.domains import DomainFactory
 from tests.libvirt.test_libvirt_vm import Nbdsrv
-from tests.tools import DaemonProcess
-from tests.vmharness import wait_for
 
 
 def guest_domain_xml(name: str, guest: Guest, directory: Path) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import StartDaemon
+from tests.harness.daemon import StartDaemon
 
 from .fleet import FleetCerts, Host, make_fleet_certs, start_host
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import StartDaemon
+from tests.harness.daemon import DaemonProcess, StartDaemon, error_line, nbdsrv_argv
+from tests.harness.tools import require_tool, run, run_result
 from tests.security.certs import CLIENT_EXT, _ca, _leaf
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run, run_result
 
 MiB = 1024 * 1024
 DISK_SIZE = 16 * MiB
@@ -72,14 +72,8 @@ def make_fleet_certs(root: Path, ips: tuple[str, ...]) -> FleetCerts:
     d = dirs["no-client-cert"] = root / "no-client-cert"
     d.mkdir()
     (d / "ca-cert.pem").write_text(ca)
-    return FleetCerts(
-        root=root,
-        backup=dirs["backup"],
-        reader=dirs["reader"],
-        stranger=dirs["stranger"],
-        expired=dirs["expired"],
-        no_client_cert=dirs["no-client-cert"],
-    )
+    # dirs holds one directory per field: backup, reader, stranger, expired, no-client-cert.
+    return FleetCerts(root=root, **{name.replace("-", "_"): d for name, d in dirs.items()})
 
 
 @dataclass
@@ -153,8 +147,4 @@ def remote_cli(host: Host, certs: Path, *args: str) -> Any:
 def remote_error(host: Host, certs: Path, *args: str) -> str:
     """The one error line of a remote command that must fail."""
     argv = nbdsrv_argv(*args, "--connect", host.connect, "--tls-certificates", str(certs))
-    result = run_result(argv, timeout=60)
-    assert result.returncode == 1, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
-    return lines[0].removeprefix("nbdsrv: error: ")
+    return error_line(run_result(argv, timeout=60))

@@ -14,7 +14,8 @@ import pytest
 
 from nbdsrv.client import AsyncClient, Client, ControlError
 from nbdsrv.operations import OPERATIONS, Operation
-from tests.tools import nbdsrv_argv, run, run_result
+from tests.harness.daemon import nbdsrv_argv
+from tests.harness.tools import run, run_result
 
 from .fleet import FleetCerts, Host
 

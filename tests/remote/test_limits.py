@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from nbdsrv.client import Client, ControlError
-from tests.conftest import StartDaemon
+from tests.harness.daemon import StartDaemon
 
 from .fleet import FleetCerts, start_host
 from .test_refusals import context, tls_connection

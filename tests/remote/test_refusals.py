@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from nbdsrv.client import Client, ControlError
-from tests.tools import nbdsrv_argv, run_result
+from tests.harness.daemon import nbdsrv_argv
+from tests.harness.tools import run_result
 
 from .fleet import FleetCerts, Host, remote_cli, remote_error
 

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tests.tools import require_tool, run
+from tests.harness.tools import require_tool, run
 
 from .fleet import FleetCerts, Host, remote_cli
 

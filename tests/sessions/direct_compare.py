@@ -3,7 +3,6 @@ same contexts (nbdinfo), the same map of every context (``nbdinfo --map``, adjac
 of one type joined: where a server splits its replies is its own business), the same bytes
 (sha256 of what ``nbdcopy`` copies)."""
 
-import hashlib
 import json
 import os
 import stat
@@ -11,7 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tests.tools import require_tool, run, run_result
+from tests.harness.checksums import file_sha256
+from tests.harness.tools import require_tool, run, run_result
 
 
 def offered_contexts(uri: str) -> list[str]:
@@ -34,7 +34,7 @@ def context_map(uri: str, context: str) -> list[tuple[int, int, int]]:
 
 def copy_sha(uri: str, target: Path) -> str:
     run([require_tool("nbdcopy"), uri, str(target)], timeout=300)
-    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    digest = file_sha256(target)
     target.unlink()
     return digest
 

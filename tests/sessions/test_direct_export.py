@@ -9,7 +9,6 @@ VMs: a VM-like qemu-system-x86_64 (``-blockdev`` + ``-device …,id=``) attached
 with --qemu-nbd, and the embedded default (--image)."""
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +16,15 @@ from typing import Any
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, qmp_daemon
+from tests.harness.qemu_vm import QemuSystem, running_vm
+from tests.harness.qsd import ExternalQSD, K, MiB, attached_daemon
+from tests.harness.tools import require_tool, run, run_result
+from tests.harness.waiting import wait_for
 from tests.sessions.direct_compare import assert_direct_same_as_relay, assert_gone
-from tests.tools import DaemonProcess, SyncQMP, qmp_daemon, require_tool, run, run_result
-from tests.vmharness import ExternalQSD, K, MiB, attached_daemon, wait_for
 
 
-class BlockdevVM:
+class BlockdevVM(QemuSystem):
     """q35 held at -S, two qcow2 disks as ``-blockdev`` nodes behind virtio-blk-pci devices
     ``vdisk0`` and ``vdisk1``; the test writes through the devices on a second monitor."""
 
@@ -30,9 +32,6 @@ class BlockdevVM:
         self.images = [workdir / f"d{i}.qcow2" for i in range(2)]
         for image in self.images:
             run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image), "8M"])
-        self.qmp_path = workdir / "vm.qmp"
-        test_qmp = workdir / "test.qmp"
-        self.pidfile = workdir / "qemu.pid"
         disks = []
         for i, image in enumerate(self.images):
             disks += [
@@ -40,21 +39,13 @@ class BlockdevVM:
                 "-blockdev", f"driver=qcow2,file=file{i},node-name=fmt{i}",
                 "-device", f"virtio-blk-pci,drive=fmt{i},id=vdisk{i}",
             ]  # fmt: skip
-        run([
-            require_tool("qemu-system-x86_64"), "-machine", "q35", "-S", "-nodefaults",
-            "-display", "none", *disks,
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-qmp", f"unix:{test_qmp},server=on,wait=off",
-            "-daemonize", "-pidfile", str(self.pidfile),
-        ])  # fmt: skip
-        wait_for(test_qmp.exists, "QEMU's monitor")
-        self.qmp = SyncQMP(str(test_qmp))
+        super().__init__(workdir, ["-machine", "q35", "-S", "-nodefaults", "-display", "none",
+                                   *disks])  # fmt: skip
 
     def write(self, disk: int, pattern: int, offset: int, length: int) -> None:
         """As the guest writes: through the device's BlockBackend."""
         device = f"/machine/peripheral/vdisk{disk}/virtio-backend"
-        out = self.qmp.hmp(f'qemu-io -d {device} "write -P {pattern} {offset} {length}"')
-        assert "error" not in out.lower() and "failed" not in out.lower(), out
+        self.qemu_io(f"-d {device}", f"write -P {pattern} {offset} {length}")
 
     def leftovers(self) -> list[str]:
         """Anything of nbdsrv's sessions still in QEMU: nodes, exports, bitmaps."""
@@ -70,20 +61,11 @@ class BlockdevVM:
         ]
         return ours + bitmaps
 
-    def stop(self) -> None:
-        self.qmp.quit()
-
 
 @pytest.fixture
 def blockdev_vm() -> Iterator[tuple[BlockdevVM, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-d-", dir="/tmp"))
-    vm = BlockdevVM(workdir)
-    yield vm, workdir
-    try:
-        vm.stop()
-    except Exception:
-        subprocess.run(["kill", "-9", vm.pidfile.read_text().strip()], check=False)
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_vm(BlockdevVM, "nbdsrv-d-") as (vm, workdir):
+        yield vm, workdir
 
 
 def _round(daemon: DaemonProcess, workdir: Path, vm: str, *args: str) -> dict[str, Any]:

@@ -22,8 +22,11 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
-from tests.vmharness import DISK_SIZE, ExternalQSD, K, MiB, wait_for
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qmp import SyncQMP
+from tests.harness.qsd import DISK_SIZE, ExternalQSD, K, MiB
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 
 READER = Path(__file__).with_name("pit_reader.py")
 BLOCK = 64 * K

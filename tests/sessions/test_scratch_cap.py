@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, K, MiB, attached_daemon
+from tests.harness.tools import require_tool
+from tests.harness.waiting import wait_for
 from tests.sessions.test_point_in_time import GuestVM, guest_workdir
 from tests.sessions.test_point_in_time import leftovers as qemu_leftovers
-from tests.tools import DaemonProcess, require_tool
-from tests.vmharness import ExternalQSD, K, MiB, attached_daemon, wait_for
 
 __all__ = ["guest_workdir"]
 

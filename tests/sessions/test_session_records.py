@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qsd import ExternalQSD, MiB
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 from tests.sessions.test_point_in_time import GuestVM, guest_workdir, leftovers, start_daemon
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
-from tests.vmharness import ExternalQSD, MiB, wait_for
 
 __all__ = ["guest_workdir"]
 

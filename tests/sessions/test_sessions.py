@@ -13,17 +13,11 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.tools import DaemonProcess, require_tool
-from tests.vmharness import (
-    COPY_SCRIPT,
-    DISK_SIZE,
-    ExternalQSD,
-    K,
-    MiB,
-    blocks,
-    sha,
-    wait_for,
-)
+from tests.harness.checksums import sha256
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import COPY_SCRIPT, DISK_SIZE, ExternalQSD, K, MiB, blocks
+from tests.harness.tools import require_tool
+from tests.harness.waiting import wait_for
 
 
 def begin(nbdsrv: DaemonProcess, *args: str) -> dict[str, Any]:
@@ -72,13 +66,13 @@ def test_full_backup_reads_the_point_in_time(
     # After the point in time: must never show in the export.
     vm.write(0, 0x33, 0, 8 * MiB)
     uri = nbdsrv.uri("vm1/disk0")
-    assert sha(nbdcopy(uri, workdir / "full.raw")) == sha(expected)
+    assert sha256(nbdcopy(uri, workdir / "full.raw")) == sha256(expected)
     subprocess.run(
         [require_tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", uri,
          str(workdir / "convert.raw")],
         check=True, timeout=120,
     )  # fmt: skip
-    assert sha((workdir / "convert.raw").read_bytes()) == sha(expected)
+    assert sha256((workdir / "convert.raw").read_bytes()) == sha256(expected)
     end(nbdsrv, session)
     assert qemu_leftovers(vm) == []
     assert os.listdir(Path(nbdsrv.state_dir) / "scratch") == []
@@ -105,7 +99,7 @@ def test_incremental_rounds_rebuild_every_point_in_time(
     expected = bytes(vm.models[0])
     # After the point in time: not in this backup, but in the next incremental.
     since_checkpoint = random_writes(5)
-    assert sha(nbdcopy(nbdsrv.uri("vm1/disk0"), image)) == sha(expected)
+    assert sha256(nbdcopy(nbdsrv.uri("vm1/disk0"), image)) == sha256(expected)
     end(nbdsrv, session)
     for round_ in range(1, 4):
         written = since_checkpoint + random_writes(15)
@@ -116,7 +110,7 @@ def test_incremental_rounds_rebuild_every_point_in_time(
         assert session["disks"]["disk0"]["contexts"] == ["base:allocation", context]
         dirty = incremental(nbdsrv.uri("vm1/disk0"), context, image)
         assert blocks(dirty) == blocks(written), f"round {round_}"
-        assert sha(image.read_bytes()) == sha(expected), f"round {round_}"
+        assert sha256(image.read_bytes()) == sha256(expected), f"round {round_}"
         end(nbdsrv, session)
     assert qemu_leftovers(vm) == []
 
@@ -192,7 +186,7 @@ def test_two_disks_share_one_point_in_time(
     vm.write(1, 0x72, 0, 4 * MiB)
     for i in range(2):
         data = nbdcopy(nbdsrv.uri(f"vm1/disk{i}"), workdir / f"d{i}.raw")
-        assert sha(data) == sha(expected[i])
+        assert sha256(data) == sha256(expected[i])
     end(nbdsrv, session)
 
 
@@ -385,6 +379,6 @@ def test_raw_disk_full_backup_needs_no_checkpoint(
 ) -> None:
     vm.write(0, 0x77, 0, 1 * MiB)
     session = begin(nbdsrv, "--no-checkpoint")
-    assert sha(nbdcopy(nbdsrv.uri("vm1/disk0"), workdir / "full.raw")) == sha(vm.models[0])
+    assert sha256(nbdcopy(nbdsrv.uri("vm1/disk0"), workdir / "full.raw")) == sha256(vm.models[0])
     end(nbdsrv, session)
     assert qemu_leftovers(vm) == []

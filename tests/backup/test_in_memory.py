@@ -7,7 +7,7 @@ from nbdsrv.backup.in_memory import restart_problem
 from nbdsrv.qemu.chain import _stores_bitmaps, disks_from
 from nbdsrv.qemu.errors import QMPError
 from nbdsrv.qemu.process_marker import markers_of
-from tests.unit.test_checkpoints import Bitmap, Layer
+from tests.backup.test_checkpoints import Bitmap, Layer
 
 MIXED = Checkpoint(
     "c1",
