@@ -5,6 +5,7 @@ operation of the table has its method in both, with the table's arguments."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # not loaded by a CLI command: TypedDicts cost start-up time
@@ -13,6 +14,8 @@ if TYPE_CHECKING:  # not loaded by a CLI command: TypedDicts cost start-up time
         CheckpointCreated,
         CheckpointDeleted,
         Hello,
+        Restore,
+        RestoreEnded,
         Session,
         SessionEnded,
         SnapshotCommitted,
@@ -75,6 +78,24 @@ class Operations:
     def snapshot_commit(self, vm: str) -> SnapshotCommitted:
         return cast("SnapshotCommitted", self.call("snapshot-commit", {"vm": vm}))
 
+    def restore_begin(
+        self,
+        vm: str | None = None,
+        image: str | None = None,
+        disk: str | None = None,
+        size: int | None = None,
+        format: str | None = None,
+        source: str | None = None,
+    ) -> Restore:
+        args = _restore_args(vm, image, disk, size, format, source)
+        return cast("Restore", self.call("restore-begin", args))
+
+    def restore_list(self) -> list[Restore]:
+        return cast("list[Restore]", self.call("restore-list"))
+
+    def restore_end(self, id: str, abort: bool = False) -> RestoreEnded:
+        return cast("RestoreEnded", self.call("restore-end", {"id": id, "abort": abort}))
+
 
 class AsyncOperations:
     async def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
@@ -131,6 +152,24 @@ class AsyncOperations:
     async def snapshot_commit(self, vm: str) -> SnapshotCommitted:
         return cast("SnapshotCommitted", await self.call("snapshot-commit", {"vm": vm}))
 
+    async def restore_begin(
+        self,
+        vm: str | None = None,
+        image: str | None = None,
+        disk: str | None = None,
+        size: int | None = None,
+        format: str | None = None,
+        source: str | None = None,
+    ) -> Restore:
+        args = _restore_args(vm, image, disk, size, format, source)
+        return cast("Restore", await self.call("restore-begin", args))
+
+    async def restore_list(self) -> list[Restore]:
+        return cast("list[Restore]", await self.call("restore-list"))
+
+    async def restore_end(self, id: str, abort: bool = False) -> RestoreEnded:
+        return cast("RestoreEnded", await self.call("restore-end", {"id": id, "abort": abort}))
+
 
 def _begin_args(
     vm: str,
@@ -149,4 +188,26 @@ def _begin_args(
         "all_checkpoints": all_checkpoints,
         "bitmap_name": bitmap_name,
         "quiesce": quiesce,
+    }
+
+
+def _restore_args(
+    vm: str | None,
+    image: str | None,
+    disk: str | None,
+    size: int | None,
+    format: str | None,
+    source: str | None,
+) -> dict[str, Any]:
+    """restore-begin's arguments; an image path is made absolute, as the CLI does (the
+    daemon's working directory is not the caller's)."""
+    if image is not None:
+        image = os.path.abspath(image)
+    return {
+        "vm": vm,
+        "image": image,
+        "disk": disk,
+        "size": size,
+        "format": format,
+        "source": source,
     }

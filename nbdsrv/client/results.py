@@ -104,3 +104,26 @@ class SnapshotCreated(TypedDict):
 class SnapshotCommitted(TypedDict):
     vm: str
     committed: dict[str, str]
+
+
+class Restore(TypedDict):
+    """A restore session (``restore begin``, ``restore list``; docs/restore.md)."""
+
+    id: str
+    image: str
+    vm: str | None
+    disk: str | None
+    format: str
+    size: int
+    export: str
+    uri: str | None
+    uris: list[str]
+    source: str | None
+    state: str
+    error: str | None
+    written_bytes: int
+    streamed_bytes: int
+
+
+class RestoreEnded(Restore):
+    ended: bool
