@@ -96,3 +96,14 @@ def run_fails(
     if result.returncode == 0:
         pytest.fail(f"command succeeded but should have failed\n{_describe(argv, result)}")
     return result
+
+
+def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGTERM, and SIGKILL when that is not enough in TIMEOUT seconds (qemu-nbd -t with a
+    client still connected may not exit on SIGTERM): a test never hangs on a helper."""
+    process.terminate()
+    try:
+        process.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(TIMEOUT)

@@ -16,9 +16,9 @@ from nbdsrv.net.access import AccessPolicy, parse_allow
 from nbdsrv.net.server import ServerPolicy
 from nbdsrv.restore.sessions import BeginRestore, RestoreSessions
 from nbdsrv.restore.source import TLSFiles
+from tests.harness.tools import require_tool, stop_process
 from tests.restore.conftest import Served, file_sha256, image_sha256, nbdsh, serve, stop, tool
 from tests.security.certs import Certs
-from tests.tools import require_tool
 
 MiB = 1024 * 1024
 
@@ -129,5 +129,4 @@ async def test_live_restore_from_an_nbds_source(
         assert await image_sha256(image) == file_sha256(data)
     finally:
         await stop(served)
-        source.terminate()
-        source.wait()
+        stop_process(source)

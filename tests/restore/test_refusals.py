@@ -1,5 +1,6 @@
 """Bad input to restore begin and end: one clear sentence each, nothing created or changed."""
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 
 from nbdsrv.errors import NbdsrvError, NotFoundError
 from nbdsrv.restore.sessions import BeginRestore
+from tests.harness.tools import require_tool, stop_process
 from tests.restore.conftest import Served, file_sha256, tool
-from tests.tools import require_tool
 
 MiB = 1024 * 1024
 
@@ -77,12 +78,11 @@ async def test_an_image_a_running_qemu_holds_is_refused(restore: Served, tmp_pat
         for _ in range(100):
             if socket.exists():
                 break
-            await __import__("asyncio").sleep(0.05)
+            await asyncio.sleep(0.05)
         message = await refused(restore, BeginRestore(image=str(image)), "lock")
         assert str(image) in message
     finally:
-        holder.terminate()
-        holder.wait()
+        stop_process(holder)
 
 
 async def test_a_second_restore_of_the_same_image(restore: Served, tmp_path: Path) -> None:
