@@ -366,31 +366,38 @@ def _throttle(disk: DiskPlan, file: str) -> dict[str, Any]:
 def freeze_actions(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
     """Transaction actions: disabled transient bitmaps on the scratch node, merged from the
     checkpoint segments."""
-    actions: list[tuple[str, dict[str, Any]]] = []
-    for name, (_, granularity, sources) in plan.bitmaps.items():
-        actions.append(
-            (
-                "block-dirty-bitmap-add",
-                {
-                    "node": plan.scratch_node,
-                    "name": name,
-                    "granularity": granularity,
-                    "persistent": False,
-                    "disabled": True,
-                },
-            )
-        )
-        actions.append(
-            (
-                "block-dirty-bitmap-merge",
-                {
-                    "node": plan.scratch_node,
-                    "target": name,
-                    "bitmaps": [{"node": node, "name": bitmap} for node, bitmap in sources],
-                },
-            )
-        )
-    return actions
+    return [
+        action
+        for name, (_, granularity, sources) in plan.bitmaps.items()
+        for action in merged_bitmap_actions(plan.scratch_node, name, granularity, sources)
+    ]
+
+
+def merged_bitmap_actions(
+    node: str, name: str, granularity: int, sources: Sequence[tuple[str, str]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Transaction actions: a disabled transient bitmap ``name`` on ``node``, the OR of the
+    ``(node, bitmap)`` sources (QEMU merges at the target's granularity)."""
+    return [
+        (
+            "block-dirty-bitmap-add",
+            {
+                "node": node,
+                "name": name,
+                "granularity": granularity,
+                "persistent": False,
+                "disabled": True,
+            },
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            {
+                "node": node,
+                "target": name,
+                "bitmaps": [{"node": n, "name": b} for n, b in sources],
+            },
+        ),
+    ]
 
 
 async def start_nbd_server(monitor: Monitor, socket_path: str) -> None:
@@ -446,30 +453,11 @@ def direct_bitmap_commands(plan: DiskPlan) -> list[tuple[str, Any]]:
     """One transaction building the direct export's "since C" bitmaps from the frozen ones
     (disabled, transient; QEMU merges at the target's granularity, as the relay does). They
     go with their nodes."""
-    actions: list[tuple[str, dict[str, Any]]] = []
-    for node, name, granularity, sources in plan.direct_bitmaps:
-        actions.append(
-            (
-                "block-dirty-bitmap-add",
-                {
-                    "node": node,
-                    "name": name,
-                    "granularity": granularity,
-                    "persistent": False,
-                    "disabled": True,
-                },
-            )
-        )
-        actions.append(
-            (
-                "block-dirty-bitmap-merge",
-                {
-                    "node": node,
-                    "target": name,
-                    "bitmaps": [{"node": n, "name": b} for n, b in sources],
-                },
-            )
-        )
+    actions = [
+        action
+        for node, name, granularity, sources in plan.direct_bitmaps
+        for action in merged_bitmap_actions(node, name, granularity, sources)
+    ]
     return [transaction_command(actions)] if actions else []
 
 
