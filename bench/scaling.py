@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from run import GiB, log, make_random_file, stats, table
-from session_read import compare, run_together, write_after
-from sessions import SessionSpec, daemon, fmt_setup, qcow2, timed
+from session_read import compare, fill_and_begin, run_together, write_after
+from sessions import SessionSpec, daemon, fmt_setup, qcow2
 
 MiB = 1 << 20
 COUNTS = (1, 2, 4, 8)
@@ -63,17 +62,9 @@ def scenario_scaling(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> d
     images = {f"vm{i}": [base / f"scale-vm{i}.qcow2"] for i in range(vms)}
     for paths in images.values():
         qcow2(paths[0], size)
-    setup: dict[str, float] = {"fill s": 0.0}
     with daemon(base, images, "scaling") as d:
+        lives, sessions, setup = fill_and_begin(d, images, raw, size)
         sockets = {vm: d.live_socket(vm) for vm in images}
-        lives = {vm: f"nbd+unix:///disk0?socket={s}" for vm, s in sockets.items()}
-        log(f"filling {vms} qcow2 images with {size / MiB:.0f} MiB each through the live disks")
-        for live in lives.values():
-            elapsed, _ = timed(["nbdcopy", str(raw), live])
-            setup["fill s"] += elapsed
-        t0 = time.perf_counter()
-        sessions = {vm: d.cli("backup", "begin", vm, "--checkpoint", "full") for vm in images}
-        setup["begin s"] = time.perf_counter() - t0
         doors = {
             "relay": [s["disks"]["disk0"]["uri"] for s in sessions.values()],
             "direct": [s["disks"]["disk0"]["direct_uri"] for s in sessions.values()],

@@ -338,6 +338,23 @@ def scenario_single(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> di
     }
 
 
+def fill_and_begin(
+    d: Any, images: Mapping[str, Sequence[Path]], raw: Path, size: int
+) -> tuple[dict[str, str], dict[str, Any], dict[str, float]]:
+    """Fill every VM's disk with ``raw`` through its live export, then begin a full backup
+    session on each: (live URIs, sessions, set-up times) by VM."""
+    setup: dict[str, float] = {"fill s": 0.0}
+    lives = {vm: f"nbd+unix:///disk0?socket={d.live_socket(vm)}" for vm in images}
+    log(f"filling {len(images)} qcow2 images with {size / MiB:.0f} MiB each through the live disks")
+    for live in lives.values():
+        elapsed, _ = timed(["nbdcopy", str(raw), live])
+        setup["fill s"] += elapsed
+    t0 = time.perf_counter()
+    sessions = {vm: d.cli("backup", "begin", vm, "--checkpoint", "full") for vm in images}
+    setup["begin s"] = time.perf_counter() - t0
+    return lives, sessions, setup
+
+
 # -- four sessions at once ----------------------------------------------------------------
 
 
@@ -349,16 +366,8 @@ def scenario_multi(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> dic
     images = {f"vm{i}": [base / f"multi-vm{i}.qcow2"] for i in range(count)}
     for paths in images.values():
         qcow2(paths[0], size)
-    setup: dict[str, float] = {"fill s": 0.0}
     with daemon(base, images, "multi") as d:
-        lives = {vm: f"nbd+unix:///disk0?socket={d.live_socket(vm)}" for vm in images}
-        log(f"filling {count} qcow2 images with {size / GiB:.2f} GiB each through the live disks")
-        for live in lives.values():
-            elapsed, _ = timed(["nbdcopy", str(raw), live])
-            setup["fill s"] += elapsed
-        t0 = time.perf_counter()
-        sessions = {vm: d.cli("backup", "begin", vm, "--checkpoint", "full") for vm in images}
-        setup["begin s"] = time.perf_counter() - t0
+        lives, sessions, setup = fill_and_begin(d, images, raw, size)
         ours = [s["disks"]["disk0"]["uri"] for s in sessions.values()]
         theirs = [
             f"nbd+unix:///nbdsrv-{s['id']}-0?socket={d.live_socket(vm)}"
