@@ -61,6 +61,7 @@ SESSION_PARTS = {
     "session-read": ("read", "multi"),
     "session-begin": ("begin",),
     "session-map": ("map",),
+    "session-scaling": ("scaling",),
 }
 
 

@@ -15,8 +15,13 @@ point in time as ``VM/DISK``, reading through QEMU's fleecing export.
   of the same image with c2 … c10 merged into c1, interleaved; the extent lists must agree.
   Then begin with all 10 contexts (timed) and the memory of its bitmaps.
 
+* ``session scaling`` (``bench/scaling.py``, ``--only session-scaling``): 1, 2, 4 and 8
+  sessions read at once through nbdsrv, through ``direct_uri`` and through QEMU's export
+  read directly, with the CPU each side spends per GiB.
+
 Parts (``--only session`` runs them all): ``read`` and ``multi`` (``--only session-read``),
-``begin`` (``--only session-begin``), ``map`` (``--only session-map``).
+``begin`` (``--only session-begin``), ``map`` (``--only session-map``), ``scaling``
+(``--only session-scaling``).
 
 Everything lives in ``bench/work/session/``, removed at the end (logs kept on failure).
 """
@@ -62,7 +67,7 @@ TiB = 1 << 40
 MiB = 1 << 20
 KiB = 1 << 10
 MAP_CHECKPOINTS = 10  # dirty map: checkpoints c1..c10, a tenth of the writes after each
-PARTS = ("read", "multi", "begin", "map")
+PARTS = ("read", "multi", "begin", "map", "scaling")
 
 
 @dataclass(frozen=True)
@@ -76,13 +81,16 @@ class SessionSpec:
     map_size: int  # map: virtual size of the sparse qcow2
     map_writes: int  # map: dirty 4 KiB writes since the checkpoint
     qemu_img_map_rounds: int  # map: qemu-img map is slow (one extent a request)
+    scaling_vms: int = 8  # scaling: the most sessions read at once (1, 2, 4, 8 up to it)
+    scaling_size: int = 256 * MiB  # scaling: virtual size of each VM's qcow2 (random data)
 
 
 def spec_for(quick: bool, rounds: int, read_size: int) -> SessionSpec:
     if quick:
         return SessionSpec(
-            read_size, 4, read_size, 1 * GiB, 100, max(rounds, 2), 16 * GiB, 2_000, rounds
-        )
+            read_size, 4, read_size, 1 * GiB, 100, max(rounds, 2), 16 * GiB, 2_000, rounds,
+            8, 64 * MiB,
+        )  # fmt: skip
     return SessionSpec(
         read_size,
         4,
@@ -574,7 +582,8 @@ def begin_all_checkpoints(d: Daemon, rounds: int, size: int) -> tuple[list[float
 def scenario_session(
     quick: bool, rounds: int, read_size: int, raw: Path, parts: Sequence[str] = PARTS
 ) -> dict[str, Any]:
-    import session_read  # it imports this module
+    import scaling  # these import this module
+    import session_read
 
     spec = spec_for(quick, rounds, read_size)
     for tool in ("qemu-storage-daemon", "qemu-io", SYSTEM_PYTHON):
@@ -591,6 +600,7 @@ def scenario_session(
             "multi": lambda: session_read.scenario_multi(base, spec, rounds, raw),
             "begin": lambda: scenario_begin(base, spec),
             "map": lambda: scenario_map(base, spec, rounds),
+            "scaling": lambda: scaling.scenario_scaling(base, spec, rounds, raw),
         }
         for key, fn in steps.items():
             if key not in parts:
@@ -635,6 +645,10 @@ def report(results: dict[str, Any]) -> str:
         )
         out.append(m["table"])
         out.append(f"set-up: {fmt_setup(m['setup'])}")
+    if "scaling" in results:
+        import scaling
+
+        out += scaling.report(results["scaling"])
     return "\n".join(out)
 
 

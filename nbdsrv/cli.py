@@ -10,13 +10,16 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import __version__, control_client
+from . import __version__
+from .client.sync import Client
 from .config.paths import default_control, default_state_dir
 from .errors import ConfigError, NbdsrvError, UsageError
 from .operations import GROUPS, OPERATIONS, Arg, Operation
 
 # The daemon's modules load only in _cmd_daemon: a client command needs none of them.
 if TYPE_CHECKING:
+    import threading
+
     from .daemon import DaemonConfig
     from .net.address import Address
     from .restore.source import TLSFiles
@@ -38,13 +41,31 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
     return name, value
 
 
+# The client options that take a value (flag, metavar, help); with --json they go before
+# or after the command word.
+_CLIENT_OPTIONS = (
+    ("--control", "PATH", "control socket of the daemon"),
+    (
+        "--connect",
+        "nbdsrv+tls://HOST:PORT",
+        "a daemon's --remote listener instead of the control socket "
+        "(default $NBDSRV_CONNECT, which wins over $NBDSRV_CONTROL)",
+    ),
+    (
+        "--tls-certificates",
+        "DIR",
+        "for --connect: ca-cert.pem, client-cert.pem, client-key.pem "
+        "(default $NBDSRV_TLS_CERTIFICATES)",
+    ),
+)
+
+
 def _add_client_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
-    """--control and --json, before the command word (``defaults``) and after it: there they
+    """The client options, before the command word (``defaults``) and after it: there they
     are SUPPRESSed, so that leaving them out does not undo what was given before."""
     default: Any = None if defaults else argparse.SUPPRESS
-    parser.add_argument(
-        "--control", metavar="PATH", default=default, help="control socket of the daemon"
-    )
+    for flag, metavar, help_text in _CLIENT_OPTIONS:
+        parser.add_argument(flag, metavar=metavar, default=default, help=help_text)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -135,12 +156,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def command_in(argv: Sequence[str]) -> str | None:
     """The command word argparse will take from ``argv``: the first word that is neither an
-    option before it nor the value of one (only --control takes a value there)."""
+    option before it nor the value of one (only the client options take values there)."""
+    takes_value = {flag for flag, _, _ in _CLIENT_OPTIONS}
     words = iter(argv)
     for word in words:
         if word == "--":
             return next(words, None)
-        if word == "--control":
+        if word in takes_value:
             next(words, None)
         elif not word.startswith("-"):
             return word
@@ -154,6 +176,7 @@ def _add_serve_options(serve: argparse.ArgumentParser) -> None:
 
 
 def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
+    from .config.remote import add_remote_options
     from .config.security import add_security_options
 
     daemon.add_argument("--state-dir", metavar="DIR", help="metadata and scratch images")
@@ -216,9 +239,11 @@ def _add_daemon_options(daemon: argparse.ArgumentParser) -> None:
     )
     daemon.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     add_security_options(daemon)
+    add_remote_options(daemon)
 
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
+    from .config.remote import remote_from_args
     from .config.security import policy_from_args
     from .daemon import DaemonConfig
     from .net.address import parse_address
@@ -239,6 +264,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         metrics=_metrics_address(args.metrics),
         scratch_limit=_non_negative(args.scratch_limit, "--scratch-limit"),
         tls_files=_tls_files(args),
+        remote=remote_from_args(args),
     )
 
 
@@ -317,19 +343,23 @@ def _request(op: Operation, args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def _client(args: argparse.Namespace, timeout: float = 600) -> Client:
+    return Client(args.connect, args.tls_certificates, control=args.control, timeout=timeout)
+
+
 def _cmd_operation(args: argparse.Namespace) -> int:
     op: Operation = args.operation
-    control = args.control or default_control()
     request = _request(op, args)
-    if op.progress_of and sys.stderr.isatty() and not args.json:
-        result = _with_progress(
-            control,
-            request["vm"],
-            op.progress_of,
-            lambda: control_client.call(control, op.name, request),
-        )
-    else:
-        result = control_client.call(control, op.name, request)
+    with _client(args) as client:
+        if op.progress_of and sys.stderr.isatty() and not args.json:
+            result = _with_progress(
+                lambda: _client(args, timeout=5),
+                request["vm"],
+                op.progress_of,
+                lambda: client.call(op.name, request),
+            )
+        else:
+            result = client.call(op.name, request)
     if args.json:
         print(json.dumps(result, indent=2))
     elif text := op.show(request, result):
@@ -337,9 +367,12 @@ def _cmd_operation(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_progress(control: str, vm: str, job_type: str, call: Callable[[], Any]) -> Any:
+def _with_progress(
+    status_client: Callable[[], Client], vm: str, job_type: str, call: Callable[[], Any]
+) -> Any:
     """Run ``call`` while showing the progress of VM's block jobs of ``job_type`` (as QEMU
-    names it: ``commit``) on the terminal (stderr)."""
+    names it: ``commit``) on the terminal (stderr); ``status_client`` gives the connection
+    that asks for them."""
     import threading
 
     outcome: dict[str, Any] = {}
@@ -355,12 +388,26 @@ def _with_progress(control: str, vm: str, job_type: str, call: Callable[[], Any]
     worker.start()
     sys.stderr.write(f"{label}   0.0%")
     sys.stderr.flush()
+    with status_client() as client:
+        _show_progress(client, worker, label, vm, job_type)
+    # Ends the line either way; a failure's message follows on its own line.
+    sys.stderr.write(
+        f"\r{label} " + ("failed" if "error" in outcome else "100.0%") + " " * 24 + "\n"
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _show_progress(
+    client: Client, worker: threading.Thread, label: str, vm: str, job_type: str
+) -> None:
     while worker.is_alive():
         worker.join(0.25)
         if not worker.is_alive():
             break
         try:
-            status = control_client.call(control, "status", timeout=5)
+            status = client.status()
         except NbdsrvError:
             continue
         jobs = [
@@ -375,13 +422,6 @@ def _with_progress(control: str, vm: str, job_type: str, call: Callable[[], Any]
         if total:
             sys.stderr.write(f"\r{label} {100 * done / total:5.1f}% of {total} bytes")
             sys.stderr.flush()
-    # Ends the line either way; a failure's message follows on its own line.
-    sys.stderr.write(
-        f"\r{label} " + ("failed" if "error" in outcome else "100.0%") + " " * 24 + "\n"
-    )
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

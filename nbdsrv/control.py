@@ -7,6 +7,9 @@ Request:  ``{"op": "status", "args": {...}}`` (the operations: operations.py)
 Response: ``{"ok": true, "result": ...}`` or
           ``{"ok": false, "error": {"code": "not-found", "message": "..."}}`` (the codes:
           errors.py)
+
+The same requests come over TLS from remote clients (remote/server.py); both answer each line
+with :func:`answer`.
 """
 
 import asyncio
@@ -24,12 +27,15 @@ from .control_client import MAX_LINE, call
 from .control_requests import parse_request
 from .errors import InternalError, NbdsrvError, PermissionDeniedError
 from .net.socket_path import clear_stale_socket
+from .operations import Operation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlServer", "call", "control_peer", "peer_credentials"]
+__all__ = ["ControlServer", "answer", "call", "control_peer", "error_response", "peer_credentials"]
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# Carries out one checked request: (operation, args) → result.
+Dispatch = Callable[[Operation, dict[str, Any]], Awaitable[Any]]
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # Who sent the control request being handled ("uid=0 pid=123"), for audit lines.
@@ -100,15 +106,28 @@ class ControlServer:
             writer.close()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
-        try:
-            op, args = parse_request(line)
-            return {"ok": True, "result": await self._handlers[op.name](args)}
-        except NbdsrvError as e:
-            return {"ok": False, "error": _error(e)}
-        except Exception as e:
-            # A bug of ours, not the request's: logged in full, answered in one line.
-            log.exception("control operation failed")
-            return {"ok": False, "error": _error(InternalError(f"internal error: {e}"))}
+        return await answer(line, self._dispatch)
+
+    async def _dispatch(self, op: Operation, args: dict[str, Any]) -> Any:
+        return await self._handlers[op.name](args)
+
+
+async def answer(line: bytes, dispatch: Dispatch) -> dict[str, Any]:
+    """The response to one request line: checked (control_requests.py), then ``dispatch``ed."""
+    try:
+        op, args = parse_request(line)
+        return {"ok": True, "result": await dispatch(op, args)}
+    except NbdsrvError as e:
+        return error_response(e)
+    except Exception as e:
+        # A bug of ours, not the request's: logged in full, answered in one line.
+        log.exception("control operation failed")
+        return error_response(InternalError(f"internal error: {e}"))
+
+
+def error_response(error: NbdsrvError) -> dict[str, Any]:
+    """``{"ok": false, "error": {"code", "message"}}``: the stable code and the sentence."""
+    return {"ok": False, "error": _error(error)}
 
 
 def _error(error: NbdsrvError) -> dict[str, str]:

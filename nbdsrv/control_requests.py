@@ -1,18 +1,19 @@
 """What each control operation accepts (operations.py), checked before any handler runs.
 
-A request is ``{"op": NAME, "args": {...}}``. Every argument has one JSON type; an optional
-one may also be null (the CLI sends null for an option not given). A wrong type, a missing
-or unknown argument, two arguments that exclude each other, or a line that is not a JSON
-object is answered with one sentence — a handler never sees it, so no ``TypeError`` or
-traceback comes out of a bad request.
+A request is ``{"op": NAME, "args": {...}}``, optionally with ``"version": N`` (one newer
+than the daemon's protocol is refused with ``unsupported-version`` before anything else).
+Every argument has one JSON type; an optional one may also be null (the CLI sends null for
+an option not given). A wrong type, a missing or unknown argument, two arguments that
+exclude each other, or a line that is not a JSON object is answered with one sentence — a
+handler never sees it, so no ``TypeError`` or traceback comes out of a bad request.
 """
 
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import BadRequestError
-from .operations import BY_NAME, Operation
+from .errors import BadRequestError, UnsupportedVersionError
+from .operations import BY_NAME, PROTOCOL_VERSION, Operation
 
 # An argument's kind → its Python type and its name in messages. bool is not an int here.
 _TYPES: dict[str, tuple[type, str]] = {
@@ -34,6 +35,14 @@ def parse_request(line: bytes) -> tuple[Operation, dict[str, Any]]:
         raise BadRequestError("malformed control request: not JSON") from None
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         raise BadRequestError('malformed control request: expected {"op": NAME, "args": {...}}')
+    version = request.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BadRequestError("malformed control request: 'version' must be an integer ≥ 1")
+    if version > PROTOCOL_VERSION:
+        raise UnsupportedVersionError(
+            f"this daemon speaks control protocol version {PROTOCOL_VERSION}; "
+            f"the request needs version {version} (upgrade nbdsrv on this host)"
+        )
     name = request["op"]
     op = BY_NAME.get(name)
     if op is None:

@@ -8,11 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import __version__
 from .backends.base import VMBackend
 from .backends.embedded import EmbeddedVM
 from .backends.qmp.vm import QmpVM
+from .backends.views import CheckpointInfo, UnansweredVMStatus, VMStatus
 from .backup.sessions import BeginRequest, SessionError, SessionManager
 from .backup.store import VMStore
+from .config.remote import RemoteConfig
 from .control import ControlServer, control_peer
 from .errors import ConfigError, NbdsrvError
 from .exports.catalog import ExportCatalog
@@ -20,9 +23,10 @@ from .exports.file import FileExport
 from .metrics import Labels, Metrics, Sample
 from .net.address import Address
 from .net.server import NBDServer, ServerPolicy
-from .operations import OPERATIONS
+from .operations import OPERATIONS, PROTOCOL_VERSION
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
+from .remote.server import RemoteControlServer
 from .restore.sessions import BeginRestore, RestoreSessions, stream_speed_from_environment
 from .restore.source import TLSFiles
 
@@ -46,6 +50,32 @@ class DaemonConfig:
     metrics: Address | None = None
     scratch_limit: int = 0
     tls_files: TLSFiles | None = None
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+# The longest `status` waits for one VM: a hung QEMU, libvirtd or guest agent costs only its
+# own VM's entry (backends bound their own waits well below it).
+VM_STATUS_TIMEOUT = 5.0
+
+
+async def _describe_vm(vm: VMBackend) -> VMStatus:
+    """What status shows for ``vm``; whatever goes wrong there is that entry's error."""
+    try:
+        async with asyncio.timeout(VM_STATUS_TIMEOUT):
+            return await vm.describe()
+    except Exception as e:  # one broken VM never fails status for the others
+        reason = (
+            f"no answer within {VM_STATUS_TIMEOUT:g} s" if isinstance(e, TimeoutError) else str(e)
+        )
+        log.error("VM %s: status: %s", vm.name, reason)
+        return UnansweredVMStatus(
+            name=vm.name,
+            connected=vm.connected,
+            guest_frozen=vm.guest_frozen,
+            error=reason,
+            disks=[],
+            checkpoints=[],
+        )
 
 
 class Daemon:
@@ -69,9 +99,15 @@ class Daemon:
             self.metrics = Metrics()
             self.metrics.collect = self._gauges
             self.server.on_request = self.metrics.count_request
-        self.control = ControlServer(
-            config.control, {op.name: getattr(self, op.handler) for op in OPERATIONS}
-        )
+        handlers = {op.name: getattr(self, op.handler) for op in OPERATIONS}
+        self.control = ControlServer(config.control, handlers)
+        remote = config.remote
+        self.remote: list[RemoteControlServer] = []
+        if remote.context is not None and remote.grants is not None and remote.limits:
+            self.remote = [
+                RemoteControlServer(address, remote.context, remote.grants, handlers, remote.limits)
+                for address in remote.addresses
+            ]
         self._stop = asyncio.Event()
         self.libvirt: list[Any] = []
 
@@ -153,6 +189,13 @@ class Daemon:
                 ) from e
         # Restore sessions a stopped or killed daemon left: cleaned up, or opened again.
         await self.restores.start()
+        for listener in self.remote:
+            try:
+                await listener.start()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot serve remote control on {listener.address}: {e.strerror or e}"
+                ) from e
         # The control socket comes last: `nbdsrv status` succeeding means ready.
         try:
             await self.control.start()
@@ -160,6 +203,8 @@ class Daemon:
             raise ConfigError(f"cannot open the control socket: {e.strerror or e}") from e
 
     async def shutdown(self) -> None:
+        for listener in self.remote:
+            await listener.stop()
         await self.control.stop()
         if self.metrics is not None:
             await self.metrics.stop()
@@ -204,11 +249,19 @@ class Daemon:
             "state_dir": self.config.state_dir,
             "control": self.config.control,
             "listen": [str(address) for address in self.server.addresses],
+            "remote": [str(listener.address) for listener in self.remote],
             "exports": exports,
             # All at once: one hung QEMU costs status one short timeout, not one per VM.
-            "vms": list(await asyncio.gather(*(vm.describe() for vm in self.vms.vms.values()))),
+            "vms": list(await asyncio.gather(*map(_describe_vm, self.vms.vms.values()))),
             "sessions": [self.sessions.describe(s) for s in self.sessions.sessions.values()],
             "connections": len(self.server.connections),
+        }
+
+    async def hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "nbdsrv": __version__,
+            "operations": [op.name for op in OPERATIONS],
         }
 
     async def checkpoint_create(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +280,7 @@ class Daemon:
         }
 
     async def _gauges(self) -> list[tuple[str, str, str, Sample]]:
-        """Gauges read at scrape time."""
+        """Gauges read at scrape time, from the daemon's own state only."""
         rows: list[tuple[str, str, str, Sample]] = []
 
         def gauge(name: str, text: str, labels: Labels, value: float) -> None:
@@ -244,20 +297,27 @@ class Daemon:
                 (("vm", vm.name),),
                 1 if vm.connected else 0,
             )
+            gauge(
+                "nbdsrv_guest_frozen",
+                "1 while a guest frozen by --quiesce is not confirmed thawed.",
+                (("vm", vm.name),),
+                1 if vm.guest_frozen else 0,
+            )
+            # What the daemon knows already: a scrape never waits on a VM lock or QEMU.
             try:
-                checkpoints = await vm.list_checkpoints()
+                checkpoints = vm.known_checkpoints()
             except NbdsrvError:
                 continue
             for valid in (True, False):
                 gauge(
                     "nbdsrv_checkpoints",
-                    "Checkpoints per VM, by validity.",
+                    "Checkpoints per VM, by validity (as last checked).",
                     (("vm", vm.name), ("valid", str(valid).lower())),
-                    sum(1 for c in checkpoints if c["valid"] is valid),
+                    sum(1 for _, ok in checkpoints if ok is valid),
                 )
         return rows
 
-    async def checkpoint_list(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def checkpoint_list(self, args: dict[str, Any]) -> list[CheckpointInfo]:
         return await self.vms.get(str(args["vm"])).list_checkpoints()
 
     async def checkpoint_delete(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,11 @@ NbdsrvError                                  code
  ├── ConfigError           bad configuration config
  ├── BadRequestError       malformed control request, unknown operation or argument
  │                                           bad-request
- ├── PermissionDeniedError a control client that may not use the daemon
+ ├── PermissionDeniedError a control client that may not use the daemon (or this operation)
  │                                           permission-denied
+ ├── UnsupportedVersionError a request needs a newer control protocol   unsupported-version
+ ├── LimitError            a remote control client passed a limit (request size,
+ │                         connections)                                 limit
  ├── ControlError          the daemon cannot be reached, or answered with an error
  │                         (client side; ``code`` is then the daemon's)   control
  ├── NotFoundError         unknown VM, export, checkpoint or session     not-found
@@ -22,6 +25,10 @@ NbdsrvError                                  code
  ├── StoreError            backup/store.py: metadata not written         store
  ├── SnapshotError         backends/qmp/external_snapshots.py            snapshot
  ├── QuiesceError          backends/qmp/quiesce.py                       quiesce
+ ├── GuestFrozenError      backends/frozen_guest.py: the thaw was not confirmed
+ │                                                                      guest-frozen
+ ├── ThawNotConfirmed      backends/libvirt/vm.py: the same, inside a libvirt call
+ │                                                                      guest-frozen
  ├── LibvirtError          backends/libvirt/connection.py                libvirt
  │    └── NotConnectedError                                    libvirt-not-connected
  ├── LibvirtRefusal        backends/libvirt/vm.py: not offered for libvirt domains
@@ -76,6 +83,19 @@ class PermissionDeniedError(NbdsrvError):
     """A control client is not allowed to use the daemon."""
 
     code = "permission-denied"
+
+
+class UnsupportedVersionError(NbdsrvError):
+    """A request carries a control protocol version newer than the daemon speaks."""
+
+    code = "unsupported-version"
+
+
+class LimitError(NbdsrvError):
+    """A remote control client passed one of the daemon's limits (a request line too long,
+    too many connections)."""
+
+    code = "limit"
 
 
 class ControlError(NbdsrvError):

@@ -5,6 +5,13 @@ Counters and histograms live here and grow as the daemon works; gauges (sessions
 connections, checkpoints, QMP state) are read from the daemon at scrape time through
 ``collect``. The HTTP side is the least HTTP that a scraper needs: one request per
 connection, GET of /metrics only (405 for other methods, 404 for other paths).
+
+A scrape never waits on a VM: ``collect`` reads the daemon's own state (no VM lock, no QMP,
+no libvirt call, no guest agent), so it is answered at once whatever QEMU or an agent does.
+The endpoint can never take the daemon's descriptors from NBD and control clients: at most
+MAX_CONNECTIONS are served at a time (more are closed at once), and one whose request head
+does not arrive within HEAD_TIMEOUT, or whose answer is not taken within WRITE_TIMEOUT, is
+closed.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ log = logging.getLogger(__name__)
 # Seconds: backup begin/end take tens of milliseconds to seconds.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAX_REQUEST_HEAD = 8192
+# A scraper opens one connection per scrape; a few cover several scrapers at once.
+MAX_CONNECTIONS = 8
+HEAD_TIMEOUT = 5.0
+WRITE_TIMEOUT = 5.0
 
 Labels = tuple[tuple[str, str], ...]
 Sample = tuple[str, Labels, float]
@@ -75,6 +86,9 @@ class Metrics:
         self.collect: Callable[[], Awaitable[Iterable[tuple[str, str, str, Sample]]]] | None = None
         """Gauges at scrape time: (name, type, help, sample) rows."""
         self._server: asyncio.Server | None = None
+        self._open = 0
+        self.refused = 0
+        """Connections closed at once because MAX_CONNECTIONS were open."""
 
     def count_request(self, export: str, command: str, read_bytes: int) -> None:
         self.requests[(export, command)] += 1
@@ -113,6 +127,12 @@ class Metrics:
             kind_text = f"Duration of {operation.replace('_', ' ')}, seconds."
             for sample in histogram.samples(name, ()):
                 add(name, "histogram", kind_text, sample)
+        add(
+            "nbdsrv_metrics_connections_refused_total",
+            "counter",
+            "Metrics connections closed at once: the connection limit was reached.",
+            ("nbdsrv_metrics_connections_refused_total", (), self.refused),
+        )
         if self.collect is not None:
             for name, kind, text, sample in await self.collect():
                 add(name, kind, text, sample)
@@ -129,7 +149,12 @@ class Metrics:
 
     async def listen(self, address: Address) -> None:
         self._server = await asyncio.start_server(
-            self._handle, address.host or None, address.port, reuse_address=True
+            self._handle,
+            address.host or None,
+            address.port,
+            reuse_address=True,
+            # A burst of connections waits in the kernel, not as descriptors of ours.
+            backlog=MAX_CONNECTIONS,
         )
 
     async def stop(self) -> None:
@@ -138,28 +163,46 @@ class Metrics:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            self.refused += 1
+            writer.transport.abort()  # the descriptor is freed now
+            return
+        self._open += 1
         try:
-            async with asyncio.timeout(10):
+            await self._serve(reader, writer)
+        finally:
+            self._open -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        headers: list[tuple[str, str]] = []
+        try:
+            async with asyncio.timeout(HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             if len(head) > MAX_REQUEST_HEAD:
                 raise ValueError("request head too long")
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             if method != "GET":
-                await _respond(writer, 405, "method not allowed\n", [("Allow", "GET")])
+                status, body, headers = 405, "method not allowed\n", [("Allow", "GET")]
             elif path.split("?", 1)[0] != "/metrics":
-                await _respond(writer, 404, "not found: try /metrics\n")
+                status, body = 404, "not found: try /metrics\n"
             else:
-                body = await self.render()
-                await _respond(writer, 200, body, [("Content-Type", "text/plain; version=0.0.4")])
+                status, body = 200, await self.render()
+                headers = [("Content-Type", "text/plain; version=0.0.4")]
         except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            with contextlib.suppress(OSError):
-                await _respond(writer, 400, "bad request\n")
+            status, body = 400, "bad request\n"
         except OSError as e:
+            status, body = 0, str(e)
+        try:
+            if status:
+                await _respond(writer, status, body, headers)
+        except (OSError, TimeoutError) as e:
             log.debug("metrics client: %s", e)
         finally:
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await writer.wait_closed()
+            writer.transport.abort()
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
@@ -176,4 +219,5 @@ async def _respond(
     head += [f"{k}: {v}" for k, v in headers]
     head += ["Connection: close", "", ""]
     writer.write("\r\n".join(head).encode() + data)
-    await writer.drain()
+    async with asyncio.timeout(WRITE_TIMEOUT):
+        await writer.drain()

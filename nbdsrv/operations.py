@@ -13,14 +13,33 @@ result for people (``--json`` prints the result itself); text_output.py holds th
 
 A request on the wire is ``{"op": NAME, "args": {ARG: VALUE, ...}}`` (docs/api.md); the CLI
 sends null for an option not given, so an optional argument may always be null.
+
+Remote clients (``--remote``, a TLS certificate granted some VMs by ``--remote-allow``) may use
+an operation according to its ``scope``:
+
+- ``"vm"``: it acts on the VM named by its ``vm`` argument; allowed when the certificate is
+  granted that VM, answered as for an unknown VM otherwise (the client learns no names);
+- ``"daemon"``: it names no VM (``status``, ``hello``); allowed, and its result is filtered so
+  that it shows only the VMs the certificate is granted (nbdsrv/remote/grants.py);
+- ``"local"`` (the default, so an operation nobody thought about stays local): refused to
+  remote clients with ``permission-denied`` — e.g. an operation that writes to a host path
+  the caller chooses.
+
+An argument with ``remote=False`` (a host path such as ``snapshot create --dir``) may not be
+given by remote clients either. Local clients on the control socket may do everything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from . import text_output
+
+PROTOCOL_VERSION = 1
+"""The control protocol's version (docs/api.md, "Versions"): a request may carry
+``"version": N``; a daemon refuses with ``unsupported-version`` one newer than this. Adding an
+operation, an optional argument or a result field does not change it."""
 
 
 class Arg(NamedTuple):
@@ -39,10 +58,16 @@ class Arg(NamedTuple):
     choices: tuple[str, ...] = ()
     exclusive: str | None = None
     """Arguments with the same value here cannot be given together."""
+    remote: bool = True
+    """False: remote clients may not give it (a path on the daemon's host)."""
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+Scope = Literal["vm", "daemon", "local"]
+"""Who may use an operation remotely, see the module's docstring."""
 
 
 class Operation(NamedTuple):
@@ -56,6 +81,8 @@ class Operation(NamedTuple):
     """The result as text for people, from the request's arguments and the result."""
     progress_of: str | None = None
     """While it runs, the CLI shows the progress of the VM's block jobs of this type."""
+    scope: Scope = "local"
+    """What a remote client may do with it (see the module's docstring)."""
 
     @property
     def handler(self) -> str:
@@ -80,6 +107,15 @@ OPERATIONS: tuple[Operation, ...] = (
         "VMs, exports and sessions of a running daemon",
         (),
         text_output.status,
+        scope="daemon",
+    ),
+    Operation(
+        "hello",
+        ("hello",),
+        "the control protocol version, nbdsrv's version and the operations the daemon speaks",
+        (),
+        text_output.hello,
+        scope="daemon",
     ),
     Operation(
         "checkpoint-create",
@@ -92,6 +128,7 @@ OPERATIONS: tuple[Operation, ...] = (
             _QUIESCE,
         ),
         text_output.checkpoint_created,
+        scope="vm",
     ),
     Operation(
         "checkpoint-list",
@@ -99,6 +136,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "checkpoints of VM, oldest first",
         (_vm(),),
         text_output.checkpoints,
+        scope="vm",
     ),
     Operation(
         "checkpoint-delete",
@@ -106,6 +144,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "delete a checkpoint; its changes go to its parent",
         (_vm(), Arg("name", "str", "the checkpoint", required=True, positional=True)),
         text_output.checkpoint_deleted,
+        scope="vm",
     ),
     Operation(
         "backup-begin",
@@ -140,9 +179,15 @@ OPERATIONS: tuple[Operation, ...] = (
             _QUIESCE,
         ),
         text_output.session,
+        scope="vm",
     ),
     Operation(
-        "backup-list", ("backup", "list"), "backup sessions of VM", (_vm(),), text_output.sessions
+        "backup-list",
+        ("backup", "list"),
+        "backup sessions of VM",
+        (_vm(),),
+        text_output.sessions,
+        scope="vm",
     ),
     Operation(
         "backup-end",
@@ -150,13 +195,24 @@ OPERATIONS: tuple[Operation, ...] = (
         "end a backup session; its exports go",
         (_vm(), Arg("id", "str", "the session", required=True, positional=True)),
         text_output.session_ended,
+        scope="vm",
     ),
     Operation(
         "snapshot-create",
         ("snapshot", "create"),
         "new qcow2 overlays on every disk of VM, atomically",
-        (_vm(), Arg("dir", "path", "where the overlays go (default: beside)", metavar="DIR")),
+        (
+            _vm(),
+            Arg(
+                "dir",
+                "path",
+                "where the overlays go (default: beside)",
+                metavar="DIR",
+                remote=False,
+            ),
+        ),
         text_output.snapshot_created,
+        scope="vm",
     ),
     Operation(
         "snapshot-commit",
@@ -165,6 +221,7 @@ OPERATIONS: tuple[Operation, ...] = (
         (_vm(),),
         text_output.snapshot_committed,
         progress_of="commit",
+        scope="vm",
     ),
     Operation(
         "restore-begin",

@@ -8,6 +8,12 @@ from .errors import ConfigError, NbdsrvError, NotFoundError
 log = logging.getLogger(__name__)
 
 
+def unknown_vm(name: str) -> NotFoundError:
+    """The error for a VM that does not exist (or that a remote client may not see: the
+    same words, so that it learns no names)."""
+    return NotFoundError(f"no VM named '{name}'")
+
+
 class VMRegistry:
     def __init__(self) -> None:
         self.vms: dict[str, VMBackend] = {}
@@ -15,7 +21,7 @@ class VMRegistry:
     def get(self, name: str) -> VMBackend:
         vm = self.vms.get(name)
         if vm is None:
-            raise NotFoundError(f"no VM named '{name}'")
+            raise unknown_vm(name)
         return vm
 
     async def add(self, vm: VMBackend) -> None:

@@ -7,7 +7,10 @@ Each function takes the request's arguments and the operation's result (the JSON
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the types only: a client command loads no backend module
+    from .backends.views import CheckpointInfo, VMStatus
 
 Args = dict[str, Any]
 
@@ -20,21 +23,30 @@ def status(args: Args, status: dict[str, Any]) -> str:
     ]
     for export in status["exports"]:
         lines.append(f"  {export['name']}: {export['size']} bytes, {', '.join(export['contexts'])}")
-    lines.append(f"VMs ({len(status['vms'])}):")
-    for vm in status["vms"]:
+    vms: list[VMStatus] = status["vms"]
+    lines.append(f"VMs ({len(vms)}):")
+    for vm in vms:
         if vm.get("backend") == "libvirt":
             connected = "connected" if vm.get("connected") else "not connected"
-            via = f"libvirt {vm['libvirt']} {connected}"
+            via = f"libvirt {vm.get('libvirt')} {connected}"
         else:
             connected = "connected" if vm.get("qmp_connected") else "not connected"
             if vm.get("qmp_connected") and vm.get("responsive") is False:
                 connected = "connected but unresponsive"
             via = f"QMP {connected}"
-        lines.append(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}")
+        frozen = ", GUEST MAY BE FROZEN (thaw retried)" if vm.get("guest_frozen") else ""
+        lines.append(f"  {vm['name']}: {via}, disks {', '.join(vm.get('disks', []))}{frozen}")
     lines.append(f"sessions ({len(status['sessions'])}):")
     for session in status["sessions"]:
         lines.append(f"  {session['id']}: VM {session['vm']}, {session.get('state', '')}")
     return "\n".join(lines)
+
+
+def hello(args: Args, hello: dict[str, Any]) -> str:
+    return (
+        f"nbdsrv {hello['nbdsrv']}, control protocol version {hello['protocol']}\n"
+        "operations: " + ", ".join(hello["operations"])
+    )
 
 
 def checkpoint_created(args: Args, result: dict[str, Any]) -> str:
@@ -42,10 +54,11 @@ def checkpoint_created(args: Args, result: dict[str, Any]) -> str:
     return f"checkpoint {result['name']} created{parent}"
 
 
-def checkpoints(args: Args, result: list[dict[str, Any]]) -> str:
+def checkpoints(args: Args, result: list[CheckpointInfo]) -> str:
     lines = [
         f"{c['name']}\t{c['created']}\tparent={c['parent'] or '-'}\t"
         + ("valid" if c["valid"] else f"INVALID: {c['reason']}")
+        + ("" if c.get("persistent", True) else "\tin memory")
         for c in result
     ]
     return "\n".join(lines) or f"VM {args['vm']} has no checkpoints"

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
+
+from .views import CheckpointInfo, LibvirtVMStatus, QmpVMStatus
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class PointInTimeRequest:
     """Name of the checkpoint to create at the point in time (None: generated)."""
     no_checkpoint: bool = False
     all_checkpoints: bool = False
+    bitmap_name: str | None = None
+    """The ``--from`` context's name instead of the checkpoint's (``--bitmap-name``)."""
     granularity: int | None = None
     quiesce: bool = False
     """Freeze the guest's filesystems for the instant (guest agent); fail if impossible."""
@@ -61,6 +65,9 @@ class UpstreamDisk:
     """Unix socket of the upstream NBD server."""
     export: str
     bitmaps: tuple[UpstreamBitmap, ...] = ()
+    direct_uri: str | None = None
+    """QEMU's (or libvirt's) own export of the point in time with the session's contexts,
+    for local clients (None: the backend offers none)."""
 
 
 @dataclass(frozen=True)
@@ -102,19 +109,31 @@ class VMBackend(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def guest_frozen(self) -> bool:
+        """True while a guest nbdsrv froze (--quiesce) is not confirmed thawed: from the
+        daemon's own state, never a question to QEMU or the agent."""
+        ...
+
     async def start(self) -> None:
         """Connect (retrying in the background), reconcile, and release what sessions of
         earlier daemons left behind."""
 
     async def stop(self) -> None: ...
 
-    async def describe(self) -> dict[str, Any]: ...
+    async def describe(self) -> QmpVMStatus | LibvirtVMStatus:
+        """Its entry in `status` (never waits long on QEMU or libvirt)."""
 
     async def create_checkpoint(
         self, name: str | None, granularity: int | None, *, quiesce: bool = False
     ) -> CreatedCheckpoint: ...
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]: ...
+    async def list_checkpoints(self) -> list[CheckpointInfo]: ...
+
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        """Each checkpoint's name and validity as the daemon last saw them, oldest first:
+        its own state only (for metrics), never a question to QEMU or libvirt."""
+        ...
 
     async def delete_checkpoint(self, name: str) -> None: ...
 
@@ -127,6 +146,15 @@ class VMBackend(Protocol):
     ) -> PointInTime:
         """Hold the lock. Fix one point in time over all disks (and create the checkpoint);
         on failure nothing is left behind."""
+
+    def confirm_point_in_time(self, session: str) -> None:
+        """Hold the lock. The session's begin completed (its exports are open): the
+        checkpoint it created stays from now on. Until then a restart removes it."""
+
+    async def give_up_point_in_time(self, session: str) -> None:
+        """The session failed: release at once what its point in time holds in the VM
+        (filters out of the guest's write path, scratch freed) where the backend can;
+        `end_point_in_time` still follows."""
 
     def scratch_bytes(self, session: str) -> int:
         """What copy-before-write has stored for ``session`` so far."""

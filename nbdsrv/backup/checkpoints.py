@@ -1,20 +1,22 @@
-"""Checkpoint chains: the model, its rules, and the QMP actions that change it.
+"""Checkpoint chains: the model and its rules.
 
 Chain model (docs/checkpoints.md): one recording bitmap per disk at a time::
 
     c1 ──► c2 ──► c3 (recording)        bitmap cN holds the writes between cN and cN+1
     "changed since c2" = c2 | c3        (OR of the checkpoint's bitmap and every later one)
 
-- create c4: one transaction over all disks — disable c3, add c4 (persistent, enabled).
-- delete c2: one transaction — merge c2 into c1 (enable c1 if c2 was recording), remove c2;
-  "since c1" = c1|c3 stays exact. Deleting the oldest just removes its bitmap.
+- create c4: all disks at once — c3 stops recording, c4 records (persistent where the top
+  layer can store it, else in QEMU's memory: backup/in_memory.py).
+- delete c2: all disks at once — c2 merged into c1 (c1 records again if c2 was recording),
+  c2 removed; "since c1" = c1|c3 stays exact. Deleting the oldest just removes its bitmap.
 
 A checkpoint's bitmap on one disk may lie on several layers of the backing chain (after an
 external snapshot); each piece is a *segment* ``(image file, bitmap name)``. Image file names
 identify layers because node names change when QEMU restarts.
 
-Everything here is pure: no QMP, no files. nbdsrv.backends.qmp.vm runs it against QEMU
-and nbdsrv.backup.store.
+Everything here is pure: no QMP, no files. nbdsrv.backends.qmp.bitmap_actions turns the
+rules into QMP transactions and nbdsrv.backends.qmp.vm runs them against QEMU and
+nbdsrv.backup.store.
 """
 
 import os
@@ -70,6 +72,9 @@ class Segment:
 
     file: str
     bitmap: str
+    # False: the layer cannot store bitmaps (raw, a block device, qcow2 v2), so this one lives
+    # in QEMU's memory and dies with the QEMU process (docs/checkpoints.md).
+    persistent: bool = True
 
 
 @dataclass(frozen=True)
@@ -82,19 +87,28 @@ class Checkpoint:
     disks: Mapping[str, tuple[Segment, ...]] = field(default_factory=dict)
     # Once QEMU lost bits of a checkpoint it stays unusable: the reason is kept.
     invalid: str | None = None
+    # The QEMU process (nbdsrv's marker in it) whose memory holds the in-memory segments.
+    process: str | None = None
+
+    @property
+    def persistent(self) -> bool:
+        """Every segment is stored in its image (survives a restart of QEMU)."""
+        return all(s.persistent for segments in self.disks.values() for s in segments)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document = {
             "name": self.name,
             "parent": self.parent,
             "created": self.created,
             "granularity": self.granularity,
             "disks": {
-                disk: [{"file": s.file, "bitmap": s.bitmap} for s in segments]
-                for disk, segments in self.disks.items()
+                disk: [_segment_json(s) for s in segments] for disk, segments in self.disks.items()
             },
             "invalid": self.invalid,
         }
+        if self.process is not None:
+            document["process"] = self.process
+        return document
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Checkpoint":
@@ -104,15 +118,26 @@ class Checkpoint:
             created=data["created"],
             granularity=int(data["granularity"]),
             disks={
-                disk: tuple(Segment(s["file"], s["bitmap"]) for s in segments)
+                disk: tuple(
+                    Segment(s["file"], s["bitmap"], bool(s.get("persistent", True)))
+                    for s in segments
+                )
                 for disk, segments in data.get("disks", {}).items()
             },
             invalid=data.get("invalid"),
+            process=data.get("process"),
         )
 
 
+def _segment_json(segment: Segment) -> dict[str, Any]:
+    document: dict[str, Any] = {"file": segment.file, "bitmap": segment.bitmap}
+    if not segment.persistent:
+        document["persistent"] = False
+    return document
+
+
 class BitmapState(Protocol):
-    """What QEMU reports of one dirty bitmap (query-named-block-nodes)."""
+    """What QEMU reports of one dirty bitmap."""
 
     @property
     def name(self) -> str: ...
@@ -143,6 +168,10 @@ class LayerState(Protocol):
     def format(self) -> str: ...
     @property
     def read_only(self) -> bool: ...
+    @property
+    def persistent_bitmaps(self) -> bool:
+        """The image can store bitmaps (qcow2 v3); others are held in QEMU's memory."""
+        ...
 
     def bitmap(self, name: str) -> BitmapState | None: ...
 
@@ -227,10 +256,10 @@ def find_layer(layers: Sequence[LayerState], file: str) -> LayerState | None:
 def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) -> str | None:
     """Why QEMU's state cannot back ``checkpoint`` (None when it can).
 
-    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent,
-    consistent, at the checkpoint's granularity; the layers have one size; the newest
-    checkpoint records on the top layer; a closed checkpoint records nowhere (its bitmaps
-    are frozen: one that records was enabled by someone else).
+    Rules: every segment's layer is in the disk's chain, holds the bitmap, persistent (unless
+    the segment is in memory), consistent, at the checkpoint's granularity; the layers have
+    one size; the newest checkpoint records on the top layer; a closed checkpoint records
+    nowhere (its bitmaps are frozen: one that records was enabled by someone else).
     """
     for disk, segments in checkpoint.disks.items():
         layers = chain.get(disk)
@@ -250,7 +279,7 @@ def segment_problem(checkpoint: Checkpoint, chain: ChainState, *, newest: bool) 
                     f"bitmap '{segment.bitmap}' on {where} is inconsistent "
                     "(QEMU did not save it cleanly)"
                 )
-            if not bitmap.persistent:
+            if segment.persistent and not bitmap.persistent:
                 return f"bitmap '{segment.bitmap}' on {where} is not persistent"
             if bitmap.granularity != checkpoint.granularity:
                 return (
@@ -350,106 +379,38 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-Action = tuple[str, dict[str, Any]]
-
-
-def create_actions(
+def new_checkpoint(
     checkpoints: CheckpointChain, chain: ChainState, name: str, granularity: int
-) -> tuple[Checkpoint, list[Action]]:
-    """The new checkpoint and the one transaction that makes it on every disk."""
-    actions: list[Action] = []
+) -> Checkpoint:
+    """The checkpoint ``name`` made now after the newest one: one segment on every disk's
+    top layer (in QEMU's memory where the top cannot store bitmaps). The bitmap that made
+    the previous checkpoint record on that layer stops recording at the same instant."""
     disks: dict[str, tuple[Segment, ...]] = {}
-    previous = checkpoints.newest
     for disk, layers in sorted(chain.items()):
         top = layers[0]
-        if top.format != "qcow2":
-            raise CheckpointError(
-                f"disk {disk} ({top.filename}) is {top.format}: checkpoints need qcow2 images"
-            )
         if top.bitmap(name) is not None:
             raise CheckpointError(f"disk {disk} already has a bitmap named '{name}'")
-        if previous is not None:
-            segments = previous.disks.get(disk, ())
-            if segments and segments[-1].file == top.filename:
-                old = top.bitmap(segments[-1].bitmap)
-                # An inconsistent or lost bitmap cannot be disabled; the new chain starts here.
-                if old is not None and old.recording and not old.inconsistent:
-                    actions.append(
-                        (
-                            "block-dirty-bitmap-disable",
-                            {"node": top.node_name, "name": segments[-1].bitmap},
-                        )
-                    )
-        actions.append(
-            (
-                "block-dirty-bitmap-add",
-                {
-                    "node": top.node_name,
-                    "name": name,
-                    "granularity": granularity,
-                    "persistent": True,
-                    "disabled": False,
-                },
-            )
-        )
-        disks[disk] = (Segment(top.filename, name),)
-    checkpoint = Checkpoint(
+        disks[disk] = (Segment(top.filename, name, top.persistent_bitmaps),)
+    previous = checkpoints.newest
+    return Checkpoint(
         name=name,
         parent=previous.name if previous else None,
         created=now_iso(),
         granularity=granularity,
         disks=disks,
     )
-    return checkpoint, actions
 
 
-def delete_actions(checkpoints: CheckpointChain, chain: ChainState, name: str) -> list[Action]:
-    """One transaction: merge ``name`` into its parent on every layer (adding the parent's
-    bitmap where a layer lacks it), re-enable the parent where ``name`` was recording, then
-    remove ``name``. Segments QEMU no longer holds are skipped."""
-    victim = checkpoints.find(name)
-    parent = checkpoints.find(victim.parent) if victim.parent else None
-    actions: list[Action] = []
-    for disk, segments in sorted(victim.disks.items()):
-        layers = chain.get(disk, ())
-        parent_segments = {s.file: s for s in parent.disks.get(disk, ())} if parent else {}
-        for segment in segments:
-            layer = find_layer(layers, segment.file)
-            bitmap = layer.bitmap(segment.bitmap) if layer is not None else None
-            if layer is None or bitmap is None:
-                continue
-            node = layer.node_name
-            if parent is not None and not bitmap.inconsistent:
-                target = parent_segments.get(segment.file)
-                target_bitmap = layer.bitmap(target.bitmap) if target else None
-                if target is None or target_bitmap is None:
-                    target_name = parent.name
-                    actions.append(
-                        (
-                            "block-dirty-bitmap-add",
-                            {
-                                "node": node,
-                                "name": target_name,
-                                "granularity": parent.granularity,
-                                "persistent": True,
-                                "disabled": not bitmap.recording,
-                            },
-                        )
-                    )
-                else:
-                    target_name = target.bitmap
-                    if bitmap.recording and not target_bitmap.recording:
-                        actions.append(
-                            ("block-dirty-bitmap-enable", {"node": node, "name": target_name})
-                        )
-                actions.append(
-                    (
-                        "block-dirty-bitmap-merge",
-                        {"node": node, "target": target_name, "bitmaps": [segment.bitmap]},
-                    )
-                )
-            actions.append(("block-dirty-bitmap-remove", {"node": node, "name": segment.bitmap}))
-    return actions
+def recording_segment(checkpoint: Checkpoint | None, disk: str, top: LayerState) -> str | None:
+    """The bitmap of ``checkpoint`` on ``disk`` that records on the ``top`` layer now and
+    can be stopped (an inconsistent or lost bitmap cannot: the new chain starts there)."""
+    segments = checkpoint.disks.get(disk, ()) if checkpoint is not None else ()
+    if not segments or segments[-1].file != top.filename:
+        return None
+    bitmap = top.bitmap(segments[-1].bitmap)
+    if bitmap is None or not bitmap.recording or bitmap.inconsistent:
+        return None
+    return segments[-1].bitmap
 
 
 def merged_parent(checkpoints: CheckpointChain, name: str) -> CheckpointChain:
@@ -466,10 +427,13 @@ def merged_parent(checkpoints: CheckpointChain, name: str) -> CheckpointChain:
         disks = dict(parent.disks)
         for disk, segments in victim.disks.items():
             have = {s.file for s in disks.get(disk, ())}
-            extra = tuple(Segment(s.file, parent.name) for s in segments if s.file not in have)
+            extra = tuple(
+                Segment(s.file, parent.name, s.persistent) for s in segments if s.file not in have
+            )
             if extra:
                 disks[disk] = (*disks.get(disk, ()), *extra)
-        chain = chain.replaced(replace(parent, disks=disks))
+        process = parent.process or victim.process
+        chain = chain.replaced(replace(parent, disks=disks, process=process))
     return chain.removed(name)
 
 

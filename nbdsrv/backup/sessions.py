@@ -22,6 +22,7 @@ reason (``why_broken``).
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,11 +44,20 @@ from ..net.address import Address
 from ..proto.constants import DIRTY_BITMAP_PREFIX
 from ..together import all_of
 from .checkpoints import check_name, now_iso
+from .crash_points import crash_point
 
 log = logging.getLogger(__name__)
 
-# Seconds between the probe reads that find a broken point in time without a reader.
+# Seconds between the probe reads that find a broken point in time without a reader
+# (NBDSRV_PROBE_INTERVAL; readers' own failed reads fail the session at once).
 PROBE_INTERVAL = 1.0
+
+
+def probe_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get("NBDSRV_PROBE_INTERVAL", PROBE_INTERVAL)))
+    except ValueError:
+        return PROBE_INTERVAL
 
 
 class SessionError(NbdsrvError):
@@ -77,20 +87,29 @@ class Session:
     checkpoint: str | None = None
     quiesced: bool = False
     exports: dict[str, UpstreamExport] = field(default_factory=dict)
+    direct_uris: dict[str, str | None] = field(default_factory=dict)
+    """Disk → QEMU's (or libvirt's) own export of the point in time (``direct_uri``)."""
     state: str = "running"
     error: str | None = None
     ending: bool = False
     prober: "asyncio.Task[None] | None" = None
+    giving_up: "asyncio.Task[None] | None" = None
 
     def fail(self, reason: str) -> None:
         if self.ending:
             return
-        if self.state == "running":
+        first = self.state == "running"
+        if first:
             self.state = "failed"
             self.error = reason
             log.error("session %s of VM %s failed: %s", self.id, self.vm.name, reason)
         for export in self.exports.values():
             export.fail(reason)
+        if first:
+            # Free the VM at once (filters out of the guest's path, scratch), not at the end.
+            self.giving_up = asyncio.get_running_loop().create_task(
+                self.vm.give_up_point_in_time(self.id)
+            )
 
 
 class SessionManager:
@@ -148,6 +167,7 @@ class SessionManager:
                 checkpoint=request.checkpoint,
                 no_checkpoint=request.no_checkpoint,
                 all_checkpoints=request.all_checkpoints,
+                bitmap_name=request.bitmap_name,
                 granularity=request.granularity,
                 quiesce=request.quiesce,
             ),
@@ -155,8 +175,11 @@ class SessionManager:
         )
         session.checkpoint = point.checkpoint
         session.quiesced = point.quiesced
+        session.direct_uris = {d.disk: d.direct_uri for d in point.disks}
         try:
             await self._open_exports(session, request, point)
+            crash_point("backup-begin:after-open")
+            vm.confirm_point_in_time(session.id)
         except BaseException as e:
             log.warning("VM %s: backup begin failed, cleaning up: %s", vm.name, e)
             await self._close_exports(session)
@@ -224,7 +247,12 @@ class SessionManager:
         async with vm.lock:
             session.ending = True
             await self._close_exports(session)
-            await vm.end_point_in_time(session.id)
+            try:
+                await vm.end_point_in_time(session.id)
+            except NbdsrvError as e:
+                # Not ended: the backend keeps what it needs for `backup end` to run again.
+                session.state, session.error = "ending", str(e)
+                raise
         self.sessions.pop(session_id, None)
         log.info("VM %s: backup session %s ended", vm.name, session_id)
 
@@ -238,6 +266,15 @@ class SessionManager:
             if self.catalog.find_export(export.name) is export:
                 self.catalog.remove(export.name)
             await export.aclose()
+        refused = sum(export.refusals for export in session.exports.values())
+        if refused:
+            # One line per session and cause, not one per refused request.
+            log.warning(
+                "session %s of VM %s: %d requests refused with EIO after it failed: %s",
+                session.id, session.vm.name, refused, session.error,
+            )  # fmt: skip
+            for export in session.exports.values():
+                export.refusals = 0
 
     async def end_all(self) -> None:
         for session in list(self.sessions.values()):
@@ -256,6 +293,7 @@ class SessionManager:
                 "uri": self.addresses[0].uri(export.name) if self.addresses else None,
                 "uris": [a.uri(export.name) for a in self.addresses],
                 "contexts": list(export.contexts),
+                "direct_uri": session.direct_uris.get(disk),
                 "size": export.size,
                 "dirty_bytes": {
                     context: bitmap.dirty_bytes for context, bitmap in export.bitmaps.items()
@@ -281,7 +319,7 @@ class SessionManager:
 async def _probe(session: Session) -> None:
     """Find a broken point in time without waiting for a reader."""
     while session.state == "running" and not session.ending:
-        await asyncio.sleep(PROBE_INTERVAL)
+        await asyncio.sleep(probe_interval())
         for export in list(session.exports.values()):
             if session.state != "running" or session.ending:
                 return

@@ -81,6 +81,14 @@ def remove_durably(path: str) -> None:
         fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
+def _is_leftover_temporary(name: str) -> bool:
+    """``.NAME.PID.tmp`` of another process than this one."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    pid = name[: -len(".tmp")].rpartition(".")[2]
+    return pid.isdigit() and int(pid) != os.getpid()
+
+
 class VMStore:
     """The files of one VM under the state directory."""
 
@@ -90,6 +98,17 @@ class VMStore:
         self.checkpoints_path = os.path.join(self.directory, "checkpoints.json")
         self.intent_path = os.path.join(self.directory, "intent.json")
         self.counts_path = os.path.join(self.directory, "counts.json")
+        self.remove_leftover_temporaries()
+
+    def remove_leftover_temporaries(self) -> None:
+        """Remove the temporary files of writes that a killed daemon did not finish
+        (``.NAME.PID.tmp``, see :func:`write_atomic`): the old documents stand."""
+        for directory in (self.directory, self.sessions_dir):
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(directory):
+                    if _is_leftover_temporary(name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(directory, name))
 
     def load_checkpoints(self) -> dict[str, Any]:
         document = read_json(self.checkpoints_path)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from ..net.server import ServerPolicy
 
 # TLSMode's values (proto.server), spelt out: the parser is built for every client command too,
-# which must not import the server (tests/unit/test_cli_imports.py keeps them equal).
+# which must not import the server (tests/control/test_cli_imports.py keeps them equal).
 TLS_MODES = ("off", "on", "require")
 
 

@@ -139,6 +139,15 @@ class Export(ABC):
         """Why data read from upstream can no longer be handed out, if it cannot."""
         return None
 
+    def read_failed(self, detail: str) -> None:
+        """Upstream failed a READ the server relayed (``relays_reads``)."""
+        return None
+
+    def count_refusal(self) -> bool:
+        """A request is refused because the export is :meth:`broken`: True when the export
+        counts it (and logs the count itself), so the server logs nothing per request."""
+        return False
+
     def close(self) -> None:
         """Release resources; later requests get ESHUTDOWN."""
         self.closed = True

@@ -91,6 +91,8 @@ class UpstreamExport(Export):
         self.bitmaps: dict[str, DirtyRuns] = {}
         self.freeze_bitmaps(bitmaps)
         self.failure: str | None = None
+        # Requests refused with EIO since the failure (the session logs the count).
+        self.refusals = 0
         self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
         self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
@@ -145,6 +147,20 @@ class UpstreamExport(Export):
     def _check(self) -> None:
         if self.failure is not None:
             raise OSError(errno.EIO, f"backup session failed: {self.failure}")
+
+    def read_failed(self, detail: str) -> None:
+        """A relayed READ failed in QEMU: the first one fails the session (QEMU fails every
+        read of a broken snapshot), no need to wait for the probe."""
+        if self.failure is None and not self.closed:
+            self._upstream_failed(detail)
+
+    def count_refusal(self) -> bool:
+        """Counted, not logged one by one: the session logs the count once (it logged the
+        cause when it failed)."""
+        if self.failure is None:
+            return False
+        self.refusals += 1
+        return True
 
     def _upstream_failed(self, detail: str) -> None:
         if self.on_failure is not None:

@@ -98,12 +98,13 @@ class Allow:
     rule: Rule
 
 
-def parse_allow(text: str) -> Allow:
-    """``PATTERN=cidr:NET`` / ``PATTERN=unix`` / ``PATTERN=subject:A=V,...`` (ConfigError)."""
+def parse_allow(text: str, option: str = "--allow") -> Allow:
+    """``PATTERN=cidr:NET`` / ``PATTERN=unix`` / ``PATTERN=subject:A=V,...`` (ConfigError,
+    naming ``option``)."""
     pattern, sep, rule_text = text.partition("=")
     usage = "use EXPORT=cidr:NET, EXPORT=unix or EXPORT=subject:CN=NAME"
     if not sep or not pattern or not rule_text:
-        raise ConfigError(f"bad --allow {text!r}: {usage}")
+        raise ConfigError(f"bad {option} {text!r}: {usage}")
     kind, _, value = rule_text.partition(":")
     if kind == "unix" and not value:
         return Allow(pattern, Rule("unix"))
@@ -112,7 +113,7 @@ def parse_allow(text: str) -> Allow:
             network = ipaddress.ip_network(value, strict=False)
         except ValueError:
             raise ConfigError(
-                f"bad --allow {text!r}: {value!r} is not an address or network"
+                f"bad {option} {text!r}: {value!r} is not an address or network"
             ) from None
         return Allow(pattern, Rule("cidr", network=network))
     if kind == "subject" and value:
@@ -120,10 +121,10 @@ def parse_allow(text: str) -> Allow:
         for part in value.split(","):
             key, eq, want = part.partition("=")
             if not eq or not key.strip() or not want:
-                raise ConfigError(f"bad --allow {text!r}: subject needs ATTRIBUTE=VALUE[,...]")
+                raise ConfigError(f"bad {option} {text!r}: subject needs ATTRIBUTE=VALUE[,...]")
             attributes.append((key.strip(), want))
         return Allow(pattern, Rule("subject", attributes=tuple(attributes)))
-    raise ConfigError(f"bad --allow {text!r}: {usage}")
+    raise ConfigError(f"bad {option} {text!r}: {usage}")
 
 
 class AccessPolicy:

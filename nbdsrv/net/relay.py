@@ -297,6 +297,8 @@ class _Read(ABC):
         if error is not None and self.error is None:
             # Whatever QEMU said, the client sees EIO: the data is not there.
             self.error = (Errno.EIO, f"reading from QEMU: {error}")
+            if not isinstance(error, ConnectionClosed):  # QEMU failed it: tell the export
+                self.relay.export.read_failed(f"reading from QEMU: {error}")
 
     def finish(self) -> None:
         relay, request = self.relay, self.request

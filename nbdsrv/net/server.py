@@ -775,7 +775,7 @@ class NBDConnection(asyncio.Protocol):
         self.bytes_served += served
         if error is None and self._export is not None:
             self._counted_request(self._export, request, served)
-        if error is not None and error[0] != Errno.ESHUTDOWN:
+        if error is not None and error[0] != Errno.ESHUTDOWN and not self._refusal_counted():
             self.log.warning(
                 "%s at %d+%d failed: %s",
                 _COMMAND_NAMES[request.command],
@@ -788,6 +788,10 @@ class NBDConnection(asyncio.Protocol):
             self._pump()
         if self._closing:
             self._close_when_idle()
+
+    def _refusal_counted(self) -> bool:
+        """A failed export counts its refusals and logs them once: no line per request."""
+        return self._export is not None and self._export.count_refusal()
 
     def _send(self, data: bytes) -> None:
         if self._writer is not None:
@@ -858,9 +862,11 @@ class NBDConnection(asyncio.Protocol):
                 # Removed while this request waited: its failure is the removal's.
                 self._send(core.error_reply(request, Errno.ESHUTDOWN, "export is gone"))
                 return
-            self.log.warning(
-                "%s at %d+%d failed: %s", request.command.name, request.offset, request.length, e
-            )
+            if not self._refusal_counted():
+                self.log.warning(
+                    "%s at %d+%d failed: %s",
+                    request.command.name, request.offset, request.length, e,
+                )  # fmt: skip
             self._send(core.error_reply(request, nbd_errno(e), str(e)))
 
 

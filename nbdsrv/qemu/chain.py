@@ -36,6 +36,9 @@ FORMAT_DRIVERS = frozenset(
     {"qcow2", "raw", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks"}
     | {"bochs", "cloop", "dmg"}
 )
+# Drivers that open a file or device directly: a disk with no format node on them (a block
+# device given to the guest as `-blockdev driver=host_device,...`) is one layer of this kind.
+PROTOCOL_DRIVERS = frozenset({"file", "host_device"})
 _DISK_NODE = re.compile(r"disk(\d+)")
 
 
@@ -64,6 +67,9 @@ class Layer:
     virtual_size: int
     read_only: bool
     bitmaps: tuple[Bitmap, ...] = ()
+    persistent_bitmaps: bool = False
+    """The image can store bitmaps: qcow2 v3. Raw files, block devices, qcow2 v2 and the
+    other formats cannot: bitmaps on them live in QEMU's memory only."""
 
     def bitmap(self, name: str) -> Bitmap | None:
         """The bitmap called `name` on this layer, if any."""
@@ -227,7 +233,8 @@ def _below_filters(
     node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]
 ) -> Mapping[str, Any] | None:
     """The format node under a filter (which reports its child's file name, or — throttle —
-    a `json:` description of its children), or `node`."""
+    a `json:` description of its children), or `node`; a file or device node that no format
+    node opens is its own layer."""
     if _is_format(node):
         return node
     filename = node.get("file")
@@ -235,6 +242,11 @@ def _below_filters(
         filename = image_in_json(filename)
     for other in nodes:
         if _is_format(other) and other.get("file") == filename:
+            return other
+    if node.get("drv") in PROTOCOL_DRIVERS:
+        return node
+    for other in nodes:
+        if other.get("drv") in PROTOCOL_DRIVERS and other.get("file") == filename:
             return other
     return None
 
@@ -281,10 +293,10 @@ def _backing_of(
     if not backing:
         return None
     fmt = (node.get("image") or {}).get("backing-filename-format")
-    candidates = [
-        n
-        for n in nodes
-        if _is_format(n) and n.get("file") in backing and str(n["node-name"]) not in seen
+    named = [n for n in nodes if n.get("file") in backing and str(n["node-name"]) not in seen]
+    # A format node when there is one, else a device or file with none (its data is raw).
+    candidates = [n for n in named if _is_format(n)] or [
+        n for n in named if n.get("drv") in PROTOCOL_DRIVERS
     ]
     if fmt:
         candidates.sort(key=lambda n: n.get("drv") != fmt)
@@ -314,7 +326,16 @@ def _layer(node: Mapping[str, Any]) -> Layer:
         virtual_size=int(image.get("virtual-size", 0)),
         read_only=bool(node.get("ro", False)),
         bitmaps=bitmaps,
+        persistent_bitmaps=_stores_bitmaps(node),
     )
+
+
+def _stores_bitmaps(node: Mapping[str, Any]) -> bool:
+    """qcow2 with compat 1.1 (v3); QEMU says "Cannot store dirty bitmaps in qcow2 v2 files"."""
+    if node.get("drv") != "qcow2":
+        return False
+    specific = (node.get("image") or {}).get("format-specific") or {}
+    return (specific.get("data") or {}).get("compat") != "0.10"
 
 
 async def nodes_of_file(monitor: Monitor, filename: str) -> list[str]:

@@ -37,7 +37,7 @@ from typing import Any
 from .chain import FORMAT_DRIVERS, BlockState
 from .errors import QEMUError, QMPError
 from .images import scratch_file
-from .monitor import Monitor, raise_first_error
+from .monitor import Monitor, raise_first_error, transaction_command
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class DiskPlan:
     scratch_file: str
     scratch_node: str
     export: str
+    # The scratch image's file node, named so that QEMU's write threshold can watch it
+    # (--scratch-limit); "" in records of nbdsrv before it.
+    scratch_file_node: str = ""
     cbw_node: str = ""
     access_node: str = ""
     # How the filter enters the path: SWITCH_QDEV (qom-set of the device at switch_target)
@@ -74,6 +77,14 @@ class DiskPlan:
     bitmaps: Mapping[str, tuple[str, int, tuple[tuple[str, str], ...]]] = field(
         default_factory=dict
     )
+    # The direct export: QEMU's own export of the point in time, offering "since C" contexts
+    # as QEMU bitmaps (docs/architecture.md "Direct exports"). Empty in records of nbdsrv
+    # before it.
+    direct_export: str = ""
+    # The contexts' suffixes: bitmaps of these names on the snapshot-access node.
+    direct_contexts: tuple[str, ...] = ()
+    # How they are built, in order: (node, bitmap, granularity, [(node, bitmap) merged in]).
+    direct_bitmaps: tuple[tuple[str, str, int, tuple[tuple[str, str], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,11 @@ class FleecePlan:
                         k: (v[0], int(v[1]), tuple((n, b) for n, b in v[2]))
                         for k, v in d.get("bitmaps", {}).items()
                     },
+                    "direct_contexts": tuple(d.get("direct_contexts", ())),
+                    "direct_bitmaps": tuple(
+                        (node, name, int(granularity), tuple((n, b) for n, b in sources))
+                        for node, name, granularity, sources in d.get("direct_bitmaps", ())
+                    ),
                 }
             )
             for d in data["disks"]
@@ -209,19 +225,26 @@ def plan_disk(
     scratch_dir: str,
     switch: Switch,
     bitmaps: Sequence[tuple[str, int, Sequence[tuple[str, str]]]],
+    direct: Mapping[str, str] | None = None,
 ) -> DiskPlan:
-    """``bitmaps``: (checkpoint, granularity, [(node, bitmap name) segments]). Node names
-    use the disk's index, not its id, so they stay within QEMU's 31 characters."""
+    """``bitmaps``: (checkpoint, granularity, [(node, bitmap name) segments]), oldest
+    first. ``direct``: context suffix → checkpoint, for the direct export (None: no direct
+    export); every checkpoint of ``bitmaps`` from the oldest of them on must have its
+    frozen bitmap. Node names use the disk's index, not its id, so they stay within QEMU's
+    31 characters."""
     base = f"nbdsrv-{session[:8]}"
+    scratch_node = f"{base}-scr{index}"
+    access_node = f"{base}-acc{index}"
     return DiskPlan(
         disk=disk,
         top_node=top_node,
         size=size,
         scratch_file=os.path.join(scratch_dir, f"{session}-{index}.qcow2"),
-        scratch_node=f"{base}-scr{index}",
+        scratch_node=scratch_node,
+        scratch_file_node=f"{base}-sf{index}",
         export=f"nbdsrv-{session}-{index}",
         cbw_node=f"{base}-cbw{index}",
-        access_node=f"{base}-acc{index}",
+        access_node=access_node,
         switch=switch.kind,
         switch_target=switch.target,
         below=switch.below,
@@ -230,7 +253,44 @@ def plan_disk(
             frozen_bitmap_name(session, ckpt): (ckpt, granularity, tuple(sources))
             for ckpt, granularity, sources in bitmaps
         },
+        direct_export="" if direct is None else f"nbdsrv-{session}-{index}-direct",
+        direct_contexts=tuple(direct or {}),
+        direct_bitmaps=_since_bitmaps(
+            session, scratch_node, access_node, [(c, g) for c, g, _ in bitmaps], direct or {}
+        ),
     )
+
+
+def _since_bitmaps(
+    session: str,
+    scratch_node: str,
+    access_node: str,
+    checkpoints: Sequence[tuple[str, int]],
+    contexts: Mapping[str, str],
+) -> tuple[tuple[str, str, int, tuple[tuple[str, str], ...]], ...]:
+    """The bitmaps that make the direct export's contexts, newest first, each "since C" =
+    C's frozen bitmap OR "since" the next checkpoint, at C's granularity — exactly the
+    relay's suffix OR (backup/sessions.py), coarsening included. Offered ones are named as
+    their context on the snapshot-access node (which holds nothing else); the others live on
+    the scratch node under names with a ``:``, which no checkpoint name has."""
+    if not contexts:
+        return ()
+    label_of = {checkpoint: label for label, checkpoint in contexts.items()}
+    names = [c for c, _ in checkpoints]
+    oldest = min(names.index(c) for c in contexts.values())
+    steps: list[tuple[str, str, int, tuple[tuple[str, str], ...]]] = []
+    later: tuple[str, str] | None = None
+    for checkpoint, granularity in reversed(checkpoints[oldest:]):
+        label = label_of.get(checkpoint)
+        here = (
+            (access_node, label)
+            if label is not None
+            else (scratch_node, f"nbdsrv-{session}:since:{checkpoint}")
+        )
+        sources = ((scratch_node, frozen_bitmap_name(session, checkpoint)),)
+        steps.append((*here, granularity, sources + ((later,) if later else ())))
+        later = here
+    return tuple(steps)
 
 
 # -- building -----------------------------------------------------------------------------
@@ -239,14 +299,13 @@ def plan_disk(
 def filter_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
     """The scratch node and the filter above the disk — not yet in anybody's path (for
     `Monitor.execute_many`: when the first fails the second fails too, harmlessly)."""
+    file = scratch_file(plan.scratch_file)
+    if plan.scratch_file_node:
+        file["node-name"] = plan.scratch_file_node
     return [
         (
             "blockdev-add",
-            {
-                "driver": "qcow2",
-                "node-name": plan.scratch_node,
-                "file": scratch_file(plan.scratch_file),
-            },
+            {"driver": "qcow2", "node-name": plan.scratch_node, "file": file},
         ),
         (
             "blockdev-add",
@@ -348,16 +407,24 @@ async def start_nbd_server(monitor: Monitor, socket_path: str) -> None:
                 "own to export the point in time (stop the other NBD server)"
             ) from e
         raise
+    # The direct exports are served here to local clients: only the daemon's user may
+    # connect (QEMU creates the socket with its own umask). A QEMU of another user keeps
+    # its mode; the state directory (0700) still guards it.
+    try:
+        os.chmod(socket_path, 0o600)
+    except PermissionError:
+        log.warning("cannot chmod 0600 QEMU's NBD socket %s (QEMU's user owns it)", socket_path)
 
 
 def export_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
-    """The snapshot-access node and its read-only export with the frozen bitmaps (for
-    `Monitor.execute_many`)."""
+    """The snapshot-access node and its read-only export with the frozen bitmaps, and the
+    direct export (for `Monitor.execute_many`)."""
     return [
         (
             "blockdev-add",
             {"driver": "snapshot-access", "node-name": plan.access_node, "file": plan.cbw_node},
         ),
+        *direct_bitmap_commands(plan),
         (
             "block-export-add",
             {
@@ -371,6 +438,60 @@ def export_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
                 "bitmaps": [{"node": plan.scratch_node, "name": name} for name in plan.bitmaps],
             },
         ),
+        *direct_export_commands(plan),
+    ]
+
+
+def direct_bitmap_commands(plan: DiskPlan) -> list[tuple[str, Any]]:
+    """One transaction building the direct export's "since C" bitmaps from the frozen ones
+    (disabled, transient; QEMU merges at the target's granularity, as the relay does). They
+    go with their nodes."""
+    actions: list[tuple[str, dict[str, Any]]] = []
+    for node, name, granularity, sources in plan.direct_bitmaps:
+        actions.append(
+            (
+                "block-dirty-bitmap-add",
+                {
+                    "node": node,
+                    "name": name,
+                    "granularity": granularity,
+                    "persistent": False,
+                    "disabled": True,
+                },
+            )
+        )
+        actions.append(
+            (
+                "block-dirty-bitmap-merge",
+                {
+                    "node": node,
+                    "target": name,
+                    "bitmaps": [{"node": n, "name": b} for n, b in sources],
+                },
+            )
+        )
+    return [transaction_command(actions)] if actions else []
+
+
+def direct_export_commands(plan: DiskPlan) -> list[tuple[str, dict[str, Any]]]:
+    """The direct export: QEMU serves the point in time and its "since C" bitmaps itself;
+    the context of bitmap L is ``qemu:dirty-bitmap:L``."""
+    if not plan.direct_export:
+        return []
+    return [
+        (
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": plan.direct_export,
+                "node-name": plan.access_node,
+                "name": plan.direct_export,
+                "writable": False,
+                "bitmaps": [
+                    {"node": plan.access_node, "name": label} for label in plan.direct_contexts
+                ],
+            },
+        )
     ]
 
 
@@ -447,30 +568,54 @@ def _switch_out(
     return commands
 
 
+def _exports(disks: Sequence[DiskPlan]) -> list[str]:
+    """The QEMU exports of ``disks``: the relay's upstream ones and the direct ones."""
+    return [e for d in disks for e in (d.export, d.direct_export) if e]
+
+
 def _our_nodes(plan: FleecePlan) -> set[str]:
     return {n for d in plan.disks for n in (d.access_node, d.cbw_node, d.scratch_node) if n}
 
 
 async def _dismantle(
-    monitor: Monitor, plan: FleecePlan, timeout: float, *, stop_nbd_server: bool
+    monitor: Monitor,
+    plan: FleecePlan,
+    timeout: float,
+    *,
+    stop_nbd_server: bool,
+    unless_others_are_at_it: bool = False,
 ) -> Sequence[Mapping[str, Any]]:
     """Take ``plan`` out of QEMU, newest first, in the only order QEMU allows (export,
     snapshot-access node, filter out of the path, filter, scratch node), in three round
-    trips; query-named-block-nodes afterwards."""
+    trips; query-named-block-nodes afterwards.
+
+    ``unless_others_are_at_it``: when one of its exports is gone already, someone else is
+    taking the point in time apart; QEMUError then, with nothing more done. Two parties
+    moving a device's drive at once could make nbdsrv set it to the node it already has,
+    and QEMU 7.2 aborts on that (`bdrv_replace_child_noperm: Assertion old_bs != new_bs`):
+    the guest would die."""
     disks = plan.disks
     # 1. The exports (hard: their clients are cut), and whether they are gone yet.
+    exports = _exports(disks)
     answers = await _quietly(
         monitor,
         [
-            *(("block-export-del", {"id": d.export, "mode": "hard"}) for d in disks),
+            *(("block-export-del", {"id": export, "mode": "hard"}) for export in exports),
             ("query-block-exports", None),
         ],
     )
     raise_first_error(answers[-1:])
+    if unless_others_are_at_it:
+        taken = [e for e, a in zip(exports, answers, strict=False) if isinstance(a, QMPError)]
+        if taken:
+            raise QEMUError(
+                f"session {plan.session}: someone else deleted {', '.join(taken)}; what is "
+                "left goes at the end, not to race them in QEMU"
+            )
     listed = {e.get("id") for e in answers[-1]}
-    for disk in disks:
-        if disk.export in listed:
-            await _gone(monitor, "query-block-exports", "id", disk.export, timeout)
+    for export in _exports(disks):
+        if export in listed:
+            await _gone(monitor, "query-block-exports", "id", export, timeout)
     # 2. The snapshot-access nodes, then a look at the graph without them.
     answers = await _quietly(
         monitor,
@@ -527,11 +672,33 @@ async def teardown(monitor: Monitor | None, plan: FleecePlan, timeout: float = 3
     return True
 
 
-async def stop_copy_before_write(monitor: Monitor, plan: FleecePlan) -> None:
-    """Give the point in time up in QEMU: its export, snapshot-access nodes, filters and
-    scratch nodes go, so nothing is copied any more and the scratch stops growing; the
-    writers go on. The files and the record stay until the session ends."""
-    await _dismantle(monitor, plan, 30.0, stop_nbd_server=False)
+async def give_up(monitor: Monitor, plan: FleecePlan) -> bool:
+    """Give a broken point in time up at once: its exports (readers get EIO), snapshot-access
+    nodes, filters (out of the guest's write path) and scratch nodes go, and the scratch
+    files are deleted; the guest's writes go on. QEMU's NBD server and the record stay until
+    the session ends. True when QEMU holds none of it any more."""
+    if not monitor.connected:
+        return False
+    nodes = await _dismantle(
+        monitor, plan, 30.0, stop_nbd_server=False, unless_others_are_at_it=True
+    )
+    if _our_nodes(plan) & {str(n["node-name"]) for n in nodes}:
+        return False
+    for disk in plan.disks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(disk.scratch_file)
+    return True
+
+
+def write_threshold_commands(
+    thresholds: Mapping[str, int],
+) -> list[tuple[str, dict[str, Any]]]:
+    """Arm QEMU's write threshold on scratch file nodes (node → offset): QEMU sends
+    BLOCK_WRITE_THRESHOLD once a write goes past it, then disarms it."""
+    return [
+        ("block-set-write-threshold", {"node-name": node, "write-threshold": offset})
+        for node, offset in thresholds.items()
+    ]
 
 
 def remove_files(plan: FleecePlan) -> None:

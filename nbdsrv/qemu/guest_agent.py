@@ -5,6 +5,10 @@ earlier client, so every connection starts with ``guest-sync-delimited``: the ag
 with a 0xFF byte and then the id we sent, and everything before that is discarded. The
 chardev socket accepts connections even when no agent runs in the guest; only the sync tells
 whether one answers. One client at a time: a connection lives for one operation.
+
+Every read is bounded in size and time: an agent (a guest's program, so not trusted) that
+sends a line longer than MAX_LINE or nothing at all fails its own VM's operation with a
+GuestAgentError, never anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from .errors import QEMUError
 SYNC_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 10.0
 _DELIMITER = b"\xff"
+# The longest reply line read (nbdsrv's commands answer in a few bytes).
+MAX_LINE = 64 * 1024
+# Stale bytes skipped while looking for the sync delimiter before giving up.
+MAX_STALE = 1024 * 1024
 
 
 class GuestAgentError(QEMUError):
@@ -41,7 +49,7 @@ class GuestAgent:
         """Connect and synchronise; GuestAgentError when no agent answers in ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path)
+                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
         except (OSError, TimeoutError) as e:
             raise GuestAgentError(f"guest agent socket {path}: cannot connect ({e})") from None
         agent = cls(path, reader, writer)
@@ -58,7 +66,7 @@ class GuestAgent:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    await self._reader.readuntil(_DELIMITER)
+                    await self._skip_to_delimiter()
                     reply = await self._read_reply()
                     if reply.get("return") == token:
                         return
@@ -67,6 +75,19 @@ class GuestAgent:
                 f"the guest agent at {self.path} does not answer (is qemu-ga running in the guest?)"
             ) from None
 
+    async def _skip_to_delimiter(self) -> None:
+        """Discard stale bytes up to and including the next delimiter (at most MAX_STALE)."""
+        skipped = 0
+        while True:
+            try:
+                await self._reader.readuntil(_DELIMITER)
+                return
+            except asyncio.LimitOverrunError as e:
+                skipped += e.consumed
+                if skipped > MAX_STALE:
+                    raise ValueError(f"{skipped} bytes without a sync delimiter") from None
+                await self._reader.readexactly(e.consumed)
+
     def _send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
         message: dict[str, Any] = {"execute": command}
         if arguments:
@@ -74,7 +95,13 @@ class GuestAgent:
         self._writer.write(json.dumps(message).encode() + b"\n")
 
     async def _read_reply(self) -> dict[str, Any]:
-        line = await self._reader.readline()
+        """One reply line; ValueError when it is longer than MAX_LINE or not a JSON object."""
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise ValueError(f"a reply line longer than {MAX_LINE} bytes") from None
+        except asyncio.IncompleteReadError as e:
+            line = e.partial
         if not line:
             raise asyncio.IncompleteReadError(line, None)
         reply = json.loads(line.strip(_DELIMITER + b" \r\n"))

@@ -7,8 +7,8 @@ import time
 import pytest
 from qemu.qmp import ExecuteError
 
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD, MiB
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, MiB
 
 K = 1024
 
@@ -106,18 +106,27 @@ def test_two_disks_get_one_checkpoint(vm: ExternalQSD, nbdsrv: DaemonProcess) ->
     assert nbdsrv.checkpoints()[0]["disks"] == ["disk0", "disk1"]
 
 
-@pytest.mark.parametrize(
-    ("vm", "message"),
-    [(("qcow2", "raw"), "is raw: checkpoints need qcow2"), (("qcow2v2",), "v2")],
-    indirect=["vm"],
-)
-def test_unsupported_disk_is_refused_and_nothing_changes(
-    vm: ExternalQSD, nbdsrv: DaemonProcess, message: str
+@pytest.mark.parametrize("vm", [("qcow2", "raw", "qcow2v2")], indirect=True)
+def test_disks_that_cannot_store_bitmaps_get_them_in_memory(
+    vm: ExternalQSD, nbdsrv: DaemonProcess
 ) -> None:
-    assert message in nbdsrv.error("checkpoint", "create", "vm1", "--name", "c1")
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    vm.write(1, 0x11, 0, 64 * K)
+    vm.write(2, 0x22, 1 * MiB, 64 * K)
     assert vm.qmp is not None
-    assert vm.qmp.bitmaps("disk0") == {}
-    assert nbdsrv.checkpoints() == []
+    persistent = [vm.qmp.bitmaps(f"disk{i}")["c1"]["persistent"] for i in range(3)]
+    assert persistent == [True, False, False]
+    assert [vm.qmp.bitmaps(f"disk{i}")["c1"]["count"] for i in range(3)] == [0, 64 * K, 64 * K]
+    [listed] = nbdsrv.checkpoints()
+    assert (listed["valid"], listed["persistent"]) == (True, False)
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c2")
+    assert nbdsrv.cli("checkpoint", "delete", "vm1", "c1").returncode == 0
+    assert [(c["name"], c["valid"]) for c in nbdsrv.checkpoints()] == [("c2", True)]
+
+
+def test_qcow2_checkpoints_are_persistent(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    assert [(c["name"], c["persistent"]) for c in nbdsrv.checkpoints()] == [("c1", True)]
 
 
 def test_clear_errors_for_bad_requests(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:

@@ -3,8 +3,9 @@ a state that agrees with QEMU."""
 
 import pytest
 
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD, MiB, wait_for
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, MiB
+from tests.harness.waiting import wait_for
 
 K = 1024
 

@@ -3,8 +3,8 @@ starting with a letter or digit); anything else is refused with one line and cha
 
 import pytest
 
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD
 
 
 def test_empty_checkpoint_name_is_refused(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:

@@ -5,8 +5,9 @@ import json
 import os
 import signal
 
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD
+from nbdsrv.backends.views import CheckpointInfo, QmpVMStatus
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD
 
 
 def test_status_answers_while_qemu_is_stopped(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:
@@ -26,3 +27,43 @@ def test_status_answers_while_qemu_is_stopped(vm: ExternalQSD, nbdsrv: DaemonPro
     assert text.returncode == 0 and "unresponsive" in text.stdout
     after = nbdsrv.json("status")["vms"][0]
     assert after["responsive"] is True and after["error"] is None, json.dumps(after)
+
+
+# The control protocol's documents (docs/reference.md): their keys, in this order.
+VM_STATUS_KEYS = [
+    "name",
+    "qmp",
+    "qmp_connected",
+    "responsive",
+    "live_socket",
+    "guest_agent",
+    "guest_agent_connected",
+    "error",
+    "disks",
+    "jobs",
+    "checkpoints",
+]
+CHECKPOINT_KEYS = [
+    "name",
+    "parent",
+    "created",
+    "granularity",
+    "disks",
+    "valid",
+    "reason",
+    "persistent",
+]
+
+
+def test_status_and_checkpoint_list_keep_their_json_shape(
+    vm: ExternalQSD, nbdsrv: DaemonProcess
+) -> None:
+    nbdsrv.json("checkpoint", "create", "vm1", "--name", "c1")
+    status = nbdsrv.json("status")["vms"][0]
+    # guest_frozen: where the daemon tracks a guest it froze (--quiesce).
+    assert [k for k in status if k != "guest_frozen"] == VM_STATUS_KEYS
+    assert set(status) <= set(QmpVMStatus.__annotations__)
+    assert status["jobs"] == [] and status["checkpoints"] == ["c1"]
+    [checkpoint] = nbdsrv.json("checkpoint", "list", "vm1")
+    assert list(checkpoint) == CHECKPOINT_KEYS == list(CheckpointInfo.__annotations__)
+    assert checkpoint["valid"] is True and checkpoint["persistent"] is True

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import DaemonProcess
-from tests.vmharness import (
-    COPY_SCRIPT,
-    ExternalQSD,
-    K,
-    MiB,
-    blocks,
-    wait_for,
-)
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import COPY_SCRIPT, ExternalQSD, K, MiB, blocks
+from tests.harness.waiting import wait_for
 
 
 def listed(nbdsrv: DaemonProcess) -> dict[str, dict]:  # type: ignore[type-arg]

@@ -135,6 +135,9 @@ LINES = [
     ["checkpoint", "create", "vm", "--gran", "131072"],
     ["snapshot", "commit", "vm", "--json"],
     ["--control", "status", "status"],
+    ["--connect", "nbdsrv+tls://h:1", "--tls-certificates", "/d", "backup", "list", "vm"],
+    ["--tls-certificates", "status", "checkpoint", "list", "vm"],
+    ["--connect=nbdsrv+tls://h", "status", "--json"],
 ]
 
 

@@ -10,7 +10,7 @@ bench/:
   class: a method, a class attribute or an attribute its methods set on `self`); logger
   names (`nbdsrv.audit`) are no modules and pass.
 
-A path names a file (with its extension, `tests/tools.py`), a folder (with its trailing slash,
+A path names a file (with its extension, `tests/conftest.py`), a folder (with its trailing slash,
 `tests/guest/`), or has two levels below the top folder (`tests/guest/vm`); so the ratio
 `nbdsrv/qemu-nbd` in a table is no path. Paths under folders that .gitignore anchors
 (bench/work/, where `make bench` writes) pass.

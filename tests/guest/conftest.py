@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +10,8 @@ import pytest
 
 from tests.guest.build import Guest, GuestBuildError, build_guest
 from tests.guest.vm import GuestVM
-from tests.tools import require_tool
+from tests.harness.dirs import short_tmp_dir
+from tests.harness.tools import require_tool
 
 # On the host: to build the guest, boot it and read its disk (nbdsh: python3-libnbd, which
 # the incremental copy uses).
@@ -36,9 +35,8 @@ def guest() -> Guest:
 @pytest.fixture
 def guest_workdir() -> Iterator[Path]:
     """A short directory: unix socket paths must fit in 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="nbdsrv-g-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp_dir("nbdsrv-g-") as path:
+        yield path
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.tools import require_tool, run, run_result
+from tests.harness.tools import require_tool, run, run_result
 
 # What e2fsck may fix in a crash-consistent image beyond the journal replay: the superblock's
 # free counts, which ext4 does not keep up to date while mounted (it sums the group

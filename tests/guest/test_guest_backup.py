@@ -13,7 +13,6 @@ through the guest agent: its image must be clean as it is (no journal to replay)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -22,15 +21,13 @@ from typing import Any
 
 from tests.guest.ext4 import check_consistent, read_file, regular_files
 from tests.guest.vm import DISK_ID, GuestVM
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
-from tests.vmharness import COPY_SCRIPT
+from tests.harness.checksums import sha256 as sha
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qsd import COPY_SCRIPT
+from tests.harness.tools import require_tool, run
 
 K = 1024
 INCREMENTALS = 3
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class Files:

@@ -25,7 +25,8 @@ from qemu.qmp import QMPError
 
 from tests.guest.agent import AgentError, GuestAgent
 from tests.guest.build import Guest
-from tests.tools import SyncQMP, require_tool, run
+from tests.harness.qmp import SyncQMP
+from tests.harness.tools import require_tool, run
 
 MiB = 1024 * 1024
 DATA_DISK_SIZE = 64 * MiB

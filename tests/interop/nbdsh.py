@@ -12,7 +12,7 @@ import json
 import textwrap
 from typing import Any
 
-from tests.tools import SYSTEM_PATH_FIRST, require_tool, run
+from tests.harness.tools import SYSTEM_PATH_FIRST, require_tool, run
 
 PRELUDE = """
 import json

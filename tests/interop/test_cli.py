@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Served, StartDaemon
-from tests.tools import nbdsrv_argv, require_tool, run, run_fails
+from tests.harness.daemon import StartDaemon, nbdsrv_argv
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run, run_fails
 
 NBDMAGIC = b"NBDMAGIC"
 IHAVEOPT = b"IHAVEOPT"

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.conftest import Served
+from tests.harness.served import Served
 
 BAD = [
     (b"not json", "not JSON"),

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from tests.conftest import KiB, MiB, Served
+from tests.harness.images import KiB, MiB
+from tests.harness.served import Served
 from tests.interop.nbdsh import nbdsh
 
 HOLE_ZERO = 3

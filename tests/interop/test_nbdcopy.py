@@ -1,17 +1,13 @@
 """nbdcopy (libnbd) copies every export exactly, over TCP and unix sockets."""
 
-import hashlib
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Served
-from tests.tools import require_tool, run
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from tests.harness.checksums import file_sha256 as sha256
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])

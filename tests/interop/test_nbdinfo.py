@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tests.conftest import Served
-from tests.tools import require_tool, run, run_result
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run, run_result
 
 HOLE_ZERO = 3  # NBD_STATE_HOLE | NBD_STATE_ZERO
 

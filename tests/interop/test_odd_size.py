@@ -8,9 +8,9 @@ for qemu-img, "exact" means: the export reads exactly as qemu-img reads the file
 import json
 from pathlib import Path
 
-from tests.conftest import Served
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run
 from tests.interop.nbdsh import nbdsh
-from tests.tools import require_tool, run
 
 SIZE = 5000
 

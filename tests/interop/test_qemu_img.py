@@ -1,13 +1,13 @@
 """qemu-img (QEMU's NBD client) against a real nbdsrv daemon."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Served
-from tests.tools import require_tool, run, run_fails
+from tests.harness.checksums import file_sha256
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run, run_fails
 
 
 def qemu_img(*args: str) -> str:
@@ -42,7 +42,7 @@ def test_compare_with_a_different_file_finds_a_mismatch(nbdsrv: Served, tmp_path
 def test_convert_to_raw_matches_the_file(nbdsrv: Served, tmp_path: Path) -> None:
     target = tmp_path / "converted.raw"
     qemu_img("convert", "-f", "raw", "-O", "raw", nbdsrv.unix_uri("sparse"), str(target))
-    assert hashlib.sha256(target.read_bytes()).hexdigest() == nbdsrv.images["sparse"].sha256()
+    assert file_sha256(target) == nbdsrv.images["sparse"].sha256()
 
 
 def test_map_matches_the_data_and_hole_layout(nbdsrv: Served) -> None:

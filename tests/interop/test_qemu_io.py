@@ -2,8 +2,9 @@
 
 import pytest
 
-from tests.conftest import KiB, MiB, Served
-from tests.tools import require_tool, run_result
+from tests.harness.images import KiB, MiB
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run_result
 
 # (offset, length, byte): the runs written into the sparse image, and holes reading as 0.
 PATTERNS = [

@@ -2,8 +2,8 @@
 
 import re
 
-from tests.conftest import Served
-from tests.tools import require_tool, run
+from tests.harness.served import Served
+from tests.harness.tools import require_tool, run
 
 
 def test_list_shows_exports_sizes_flags_and_contexts(nbdsrv: Served) -> None:

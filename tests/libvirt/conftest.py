@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.harness.tools import require_tool, run_result
 from tests.libvirt.domains import URI, DomainFactory, system_libvirt
-from tests.tools import require_tool, run_result
 
 READY_TIMEOUT = 120.0
 LIBVIRTD_PID = Path("/run/libvirtd.pid")

@@ -11,7 +11,6 @@ sits in firmware) and qcow2 disks, plus a way to write to those disks as a guest
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -26,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.tools import require_tool, run, run_result
+from tests.harness.checksums import sha256
+from tests.harness.tools import require_tool, run, run_result
 
 URI = "qemu:///system"
 MiB = 1024 * 1024
@@ -60,7 +60,7 @@ class Disk:
     model: bytearray = field(repr=False, default_factory=bytearray)
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.model).hexdigest()
+        return sha256(self.model)
 
 
 def disk_xml(disk: Disk) -> str:

@@ -4,11 +4,11 @@ back through libvirt's own pull-mode backup export)."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 
+from tests.harness.checksums import sha256
+from tests.harness.tools import require_tool
 from tests.libvirt.domains import DomainFactory, MiB
-from tests.tools import require_tool
 
 
 def test_domain_runs_with_both_disks_untainted(domains: DomainFactory) -> None:
@@ -34,7 +34,7 @@ def test_writes_reach_the_disks(domains: DomainFactory) -> None:
                 check=True,
                 timeout=60,
             ).stdout
-            assert hashlib.sha256(data).hexdigest() == disk.sha256(), target
+            assert sha256(data) == disk.sha256(), target
     finally:
         domain.dom.abortJob()
         domain.wait_no_backup_job()

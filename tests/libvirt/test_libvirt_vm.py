@@ -8,20 +8,22 @@ before the point in time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness.checksums import sha256 as sha
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import COPY_SCRIPT
+from tests.harness.tools import require_tool, run, run_result
 from tests.libvirt.conftest import restart_libvirtd
 from tests.libvirt.domains import URI, Domain, DomainFactory, MiB
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run, run_fails, run_result
-from tests.vmharness import COPY_SCRIPT
 
 K = 1024
 
@@ -29,14 +31,21 @@ K = 1024
 class Nbdsrv:
     """An nbdsrv daemon following ``qemu:///system``, listening on a unix socket."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, libvirt_uri: str = URI) -> None:
         # 0700 like the default state dir: nbdsrv lets libvirt's QEMU search it.
         state = workdir / "state"
         state.mkdir(mode=0o700)
         self.control = str(state / "control.sock")
         self.socket = workdir / "nbd.sock"
         self.daemon = DaemonProcess(
-            ["--state-dir", str(state), "--listen", f"unix:{self.socket}", "--libvirt", URI],
+            [
+                "--state-dir",
+                str(state),
+                "--listen",
+                f"unix:{self.socket}",
+                "--libvirt",
+                libvirt_uri,
+            ],
             self.control,
             workdir / "daemon.log",
         )
@@ -48,14 +57,11 @@ class Nbdsrv:
         self.daemon.start()
 
     def cli(self, *args: str) -> Any:
-        return json.loads(run(nbdsrv_argv(*args, "--control", self.control, "--json")))
+        return self.daemon.json(*args)
 
     def fails(self, *args: str) -> str:
         """Run a command that must fail; its one line of stderr."""
-        result = run_fails(nbdsrv_argv(*args, "--control", self.control))
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("nbdsrv: error: "), result.stderr
-        return lines[0]
+        return "nbdsrv: error: " + self.daemon.error(*args)
 
     def uri(self, export: str) -> str:
         return f"nbd+unix:///{export}?socket={self.socket}"
@@ -74,16 +80,22 @@ class Nbdsrv:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def nbdsrv(domains: DomainFactory) -> Iterator[Nbdsrv]:
-    server = Nbdsrv(domains.dir)
+@contextmanager
+def serving(server: Nbdsrv) -> Iterator[Nbdsrv]:
+    """``server`` started; at the end it must stop with status 0 and no traceback logged."""
     server.daemon.start()
-    yield server
     try:
+        yield server
         assert server.daemon.stop() == 0, server.daemon.log()
         assert "Traceback" not in server.daemon.log(), server.daemon.log()
     finally:
         server.daemon.kill()
+
+
+@pytest.fixture
+def nbdsrv(domains: DomainFactory) -> Iterator[Nbdsrv]:
+    with serving(Nbdsrv(domains.dir)) as server:
+        yield server
 
 
 def read_all(uri: str) -> bytes:
@@ -96,10 +108,6 @@ def copy_dirty(uri: str, context: str, target: Path) -> list[tuple[int, int]]:
     """Read only the dirty extents of ``context`` into ``target`` with libnbd."""
     out = run(["/usr/bin/python3", str(COPY_SCRIPT), uri, context, str(target)], timeout=120)
     return [(o, n) for o, n in json.loads(out)]
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def started_vm(domains: DomainFactory, nbdsrv: Nbdsrv) -> Domain:
@@ -163,9 +171,9 @@ def test_checkpoints_made_with_virsh_are_listed_and_usable(
     created = nbdsrv.cli("checkpoint", "create", vm, "--name", "by-nbdsrv")
     assert (created["name"], created["parent"]) == ("by-nbdsrv", "by-virsh")
     listed = nbdsrv.cli("checkpoint", "list", vm)
-    assert [(c["name"], c["parent"], c["valid"], c["reason"]) for c in listed] == [
-        ("by-virsh", None, True, None),
-        ("by-nbdsrv", "by-virsh", True, None),
+    assert [(c["name"], c["parent"], c["valid"], c["reason"], c["persistent"]) for c in listed] == [
+        ("by-virsh", None, True, None, True),
+        ("by-nbdsrv", "by-virsh", True, None, True),
     ]
     domain.write("vda", 0x55, 1 * MiB, 64 * K)
     session = nbdsrv.cli("backup", "begin", vm, "--from", "by-virsh", "--no-checkpoint")

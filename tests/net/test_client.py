@@ -13,9 +13,9 @@ from nbdsrv.exports.catalog import ExportCatalog
 from nbdsrv.exports.file import FileExport
 from nbdsrv.net.address import Address, parse_uri
 from nbdsrv.net.client import NBDClient
-from nbdsrv.net.server import NBDServer
 from nbdsrv.proto.constants import BASE_ALLOCATION, Command, Errno, TransmissionFlag
 from nbdsrv.proto.errors import ReplyError
+from tests.harness.in_process import serving
 
 MiB = 1024 * 1024
 # Layout of the test file: data at [1 MiB, 1 MiB + 64 KiB) and [3 MiB, 4 MiB), holes elsewhere.
@@ -41,12 +41,8 @@ def image(tmp_path: Path) -> Path:
 async def server(tmp_path: Path, image: Path) -> AsyncIterator[Address]:
     catalog = ExportCatalog()
     catalog.add(FileExport("disk", str(image)))
-    nbd = NBDServer(catalog)
-    address = Address("unix", path=str(tmp_path / "nbd.sock"))
-    await nbd.listen(address)
-    yield address
-    await nbd.stop()
-    catalog.close_all()
+    async with serving(catalog, tmp_path / "nbd.sock") as (_, address):
+        yield address
 
 
 @pytest.mark.parametrize(
@@ -100,7 +96,7 @@ async def test_client_unknown_export_is_refused(server: Address) -> None:
 
 
 async def test_client_reads_from_qemu_nbd(tmp_path: Path, image: Path) -> None:
-    from tests.tools import require_tool
+    from tests.harness.tools import require_tool
 
     require_tool("qemu-nbd")
     sock = tmp_path / "q.sock"

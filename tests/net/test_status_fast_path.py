@@ -26,15 +26,16 @@ from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.limits import POLL_WINDOW
-from nbdsrv.net.server import MAX_POLL_BACKOFF, NBDConnection, NBDServer, ServerPolicy
+from nbdsrv.net.server import MAX_POLL_BACKOFF, NBDConnection, ServerPolicy
 from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
 from nbdsrv.proto.server import ServerConnection
-from tests.extents import merged
+from tests.harness.extents import merged
+from tests.harness.in_process import start_server
+from tests.harness.tools import require_tool
 from tests.proto import spec
 from tests.proto.rawclient import RawClient
-from tests.tools import require_tool
 
 K = 1024
 G = 64 * K
@@ -81,7 +82,9 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[Any]], A
         yield runner.run
 
 
-class Served:
+class BothPaths:
+    """One in-process server exporting the fast and the general export."""
+
     def __init__(self, tmp: Path) -> None:
         self.address = Address("unix", path=str(tmp / "nbd.sock"))
         nowhere = Address("unix", path=str(tmp / "no-qemu.sock"))
@@ -91,13 +94,12 @@ class Served:
         }
         self.counted: list[tuple[str, str, int]] = []
 
-    async def __aenter__(self) -> "Served":
+    async def __aenter__(self) -> "BothPaths":
         catalog = ExportCatalog()
         for export in self.exports.values():
             catalog.add(export)
-        self.server = NBDServer(catalog)
+        self.server, _ = await start_server(catalog, self.address.path)
         self.server.on_request = lambda *a: self.counted.append(a)
-        await self.server.listen(self.address)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -173,7 +175,7 @@ def test_a_walk_over_the_disk_gets_the_bitmap_on_both_paths(
     fast_path = spy_on_the_fast_path(monkeypatch)
 
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             maps = {}
             for kind in ("fast", "general"):
                 client = await served.connect(kind, CONTEXTS[contexts], HEADERS[headers])
@@ -215,7 +217,7 @@ BURSTS: dict[str, Burst] = {
 }
 
 
-async def burst_answers(served: Served, kind: str, extended: bool, burst: Burst) -> list[object]:
+async def burst_answers(served: BothPaths, kind: str, extended: bool, burst: Burst) -> list[object]:
     """Send ``burst`` in one write; what each request got: its extents per context, None
     (a successful CACHE) or the error number."""
     client = await served.connect(kind, (C1, C2), extended)
@@ -244,7 +246,7 @@ def test_requests_in_one_write_are_answered_alike(
     run: Callable[[Awaitable[Any]], Any], tmp_path: Path, headers: str, burst: str
 ) -> None:
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             got = {
                 kind: await burst_answers(served, kind, HEADERS[headers], BURSTS[burst])
                 for kind in ("fast", "general")
@@ -271,7 +273,7 @@ def test_a_request_split_across_reads_is_answered(
     takes both, the connection then goes back to the fast path."""
 
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             client = await RawClient.connect(served.address.path)
             await client.handshake("vm/fast", contexts=(C1,))
             first = spec.request(spec.CMD_BLOCK_STATUS, 1, 0, SIZE, spec.FLAG_REQ_ONE)
@@ -299,7 +301,7 @@ def test_a_failed_session_answers_eio_and_a_removed_export_eshutdown(
     run: Callable[[Awaitable[Any]], Any], tmp_path: Path, kind: str
 ) -> None:
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             client = await served.connect(kind, (C1,))
             assert await client.block_status(0, G, req_one=True) == {C1: truth(C1, 0, G)[:1]}
             served.exports[kind].fail("copy-before-write broke the snapshot")
@@ -329,7 +331,7 @@ def test_qemu_img_map_and_nbdinfo_get_the_bitmap(tmp_path: Path) -> None:
         return out.decode()
 
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             sock = served.address.path
             for kind in ("fast", "general"):
                 opts = (
@@ -367,7 +369,7 @@ def test_a_client_that_only_maps_opens_no_upstream_connection(
     monkeypatch.setattr(UpstreamExport, "open_upstream", open_upstream)
 
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             for kind in ("fast", "general"):
                 client = await served.connect(kind, (C1,))
                 assert await walk(client, req_one=False) == {C1: truth(C1)}
@@ -410,7 +412,7 @@ def test_a_client_slower_than_the_poll_window_is_polled_less_and_less(
     answered = spy_on_the_fast_path(monkeypatch)
 
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             served.server.policy = ServerPolicy(poll_window=window)
             client = await served.connect("fast", (C1,))
             assert await walk(client, req_one=True) == {C1: truth(C1)}
@@ -441,7 +443,7 @@ def test_two_qemu_img_maps_at_once_get_the_bitmap(tmp_path: Path) -> None:
         return got
 
     async def main() -> None:
-        async with Served(tmp_path) as served:
+        async with BothPaths(tmp_path) as served:
             sock = served.address.path
             first, second = await asyncio.gather(qemu_img_map(sock), qemu_img_map(sock))
             assert first == second == truth(C1)

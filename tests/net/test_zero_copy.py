@@ -21,9 +21,10 @@ from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
 from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.proto.constants import Command
+from tests.harness.in_process import start_server
+from tests.harness.sparse_file import write_sparse
 from tests.net.recorder import Recorder
 from tests.net.slow_reader import read_after_a_pause
-from tests.sparse_file import write_sparse
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -46,10 +47,9 @@ def sparse(tmp_path: Path) -> tuple[Path, bytes]:
 async def serve(tmp_path: Path, path: Path, zero_copy: bool) -> tuple[NBDServer, Address]:
     catalog = ExportCatalog()
     catalog.add(FileExport("disk", str(path)))
-    server = NBDServer(catalog, ServerPolicy(zero_copy=zero_copy))
-    address = Address("unix", path=str(tmp_path / f"nbd-{zero_copy}.sock"))
-    await server.listen(address)
-    return server, address
+    return await start_server(
+        catalog, tmp_path / f"nbd-{zero_copy}.sock", ServerPolicy(zero_copy=zero_copy)
+    )
 
 
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["sendfile", "copy"])

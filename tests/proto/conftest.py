@@ -10,9 +10,9 @@ import pytest
 from nbdsrv.exports.catalog import ExportCatalog
 from nbdsrv.exports.export import Segment
 from nbdsrv.exports.file import FileExport
-from nbdsrv.net.address import Address
 from nbdsrv.net.server import NBDServer
-from tests.sparse_file import write_sparse
+from tests.harness.in_process import serving
+from tests.harness.sparse_file import write_sparse
 
 IMAGE_SIZE = 1 << 20
 # (offset, length) of the data runs; the rest of the image is a hole.
@@ -50,7 +50,9 @@ class GatedExport(FileExport):
 
 
 @dataclass
-class Served:
+class ServedFile:
+    """The in-process server exporting a sparse file as "disk"."""
+
     server: NBDServer
     catalog: ExportCatalog
     socket: str
@@ -59,15 +61,11 @@ class Served:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, image: tuple[str, bytes]) -> AsyncIterator[Served]:
+async def served(tmp_path: Path, image: tuple[str, bytes]) -> AsyncIterator[ServedFile]:
     """The real server on a unix socket, exporting the image as "disk"."""
     path, content = image
     catalog = ExportCatalog()
     catalog.add(FileExport("disk", path))
-    server = NBDServer(catalog)
     socket = str(tmp_path / "nbd.sock")
-    await server.listen(Address("unix", path=socket))
-    yield Served(server, catalog, socket, content, path)
-    if not server.stopping:
-        await server.stop()
-    catalog.close_all()
+    async with serving(catalog, socket) as (server, _):
+        yield ServedFile(server, catalog, socket, content, path)

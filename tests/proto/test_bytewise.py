@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from nbdsrv.proto.server import ServerConnection
 
 from . import spec
-from .harness import Outcome, feed, make_catalog
+from .driver import Outcome, feed, make_catalog
 
 SR = spec.option(spec.OPT_STRUCTURED_REPLY)
 EH = spec.option(spec.OPT_EXTENDED_HEADERS)

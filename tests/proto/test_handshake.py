@@ -6,7 +6,7 @@ from nbdsrv.proto.contexts import MetaContext
 from nbdsrv.proto.server import Disconnect, Negotiated, Phase, ServerConnection
 
 from . import spec
-from .harness import DISK, DISK_SIZE, PLAIN, FakeCatalog, FakeExport, feed, make_catalog, start
+from .driver import DISK, DISK_SIZE, PLAIN, FakeCatalog, FakeExport, feed, make_catalog, start
 
 MIB32 = 32 * 1024 * 1024
 BLOCK_SIZE_INFO = spec.option_reply(

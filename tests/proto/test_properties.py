@@ -21,7 +21,7 @@ from nbdsrv.proto.server import (
 )
 
 from . import spec
-from .harness import DISK_SIZE, make_catalog, negotiate, start
+from .driver import DISK_SIZE, make_catalog, negotiate, start
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

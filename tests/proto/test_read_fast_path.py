@@ -20,7 +20,7 @@ from nbdsrv.proto.server import ServerConnection
 from tests.net.recorder import Recorder
 
 from . import spec
-from .harness import DISK_SIZE, FakeCatalog, FakeExport, feed, negotiate
+from .driver import DISK_SIZE, FakeCatalog, FakeExport, feed, negotiate
 
 BIG = 64 << 20  # a disk on which a READ of the largest length fits
 

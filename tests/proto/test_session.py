@@ -7,14 +7,14 @@ import random
 import pytest
 
 from . import spec
-from .conftest import DATA_RUNS, GatedExport, Served
+from .conftest import DATA_RUNS, GatedExport, ServedFile
 from .rawclient import Answer, OptionRefused, RawClient
 
 # Liveness guard only: a hung server fails the test instead of hanging the suite.
 GUARD = 60
 
 
-async def settle(served: Served) -> None:
+async def settle(served: ServedFile) -> None:
     """Wait until the server has dropped every connection."""
 
     async def empty() -> None:
@@ -30,7 +30,7 @@ def other_tasks() -> set[asyncio.Task[object]]:
 
 @pytest.mark.parametrize("structured", [False, True])
 async def test_hundred_requests_in_flight_are_answered_and_matched_by_cookie(
-    served: Served, structured: bool
+    served: ServedFile, structured: bool
 ) -> None:
     client = await RawClient.connect(served.socket)
     await client.handshake("disk", structured=structured)
@@ -51,7 +51,7 @@ async def test_hundred_requests_in_flight_are_answered_and_matched_by_cookie(
     await settle(served)
 
 
-async def test_block_status_on_a_sparse_file_covers_the_request(served: Served) -> None:
+async def test_block_status_on_a_sparse_file_covers_the_request(served: ServedFile) -> None:
     client = await RawClient.connect(served.socket)
     await client.handshake("disk", contexts=("base:allocation",))
     for cookie in range(1, 51):
@@ -66,7 +66,7 @@ async def test_block_status_on_a_sparse_file_covers_the_request(served: Served) 
     await client.disconnect()
 
 
-async def test_replies_come_out_of_order_when_an_earlier_read_is_slow(served: Served) -> None:
+async def test_replies_come_out_of_order_when_an_earlier_read_is_slow(served: ServedFile) -> None:
     export = GatedExport("gated", served.path, gated={0})
     served.catalog.add(export)
     client = await RawClient.connect(served.socket)
@@ -84,7 +84,7 @@ async def test_replies_come_out_of_order_when_an_earlier_read_is_slow(served: Se
 
 @pytest.mark.parametrize("structured", [False, True])
 async def test_removed_export_gives_eshutdown_to_a_connected_client(
-    served: Served, structured: bool
+    served: ServedFile, structured: bool
 ) -> None:
     client = await RawClient.connect(served.socket)
     await client.handshake("disk", structured=structured)
@@ -96,7 +96,7 @@ async def test_removed_export_gives_eshutdown_to_a_connected_client(
     await client.disconnect()
 
 
-async def test_removed_export_is_unknown_to_a_new_client(served: Served) -> None:
+async def test_removed_export_is_unknown_to_a_new_client(served: ServedFile) -> None:
     served.catalog.remove("disk")
     client = await RawClient.connect(served.socket)
     with pytest.raises(OptionRefused) as refused:
@@ -106,7 +106,7 @@ async def test_removed_export_is_unknown_to_a_new_client(served: Served) -> None
     client.writer.close()
 
 
-async def test_stop_lets_requests_in_flight_finish_then_closes(served: Served) -> None:
+async def test_stop_lets_requests_in_flight_finish_then_closes(served: ServedFile) -> None:
     offsets = {0, 4096, 8192, 524288, 528384}
     export = GatedExport("gated", served.path, gated=offsets)
     served.catalog.add(export)
@@ -130,7 +130,7 @@ async def test_stop_lets_requests_in_flight_finish_then_closes(served: Served) -
     client.writer.close()
 
 
-async def test_stop_closes_a_client_still_negotiating(served: Served) -> None:
+async def test_stop_closes_a_client_still_negotiating(served: ServedFile) -> None:
     client = await RawClient.connect(served.socket)
     await client.reader.readexactly(spec.L_GREETING.size)
     await settle_connected(served, 1)
@@ -139,7 +139,7 @@ async def test_stop_closes_a_client_still_negotiating(served: Served) -> None:
     client.writer.close()
 
 
-async def settle_connected(served: Served, n: int) -> None:
+async def settle_connected(served: ServedFile, n: int) -> None:
     async def reached() -> None:
         while len(served.server.connections) < n:
             await asyncio.sleep(0.01)
@@ -179,7 +179,7 @@ def garbage(rng: random.Random) -> bytes:
 
 
 async def test_garbage_never_kills_the_server_nor_leaks_connections(
-    served: Served, caplog: pytest.LogCaptureFixture
+    served: ServedFile, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = await RawClient.connect(served.socket)
     await good.handshake("disk", contexts=("base:allocation",))
@@ -210,7 +210,7 @@ async def test_garbage_never_kills_the_server_nor_leaks_connections(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_read_in_flight_when_its_export_is_removed_gets_eshutdown(served: Served) -> None:
+async def test_read_in_flight_when_its_export_is_removed_gets_eshutdown(served: ServedFile) -> None:
     export = GatedExport("gated", served.path, gated={0})
     served.catalog.add(export)
     client = await RawClient.connect(served.socket)
@@ -233,7 +233,7 @@ async def wait_waiting(export: GatedExport, n: int) -> None:
 
 
 async def test_more_requests_than_the_server_serves_at_once_are_all_answered(
-    served: Served,
+    served: ServedFile,
 ) -> None:
     offsets = set(range(0, 200 * 512, 512))
     export = GatedExport("gated", served.path, gated=offsets)
@@ -252,7 +252,7 @@ async def test_more_requests_than_the_server_serves_at_once_are_all_answered(
 
 @pytest.mark.parametrize("how", ["disc", "eof"])
 async def test_requests_in_flight_are_answered_before_a_polite_close(
-    served: Served, how: str
+    served: ServedFile, how: str
 ) -> None:
     export = GatedExport("gated", served.path, gated={0, 4096})
     served.catalog.add(export)
@@ -275,7 +275,9 @@ async def test_requests_in_flight_are_answered_before_a_polite_close(
 
 
 @pytest.mark.parametrize("how", ["disc", "eof"])
-async def test_requests_sent_together_with_the_close_are_answered(served: Served, how: str) -> None:
+async def test_requests_sent_together_with_the_close_are_answered(
+    served: ServedFile, how: str
+) -> None:
     client = await RawClient.connect(served.socket)
     await client.handshake("disk")
     # Reads and the close in one write: they reach the server in one data_received.

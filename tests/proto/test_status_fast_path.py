@@ -19,10 +19,10 @@ from nbdsrv.exports.dirty_runs import DirtyRuns
 from nbdsrv.proto.constants import MAX_BLOCK_STATUS_EXTENTS
 from nbdsrv.proto.extents import StatusSource
 from nbdsrv.proto.server import Request, ServerConnection
-from tests.extents import merged
+from tests.harness.extents import merged
 
 from . import spec
-from .harness import FakeCatalog, FakeExport, Outcome, feed, negotiate
+from .driver import FakeCatalog, FakeExport, Outcome, feed, negotiate
 
 K = 1024
 G = 64 * K  # the bitmap's granularity

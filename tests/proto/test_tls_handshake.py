@@ -12,7 +12,7 @@ from nbdsrv.proto.server import (
 )
 
 from . import spec
-from .harness import feed, make_catalog
+from .driver import feed, make_catalog
 
 UNKNOWN_OPTION = 99
 

@@ -10,7 +10,7 @@ from nbdsrv.proto.constants import Command, CommandFlag, Errno
 from nbdsrv.proto.server import Disconnect, Phase, Request, ServerConnection
 
 from . import spec
-from .harness import DISK_SIZE, FakeCatalog, FakeExport, feed, negotiate
+from .driver import DISK_SIZE, FakeCatalog, FakeExport, feed, negotiate
 
 MIB32 = 32 * 1024 * 1024
 BIG = FakeExport("big", "", 1 << 30, ("base:allocation",))

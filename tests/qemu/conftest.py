@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from nbdsrv.qemu.storage_daemon import StorageDaemon
-from tests.tools import require_tool
+from tests.harness.dirs import short_tmp_dir
+from tests.harness.tools import require_tool
 
 SIZE = 4 * 1024 * 1024
 
@@ -31,9 +30,8 @@ def make_image(path: Path, fmt: str, *, backing: Path | None = None) -> Path:
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
     """A short directory: unix socket paths must fit in 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="nbdsrv-q-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp_dir("nbdsrv-q-") as path:
+        yield path
 
 
 @pytest.fixture

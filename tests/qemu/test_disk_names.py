@@ -7,18 +7,15 @@ The QEMU has no guest (`-S`); writes go through the devices' own BlockBackends w
 `qemu-io -d`, as a guest's would."""
 
 import json
-import shutil
-import signal
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nbdsrv.qemu.chain import disks_from
-from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, require_tool, run
-from tests.vmharness import wait_for
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qemu_vm import QemuSystem, running_vm
+from tests.harness.tools import require_tool, run
 
 K = 1024
 # The disks nbdsrv must see: two device ids and, for the device without id, its node name.
@@ -50,16 +47,12 @@ def test_disk_name_from_query_block(device: str, qdev: str, expected: str) -> No
     assert disks_from(block, [_node("n0", "/img/a.qcow2")], [expected])[0].id == expected
 
 
-class BlockdevVM:
+class BlockdevVM(QemuSystem):
     """qemu-system-x86_64 -S with three -blockdev disks on guest devices."""
 
     def __init__(self, workdir: Path) -> None:
         img = require_tool("qemu-img")
-        self.qmp_path = workdir / "vm.qmp"
-        test_qmp = workdir / "test.qmp"
-        self.pidfile = workdir / "qemu.pid"
-        argv = [require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", "tcg", "-S",
-                "-nodefaults", "-display", "none"]  # fmt: skip
+        argv = ["-machine", "q35", "-accel", "tcg", "-S", "-nodefaults", "-display", "none"]
         for i in range(3):
             run([img, "create", "-q", "-f", "qcow2", str(workdir / f"d{i}.qcow2"), "16M"])
             argv += [
@@ -71,38 +64,21 @@ class BlockdevVM:
             "-device", "virtio-scsi-pci,id=scsi0",
             "-device", "scsi-hd,drive=n1,id=scsi0-0-0-0",
             "-device", "virtio-blk-pci,drive=n2",  # no id
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-qmp", f"unix:{test_qmp},server=on,wait=off",
-            "-daemonize", "-pidfile", str(self.pidfile),
         ]  # fmt: skip
-        run(argv)
-        wait_for(test_qmp.exists, "QEMU's monitor")
-        self.qmp = SyncQMP(str(test_qmp))
+        super().__init__(workdir, argv)
         # Root node → what HMP qemu-io -d takes: query-block's qdev (an id or a QOM path).
         by_node = {b["inserted"]["node-name"]: b["qdev"] for b in self.qmp.cmd("query-block")}
         self.backends = dict(zip(DISKS, (by_node[f"n{i}"] for i in range(3)), strict=True))
         assert self.backends["vdisk0"] == "/machine/peripheral/vdisk0/virtio-backend"
 
     def write(self, disk: str, pattern: int, offset: int, length: int) -> None:
-        out = self.qmp.hmp(
-            f'qemu-io -d {self.backends[disk]} "write -P {pattern} {offset} {length}"'
-        )
-        assert "error" not in out.lower() and "failed" not in out.lower(), out
-
-    def stop(self) -> None:
-        self.qmp.quit()
+        self.qemu_io(f"-d {self.backends[disk]}", f"write -P {pattern} {offset} {length}")
 
 
 @pytest.fixture
 def blockdev_vm() -> Iterator[tuple[BlockdevVM, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-n-", dir="/tmp"))
-    vm = BlockdevVM(workdir)
-    yield vm, workdir
-    try:
-        vm.stop()
-    except Exception:
-        subprocess.run(["kill", f"-{signal.SIGKILL}", vm.pidfile.read_text().strip()])
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_vm(BlockdevVM, "nbdsrv-n-") as (vm, workdir):
+        yield vm, workdir
 
 
 def test_device_ids_name_blockdev_disks_and_back_up(

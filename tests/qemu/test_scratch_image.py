@@ -14,7 +14,7 @@ import pytest
 
 from nbdsrv.qemu import scratch_image
 from nbdsrv.qemu.errors import QEMUError
-from tests.tools import require_tool
+from tests.harness.tools import require_tool
 
 GiB = 1 << 30
 

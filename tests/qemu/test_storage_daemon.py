@@ -18,7 +18,7 @@ from nbdsrv.qemu.chain import discover_chains
 from nbdsrv.qemu.errors import ImageError, QEMUGoneError, QMPError, StorageDaemonError
 from nbdsrv.qemu.images import detect_format
 from nbdsrv.qemu.storage_daemon import StorageDaemon
-from tests.tools import run
+from tests.harness.tools import run
 
 from .conftest import Exits, make_image, qemu_io, require_tool
 

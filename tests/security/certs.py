@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.tools import require_tool, run
+from tests.harness.tools import require_tool, run
 
 SERVER_EXT = """\
 basicConstraints = critical, CA:FALSE

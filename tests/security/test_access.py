@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.net.access import AccessPolicy, Peer, parse_allow
-from tests.conftest import ImageFile, StartDaemon
-from tests.tools import require_tool, run, run_fails
+from tests.harness.daemon import StartDaemon
+from tests.harness.images import ImageFile
+from tests.harness.served import serve_images
+from tests.harness.tools import require_tool, run, run_fails
 
 from .certs import Certs
-from .daemon import start_secured
 
 
 def listed(uri: str) -> list[str]:
@@ -26,24 +27,24 @@ def listed(uri: str) -> list[str]:
 def test_subject_rules_admit_only_matching_certificates(
     nbdsrv_daemons: StartDaemon, test_images: dict[str, ImageFile], short_dir: Path, certs: Certs
 ) -> None:
-    served = start_secured(
+    served = serve_images(
         nbdsrv_daemons, test_images, short_dir, *certs.server_args_with_ca,
         "--allow", "sparse=subject:CN=backup,O=nbdsrv tests",
     )  # fmt: skip
     nbdinfo = require_tool("nbdinfo")
-    run([nbdinfo, served.uri("sparse", certs.backup)])
-    result = run_fails([nbdinfo, served.uri("sparse", certs.reader)])
+    run([nbdinfo, served.tcp_uri("sparse", certs.backup)])
+    result = run_fails([nbdinfo, served.tcp_uri("sparse", certs.reader)])
     assert "no such file or directory for export: sparse" in result.stderr.lower()  # UNKNOWN
-    run([nbdinfo, served.uri("odd", certs.reader)])  # no rule for odd: open to every client
-    assert listed(served.uri("", certs.reader)) == ["odd"]
-    assert listed(served.uri("", certs.backup)) == ["odd", "sparse"]
+    run([nbdinfo, served.tcp_uri("odd", certs.reader)])  # no rule for odd: open to every client
+    assert listed(served.tcp_uri("", certs.reader)) == ["odd"]
+    assert listed(served.tcp_uri("", certs.backup)) == ["odd", "sparse"]
     assert "access denied: peer=127.0.0.1" in served.daemon.log()
 
 
 def test_address_rules_tell_tcp_from_unix_clients(
     nbdsrv_daemons: StartDaemon, test_images: dict[str, ImageFile], short_dir: Path
 ) -> None:
-    served = start_secured(
+    served = serve_images(
         nbdsrv_daemons, test_images, short_dir,
         "--allow", "sparse=unix",
         "--allow", "o*=cidr:10.0.0.0/8",
@@ -51,24 +52,24 @@ def test_address_rules_tell_tcp_from_unix_clients(
     )  # fmt: skip
     nbdinfo = require_tool("nbdinfo")
     run([nbdinfo, served.unix_uri("sparse")])
-    run_fails([nbdinfo, served.uri("sparse")])
-    run([nbdinfo, served.uri("odd")])
+    run_fails([nbdinfo, served.tcp_uri("sparse")])
+    run([nbdinfo, served.tcp_uri("odd")])
     run_fails([nbdinfo, served.unix_uri("odd")])
-    assert listed(served.uri()) == ["odd"]
+    assert listed(served.tcp_uri()) == ["odd"]
     assert listed(served.unix_uri()) == ["sparse"]
 
 
 def test_address_and_subject_rules_must_both_match(
     nbdsrv_daemons: StartDaemon, test_images: dict[str, ImageFile], short_dir: Path, certs: Certs
 ) -> None:
-    served = start_secured(
+    served = serve_images(
         nbdsrv_daemons, test_images, short_dir, *certs.server_args_with_ca,
         "--allow", "*=cidr:192.0.2.0/24",
         "--allow", "*=subject:CN=backup",
     )  # fmt: skip
     # The right certificate from the wrong address: nothing is visible.
-    run_fails([require_tool("nbdinfo"), served.uri("odd", certs.backup)])
-    assert listed(served.uri("", certs.backup)) == []
+    run_fails([require_tool("nbdinfo"), served.tcp_uri("odd", certs.backup)])
+    assert listed(served.tcp_uri("", certs.backup)) == []
 
 
 @pytest.mark.parametrize(
@@ -110,7 +111,7 @@ def test_control_socket_refuses_another_user(
 ) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to act as another user")
-    served = start_secured(nbdsrv_daemons, test_images, short_dir)
+    served = serve_images(nbdsrv_daemons, test_images, short_dir)
     control = served.daemon.control
     assert os.stat(control).st_mode & 0o777 == 0o600
     os.chmod(control, 0o666)  # the mode alone would stop the other user: take it away

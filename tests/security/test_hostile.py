@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ImageFile, StartDaemon
+from tests.harness.daemon import StartDaemon
+from tests.harness.images import ImageFile
+from tests.harness.served import Served, serve_images
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 from tests.proto import spec
-from tests.tools import require_tool, run
 
 from .certs import Certs
-from .daemon import Secured, start_secured
 
 # Liveness guard only: a server that never answers fails the test instead of hanging it.
 GUARD = 30.0
@@ -36,8 +38,8 @@ FUZZ_TIME_CAP = 90.0
 # -- a blocking raw client written from the spec -----------------------------------------------
 
 
-def connect(served: Secured) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", served.port), timeout=GUARD)
+def connect(served: Served) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", served.tcp_port), timeout=GUARD)
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -89,7 +91,7 @@ def pread(sock: socket.socket, offset: int, length: int, cookie: int = 1) -> byt
     return recv_exactly(sock, length)
 
 
-def well_behaved_read(served: Secured) -> None:
+def well_behaved_read(served: Served) -> None:
     """A polite client reads a slice of every export and checks it."""
     for image in served.images.values():
         with connect(served) as sock:
@@ -101,24 +103,16 @@ def well_behaved_read(served: Secured) -> None:
             assert closed_by_server(sock)
 
 
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + GUARD
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within the {GUARD:g} s guard: {what}")
-        time.sleep(0.05)
-
-
-def audit_lines(served: Secured, text: str) -> list[str]:
+def audit_lines(served: Served, text: str) -> list[str]:
     return [ln for ln in served.daemon.log().splitlines() if "nbdsrv.audit" in ln and text in ln]
 
 
 @pytest.fixture
 def start(
     nbdsrv_daemons: StartDaemon, test_images: dict[str, ImageFile], short_dir: Path
-) -> Callable[..., Secured]:
-    def start(*args: str) -> Secured:
-        return start_secured(nbdsrv_daemons, test_images, short_dir, *args)
+) -> Callable[..., Served]:
+    def start(*args: str) -> Served:
+        return serve_images(nbdsrv_daemons, test_images, short_dir, *args)
 
     return start
 
@@ -126,7 +120,7 @@ def start(
 # -- deadlines ---------------------------------------------------------------------------------
 
 
-def test_a_client_silent_after_the_greeting_is_dropped(start: Callable[..., Secured]) -> None:
+def test_a_client_silent_after_the_greeting_is_dropped(start: Callable[..., Served]) -> None:
     served = start("--handshake-timeout", "1")
     with connect(served) as staller:
         assert recv_exactly(staller, spec.L_GREETING.size) == spec.greeting()
@@ -135,7 +129,7 @@ def test_a_client_silent_after_the_greeting_is_dropped(start: Callable[..., Secu
     assert audit_lines(served, "handshake not finished")
 
 
-def test_a_client_trickling_its_handshake_is_dropped(start: Callable[..., Secured]) -> None:
+def test_a_client_trickling_its_handshake_is_dropped(start: Callable[..., Served]) -> None:
     # Every byte arrives well before any per-read timeout would fire; the deadline is for
     # the whole negotiation.
     served = start("--handshake-timeout", "1")
@@ -156,7 +150,7 @@ def test_a_client_trickling_its_handshake_is_dropped(start: Callable[..., Secure
     assert audit_lines(served, "handshake not finished")
 
 
-def test_an_idle_client_is_dropped_after_the_idle_timeout(start: Callable[..., Secured]) -> None:
+def test_an_idle_client_is_dropped_after_the_idle_timeout(start: Callable[..., Served]) -> None:
     served = start("--idle-timeout", "1")
     with connect(served) as sock:
         negotiate(sock, "odd")
@@ -170,7 +164,7 @@ def test_an_idle_client_is_dropped_after_the_idle_timeout(start: Callable[..., S
 
 @pytest.mark.parametrize("length", [0xFFFFFFFF, 0x80000000, 1024 * 1024 + 1])
 def test_a_giant_option_length_closes_the_connection_without_allocating(
-    start: Callable[..., Secured], length: int
+    start: Callable[..., Served], length: int
 ) -> None:
     served = start()
     well_behaved_read(served)
@@ -184,7 +178,7 @@ def test_a_giant_option_length_closes_the_connection_without_allocating(
     assert served.vm_rss_kib() - before < 32 * 1024
 
 
-def test_a_full_size_option_is_answered(start: Callable[..., Secured]) -> None:
+def test_a_full_size_option_is_answered(start: Callable[..., Served]) -> None:
     served = start()
     with connect(served) as sock:
         recv_exactly(sock, spec.L_GREETING.size)
@@ -194,7 +188,7 @@ def test_a_full_size_option_is_answered(start: Callable[..., Secured]) -> None:
         assert option_reply(sock)[0] == spec.REP_ACK
 
 
-def test_giant_request_lengths_are_refused_or_drained(start: Callable[..., Secured]) -> None:
+def test_giant_request_lengths_are_refused_or_drained(start: Callable[..., Served]) -> None:
     served = start()
     well_behaved_read(served)
     before = served.vm_rss_kib()
@@ -216,7 +210,7 @@ def test_giant_request_lengths_are_refused_or_drained(start: Callable[..., Secur
 
 
 def test_unread_replies_stay_within_the_per_connection_budget(
-    start: Callable[..., Secured], tmp_path: Path
+    start: Callable[..., Served], tmp_path: Path
 ) -> None:
     # 40 reads of 32 MiB whose replies the client never reads: without a budget the daemon
     # would hold 1.25 GiB of zeroes for this one client.
@@ -244,7 +238,7 @@ def test_unread_replies_stay_within_the_per_connection_budget(
 
 
 def test_max_connections_refuses_the_extra_client_and_serves_after(
-    start: Callable[..., Secured],
+    start: Callable[..., Served],
 ) -> None:
     served = start("--max-connections", "4")
     holders = [connect(served) for _ in range(4)]
@@ -261,14 +255,14 @@ def test_max_connections_refuses_the_extra_client_and_serves_after(
         holders[0].sendall(spec.request(spec.CMD_DISC, 0, 0, 0))
         assert closed_by_server(holders[0])
         wait_for(lambda: served.daemon.status()["connections"] == 3, "a slot freed")
-        out = run([require_tool("nbdinfo"), "--size", served.uri("odd")])
+        out = run([require_tool("nbdinfo"), "--size", served.tcp_uri("odd")])
         assert out.strip() == str(served.images["odd"].size)
     finally:
         for sock in holders:
             sock.close()
 
 
-def test_a_burst_of_connections_leaves_the_daemon_serving(start: Callable[..., Secured]) -> None:
+def test_a_burst_of_connections_leaves_the_daemon_serving(start: Callable[..., Served]) -> None:
     served = start("--max-connections", "16", "--handshake-timeout", "2")
     socks = []
     for _ in range(100):
@@ -333,7 +327,7 @@ def _fuzz_conversation(rng: random.Random, exports: list[str]) -> bytes:
     return bytes(data)
 
 
-def test_seeded_fuzzer_against_the_live_daemon(start: Callable[..., Secured], certs: Certs) -> None:
+def test_seeded_fuzzer_against_the_live_daemon(start: Callable[..., Served], certs: Certs) -> None:
     seed = int(os.environ.get("NBDSRV_FUZZ_SEED", "6"))
     rounds = int(os.environ.get("NBDSRV_FUZZ_ROUNDS", "300"))
     served = start(*certs.server_args, "--tls", "on", "--handshake-timeout", "3")
@@ -359,7 +353,7 @@ def test_seeded_fuzzer_against_the_live_daemon(start: Callable[..., Secured], ce
             well_behaved_read(served)
             peak = max(peak, served.vm_rss_kib())
         if done % 100 == 0:
-            run([require_tool("nbdinfo"), served.uri("sparse", certs.backup)])
+            run([require_tool("nbdinfo"), served.tcp_uri("sparse", certs.backup)])
         if time.monotonic() - began > FUZZ_TIME_CAP:
             break
     well_behaved_read(served)
@@ -369,7 +363,7 @@ def test_seeded_fuzzer_against_the_live_daemon(start: Callable[..., Secured], ce
     assert max(peak, after) - before < 64 * 1024
 
 
-def test_a_burst_of_200_clients_is_not_refused(start: Callable[..., Secured]) -> None:
+def test_a_burst_of_200_clients_is_not_refused(start: Callable[..., Served]) -> None:
     """200 clients connect while the daemon is busy (stopped): none is refused by a full listen
     backlog, and each gets the greeting once the daemon runs again."""
     served = start("--max-connections", "300", "--handshake-timeout", "30")

@@ -4,18 +4,18 @@ whose size is not a multiple of the bitmap granularity. Full and incremental bac
 snapshots and commits work, and every point in time rebuilds by checksum."""
 
 import json
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv, qmp_daemon
+from tests.harness.dirs import short_tmp_dir
+from tests.harness.timeline import Timeline
+from tests.harness.tools import run
 from tests.sessions.test_qemu_vm import QemuVM
-from tests.timeline import Timeline
-from tests.tools import DaemonProcess, nbdsrv_argv, qmp_daemon, run
 
 K = 1024
 MiB = 1024 * K
@@ -24,9 +24,8 @@ LONG_ID = "drive-" + "scsi0-0-0-0-with-a-very-long-libvirt-alias-" * 2
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nbdsrv-n-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp_dir("nbdsrv-n-") as path:
+        yield path
 
 
 def start(workdir: Path, drive: str, size: int) -> tuple[QemuVM, DaemonProcess, Timeline]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import require_tool
-from tests.vmharness import ExternalQSD, MiB, attached_daemon
+from tests.harness.qsd import ExternalQSD, MiB, attached_daemon
+from tests.harness.tools import require_tool
 
 SAMPLE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.eE]+|\+Inf)$"

@@ -6,8 +6,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.tools import DaemonProcess, require_tool
-from tests.vmharness import COPY_SCRIPT, ExternalQSD, MiB, attached_daemon, wait_for
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import COPY_SCRIPT, ExternalQSD, MiB, attached_daemon
+from tests.harness.tools import require_tool
+from tests.harness.waiting import wait_for
 
 
 def one_session(nbdsrv: DaemonProcess) -> dict:  # type: ignore[type-arg]

@@ -5,67 +5,44 @@ checkpoints, sessions and snapshots work on a named drive. A drive with no devic
 refused: nbdsrv cannot put its copy-before-write filter into its path."""
 
 import json
-import shutil
-import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.tools import DaemonProcess, SyncQMP, nbdsrv_argv, qmp_daemon, require_tool, run
-from tests.vmharness import wait_for
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv, qmp_daemon
+from tests.harness.qemu_vm import QemuSystem, running_vm
+from tests.harness.tools import require_tool, run
 
 K = 1024
 
 
-class QemuVM:
+class QemuVM(QemuSystem):
     def __init__(
         self, workdir: Path, drive: str = "drive0", size: str = "16M", device: bool = True
     ) -> None:
         self.drive = drive
         self.image = workdir / "d.qcow2"
         run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(self.image), size])
-        self.qmp_path = workdir / "vm.qmp"
-        test_qmp = workdir / "test.qmp"
-        self.pidfile = workdir / "qemu.pid"
         machine = ["-machine", "q35", "-S"] if device else ["-machine", "none"]
         devices = ["-device", f"virtio-blk-pci,drive={drive},id=vdisk0"] if device else []
-        run([
-            require_tool("qemu-system-x86_64"), *machine, "-nodefaults", "-display", "none",
+        super().__init__(workdir, [
+            *machine, "-nodefaults", "-display", "none",
             "-drive", f"if=none,id={drive},file={self.image},format=qcow2,node-name=disk0",
             *devices,
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-qmp", f"unix:{test_qmp},server=on,wait=off",
-            "-daemonize", "-pidfile", str(self.pidfile),
         ])  # fmt: skip
-        wait_for(test_qmp.exists, "QEMU's monitor")
-        self.qmp = SyncQMP(str(test_qmp))
 
     def write(self, pattern: int, offset: int, length: int) -> None:
         """As the guest writes: through the drive, the device's BlockBackend (it keeps its
         name when nbdsrv puts a filter under it)."""
-        # QEMU 7.2 prints qemu-io's success to its own stdout; the reply is empty unless
-        # something failed.
-        out = self.qmp.hmp(f'qemu-io {self.drive} "write -P {pattern} {offset} {length}"')
-        assert "error" not in out.lower() and "failed" not in out.lower(), out
-
-    def stop(self) -> None:
-        self.qmp.quit()
+        self.qemu_io(self.drive, f"write -P {pattern} {offset} {length}")
 
 
 @pytest.fixture
 def qemu_vm() -> Iterator[tuple[QemuVM, Path]]:
-    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-v-", dir="/tmp"))
-    vm = QemuVM(workdir)
-    yield vm, workdir
-    try:
-        vm.stop()
-    except Exception:
-        pid = int(vm.pidfile.read_text())
-        subprocess.run(["kill", f"-{signal.SIGKILL}", str(pid)], check=False)
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_vm(QemuVM, "nbdsrv-v-") as (vm, workdir):
+        yield vm, workdir
 
 
 def test_vm_with_named_drive_backs_up_incrementally(qemu_vm: tuple[QemuVM, Path]) -> None:
@@ -115,38 +92,27 @@ def _backup_snapshot_commit(vm: QemuVM, daemon: DaemonProcess, control: str, nbd
     ]
     assert daemon.stop() == 0  # ends the session too
     assert vm.qmp.cmd("query-block-jobs") == []
-    assert not [
-        n["node-name"]
-        for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
-        if n["node-name"].startswith("nbdsrv-")
-    ]
+    assert vm.nbdsrv_nodes() == []
 
 
 def test_drive_without_device_is_refused(tmp_path: Path) -> None:
     """-machine none -drive if=none: no device to qom-set, so no safe point in time."""
-    workdir = Path(tempfile.mkdtemp(prefix="nbdsrv-v-", dir="/tmp"))
-    vm = QemuVM(workdir, device=False)
-    control = str(workdir / "control.sock")
-    daemon = qmp_daemon(workdir, vm.qmp_path)
-    daemon.start()
-    try:
-        proc = subprocess.run(
-            nbdsrv_argv("backup", "begin", "vm", "--no-checkpoint", "--control", control),
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 1
-        assert proc.stderr.count("\n") == 1
-        assert "has no guest device" in proc.stderr
-        assert daemon.status()["sessions"] == []
-        assert not [
-            n["node-name"]
-            for n in vm.qmp.cmd("query-named-block-nodes", flat=True)
-            if n["node-name"].startswith("nbdsrv-")
-        ]
-        assert daemon.stop() == 0
-    finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.kill()
-        vm.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with running_vm(lambda workdir: QemuVM(workdir, device=False), "nbdsrv-v-") as (vm, workdir):
+        control = str(workdir / "control.sock")
+        daemon = qmp_daemon(workdir, vm.qmp_path)
+        daemon.start()
+        try:
+            proc = subprocess.run(
+                nbdsrv_argv("backup", "begin", "vm", "--no-checkpoint", "--control", control),
+                capture_output=True,
+                text=True,
+            )
+            assert proc.returncode == 1
+            assert proc.stderr.count("\n") == 1
+            assert "has no guest device" in proc.stderr
+            assert daemon.status()["sessions"] == []
+            assert vm.nbdsrv_nodes() == []
+            assert daemon.stop() == 0
+        finally:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()

@@ -1,7 +1,7 @@
 """A session's record stays until QEMU's side is really gone (issue 10 §2): a daemon killed
 in the middle of begin — even with the VM stopped for the switch — is cleaned up and the VM
-resumed by the next daemon; a session ended while QEMU is unreachable keeps its record and
-scratch file until QEMU is back, then both go."""
+resumed by the next daemon; `backup end` while QEMU is unreachable fails and keeps the
+session, its record and scratch file, and succeeds once QEMU is back (issue 19 §3)."""
 
 import json
 import os
@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.qsd import ExternalQSD, MiB
+from tests.harness.tools import require_tool, run
+from tests.harness.waiting import wait_for
 from tests.sessions.test_point_in_time import GuestVM, guest_workdir, leftovers, start_daemon
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
-from tests.vmharness import ExternalQSD, MiB, wait_for
 
 __all__ = ["guest_workdir"]
 
@@ -76,13 +78,18 @@ def test_record_stays_until_qemu_is_back(vm: ExternalQSD, nbdsrv: DaemonProcess)
     session = nbdsrv.json("backup", "begin", "vm1", "--no-checkpoint")
     assert len(records(state)) == 1 and len(scratch_files(state)) == 1
     vm.kill()  # QEMU unreachable: nothing can be removed from it
-    assert nbdsrv.cli("backup", "end", "vm1", session["id"]).returncode == 0
-    assert nbdsrv.json("backup", "list", "vm1") == []
+    # Never "ended" for work not done (issue 19 §3): the end fails and keeps everything.
+    error = nbdsrv.error("backup", "end", "vm1", session["id"])
+    assert "QEMU is not connected" in error and "run `backup end` again" in error
+    assert [s["id"] for s in nbdsrv.json("backup", "list", "vm1")] == [session["id"]]
     assert len(records(state)) == 1 and len(scratch_files(state)) == 1
     record = json.loads(Path(records(state)[0]).read_text())
     assert record["id"] == session["id"]
-    vm.start()  # nbdsrv reconnects and cleans up
-    wait_for(lambda: records(state) == [], "the session record to go")
+    vm.start()  # nbdsrv reconnects; the end runs again and succeeds
+    wait_for(lambda: nbdsrv.status()["vms"][0]["qmp_connected"], "nbdsrv to reconnect")
+    nbdsrv.json("backup", "end", "vm1", session["id"])
+    assert nbdsrv.json("backup", "list", "vm1") == []
+    assert records(state) == []
     assert scratch_files(state) == []
     assert vm.qmp is not None
     assert [x for x in leftovers(vm.qmp) if x != "disk0"] == []

@@ -1,5 +1,5 @@
-"""Fixtures: see tests/vmharness.py."""
+"""Fixtures: see tests/harness/qsd.py."""
 
-from tests.vmharness import nbdsrv, vm, workdir
+from tests.harness.qsd import nbdsrv, vm, workdir
 
 __all__ = ["nbdsrv", "vm", "workdir"]

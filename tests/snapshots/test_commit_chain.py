@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.checksums import sha256
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, K, MiB
+from tests.harness.timeline import Timeline
+from tests.harness.waiting import wait_for
 from tests.snapshots.test_snapshots import layers
-from tests.timeline import Timeline
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD, K, MiB, sha, wait_for
 
 
 def timeline_of(nbdsrv: DaemonProcess, workdir: Path) -> Timeline:
@@ -49,7 +51,7 @@ def test_commit_repeatedly_down_to_one_layer(
     timeline = timeline_of(nbdsrv, workdir)
     chain = build_chain(vm, nbdsrv, timeline, overlays)
     timeline.verify("before any commit")
-    base_before = sha(Path(chain[-1]).read_bytes())
+    base_before = sha256(Path(chain[-1]).read_bytes())
     for step in range(overlays):
         committed = nbdsrv.json("snapshot", "commit", "vm1")
         assert committed["committed"] == {"disk0": chain[0]}
@@ -57,7 +59,7 @@ def test_commit_repeatedly_down_to_one_layer(
         chain = chain[1:]
         assert layers(vm) == chain, f"commit {step + 1}: the top went into the layer below"
         if len(chain) > 1:  # the base is only written by the last commit
-            assert sha(Path(chain[-1]).read_bytes()) == base_before
+            assert sha256(Path(chain[-1]).read_bytes()) == base_before
         write(vm, timeline, 0x80 + step, (9 + step) * MiB)
         timeline.verify(f"after commit {step + 1}")
     assert "no snapshot to commit" in nbdsrv.error("snapshot", "commit", "vm1")

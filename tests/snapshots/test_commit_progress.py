@@ -5,8 +5,8 @@ import pty
 import subprocess
 import sys
 
-from tests.tools import DaemonProcess
-from tests.vmharness import ExternalQSD, MiB
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import ExternalQSD, MiB
 
 
 def test_commit_progress_on_a_terminal_only(vm: ExternalQSD, nbdsrv: DaemonProcess) -> None:

@@ -5,8 +5,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.timeline import Timeline
-from tests.tools import DaemonProcess, nbdsrv_argv, require_tool, run
+from tests.harness.daemon import DaemonProcess, nbdsrv_argv
+from tests.harness.timeline import Timeline
+from tests.harness.tools import require_tool, run
 
 K = 1024
 

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from nbdsrv.qemu.chain import image_in_json
-from tests.tools import DaemonProcess, require_tool
-from tests.vmharness import COPY_SCRIPT, ExternalQSD, K, MiB, blocks, sha
+from tests.harness.checksums import sha256
+from tests.harness.daemon import DaemonProcess
+from tests.harness.qsd import COPY_SCRIPT, ExternalQSD, K, MiB, blocks
+from tests.harness.tools import require_tool
 
 
 def layers(vm: ExternalQSD) -> list[str]:
@@ -78,7 +80,7 @@ def test_checkpoints_stay_exact_across_three_layers(
     # Between snapshots: an incremental reads writes from both layers.
     dirty = incremental(nbdsrv, "c1", "c2", image)
     assert blocks(dirty) == blocks([(2 * MiB, 64 * K), (3 * MiB, 64 * K)])
-    assert sha(image.read_bytes()) == sha(vm.models[0])
+    assert sha256(image.read_bytes()) == sha256(vm.models[0])
     vm.write(0, 0x13, 4 * MiB, 64 * K)
     overlay2 = snapshot(nbdsrv)
     assert layers(vm) == [overlay2, overlay1, str(vm.images[0])]
@@ -90,7 +92,7 @@ def test_checkpoints_stay_exact_across_three_layers(
     assert blocks(since_c1) == {b for b in range(32, 97, 16)}  # 2..6 MiB at 64 KiB blocks
     dirty = incremental(nbdsrv, "c2", "c4", image)
     assert blocks(dirty) == blocks([(4 * MiB, 64 * K), (5 * MiB, 64 * K), (6 * MiB, 64 * K)])
-    assert sha(image.read_bytes()) == sha(vm.models[0])
+    assert sha256(image.read_bytes()) == sha256(vm.models[0])
 
 
 def test_commit_in_the_middle_of_a_chain_of_checkpoints(
@@ -113,7 +115,7 @@ def test_commit_in_the_middle_of_a_chain_of_checkpoints(
     assert blocks(since_c2) == blocks([(3 * MiB, 64 * K), (4 * MiB, 64 * K)])
     dirty = incremental(nbdsrv, "c1", "c3", image)
     assert blocks(dirty) == {16, 32, 48, 64}
-    assert sha(image.read_bytes()) == sha(vm.models[0])
+    assert sha256(image.read_bytes()) == sha256(vm.models[0])
     listed = {c["name"]: c for c in nbdsrv.checkpoints()}
     assert set(listed) == {"c1", "c2", "c3"}
 
@@ -230,4 +232,4 @@ def test_killed_during_snapshot_commit_restarts_consistent(
     vm.write(0, 0x53, 3 * MiB, 64 * K)
     dirty = incremental(nbdsrv, "c1", "c2", image)
     assert blocks(dirty) == {16, 32, 48}
-    assert sha(image.read_bytes()) == sha(vm.models[0])
+    assert sha256(image.read_bytes()) == sha256(vm.models[0])

@@ -33,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from ...backup.checkpoints import CheckpointError, check_name, generated_name
+from ...backup.crash_points import crash_point
+from ...backup.store import read_json, remove_durably, write_json
 from ...errors import NbdsrvError, NotFoundError
 from ...proto.constants import DIRTY_BITMAP_PREFIX
+from ...qemu.block_exports import unix_uri
 from ..base import (
     BrokenCallback,
     CheckpointRef,
@@ -44,6 +47,8 @@ from ..base import (
     UpstreamBitmap,
     UpstreamDisk,
 )
+from ..frozen_guest import FrozenGuest
+from ..views import CheckpointInfo, LibvirtVMStatus
 from . import dirs
 from .connection import LibvirtConnection, LibvirtError
 from .xmldesc import (
@@ -66,6 +71,13 @@ DEFAULT_GRANULARITY = 64 * 1024
 QCOW2_MAGIC = b"QFI\xfb"
 
 
+class ThawNotConfirmed(NbdsrvError):
+    """libvirt's guest agent did not confirm the thaw (raised in a call thread; the event
+    loop side starts the retries)."""
+
+    code = "guest-frozen"
+
+
 class LibvirtRefusal(NbdsrvError):
     """An nbdsrv operation that libvirt domains do not offer; the message says what to use."""
 
@@ -83,6 +95,9 @@ class HeldBackup:
     on_broken: BrokenCallback
     ending: bool = False
     broken: bool = False
+    # A begin that failed and whose end failed too: no session to end it again, so the
+    # daemon ends it when libvirt is back (reconnected).
+    orphaned: bool = False
 
     def break_(self, reason: str) -> None:
         if not self.ending and not self.broken:
@@ -122,21 +137,44 @@ class LibvirtVM:
         self.failure: str | None = None
         # Called when the domain has stopped and no session holds this VM any more.
         self.on_released = on_released
+        # Checkpoint names and validity as last seen (for metrics: no libvirt call).
+        self._known: list[tuple[str, bool]] = []
+        # A guest frozen by --quiesce whose thaw libvirt has not confirmed yet. Not in
+        # <state-dir>/libvirt/<VM>/: start() clears that directory.
+        self.frozen_guest = FrozenGuest(name, str(Path(state_dir) / "vms" / name), self._thaw_once)
 
     @property
     def connected(self) -> bool:
         return self.running and self.connection.connected
 
+    @property
+    def guest_frozen(self) -> bool:
+        return self.frozen_guest.frozen
+
+    async def _thaw_once(self) -> bool:
+        await self._call(self._thaw)
+        return True
+
     # -- life -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Abort a backup job an earlier daemon left on the domain (its sessions are gone
-        with it) and remove the files it left."""
+        with it) and remove the files it left. A guest an earlier daemon froze and did not
+        see thawed (killed between freeze and thaw) is thawed, retried until libvirt's agent
+        confirms."""
+        if self.frozen_guest.frozen:
+            log.warning("VM %s: an earlier daemon may have left the guest frozen", self.name)
+            self.frozen_guest.keep_thawing()
+        unfinished = read_json(str(self._begin_record()))
         try:
             job = await self._call(self._job_xml)
             if job is not None and self._is_ours(backup_socket(job)):
                 log.warning("VM %s: aborting the backup job an earlier nbdsrv left", self.name)
                 await self._abort_and_wait()
+            if isinstance(unfinished, dict) and unfinished.get("checkpoint"):
+                # A begin that did not complete leaves no checkpoint behind; libvirt merges
+                # its bits into the parent, so "since the parent" stays exact.
+                await self._drop_checkpoint(str(unfinished["checkpoint"]), unfinished)
         except LibvirtError as e:
             log.warning("VM %s: %s", self.name, e)
             return
@@ -145,13 +183,43 @@ class LibvirtVM:
             if path.is_dir() and (job is None or self._is_ours(backup_socket(job))):
                 dirs.clear(path)
 
+    def _begin_record(self) -> Path:
+        """Written before a backup begin that creates a checkpoint, removed once the
+        session confirms it: a restart that finds it deletes that checkpoint."""
+        return Path(self.state_dir) / "libvirt" / self.name / "begin.json"
+
+    async def _drop_checkpoint(self, name: str, record: dict[str, Any]) -> None:
+        log.warning(
+            "VM %s: deleting checkpoint %s of the unfinished backup begin %s",
+            self.name, name, record.get("session"),
+        )  # fmt: skip
+        try:
+            await self._call(self._delete_checkpoint, name)
+        except LibvirtError as e:
+            if e.libvirt_code != self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                raise
+        remove_durably(str(self._begin_record()))
+
+    async def give_up_point_in_time(self, session: str) -> None:
+        """libvirt's job owns the scratch space; `backup end` aborts it (after the upstream
+        connections are closed: see end_point_in_time)."""
+
+    def confirm_point_in_time(self, session: str) -> None:
+        held = self.points.get(session)
+        if held is not None and held.checkpoint is not None:
+            remove_durably(str(self._begin_record()))
+
     async def stop(self) -> None:
-        """Sessions were ended before; the domain keeps running under libvirt."""
+        """Sessions were ended before; the domain keeps running under libvirt (a guest not
+        confirmed thawed stays marked: the next daemon retries)."""
+        await self.frozen_guest.stop()
 
     def domain_stopped(self, reason: str) -> None:
         """The domain stopped: its sessions fail (EIO); the VM goes once none holds it."""
         self.running = False
         self.failure = reason
+        # A guest that stopped is frozen no more: its next run boots afresh.
+        self.frozen_guest.forget()
         for held in self.points.values():
             held.break_(reason)
         if not self.points and self.on_released is not None:
@@ -173,7 +241,15 @@ class LibvirtVM:
                 held.break_(f"libvirt's backup job ended behind nbdsrv's back ({message})")
 
     async def reconnected(self) -> None:
-        """libvirtd came back: the jobs of running sessions must still be there."""
+        """libvirtd came back: the jobs of running sessions must still be there; failed
+        begins that could not be undone without libvirt are undone now."""
+        for held in [h for h in self.points.values() if h.orphaned]:
+            async with self.lock:
+                try:
+                    await self.end_point_in_time(held.session, drop_checkpoint=True)
+                except LibvirtError as e:
+                    log.warning("VM %s: failed begin %s not undone yet: %s",
+                                self.name, held.session, e)  # fmt: skip
         if not self.points:
             return
         try:
@@ -187,13 +263,14 @@ class LibvirtVM:
 
     # -- views ----------------------------------------------------------------------------------
 
-    async def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+    async def describe(self) -> LibvirtVMStatus:
+        info: LibvirtVMStatus = {
             "name": self.name,
             "backend": "libvirt",
             "libvirt": self.connection.uri,
             "connected": self.connected,
             "error": self.failure or self.connection.failure,
+            "guest_frozen": self.guest_frozen,
             "disks": [],
             "checkpoints": [],
         }
@@ -203,6 +280,8 @@ class LibvirtVM:
                 snap = await self._call(self._snapshot, "names")
                 info["disks"] = sorted(d.target for d in snap.disks)
                 info["checkpoints"] = [c.name for c, _ in snap.checkpoints]
+                valid = dict(self._known)
+                self._known = [(c.name, valid.get(c.name, True)) for c, _ in snap.checkpoints]
             except LibvirtError as e:
                 info["error"] = str(e)
         return info
@@ -223,11 +302,18 @@ class LibvirtVM:
             )
         name = check_name(name) if name is not None else generated_name()
         async with self.lock:
-            desc: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
+            try:
+                desc: CheckpointDesc = await self._call(self._create_checkpoint, name, quiesce)
+            except ThawNotConfirmed as e:
+                # The command fails: it leaves no checkpoint.
+                with contextlib.suppress(LibvirtError):
+                    await self._call(self._delete_checkpoint_if_any, name)
+                raise self.frozen_guest.not_thawed(str(e)) from None
         return CreatedCheckpoint(desc.name, desc.parent, desc.created, quiesced=quiesce)
 
-    async def list_checkpoints(self) -> list[dict[str, Any]]:
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
         snap = await self._call(self._snapshot, "validated")
+        self._known = [(c.name, reason is None) for c, reason in snap.checkpoints]
         return [
             {
                 "name": c.name,
@@ -236,9 +322,13 @@ class LibvirtVM:
                 "disks": sorted(c.bitmaps),
                 "valid": reason is None,
                 "reason": reason,
+                "persistent": True,  # libvirt makes checkpoints on qcow2 v3 images only
             }
             for c, reason in snap.checkpoints
         ]
+
+    def known_checkpoints(self) -> list[tuple[str, bool]]:
+        return list(self._known)
 
     async def delete_checkpoint(self, name: str) -> None:
         async with self.lock:
@@ -302,7 +392,11 @@ class LibvirtVM:
                 target=d.target,
                 scratch=str(scratch_dir / f"{request.session}-{d.target}.qcow2"),
                 export=d.target,
-                bitmap=request.from_checkpoint if d.target in with_bitmap else None,
+                # exportbitmap: the context's name, as nbdsrv's own export offers it, so
+                # that libvirt's export serves as the session's direct_uri too.
+                bitmap=(request.bitmap_name or request.from_checkpoint)
+                if d.target in with_bitmap
+                else None,
             )
             for d in snap.disks
         ]
@@ -312,7 +406,22 @@ class LibvirtVM:
         backup_doc = backup_xml(str(socket), backup, request.from_checkpoint, skip=[])
         checkpoint_doc = checkpoint_xml(new, snap.disks) if new is not None else None
         started = time.monotonic()
-        await self._call(self._backup_begin, backup_doc, checkpoint_doc, request.quiesce)
+        if new is not None:
+            write_json(str(self._begin_record()), {"session": request.session, "checkpoint": new})
+        try:
+            await self._call(self._backup_begin, backup_doc, checkpoint_doc, request.quiesce)
+        except ThawNotConfirmed as e:
+            # The command fails: it leaves no job and no checkpoint.
+            self.points[request.session] = held
+            await self.end_point_in_time(request.session, drop_checkpoint=True)
+            remove_durably(str(self._begin_record()))
+            raise self.frozen_guest.not_thawed(str(e)) from None
+        except LibvirtError as e:
+            if new is not None and e.libvirt_code is not None:
+                # libvirt refused: it created no checkpoint. (Without an answer it may have:
+                # the record stays for the next start.)
+                remove_durably(str(self._begin_record()))
+            raise
         self.points[request.session] = held
         log.info(
             "VM %s: libvirt backup job begun in %.2f s (session %s, from %s, checkpoint %s)",
@@ -330,14 +439,22 @@ class LibvirtVM:
                 bitmaps = (
                     UpstreamBitmap(
                         checkpoint=request.from_checkpoint,
-                        context=DIRTY_BITMAP_PREFIX + request.from_checkpoint,
+                        context=DIRTY_BITMAP_PREFIX
+                        + (request.bitmap_name or request.from_checkpoint),
                         granularity=bitmap_granularity(disk.source),
                         dirty_bytes=None,
                         cumulative=True,
                     ),
                 )
             upstream.append(
-                UpstreamDisk(disk.target, sizes[disk.target], str(socket), disk.target, bitmaps)
+                UpstreamDisk(
+                    disk.target,
+                    sizes[disk.target],
+                    str(socket),
+                    disk.target,
+                    bitmaps,
+                    direct_uri=unix_uri(disk.target, str(socket)),
+                )
             )
         checkpoints: tuple[CheckpointRef, ...] = ()
         if request.from_checkpoint is not None:
@@ -381,26 +498,42 @@ class LibvirtVM:
         held = self.points.get(session)
         if held is None:
             return
+        if self.running and not self.connection.connected:
+            # The job and its scratch files stay in QEMU: nothing is ended until libvirt
+            # says so. Everything is kept for `backup end` to be run again.
+            held.orphaned = drop_checkpoint
+            raise LibvirtError(
+                f"VM {self.name}: cannot end backup session {session}: libvirt is not "
+                f"connected ({self.connection.failure or 'libvirtd is down'}); the session "
+                "and its scratch files stay: run `backup end` again once libvirtd is back"
+            )
         held.ending = True
         try:
             if self.connected:
                 job = await self._call(self._job_xml)
                 if job is not None and backup_socket(job) == str(held.socket):
                     await self._abort_and_wait()
-                if drop_checkpoint and held.checkpoint is not None:
-                    try:
-                        await self._call(self._delete_checkpoint, held.checkpoint)
-                    except LibvirtError as e:
-                        log.warning(
-                            "VM %s: cannot delete checkpoint %s: %s", self.name, held.checkpoint, e
-                        )
-        finally:
-            # libvirt removes them itself, except when the domain died under the job.
-            for path in [held.socket, *held.scratch]:
-                path.unlink(missing_ok=True)
-            self.points.pop(session, None)
-            if not self.running and not self.points and self.on_released is not None:
-                self.on_released(self)
+        except BaseException:
+            # libvirt did not say the job is gone (libvirtd went away meanwhile, ...): the
+            # session, its job and its scratch files stay for `backup end` to run again.
+            held.ending = False
+            held.orphaned = drop_checkpoint
+            raise
+        if self.connected and drop_checkpoint and held.checkpoint is not None:
+            try:
+                await self._call(self._delete_checkpoint, held.checkpoint)
+                remove_durably(str(self._begin_record()))
+            except LibvirtError as e:
+                log.warning(
+                    "VM %s: cannot delete checkpoint %s (the next start does): %s",
+                    self.name, held.checkpoint, e,
+                )  # fmt: skip
+        # libvirt removes them itself, except when the domain died under the job.
+        for path in [held.socket, *held.scratch]:
+            path.unlink(missing_ok=True)
+        self.points.pop(session, None)
+        if not self.running and not self.points and self.on_released is not None:
+            self.on_released(self)
 
     async def _abort_and_wait(self) -> None:
         await self._call(self._abort_job)
@@ -491,6 +624,13 @@ class LibvirtVM:
     def _delete_checkpoint(self, name: str) -> None:
         self._domain().checkpointLookupByName(name).delete(0)
 
+    def _delete_checkpoint_if_any(self, name: str) -> None:
+        try:
+            self._delete_checkpoint(name)
+        except self.libvirt.libvirtError as e:
+            if e.get_error_code() != self.libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                raise
+
     def _job_xml(self, dom: Any = None) -> str | None:
         """The running backup job's XML, None when there is none."""
         libvirt = self.libvirt
@@ -511,15 +651,39 @@ class LibvirtVM:
     @contextlib.contextmanager
     def _frozen(self, dom: Any, quiesce: bool) -> Iterator[None]:
         """The guest's filesystems frozen through libvirt's guest agent (without one the
-        freeze fails and nothing was done), thawed whatever happens."""
+        freeze fails and nothing was done), thawed whatever happens. The marker is written
+        before the freeze and removed once libvirt confirms the thaw; ThawNotConfirmed
+        otherwise (the marker stays)."""
         if not quiesce:
             yield
             return
-        dom.fsFreeze()
+        if self.frozen_guest.frozen:
+            raise LibvirtError(
+                f"--quiesce: VM {self.name}: the guest may still be frozen from an earlier "
+                "--quiesce and nbdsrv is retrying its thaw; try again once `nbdsrv status` "
+                "shows guest_frozen false"
+            )
+        self.frozen_guest.mark(domain=self.name)
+        try:
+            dom.fsFreeze()
+        except self.libvirt.libvirtError:
+            # qemu-ga undoes a freeze that fails; thaw anyway in case (no agent: fails too).
+            with contextlib.suppress(self.libvirt.libvirtError):
+                dom.fsThaw()
+            self.frozen_guest.clear()
+            raise
+        crash_point("quiesce:after-freeze")
         try:
             yield
         finally:
-            dom.fsThaw()
+            try:
+                dom.fsThaw()
+            except self.libvirt.libvirtError as e:
+                raise ThawNotConfirmed(f"libvirt: {e}") from None
+            self.frozen_guest.clear()
+
+    def _thaw(self) -> None:
+        self._domain().fsThaw()
 
     def _abort_job(self) -> None:
         libvirt = self.libvirt

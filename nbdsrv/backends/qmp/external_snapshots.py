@@ -8,29 +8,26 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ...backup.checkpoints import ChainState, CheckpointChain, CheckpointError
 from ...backup.crash_points import crash_point
 from ...backup.snapshots import (
     after_commit,
     after_snapshot,
-    commit_job,
-    commit_merge_actions,
     commit_result_problems,
     intent_disks,
     overlay_file,
-    snapshot_actions,
 )
+from ...backup.store import VMStore
 from ...errors import NbdsrvError
 from ...qemu.block_jobs import wait_job_gone, wait_job_ready
-from ...qemu.chain import nodes_of_file
+from ...qemu.chain import PROTOCOL_DRIVERS, nodes_of_file
 from ...qemu.errors import QEMUError, QEMUGoneError, QMPError
 from ...qemu.images import create_overlay
+from ...qemu.monitor import Monitor
 from ...qemu.names import disk_name
-
-if TYPE_CHECKING:
-    from .vm import QmpVM
+from .bitmap_actions import Action, commit_merge_actions, snapshot_actions
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +38,36 @@ class SnapshotError(NbdsrvError):
     code = "snapshot"
 
 
-async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
+class SnapshotHost(Protocol):
+    """What snapshot create and commit use of the VM (a QmpVM): its QEMU, its store, and
+    its committed chain."""
+
+    name: str
+    monitor: Monitor
+    store: VMStore
+
+    async def chains(self) -> ChainState: ...
+
+    def load(self) -> tuple[CheckpointChain, dict[str, Any]]: ...
+
+    def load_checked(self, state: ChainState) -> CheckpointChain: ...
+
+    def overlays(self) -> list[str]: ...
+
+    def save_chain(
+        self, chain: CheckpointChain, op_id: str, overlays: list[str], *, tops: Mapping[str, str]
+    ) -> None:
+        """Write the chain with nbdsrv's overlays and the disks' new top images."""
+
+    async def transaction(self, what: str, actions: list[Action]) -> None: ...
+
+
+def commit_job(op_id: str, disk: str) -> str:
+    """The id of the commit job of ``disk`` in operation ``op_id``."""
+    return disk_name("nbdsrv-commit", op_id[:8], disk)
+
+
+async def create(vm: SnapshotHost, directory: str | None = None) -> dict[str, str]:
     """New qcow2 overlays on every disk in one transaction; disk → overlay file."""
     state = await vm.chains()
     chain = vm.load_checked(state)
@@ -65,7 +91,9 @@ async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
     try:
         for disk, item in plan.items():
             top = state[disk][0]
-            await create_overlay(item["file"], top.filename, top.format)
+            # A device or file given to the guest with no format node holds raw data.
+            backing_format = "raw" if top.format in PROTOCOL_DRIVERS else top.format
+            await create_overlay(item["file"], top.filename, backing_format)
             await vm.monitor.execute(
                 "blockdev-add",
                 {
@@ -99,7 +127,7 @@ async def create(vm: QmpVM, directory: str | None = None) -> dict[str, str]:
     return files
 
 
-async def _drop_overlays(vm: QmpVM, plan: Mapping[str, Mapping[str, str]]) -> None:
+async def _drop_overlays(vm: SnapshotHost, plan: Mapping[str, Mapping[str, str]]) -> None:
     """Remove overlays that did not make it into a chain (nodes, then files)."""
     for item in plan.values():
         if vm.monitor.connected:
@@ -110,7 +138,7 @@ async def _drop_overlays(vm: QmpVM, plan: Mapping[str, Mapping[str, str]]) -> No
 
 
 async def finish_create(
-    vm: QmpVM, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    vm: SnapshotHost, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
 ) -> CheckpointChain:
     plan = intent["overlays"]
     done = all(
@@ -129,7 +157,7 @@ async def finish_create(
     return chain
 
 
-async def commit(vm: QmpVM) -> dict[str, str]:
+async def commit(vm: SnapshotHost) -> dict[str, str]:
     """Commit every disk's top overlay into the layer directly below it (never deeper: QEMU's
     default base is the bottom of the chain); disk → removed overlay."""
     state = await vm.chains()
@@ -203,7 +231,7 @@ async def commit(vm: QmpVM) -> dict[str, str]:
 
 
 async def _complete_commit(
-    vm: QmpVM,
+    vm: SnapshotHost,
     chain: CheckpointChain,
     disks: Mapping[str, tuple[str, str]],
     op_id: str,
@@ -228,7 +256,8 @@ async def _complete_commit(
             overlays.remove(top_file)
         removed[disk] = top_file
     tops = {disk: base for disk, (_, base) in done.items()}
-    vm.save_chain(after_commit(chain, done), op_id, overlays, tops=tops)
+    in_memory = frozenset(disk for disk in done if not state[disk][0].persistent_bitmaps)
+    vm.save_chain(after_commit(chain, done, in_memory), op_id, overlays, tops=tops)
     crash_point("snapshot-commit:after-commit")
     vm.store.clear_intent()
     log.info("VM %s: committed %s", vm.name, removed)
@@ -236,7 +265,7 @@ async def _complete_commit(
 
 
 async def finish_commit(
-    vm: QmpVM, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
+    vm: SnapshotHost, intent: Mapping[str, Any], chain: CheckpointChain, state: ChainState
 ) -> CheckpointChain:
     disks = intent_disks(intent)
     for disk in disks:

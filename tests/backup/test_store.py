@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.backup.store import VMStore, write_atomic
-from tests.tools import require_tool, run
+from tests.harness.tools import require_tool, run
 
 
 def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path) -> None:

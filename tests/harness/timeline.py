@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.tools import require_tool
-from tests.vmharness import COPY_SCRIPT, DISK_SIZE, blocks, sha
+from tests.harness.checksums import sha256
+from tests.harness.qsd import COPY_SCRIPT, DISK_SIZE, blocks
+from tests.harness.tools import require_tool
 
 # The CLI of one daemon: (*args) → parsed --json output (a failure fails the test).
 Cli = Callable[..., Any]
@@ -58,7 +59,7 @@ class Timeline:
             )  # fmt: skip
         finally:
             self.cli("backup", "end", self.vm, session["id"])
-        assert sha(target.read_bytes()) == sha(self.model), f"full backup {name}"
+        assert sha256(target.read_bytes()) == sha256(self.model), f"full backup {name}"
         self.points[name] = (bytes(self.model), set())
         target.unlink()
 
@@ -87,4 +88,4 @@ class Timeline:
             assert listed[name]["valid"], f"{step}: {name}: {listed[name]['reason']}"
             dirty, rebuilt = self.incremental(name)
             assert dirty == since, f"{step}: since {name}: {sorted(dirty ^ since)} differ"
-            assert sha(rebuilt) == sha(self.model), f"{step}: point in time {name} rebuilt"
+            assert sha256(rebuilt) == sha256(self.model), f"{step}: point in time {name} rebuilt"

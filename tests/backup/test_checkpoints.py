@@ -4,6 +4,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from nbdsrv.backends.qmp.bitmap_actions import create_actions, delete_actions
 from nbdsrv.backup.checkpoints import (
     Checkpoint,
     CheckpointChain,
@@ -13,8 +14,6 @@ from nbdsrv.backup.checkpoints import (
     check_granularity,
     check_name,
     count_problem,
-    create_actions,
-    delete_actions,
     merged_parent,
     observed_counts,
 )
@@ -39,6 +38,7 @@ class Layer:
     virtual_size: int = 1 << 30
     read_only: bool = False
     bitmaps: dict[str, Bitmap] = field(default_factory=dict)
+    persistent_bitmaps: bool = True
 
     def bitmap(self, name: str) -> Bitmap | None:
         return self.bitmaps.get(name)
@@ -125,10 +125,15 @@ def test_create_after_inconsistent_bitmap_starts_new_chain_without_disable() -> 
     assert [a for a, _ in actions] == ["block-dirty-bitmap-add"]
 
 
-def test_create_refuses_raw_disk() -> None:
-    state = {"disk0": [Layer("n0", "/d/a.raw", format="raw")]}
-    with pytest.raises(CheckpointError, match="raw: checkpoints need qcow2"):
-        create_actions(CheckpointChain(), state, "c1", 65536)
+def test_create_on_a_disk_that_cannot_store_bitmaps_adds_one_in_memory() -> None:
+    raw = Layer("n1", "/d/b.raw", format="raw", persistent_bitmaps=False)
+    checkpoint, actions = create_actions(CheckpointChain(), {**HEALTHY, "disk1": [raw]}, "c9", 4096)
+    assert checkpoint.disks == {
+        "disk0": (Segment("/d/a.qcow2", "c9"),),
+        "disk1": (Segment("/d/b.raw", "c9", persistent=False),),
+    }
+    assert [data["persistent"] for _, data in actions] == [True, False]
+    assert not checkpoint.persistent
 
 
 def test_create_refuses_existing_bitmap_name() -> None:

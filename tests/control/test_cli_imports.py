@@ -15,9 +15,13 @@ from nbdsrv.proto.server import TLSMode
 CLIENT_MODULES = {
     "nbdsrv",
     "nbdsrv.cli",
+    "nbdsrv.client",  # the client library (its asyncio half loads only when asked for)
+    "nbdsrv.client.endpoint",
+    "nbdsrv.client.operations",
+    "nbdsrv.client.sync",
+    "nbdsrv.client.wire",
     "nbdsrv.config",
     "nbdsrv.config.paths",
-    "nbdsrv.control_client",
     "nbdsrv.errors",
     "nbdsrv.operations",
     "nbdsrv.text_output",

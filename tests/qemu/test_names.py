@@ -2,7 +2,7 @@
 
 import pytest
 
-from nbdsrv.backup.snapshots import commit_job
+from nbdsrv.backends.qmp.external_snapshots import commit_job
 from nbdsrv.qemu.fleece import frozen_bitmap_name
 from nbdsrv.qemu.names import MAX_NODE_NAME, disk_name, qemu_name
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from nbdsrv.exports import dirty_runs
 from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.dirty_runs import DirtyRuns
-from tests.extents import merged
+from tests.harness.extents import merged
 
 K = 1024
 
