@@ -362,7 +362,8 @@ class NBDConnection(asyncio.Protocol):
                 self.requests += 1
                 self._pending.append(event)
                 if self._upstream_wanted and (
-                    event.command == Command.READ or event.command in _RELAYED_WRITES
+                    event.command == Command.READ
+                    or (self._core.writable and event.command in _RELAYED_WRITES)
                 ):
                     self._upstream_wanted = False
                     assert self._export is not None
@@ -701,7 +702,11 @@ class NBDConnection(asyncio.Protocol):
                 self._relayed += 1
                 relay.read(request)
                 return
-            if request.command in _RELAYED_WRITES and relay.takes(request):
+            if (
+                request.command in _RELAYED_WRITES
+                and relay.export.writable
+                and relay.takes(request)
+            ):
                 self._relayed += 1
                 relay.command(request)
                 return

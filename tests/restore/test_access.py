@@ -115,7 +115,11 @@ async def test_live_restore_from_an_nbds_source(
         ),
     )
     try:
-        await asyncio.sleep(0.5)
+        for _ in range(200):  # until qemu-nbd listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            await asyncio.sleep(0.05)
         image = tmp_path / "restored.qcow2"
         uri = f"nbds://127.0.0.1:{port}/backup"
         began = await served.sessions.begin(BeginRestore(image=str(image), source=uri))
