@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import weakref
 from collections.abc import Sequence
 
 from ..net.address import Address
@@ -29,6 +28,7 @@ from ..proto.constants import BASE_ALLOCATION, MAX_BLOCK_STATUS_EXTENTS, Command
 from ..proto.errors import NBDError, ReplyError
 from ..proto.extents import Extent
 from .export import Export, Segment
+from .upstream_links import UpstreamLinks
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RestoreExport(Export):
         self.written_bytes = 0
         self._shared: NBDClient | None = None
         self._connecting = asyncio.Lock()
-        self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
+        self.links = UpstreamLinks(address, upstream_export)
 
     @property
     def contexts(self) -> Sequence[str]:
@@ -65,15 +65,7 @@ class RestoreExport(Export):
     async def open_upstream(self) -> NBDClient:
         if self.closed:
             raise OSError(errno.ESHUTDOWN, "export is gone")
-        try:
-            link = await NBDClient.connect(self.address, self.upstream_export)
-        except (OSError, NBDError) as e:
-            raise OSError(errno.EIO, f"connecting to QEMU: {e}") from e
-        if self.closed:
-            link.abort()
-            raise OSError(errno.ESHUTDOWN, "export is gone")
-        self._links.add(link)
-        return link
+        return await self.links.open(lambda: self.closed)
 
     async def _client(self) -> NBDClient:
         async with self._connecting:
@@ -157,8 +149,7 @@ class RestoreExport(Export):
     async def aclose(self) -> None:
         """Close the export (its clients get ESHUTDOWN) and every connection to QEMU."""
         self.close()
-        for link in list(self._links):
-            link.abort()
+        self.links.abort_all()
         shared, self._shared = self._shared, None
         if shared is not None:
             with contextlib.suppress(Exception):

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import itertools
 import logging
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 from ..net.address import Address
@@ -25,6 +24,7 @@ from .coverage import ReadCoverage
 from .dirty_bitmap import DirtyBitmap
 from .dirty_runs import DirtyRuns
 from .export import Export, Segment
+from .upstream_links import UpstreamLinks
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class UpstreamExport(Export):
         self.refusals = 0
         self.coverage = ReadCoverage()
         self._clients: list[NBDClient] = []
-        self._links: weakref.WeakSet[NBDClient] = weakref.WeakSet()
+        self.links = UpstreamLinks(address, upstream_export)
         self._next = itertools.cycle(range(UPSTREAM_CONNECTIONS))
 
     relays_reads = True
@@ -111,15 +111,7 @@ class UpstreamExport(Export):
 
     async def open_upstream(self) -> NBDClient:
         self._check()
-        try:
-            link = await NBDClient.connect(self.address, self.upstream_export)
-        except (OSError, NBDError) as e:
-            raise OSError(errno.EIO, f"connecting to QEMU: {e}") from e
-        if self.closed:
-            link.abort()
-            raise OSError(errno.ESHUTDOWN, "export is gone")
-        self._links.add(link)
-        return link
+        return await self.links.open(lambda: self.closed)
 
     def broken(self) -> str | None:
         return self.failure
@@ -235,8 +227,7 @@ class UpstreamExport(Export):
     async def aclose(self) -> None:
         """Close the export (its clients get ESHUTDOWN) and the connections to QEMU."""
         self.close()
-        for link in list(self._links):
-            link.abort()
+        self.links.abort_all()
         clients, self._clients = self._clients, []
         for client in clients:
             with contextlib.suppress(Exception):

@@ -2,7 +2,6 @@
 with their real qemu-storage-daemon, and real clients run as subprocesses."""
 
 import asyncio
-import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from nbdsrv.exports.catalog import ExportCatalog
 from nbdsrv.net.address import Address
 from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.restore.sessions import RestoreSessions
+from tests.harness.checksums import file_sha256
+from tests.harness.tools import SYSTEM_PATH_FIRST, TIMEOUT, require_tool
 from tests.security.conftest import certs  # noqa: F401 - the fixture, for nbds:// sources
-from tests.tools import SYSTEM_PATH_FIRST, TIMEOUT, require_tool
 
 
 @dataclass
@@ -93,11 +93,3 @@ async def image_sha256(path: str | Path) -> str:
         return file_sha256(raw)
     finally:
         os.unlink(raw)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

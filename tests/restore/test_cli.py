@@ -5,8 +5,8 @@ import random
 from pathlib import Path
 
 from tests.conftest import StartDaemon
+from tests.harness.tools import require_tool, run
 from tests.restore.conftest import file_sha256
-from tests.tools import require_tool, run
 
 MiB = 1024 * 1024
 CONTRACT_FIELDS = {

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import StartDaemon
+from tests.harness.tools import require_tool, run
 from tests.restore.conftest import file_sha256, image_sha256
 from tests.restore.test_live import Source
-from tests.tools import require_tool, run
 
 MiB = 1024 * 1024
 SIZE = 16 * MiB

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import StartDaemon
-from tests.tools import SYSTEM_PATH_FIRST, require_tool, run
+from tests.harness.tools import SYSTEM_PATH_FIRST, require_tool, run
 
 KiB = 1024
 MiB = 1024 * KiB

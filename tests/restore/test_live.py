@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from nbdsrv.restore.sessions import BeginRestore
+from tests.harness.tools import require_tool
 from tests.restore.conftest import Served, file_sha256, image_sha256, nbdsh, tool
-from tests.tools import require_tool
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
