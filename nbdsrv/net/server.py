@@ -15,7 +15,7 @@ from typing import Any
 
 from ..exports.catalog import ExportCatalog
 from ..exports.export import Export, ExportGone, Segment
-from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
+from ..proto.constants import Command, Errno
 from ..proto.errors import NBDError, ProtocolError, nbd_errno
 from ..proto.extents import StatusSource
 from ..proto.server import (
@@ -25,6 +25,7 @@ from ..proto.server import (
     ServerConnection,
     StartTLS,
     TLSMode,
+    extent_limit,
 )
 from .access import AccessPolicy, Peer, subject_of
 from .address import Address
@@ -753,7 +754,7 @@ class NBDConnection(asyncio.Protocol):
         export = self._export
         if export is None or export.closed or self._server.stopping:
             return None  # _answer says why
-        limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+        limit = extent_limit(request.flags)
         extended = self._core.extended
         per_context = []
         try:
@@ -839,7 +840,7 @@ class NBDConnection(asyncio.Protocol):
                 self._counted_request(export, request, request.length)
                 return
             elif request.command == Command.BLOCK_STATUS:
-                limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+                limit = extent_limit(request.flags)
                 per_context = [
                     (cid, await export.extents(name, request.offset, request.length, limit))
                     for cid, name in self._contexts
