@@ -15,7 +15,7 @@ from typing import Any
 
 from ..exports.catalog import ExportCatalog
 from ..exports.export import Export, ExportGone, Segment
-from ..proto.constants import MAX_BLOCK_STATUS_EXTENTS, Command, CommandFlag, Errno
+from ..proto.constants import Command, Errno
 from ..proto.errors import NBDError, ProtocolError, nbd_errno
 from ..proto.extents import StatusSource
 from ..proto.server import (
@@ -25,10 +25,13 @@ from ..proto.server import (
     ServerConnection,
     StartTLS,
     TLSMode,
+    extent_limit,
 )
 from .access import AccessPolicy, Peer, subject_of
 from .address import Address
 from .direct_writer import DirectWriter, Item, zero_copy_available
+from .fast_paths import MAX_POLL_BACKOFF, POLL_BURST, POLL_READ, status_sources
+from .flow_control import MAX_BUFFERED, MAX_IN_FLIGHT, reading_full, request_cost
 from .limits import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, POLL_WINDOW
 from .relay import ReadRelay
 from .socket_path import clear_stale_socket
@@ -37,23 +40,10 @@ log = logging.getLogger(__name__)
 
 audit = logging.getLogger("nbdsrv.audit")
 
-# Requests served at once per connection; past this we stop reading from the client.
-MAX_IN_FLIGHT = 64
-# Reply bytes a connection may hold (reads in flight plus output not yet sent).
-MAX_BUFFERED = 64 * 1024 * 1024
-# What a block status reply may take, for that budget (2 MiB at most: 131072 extents).
-BLOCK_STATUS_COST = 256 * 1024
 # asyncio's default of 100 refuses a burst of clients (EAGAIN on a unix socket) before the
 # event loop gets to accept them; the kernel caps this at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 UNIX_SEND_BUFFER = 4 * 1024 * 1024
-# Bytes read at once while polling (requests only: a few dozen a read).
-POLL_READ = 64 * 1024
-# Most answers that skip polling after windows that passed with nothing.
-MAX_POLL_BACKOFF = 64
-# Reads taken by polling before the event loop gets its turn (other connections, control
-# requests): about 1 ms at most.
-POLL_BURST = 16
 
 
 # Requests of a writable export that go over the connection's upstream link like READs.
@@ -111,16 +101,6 @@ class _AllowedExports:
     def list_exports(self) -> Sequence[Export]:
         peer = self._connection.peer
         return [e for e in self._catalog.list_exports() if self._access.allowed(e.name, peer)]
-
-
-def _cost(request: Request) -> int:
-    """Bytes of reply (or of a WRITE's payload) a request may hold in memory until it is
-    answered."""
-    if request.command == Command.READ or request.command == Command.WRITE:
-        return request.length
-    if request.command == Command.BLOCK_STATUS:
-        return BLOCK_STATUS_COST
-    return 0
 
 
 class NBDConnection(asyncio.Protocol):
@@ -461,7 +441,7 @@ class NBDConnection(asyncio.Protocol):
     def _may_start(self, request: Request) -> bool:
         if self._writing_paused or self._attaching is not None:
             return False
-        return self._within_budget(_cost(request))
+        return self._within_budget(request_cost(request))
 
     def _within_budget(self, cost: int, count: int = 1) -> bool:
         """Whether ``count`` requests whose replies may hold ``cost`` bytes fit the memory
@@ -511,11 +491,7 @@ class NBDConnection(asyncio.Protocol):
             self._transport.close()
 
     def _full(self) -> bool:
-        """Too many requests in flight to read more. Reading stops at ``max_in_flight`` and
-        starts again at half of it, so that a client that keeps the limit filled (nbdcopy:
-        64 requests a connection) does not flip reading off and on with every reply."""
-        limit = self._policy.max_in_flight
-        return self._busy() >= (limit if not self._reading_paused else limit // 2 + 1)
+        return reading_full(self._busy(), self._policy.max_in_flight, self._reading_paused)
 
     def _update_reading(self) -> None:
         assert self._transport is not None
@@ -610,7 +586,7 @@ class NBDConnection(asyncio.Protocol):
             export.clients += 1
         self._contexts = [(c.id, c.name) for c in event.contexts]
         if export is not None and self._contexts:
-            self._sources = _status_sources(export, self._contexts, event.extended)
+            self._sources = status_sources(export, self._contexts, event.extended)
         self.log = ConnectionLog(log, {"peer": f"{self.peer_text} {event.export.name}"})
         self.log.debug(
             "transmission: structured=%s extended=%s tls=%s contexts=%s",
@@ -694,7 +670,7 @@ class NBDConnection(asyncio.Protocol):
         self.force_close()
 
     def _start(self, request: Request) -> None:
-        cost = _cost(request)
+        cost = request_cost(request)
         self._in_flight_bytes += cost
         relay = self._relay
         if relay is not None:
@@ -758,7 +734,7 @@ class NBDConnection(asyncio.Protocol):
         export = self._export
         if export is None or export.closed or self._server.stopping:
             return None  # _answer says why
-        limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+        limit = extent_limit(request.flags)
         extended = self._core.extended
         per_context = []
         try:
@@ -776,7 +752,7 @@ class NBDConnection(asyncio.Protocol):
 
     def _relayed_done(self, request: Request, served: int, error: tuple[Errno, str] | None) -> None:
         self._relayed -= 1
-        self._in_flight_bytes -= _cost(request)
+        self._in_flight_bytes -= request_cost(request)
         self.bytes_served += served
         if error is None and self._export is not None:
             self._counted_request(self._export, request, served)
@@ -844,7 +820,7 @@ class NBDConnection(asyncio.Protocol):
                 self._counted_request(export, request, request.length)
                 return
             elif request.command == Command.BLOCK_STATUS:
-                limit = 1 if request.flags & CommandFlag.REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+                limit = extent_limit(request.flags)
                 per_context = [
                     (cid, await export.extents(name, request.offset, request.length, limit))
                     for cid, name in self._contexts
@@ -948,19 +924,6 @@ async def _write_request(export: Export, request: Request) -> None:
         return
     if command == Command.WRITE or command == Command.WRITE_ZEROES:
         export.write_served(command, offset, length)
-
-
-def _status_sources(
-    export: Export, contexts: list[tuple[int, str]], extended: bool
-) -> list[tuple[int, StatusSource]] | None:
-    """What answers every negotiated context at once, if the export has that for each."""
-    sources = []
-    for cid, name in contexts:
-        source = export.status_source(name, extended=extended)
-        if source is None:
-            return None
-        sources.append((cid, source))
-    return sources
 
 
 def _quote(text: str) -> str:

@@ -173,7 +173,6 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
     Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
-_WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
 # Per request, enum construction and IntFlag arithmetic are the costly part of parsing:
 # the same facts keyed by plain ints, and each flags value made a CommandFlag once.
 _COMMANDS = {int(command): command for command in _ALLOWED_FLAGS}
@@ -184,9 +183,12 @@ _PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 # The same numbers as plain ints for answer_status (enum members cost lookups there).
 _BLOCK_STATUS = int(Command.BLOCK_STATUS)
 _READ = int(Command.READ)
+_WRITE = int(Command.WRITE)
+_FLUSH = int(Command.FLUSH)
+_DISC = int(Command.DISC)
+_WRITING = frozenset(int(c) for c in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES))
 _NO_FLAGS = CommandFlag(0)
 _REQ_ONE = int(CommandFlag.REQ_ONE)
-_NOT_STATUS_FLAGS = ~int(_ALLOWED_FLAGS[Command.BLOCK_STATUS])
 _DONE = int(ReplyFlag.DONE)
 _TYPE_STATUS = int(ReplyType.BLOCK_STATUS)
 _TYPE_STATUS_EXT = int(ReplyType.BLOCK_STATUS_EXT)
@@ -233,6 +235,11 @@ def _export_flags(export: ExportDescription, *, structured: bool) -> Transmissio
     return transmission_flags(structured=structured, writable=writable, multi_conn=multi_conn)
 
 
+def extent_limit(flags: int) -> int:
+    """How many extents a BLOCK_STATUS reply may carry per context: one under REQ_ONE."""
+    return 1 if flags & _REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+
+
 def _short(message: str) -> bytes:
     return message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
 
@@ -259,6 +266,10 @@ class ServerConnection:
         self.extended = False
         self.export: ExportDescription | None = None
         self.writable = False  # the export takes writes (see _writable)
+        # For request_error, fixed on entering transmission: the export's size and the flags
+        # each command may carry on this connection.
+        self._size = 0
+        self._allowed: dict[int, int] = {}
         self._meta_export: str | None = None
         self._meta_contexts: tuple[MetaContext, ...] = ()
         self.contexts: tuple[MetaContext, ...] = ()
@@ -524,6 +535,12 @@ class ServerConnection:
     def _enter_transmission(self, export: ExportDescription, events: list[Event]) -> None:
         self.export = export
         self.writable = _writable(export)
+        self._size = export.size
+        self._allowed = dict(_ALLOWED)
+        if not self.structured:
+            self._allowed[_READ] &= ~_DF  # DF needs structured replies
+        if self.extended:
+            self._allowed[_WRITE] |= _PAYLOAD_LEN
         # Contexts chosen for another export do not carry over (QEMU: nbd_check_meta_export).
         self.contexts = self._meta_contexts if self._meta_export == export.name else ()
         self.phase = Phase.TRANSMISSION
@@ -556,8 +573,7 @@ class ServerConnection:
             payload = length
         # A WRITE a writable export may take is handled once its payload is all here; any
         # other payload is read and thrown away after the error reply is decided.
-        taken = self.writable and ctype == Command.WRITE and 0 < payload <= MAXIMUM_BLOCK_SIZE
-        if taken and self._available() < header.size + payload:
+        if self._taken(ctype, payload) and self._available() < header.size + payload:
             return False
         self._pos += header.size
         self._dispatch_request(flags, ctype, cookie, offset, length, payload, events)
@@ -573,69 +589,71 @@ class ServerConnection:
         payload: int,
         events: list[Event],
     ) -> None:
-        # RESIZE is named in the spec but not offered: as unknown as any other number.
-        command = _COMMANDS.get(ctype)
-        if command is None:
-            self._refuse(cookie, offset, payload, Errno.EINVAL, f"unknown command {ctype}")
-            return
-        if command == Command.DISC:
+        if ctype == _DISC:
             self.phase = Phase.CLOSED
             events.append(Disconnect("client sent NBD_CMD_DISC"))
             return
-        allowed = _ALLOWED[ctype]
-        if self.extended and command == Command.WRITE:
-            allowed |= _PAYLOAD_LEN
-        bad_flags = flags & ~allowed
-        if command == Command.READ and flags & _DF and not self.structured:
-            bad_flags |= _DF
-        if command in _WRITING and not self.writable:
-            self._refuse(cookie, offset, payload, Errno.EPERM, "export is read-only")
-            return
-        if bad_flags:
-            self._refuse(cookie, offset, payload, Errno.EINVAL, f"invalid flags 0x{bad_flags:x}")
-            return
-        if payload and command != Command.WRITE:
-            self._refuse(cookie, offset, payload, Errno.EINVAL, "unexpected payload")
-            return
-        if payload > MAXIMUM_BLOCK_SIZE:
-            message = f"write of {payload} bytes over the {MAXIMUM_BLOCK_SIZE} limit"
-            self._refuse(cookie, offset, payload, Errno.EOVERFLOW, message)
+        error = self.request_error(ctype, flags, offset, length, payload)
+        if error is not None:
+            errno, message = error
+            if payload and self._available() >= payload and self._taken(ctype, payload):
+                self._pos += payload  # a WRITE's payload, waited for: nothing left to drain
+                payload = 0
+            self._refuse(cookie, offset, payload, errno, message)
             return
         flag_value = _FLAG_VALUES.get(flags)  # only allowed bits here: a handful of values
         if flag_value is None:
             flag_value = _FLAG_VALUES[flags] = CommandFlag(flags)
         data = bytes(self._take(payload)) if payload else None
-        request = Request(cookie, command, flag_value, offset, length, data)
-        error = self._check_request(request)
-        if error is not None:
-            errno, message = error
-            self._out += self.error_reply(request, errno, message)
-            return
-        if command == Command.FLUSH and not self.writable:
+        request = Request(cookie, _COMMANDS[ctype], flag_value, offset, length, data)
+        if ctype == _FLUSH and not self.writable:
             self._out += self.ok_reply(request)
             return
         events.append(request)
 
-    def _check_request(self, request: Request) -> tuple[Errno, str] | None:
-        assert self.export is not None
-        size = self.export.size
-        command, offset, length = request.command, request.offset, request.length
-        if command == Command.FLUSH:
+    def _taken(self, ctype: int, payload: int) -> bool:
+        """Whether a request's payload is read whole before the request is handled (a WRITE
+        a writable export may take); any other payload is thrown away after the error."""
+        return self.writable and ctype == _WRITE and 0 < payload <= MAXIMUM_BLOCK_SIZE
+
+    def request_error(
+        self, ctype: int, flags: int, offset: int, length: int, payload: int = 0
+    ) -> tuple[Errno, str] | None:
+        """Why a request (other than DISC) is refused, or None: the one check of every path
+        that accepts requests (the general parse, :meth:`answer_status`,
+        :meth:`read_requests`). ``payload``: bytes following the header."""
+        allowed = self._allowed.get(ctype)
+        if allowed is None:
+            # RESIZE is named in the spec but not offered: as unknown as any other number.
+            return Errno.EINVAL, f"unknown command {ctype}"
+        if ctype in _WRITING and not self.writable:
+            return Errno.EPERM, "export is read-only"
+        bad_flags = flags & ~allowed
+        if bad_flags:
+            return Errno.EINVAL, f"invalid flags 0x{bad_flags:x}"
+        if payload:
+            if ctype != _WRITE:
+                return Errno.EINVAL, "unexpected payload"
+            if payload > MAXIMUM_BLOCK_SIZE:
+                message = f"write of {payload} bytes over the {MAXIMUM_BLOCK_SIZE} limit"
+                return Errno.EOVERFLOW, message
+        if ctype == _FLUSH:
             return None
-        if command == Command.WRITE and len(request.data or b"") != length:
+        if ctype == _WRITE and payload != length:
             return Errno.EINVAL, "WRITE without its payload (extended headers: PAYLOAD_LEN)"
-        if command == Command.BLOCK_STATUS:
+        if ctype == _BLOCK_STATUS:
             if not self.contexts:
                 return Errno.EINVAL, "no meta context negotiated"
             if length == 0:
                 return Errno.EINVAL, "need non-zero length"
+        size = self._size
         if offset > size or length > size - offset:
             return (
                 Errno.EINVAL,
                 f"request [{offset}, +{length}) past the end of the export ({size})",
             )
-        if command == Command.READ and length > MAX_READ_LENGTH:
-            if request.flags & CommandFlag.DF:
+        if ctype == _READ and length > MAX_READ_LENGTH:
+            if flags & _DF:
                 return Errno.EOVERFLOW, f"read of {length} bytes too large for DF"
             return Errno.EINVAL, f"read of {length} bytes over the {MAX_READ_LENGTH} limit"
         return None
@@ -669,20 +687,12 @@ class ServerConnection:
         header = wire.EXTENDED_REQUEST if extended else wire.REQUEST
         if len(data) % header.size:
             return None
-        assert self.export is not None
-        size = self.export.size
         magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
+        check = self.request_error
         one = sources[0] if len(sources) == 1 else None
         out: list[bytes | bytearray] = []
         for m, flags, ctype, cookie, offset, length in header.iter_unpack(data):
-            if (
-                m != magic
-                or ctype != _BLOCK_STATUS
-                or flags & _NOT_STATUS_FLAGS
-                or not length
-                or offset > size
-                or length > size - offset
-            ):
+            if m != magic or ctype != _BLOCK_STATUS or check(ctype, flags, offset, length):
                 return None
             end = offset + length
             # fmt: off
@@ -698,7 +708,7 @@ class ServerConnection:
                         STRUCTURED_REPLY_MAGIC, _DONE, _TYPE_STATUS, cookie, 12,
                         context_id, n, status))
                 continue
-            limit = 1 if flags & _REQ_ONE else MAX_BLOCK_STATUS_EXTENTS
+            limit = extent_limit(flags)
             last = len(sources) - 1
             for i, (context_id, source) in enumerate(sources):
                 descriptors, count = source.descriptors(offset, end, limit)
@@ -726,17 +736,14 @@ class ServerConnection:
             return None
         if not data or len(data) % wire.REQUEST.size:
             return None
-        assert self.export is not None
-        size = self.export.size
+        check = self.request_error
         reads = []
         for magic, flags, ctype, cookie, offset, length in wire.REQUEST.iter_unpack(data):
-            if (
-                magic != REQUEST_MAGIC
-                or ctype != _READ
-                or flags
-                or not 0 < length <= MAX_READ_LENGTH
-                or offset > size - length
-            ):
+            # Zero-length READs and flags are valid but not this path's (the relay forwards
+            # requests as they were written).
+            if magic != REQUEST_MAGIC or ctype != _READ or flags or not length:
+                return None
+            if check(ctype, flags, offset, length):
                 return None
             reads.append(Request(cookie, Command.READ, _NO_FLAGS, offset, length))
         return reads
@@ -816,8 +823,7 @@ class ServerConnection:
     ) -> bytes:
         """One chunk per context, DONE on the last; extents clipped, merged and capped
         (packed ones are sent as they are)."""
-        req_one = bool(request.flags & CommandFlag.REQ_ONE)
-        limit = 1 if req_one else MAX_BLOCK_STATUS_EXTENTS
+        limit = extent_limit(request.flags)
         parts: list[bytes | bytearray] = []
         last = len(per_context) - 1
         for i, (context_id, extents) in enumerate(per_context):

@@ -25,8 +25,9 @@ from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
+from nbdsrv.net.fast_paths import MAX_POLL_BACKOFF
 from nbdsrv.net.limits import POLL_WINDOW
-from nbdsrv.net.server import MAX_POLL_BACKOFF, NBDConnection, ServerPolicy
+from nbdsrv.net.server import NBDConnection, ServerPolicy
 from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
