@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
-from .control_client import MAX_LINE, call
+from .client.wire import MAX_LINE
 from .control_requests import parse_request
 from .errors import InternalError, NbdsrvError, PermissionDeniedError
 from .net.socket_path import clear_stale_socket
@@ -31,7 +31,7 @@ from .operations import Operation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ControlServer", "answer", "call", "control_peer", "error_response", "peer_credentials"]
+__all__ = ["ControlServer", "answer", "control_peer", "error_response", "peer_credentials"]
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 # Carries out one checked request: (operation, args) → result.
