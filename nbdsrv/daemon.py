@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
-from .backends.base import VMBackend
+from .backends.base import BeginRequest, VMBackend
 from .backends.embedded import EmbeddedVM
 from .backends.qmp.vm import QmpVM
 from .backends.views import CheckpointInfo, UnansweredVMStatus, VMStatus
-from .backup.sessions import BeginRequest, SessionError, SessionManager
+from .backup.sessions import SessionError, SessionManager
 from .backup.store import VMStore
 from .config.remote import RemoteConfig
 from .control import ControlServer, control_peer
@@ -328,7 +328,6 @@ class Daemon:
     async def backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         request = BeginRequest(
-            vm=vm.name,
             from_checkpoint=args.get("from"),
             checkpoint=args.get("checkpoint"),
             no_checkpoint=bool(args.get("no_checkpoint")),

@@ -24,11 +24,10 @@ from typing import Protocol
 from .views import CheckpointInfo, LibvirtVMStatus, QmpVMStatus
 
 
-@dataclass(frozen=True)
-class PointInTimeRequest:
-    """What a backup session asks of the backend (checked by the session first)."""
+@dataclass(frozen=True, kw_only=True)
+class BeginRequest:
+    """What ``backup begin`` asks for, as the user gave it."""
 
-    session: str
     from_checkpoint: str | None = None
     checkpoint: str | None = None
     """Name of the checkpoint to create at the point in time (None: generated)."""
@@ -39,6 +38,13 @@ class PointInTimeRequest:
     granularity: int | None = None
     quiesce: bool = False
     """Freeze the guest's filesystems for the instant (guest agent); fail if impossible."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PointInTimeRequest(BeginRequest):
+    """What a backup session asks of the backend (checked by the session first)."""
+
+    session: str
 
 
 @dataclass(frozen=True)

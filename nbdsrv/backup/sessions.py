@@ -22,13 +22,13 @@ reason (``why_broken``).
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import (
+    BeginRequest,
     CheckpointRef,
     PointInTime,
     PointInTimeRequest,
@@ -36,6 +36,7 @@ from ..backends.base import (
     UpstreamDisk,
     VMBackend,
 )
+from ..config.environment import seconds_from_environment
 from ..errors import NbdsrvError, NotFoundError
 from ..exports.catalog import ExportCatalog
 from ..exports.dirty_bitmap import DirtyBitmap
@@ -54,28 +55,13 @@ PROBE_INTERVAL = 1.0
 
 
 def probe_interval() -> float:
-    try:
-        return max(0.05, float(os.environ.get("NBDSRV_PROBE_INTERVAL", PROBE_INTERVAL)))
-    except ValueError:
-        return PROBE_INTERVAL
+    return seconds_from_environment("NBDSRV_PROBE_INTERVAL", PROBE_INTERVAL)
 
 
 class SessionError(NbdsrvError):
     """A backup session cannot begin or end as asked."""
 
     code = "session"
-
-
-@dataclass(frozen=True)
-class BeginRequest:
-    vm: str
-    from_checkpoint: str | None = None
-    checkpoint: str | None = None
-    no_checkpoint: bool = False
-    all_checkpoints: bool = False
-    bitmap_name: str | None = None
-    granularity: int | None = None
-    quiesce: bool = False
 
 
 @dataclass
@@ -161,16 +147,7 @@ class SessionManager:
             from_checkpoint=request.from_checkpoint,
         )
         point = await vm.begin_point_in_time(
-            PointInTimeRequest(
-                session=session.id,
-                from_checkpoint=request.from_checkpoint,
-                checkpoint=request.checkpoint,
-                no_checkpoint=request.no_checkpoint,
-                all_checkpoints=request.all_checkpoints,
-                bitmap_name=request.bitmap_name,
-                granularity=request.granularity,
-                quiesce=request.quiesce,
-            ),
+            PointInTimeRequest(session=session.id, **vars(request)),
             session.fail,
         )
         session.checkpoint = point.checkpoint

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import NbdsrvError
+from ..private_files import write_whole
 
 FORMAT_VERSION = 1
 
@@ -38,14 +39,7 @@ def write_atomic(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_whole(tmp, data, fsync=True)
         os.rename(tmp, path)
         fsync_directory(directory)
     except OSError as e:

@@ -16,6 +16,7 @@ import collections
 import os
 import tempfile
 
+from ..private_files import write_whole
 from .errors import QEMUError
 
 # Sizes kept (least recently used goes first): a template is at most ~1 MiB up to 64 TiB.
@@ -30,13 +31,7 @@ async def create(path: str, size: int) -> None:
     with no backing: the copy-before-write filter reads unchanged data from the disk."""
     data = await _template(size)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        write_whole(path, data)
     except OSError as e:
         raise QEMUError(f"cannot create scratch image {path}: {e.strerror or e}") from e
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
@@ -40,6 +39,7 @@ from ...backup.checkpoints import (
 from ...backup.crash_points import crash_point
 from ...backup.in_memory import held_in_memory, restart_problem
 from ...backup.store import VMStore
+from ...config.environment import seconds_from_environment
 from ...errors import NbdsrvError
 from ...qemu import process_marker, scratch_image
 from ...qemu.chain import STATE_QUERIES, BlockState, block_state_of, query_block_state
@@ -62,10 +62,7 @@ BITMAP_POLL = 10.0
 
 
 def bitmap_poll_interval() -> float:
-    try:
-        return max(0.05, float(os.environ.get("NBDSRV_BITMAP_POLL", BITMAP_POLL)))
-    except ValueError:
-        return BITMAP_POLL
+    return seconds_from_environment("NBDSRV_BITMAP_POLL", BITMAP_POLL)
 
 
 # How long `nbdsrv status` waits for QEMU before it reports a VM as unresponsive.
