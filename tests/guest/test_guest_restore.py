@@ -125,7 +125,7 @@ def test_live_restore_of_a_backed_up_guest(
         files = Files(vm_b, now=expected, seed=20)
         files.write("r0", 200 * K)
         files.write("r1", 1024 * K)
-        files.overwrite("b2")  # blocks of the backup, rewritten before the copy gets there
+        files.overwrite("b2")  # blocks that came from the backup, rewritten while the copy runs
         assert _guest_manifest(vm_b) == _digests(files.now)
         during = _session(restorer, began["id"])
         assert during["state"] == "streaming", f"the copy ended before the guest wrote: {during}"
