@@ -14,12 +14,12 @@ through the guest agent: its image must be clean as it is (no journal to replay)
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 from tests.guest.ext4 import check_consistent, read_file, regular_files
+from tests.guest.files import Files
 from tests.guest.vm import DISK_ID, GuestVM
 from tests.harness.checksums import sha256 as sha
 from tests.harness.daemon import DaemonProcess, nbdsrv_argv
@@ -28,30 +28,6 @@ from tests.harness.tools import require_tool, run
 
 K = 1024
 INCREMENTALS = 3
-
-
-class Files:
-    """The guest's files as the guest has finished writing them: name → content."""
-
-    def __init__(self, vm: GuestVM) -> None:
-        self.vm = vm
-        self.now: dict[str, bytes] = {}
-        self.rng = random.Random(10)
-
-    def write(self, name: str, size: int) -> None:
-        data = self.rng.randbytes(size)
-        self.vm.write_file(name, data)
-        self.now[name] = data
-
-    def overwrite(self, name: str) -> None:
-        """New content in the blocks the file has now."""
-        data = self.rng.randbytes(len(self.now[name]))
-        self.vm.write_file(name, data, in_place=True)
-        self.now[name] = data
-
-    def remove(self, name: str) -> None:
-        self.vm.remove_file(name)
-        del self.now[name]
 
 
 def full_copy(uri: str, target: Path) -> None:

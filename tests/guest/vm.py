@@ -72,9 +72,7 @@ class GuestVM:
             "-serial", f"file:{self.console}",
             "-kernel", str(self.guest.kernel), "-initrd", str(self.guest.initrd),
             "-append", KERNEL_ARGS,
-            "-blockdev", f"driver=file,filename={self.disk},node-name=data-file",
-            "-blockdev", "driver=qcow2,file=data-file,node-name=data",
-            "-device", f"virtio-blk-pci,drive=data,id={DISK_ID}",
+            *self.disk_argv(),
             "-chardev", f"socket,path={self.agent_path},server=on,wait=off,id=qga0",
             "-device", "virtio-serial",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
@@ -83,11 +81,27 @@ class GuestVM:
             "-daemonize", "-pidfile", str(self.pidfile),
         ]  # fmt: skip
 
+    def disk_argv(self) -> list[str]:
+        """The data disk and its guest device."""
+        return [
+            "-blockdev", f"driver=file,filename={self.disk},node-name=data-file",
+            "-blockdev", "driver=qcow2,file=data-file,node-name=data",
+            "-device", f"virtio-blk-pci,drive=data,id={DISK_ID}",
+        ]  # fmt: skip
+
     def start(self) -> None:
         """Boot, and return once the guest agent answers (so /data is mounted)."""
         make_data_disk(self.disk)
+        self.launch()
+        self.wait_booted()
+
+    def launch(self) -> None:
+        """Start QEMU (the guest begins to boot) and connect the test's monitor."""
         run(self.argv())
         self.qmp = SyncQMP(str(self.test_qmp_path))
+
+    def wait_booted(self) -> None:
+        """Return once the guest agent answers and /data is mounted."""
         self.connect_agent(BOOT_TIMEOUT)
         assert self.agent is not None
         mounts = self.agent.check("cat /proc/mounts")
@@ -189,6 +203,24 @@ class GuestVM:
             if time.monotonic() > deadline:
                 raise AgentError(f"guest: {what} still running after 60 s")
             time.sleep(0.02)
+
+    def shut_down(self, timeout: float = 60.0) -> None:
+        """A clean shutdown: the guest unmounts /data (so ext4 marks it clean), then powers
+        the machine off and QEMU exits (`-no-reboot`)."""
+        assert self.agent is not None
+        self.agent.check("umount /data")
+        # No answer comes back: the machine is gone before the command ends.
+        self.agent.execute("guest-exec", path="/bin/busybox", arg=["poweroff", "-f"])
+        self.disconnect_agent()
+        deadline = time.monotonic() + timeout
+        while self._alive():
+            if time.monotonic() > deadline:
+                raise AgentError(f"the guest did not power off in {timeout:g} s")
+            time.sleep(0.05)
+        if self.qmp is not None:
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                self.qmp.close()
+            self.qmp = None
 
     def stop(self) -> None:
         """Power off (or kill) QEMU; safe to call twice."""
