@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.harness.checksums import file_sha256
 from tests.harness.checksums import sha256 as sha
 from tests.harness.tools import SYSTEM_PATH_FIRST, require_tool, run, run_result
 from tests.libvirt.domains import URI, Domain, DomainFactory, MiB
@@ -157,3 +159,65 @@ def test_a_killed_daemon_opens_the_disk_restore_again(
     nbdsrv.cli("restore", "end", restore["id"])
 
     started_and_checked(domain, nbdsrv, a, b)
+
+
+def test_disks_libvirt_names_but_nbdsrv_cannot_open_are_refused(
+    domains: DomainFactory, nbdsrv: Nbdsrv, libvirt_conn: Any
+) -> None:
+    """A defined domain never started, whose vda is a qcow2 overlay over a base image: the
+    restore opens the chain its header names (unwritten blocks read as the base's), and the
+    base stays as it was. Network, block and vmdk disks are refused in one line each."""
+    qemu_img = require_tool("qemu-img")
+    base, overlay = domains.dir / "base.qcow2", domains.dir / "overlay.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(base), str(4 * MiB)])
+    run([require_tool("qemu-io"), "-f", "qcow2", "-c", f"write -P 0x5a 0 {4 * MiB}", str(base)])
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)])
+    base_sha = file_sha256(base)
+    name = f"{domains.prefix}-defined"
+    disks = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{overlay}'/><target dev='vda' bus='virtio'/></disk>"
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+        "<source protocol='nbd' name='x'><host name='localhost' port='10809'/></source>"
+        "<target dev='vdb' bus='virtio'/></disk>"
+        "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+        "<source dev='/dev/nbdsrv-no-such-device'/><target dev='vdc' bus='virtio'/></disk>"
+        f"<disk type='file' device='disk'><driver name='qemu' type='vmdk'/>"
+        f"<source file='{base}'/><target dev='vdd' bus='virtio'/></disk>"
+    )
+    dom = libvirt_conn.defineXML(
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+        f"<devices>{disks}</devices></domain>"
+    )
+    try:
+        where = f"VM {name}"
+        refused = {
+            "vdb": f"disk vdb of {where} is a network disk: restore into a disk is offered for "
+            "image files (qcow2 or raw) only; restore into that storage with its own tools",
+            "vdc": f"disk vdc of {where} is a block disk: restore into a disk is offered for "
+            "image files (qcow2 or raw) only; restore into that storage with its own tools",
+            "vdd": f"disk vdd of {where} is a vmdk image: restore into a disk takes qcow2 or raw",
+        }
+        for target, words in refused.items():
+            assert nbdsrv.fails("restore", "begin", name, "--disk", target) == (
+                f"nbdsrv: error: {words}"
+            )
+        message = nbdsrv.fails("restore", "begin", name, "--disk", "vda", "--size", "1")
+        assert "not for a libvirt domain's disk" in message
+        assert nbdsrv.cli("restore", "list") == []
+
+        restore = nbdsrv.cli("restore", "begin", name, "--disk", "vda")
+        export = nbdsrv.uri(restore["export"])
+        assert restore["size"] == 4 * MiB
+        data = domains.dir / "restored.raw"
+        data.write_bytes(bytes([0x5A]) * MiB + bytes([0x66]) * MiB + bytes([0x5A]) * (2 * MiB))
+        write_ranges(export, data, [(MiB, MiB)])
+        assert sha(read_all(export)) == file_sha256(data)
+        nbdsrv.cli("restore", "end", restore["id"])
+        assert file_sha256(base) == base_sha
+        raw = domains.dir / "overlay.raw"
+        run([qemu_img, "convert", "-O", "raw", str(overlay), str(raw)])
+        assert file_sha256(raw) == file_sha256(data)
+    finally:
+        dom.undefine()
