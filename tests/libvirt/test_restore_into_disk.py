@@ -101,6 +101,11 @@ def test_restore_into_a_shut_off_domain_keeps_its_checkpoints_exact(
         f"nbdsrv: error: VM {vm} is a libvirt domain that is running: restore into its "
         "disk only while it is shut off"
     )
+    domain.dom.suspend()
+    message = nbdsrv.fails("restore", "begin", vm, "--disk", "vda")
+    assert message.endswith(f"VM {vm} is a libvirt domain that is paused: restore into its "
+                            "disk only while it is shut off")  # fmt: skip
+    domain.dom.resume()
     assert nbdsrv.cli("restore", "list") == []
 
     domain.shut_off()
