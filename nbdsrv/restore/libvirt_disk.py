@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..backends.libvirt.xmldesc import domain_disks
 from ..errors import NotFoundError
 from .errors import RestoreError
 
@@ -95,8 +96,6 @@ def _state_and_xml(connection: Any, name: str) -> tuple[int, str] | None:
 
 
 def _disk_of(uri: str, vm: str, target: str, state: int, xml: str) -> LibvirtDisk:
-    from ..backends.libvirt.xmldesc import domain_disks
-
     if state != SHUTOFF:
         words = STATE_NAMES.get(state, f"in state {state}")
         raise RestoreError(
