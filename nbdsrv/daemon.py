@@ -27,6 +27,7 @@ from .operations import OPERATIONS, PROTOCOL_VERSION
 from .qemu.monitor import Monitor
 from .registry import VMRegistry
 from .remote.server import RemoteControlServer
+from .restore.libvirt_disk import LibvirtDisks
 from .restore.sessions import BeginRestore, RestoreSessions, stream_speed_from_environment
 from .restore.source import TLSFiles
 
@@ -86,6 +87,7 @@ class Daemon:
         self.scratch_dir = config.scratch_dir or os.path.join(config.state_dir, "scratch")
         self.sessions = SessionManager(self.catalog, self.server.addresses)
         self.vms = VMRegistry()
+        self.libvirt: list[Any] = []
         self.restores = RestoreSessions(
             self.catalog,
             self.server.addresses,
@@ -93,6 +95,7 @@ class Daemon:
             tls_files=config.tls_files,
             stream_speed=stream_speed_from_environment(),
             vms=self.vms,
+            libvirt=LibvirtDisks(self.libvirt),
         )
         self.metrics: Metrics | None = None
         if config.metrics is not None:
@@ -109,7 +112,6 @@ class Daemon:
                 for address in remote.addresses
             ]
         self._stop = asyncio.Event()
-        self.libvirt: list[Any] = []
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -219,8 +221,10 @@ class Daemon:
             await domains.stop()
 
     async def restore_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        if args.get("vm") is not None:
-            self._no_session(self.vms.get(str(args["vm"])), "restore begin")
+        # A libvirt domain that is shut off is in no registry: libvirt tells about it.
+        vm = self.vms.vms.get(str(args["vm"])) if args.get("vm") is not None else None
+        if vm is not None:
+            self._no_session(vm, "restore begin")
         return await self.restores.begin(
             BeginRestore(
                 image=args.get("image"),

@@ -34,6 +34,9 @@ class RestoreRecord:
     disk: str | None = None
     source: str | None = None
     ready: bool = False
+    # The libvirt URI of a restore into a shut-off domain's disk (its image opened with the
+    # backing chain its header names).
+    libvirt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, **asdict(self)}

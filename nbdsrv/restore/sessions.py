@@ -40,6 +40,7 @@ from ..qemu.images import detect_format, one_line
 from ..qemu.monitor import Monitor, QMPEvent
 from ..qemu.storage_daemon import StorageDaemon
 from .errors import RestoreError
+from .libvirt_disk import LibvirtDisks
 from .records import RestoreRecord, RestoreRecords
 from .source import Source, TLSFiles, parse_source
 from .target import (
@@ -127,6 +128,7 @@ class RestoreSessions:
         qemu_img: str = "qemu-img",
         stream_speed: int = 0,
         vms: "VMRegistry | None" = None,
+        libvirt: LibvirtDisks | None = None,
     ) -> None:
         self.catalog = catalog
         self.addresses = addresses
@@ -136,6 +138,7 @@ class RestoreSessions:
         # Bytes a second the background copy may take from the source (0: no limit).
         self.stream_speed = stream_speed
         self.vms = vms
+        self.libvirt = libvirt or LibvirtDisks([])
         self.records = RestoreRecords(state_dir)
         self.sessions: dict[str, RestoreSession] = {}
         self._qsd: StorageDaemon | None = None
@@ -254,9 +257,10 @@ class RestoreSessions:
                 self._drop_export(session)
                 await session.export.aclose()
             if session.monitor is not None and session.monitor.connected:
-                if session.record.vm is not None and session.record.disk is not None:
+                record = session.record
+                if record.vm is not None and record.disk is not None and record.libvirt is None:
                     await remove_export(session.monitor, session.nodes.export)
-                    await self._embedded(session.record.vm).open_live_export(session.record.disk)
+                    await self._embedded(record.vm).open_live_export(record.disk)
                 else:
                     await self._close_target(session.monitor, session.nodes)
             del self.sessions[session_id]
@@ -290,6 +294,8 @@ class RestoreSessions:
 
     async def _checked(self, request: BeginRestore) -> RestoreRecord:
         """The record of a session ``request`` asks for; RestoreError for bad input."""
+        if request.vm is not None and self._is_libvirt(request.vm):
+            return await self._checked_libvirt_disk(request)
         if request.vm is not None or request.disk is not None:
             return self._checked_disk(request)
         if not request.image:
@@ -359,6 +365,44 @@ class RestoreSessions:
             disk=request.disk,
         )
 
+    def _is_libvirt(self, name: str) -> bool:
+        """A VM that only libvirt can tell about: a running domain nbdsrv follows, or any
+        name not in the registry while the daemon follows a libvirt connection."""
+        from ..backends.libvirt.vm import LibvirtVM
+
+        vm = self.vms.vms.get(name) if self.vms is not None else None
+        return isinstance(vm, LibvirtVM) or (vm is None and self.libvirt.offered)
+
+    async def _checked_libvirt_disk(self, request: BeginRestore) -> RestoreRecord:
+        if request.disk is None:
+            raise RestoreError("restore into a VM's disk needs both VM and --disk DISK")
+        if request.image is not None or request.size is not None or request.format is not None:
+            raise RestoreError("--image, --size and --format are not for a libvirt domain's disk")
+        if request.source is not None:
+            raise RestoreError(
+                "live restore (--source) into a libvirt domain's disk is not offered; "
+                "restore into a new image with --image PATH --source URI"
+            )
+        assert request.vm is not None
+        disk = await self.libvirt.resolve(request.vm, request.disk)
+        self._not_restored_already(disk.path)
+        return RestoreRecord(
+            id=secrets.token_hex(4),
+            image=disk.path,
+            format=disk.format,
+            size=0,
+            step="opening",
+            created_image=False,
+            vm=request.vm,
+            disk=request.disk,
+            libvirt=disk.uri,
+        )
+
+    def _not_restored_already(self, image: str) -> None:
+        for other in self.sessions.values():
+            if os.path.realpath(other.record.image) == os.path.realpath(image):
+                raise RestoreError(f"{image} is being restored already (restore {other.id})")
+
     def _embedded(self, name: str) -> "EmbeddedVM":
         from ..backends.embedded import EmbeddedVM
 
@@ -368,7 +412,8 @@ class RestoreSessions:
         if not isinstance(vm, EmbeddedVM):
             raise RestoreError(
                 f"restore into a disk is offered for VMs of --image (nbdsrv's own "
-                f"qemu-storage-daemon); VM {name} is not one: restore into an image instead"
+                f"qemu-storage-daemon) and libvirt domains that are shut off; VM {name} is "
+                "neither: restore into an image instead"
             )
         return vm
 
@@ -412,7 +457,7 @@ class RestoreSessions:
     async def _open(self, record: RestoreRecord, *, resumed: bool) -> RestoreSession:
         """QEMU's side and the export of ``record`` (a new session, or one opened again after
         a restart); everything undone on failure."""
-        if record.vm is not None:
+        if record.vm is not None and record.libvirt is None:
             return await self._open_disk(record)
         qsd = await self._storage_daemon()
         monitor = qsd.monitor
@@ -445,7 +490,14 @@ class RestoreSessions:
                 created = True
                 crash_point("restore-image-created")
             try:
-                await open_image(monitor, nodes, record.image, record.format, backing)
+                await open_image(
+                    monitor,
+                    nodes,
+                    record.image,
+                    record.format,
+                    backing,
+                    header_backing=record.libvirt is not None,
+                )
             except QEMUError as e:
                 raise RestoreError(f"cannot open {record.image}: {qemu_words(e)}") from e
             size = await node_size(monitor, nodes.image)

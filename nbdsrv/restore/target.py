@@ -109,9 +109,16 @@ async def open_source(monitor: Monitor, options: dict[str, Any]) -> int:
 
 
 async def open_image(
-    monitor: Monitor, nodes: TargetNodes, path: str, fmt: str, backing: str | None
+    monitor: Monitor,
+    nodes: TargetNodes,
+    path: str,
+    fmt: str,
+    backing: str | None,
+    *,
+    header_backing: bool = False,
 ) -> None:
-    """The file node and the format node over it (with ``backing`` for a live restore)."""
+    """The file node and the format node over it (with ``backing`` for a live restore, or
+    with the backing chain the header names when ``header_backing``: a VM's disk)."""
     # discard=unmap: a client's TRIM frees space in the image (QEMU ignores it otherwise).
     await monitor.execute(
         "blockdev-add",
@@ -123,7 +130,7 @@ async def open_image(
         "node-name": nodes.image,
         "discard": "unmap",
     }
-    if fmt == "qcow2":
+    if fmt == "qcow2" and not header_backing:
         # No backing: the header names none; with a source, the nbd node is the backing.
         options["backing"] = backing
     try:

@@ -87,13 +87,22 @@ def domain_xml(name: str, disks: list[Disk]) -> str:
 
 
 class Domain:
-    """A running transient domain made by :class:`DomainFactory`."""
+    """A running domain made by :class:`DomainFactory`: transient, or ``persistent`` (defined,
+    so that it can be shut off and started again)."""
 
-    def __init__(self, conn: Any, name: str, disks: list[Disk]) -> None:
+    def __init__(self, conn: Any, name: str, disks: list[Disk], persistent: bool = False) -> None:
         self.conn = conn
         self.name = name
         self.disks = {d.target: d for d in disks}
-        self.dom = conn.createXML(domain_xml(name, disks), 0)
+        self.persistent = persistent
+        if persistent:
+            self.dom = conn.defineXML(domain_xml(name, disks))
+            self.dom.create()
+        else:
+            self.dom = conn.createXML(domain_xml(name, disks), 0)
+        self._find_devices()
+
+    def _find_devices(self) -> None:
         # The qemu-io device of each disk: its alias (from the live XML) or, for virtio-blk,
         # the QOM path of its backend.
         self._qemu_io_device: dict[str, str] = {}
@@ -176,6 +185,22 @@ class Domain:
         if self.is_running():
             run([require_tool("virsh"), "-c", URI, "destroy", self.name])
 
+    def shut_off(self) -> None:
+        """Stop a persistent domain. ``virsh destroy`` sends QEMU SIGTERM: QEMU closes its
+        images cleanly (persistent bitmaps stored); this guest has no OS to shut down."""
+        assert self.persistent
+        self.destroy()
+
+    def start(self) -> None:
+        """Start a persistent domain that is shut off again."""
+        self.dom.create()
+        self._find_devices()
+
+    def undefine(self) -> None:
+        if self.persistent:
+            run_result([require_tool("virsh"), "-c", URI, "undefine", self.name,
+                        "--checkpoints-metadata"])  # fmt: skip
+
 
 class DomainFactory:
     """Makes domains whose images live in a directory QEMU's user (libvirt-qemu) can reach."""
@@ -190,20 +215,22 @@ class DomainFactory:
 
     def create(
         self, disks: tuple[tuple[str, str], ...] = (("vda", "virtio"), ("sda", "scsi")),
-        size: int = 16 * MiB,
+        size: int = 16 * MiB, persistent: bool = False,
     ) -> Domain:  # fmt: skip
-        """Start a domain with qcow2 disks ``(target, bus)``, all ``size`` bytes, empty."""
+        """Start a domain with qcow2 disks ``(target, bus)``, all ``size`` bytes, empty
+        (``persistent``: defined, so that it can be shut off and started again)."""
         name = f"{self.prefix}-{len(self.domains)}"
         made = []
         for target, bus in disks:
             image = self.dir / f"{name}-{target}.qcow2"
             run([require_tool("qemu-img"), "create", "-q", "-f", "qcow2", str(image), str(size)])
             made.append(Disk(target, bus, size, image, bytearray(size)))
-        domain = Domain(self.conn, name, made)
+        domain = Domain(self.conn, name, made, persistent)
         self.domains.append(domain)
         return domain
 
     def close(self) -> None:
         for domain in self.domains:
             domain.destroy()
+            domain.undefine()
         shutil.rmtree(self.dir, ignore_errors=True)
