@@ -205,6 +205,7 @@ class DiskLiveRestore:
 
     async def _start_mirror(self) -> None:
         # sync=full: T's unallocated blocks read as zeroes and must overwrite the disk too.
+        # speed: NBDSRV_RESTORE_SPEED limits this copy too (it is part of the background copy).
         # write-blocking: once READY, every acknowledged write is in T and in the disk, so a
         # kill during the pivot loses nothing whichever side QEMU's export was on.
         await self.monitor.execute(
@@ -216,6 +217,7 @@ class DiskLiveRestore:
                 "sync": "full",
                 "copy-mode": "write-blocking",
                 "auto-dismiss": False,
+                "speed": self.speed,
             },
         )
 

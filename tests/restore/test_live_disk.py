@@ -8,6 +8,7 @@ daemon resumes; --abort while streaming leaves the disk as it was."""
 import asyncio
 import hashlib
 import json
+import random
 import signal
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ MiB = 1024 * KiB
 SIZE = 16 * MiB
 # Written through restore/ID while it streams (one where the source has data, one in a hole).
 WRITES = [(2 * MiB, 256 * KiB, 0x5A), (12 * MiB + 4 * KiB, 64 * KiB, 0xA5)]
+MIRRORING_WRITE = (7 * MiB + 512, 100 * KiB, 0x77)  # while the overlay goes into the disk
 
 
 def qemu_io(uri: str, command: str) -> None:
@@ -136,6 +138,26 @@ def test_live_restore_into_a_disk(setup: Setup) -> None:
         expected[offset : offset + length] = bytes([pattern]) * length
     assert sha(read_all(began["uri"], setup.tmp / "mid.raw")) == sha(bytes(expected))
 
+    # Written while the overlay is mirrored into the disk: write-blocking, both get it.
+    record = Path(daemon.state_dir, "restore", "records", f"{began['id']}.json")
+    deadline = time.monotonic() + 120
+    while json.loads(record.read_text()).get("live_step") != "mirror":
+        assert time.monotonic() < deadline, record.read_text()
+        time.sleep(0.1)
+    assert daemon.json("restore", "list")[0]["state"] == "streaming"
+    offset, length, pattern = MIRRORING_WRITE
+    run(
+        [
+            require_tool("nbdsh"),
+            "-u",
+            began["uri"],
+            "-c",
+            f"h.pwrite(bytes([{pattern}]) * {length}, {offset})",
+        ],
+        env=SYSTEM_PATH_FIRST,
+    )
+    expected[offset : offset + length] = bytes([pattern]) * length
+
     info = wait_state(daemon, began["id"], "ready", "failed")
     assert info["state"] == "ready" and info["streamed_bytes"] == SIZE, info
     assert setup.overlays() == []  # T is gone once the export sits on the disk
@@ -221,3 +243,54 @@ def test_a_killed_daemon_finishes_the_restore(
     daemon.json("restore", "end", began["id"])
     assert setup.overlays() == []
     assert sha(setup.disk_now()) == sha(setup.a)
+
+
+def test_a_daemon_killed_mid_stream_resumes_with_the_writes(setup: Setup) -> None:
+    daemon = setup.daemon
+    began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", setup.source.uri)
+    offset, length, pattern = WRITES[0]
+    run(
+        [
+            require_tool("nbdsh"),
+            "-u",
+            began["uri"],
+            "-c",
+            f"h.pwrite(bytes([{pattern}]) * {length}, {offset})\nh.flush()",
+        ],
+        env=SYSTEM_PATH_FIRST,
+    )
+    assert daemon.json("restore", "list")[0]["state"] == "streaming"
+    daemon.kill()
+    daemon.start()
+    info = wait_state(daemon, began["id"], "ready", "failed")
+    assert info["state"] == "ready", info
+    daemon.json("restore", "end", began["id"])
+    expected = bytearray(setup.a)
+    expected[offset : offset + length] = bytes([pattern]) * length
+    assert setup.overlays() == []
+    assert sha(setup.disk_now()) == sha(bytes(expected))
+
+
+def test_a_raw_disk(nbdsrv_daemons: StartDaemon, short_dir: Path, tmp_path: Path) -> None:
+    """A raw disk takes a live restore too: the overlay is qcow2, the disk only the mirror's
+    target."""
+    data = bytearray(random.Random(5).randbytes(SIZE))
+    data[4 * MiB : 8 * MiB] = bytes(4 * MiB)
+    (tmp_path / "a.raw").write_bytes(bytes(data))
+    backup = tmp_path / "a.qcow2"
+    run([require_tool("qemu-img"), "convert", "-O", "qcow2", str(tmp_path / "a.raw"), str(backup)])
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\x66" * SIZE)
+    daemon = nbdsrv_daemons("--listen", f"unix:{short_dir / 'nbd.sock'}", "--image", f"vm1={disk}")
+    source = Source(backup, short_dir / "src.sock")
+    asyncio.run(source.start())
+    try:
+        began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", source.uri)
+        info = wait_state(daemon, began["id"], "ready", "failed")
+        assert info["state"] == "ready", info
+        daemon.json("restore", "end", began["id"])
+    finally:
+        source.kill()
+    live = f"nbd+unix:///disk0?socket={daemon.state_dir}/vm1.live.sock"
+    assert sha(read_all(live, tmp_path / "now.raw")) == sha(bytes(data))
+    assert list(tmp_path.glob("disk.raw.restore-*")) == []
