@@ -204,7 +204,9 @@ class DiskLiveRestore:
             raise RestoreError(f"cannot open {self.overlay}: {qemu_words(e)}") from e
 
     async def _start_mirror(self) -> None:
-        # sync=full: T's unallocated blocks read as zeroes and must overwrite the disk too.
+        # sync=full: blocks the stream left unallocated in T (a source's hole that QEMU did
+        # not take for zeroes) read as zeroes and must overwrite the disk too; sync=top would
+        # skip them.
         # speed: NBDSRV_RESTORE_SPEED limits this copy too (it is part of the background copy).
         # write-blocking: once READY, every acknowledged write is in T and in the disk, so a
         # kill during the pivot loses nothing whichever side QEMU's export was on.
@@ -299,6 +301,7 @@ class DiskLiveRestore:
         remove_overlay(self.overlay)
         save_step(None)
         self.step = None
+        log.info("%s: copied into the disk; the export sits on it", self.nodes.image)
         return True
 
     async def _ended(self, job: str, info: dict[str, Any] | None) -> str | None:

@@ -139,11 +139,7 @@ def test_live_restore_into_a_disk(setup: Setup) -> None:
     assert sha(read_all(began["uri"], setup.tmp / "mid.raw")) == sha(bytes(expected))
 
     # Written while the overlay is mirrored into the disk: write-blocking, both get it.
-    record = Path(daemon.state_dir, "restore", "records", f"{began['id']}.json")
-    deadline = time.monotonic() + 120
-    while json.loads(record.read_text()).get("live_step") != "mirror":
-        assert time.monotonic() < deadline, record.read_text()
-        time.sleep(0.1)
+    wait_step(daemon, began["id"], "mirror")
     assert daemon.json("restore", "list")[0]["state"] == "streaming"
     offset, length, pattern = MIRRORING_WRITE
     run(
@@ -225,6 +221,30 @@ def test_abort_while_streaming_leaves_the_disk(setup: Setup) -> None:
     assert daemon.json("restore", "list") == []
     assert setup.overlays() == []
     assert sha(setup.disk_now()) == sha(setup.b)
+
+
+def wait_step(daemon: DaemonProcess, session_id: str, step: str) -> None:
+    record = Path(daemon.state_dir, "restore", "records", f"{session_id}.json")
+    deadline = time.monotonic() + 120
+    while json.loads(record.read_text()).get("live_step") != step:
+        assert time.monotonic() < deadline, record.read_text()
+        time.sleep(0.1)
+
+
+def test_abort_while_copying_into_the_disk_then_again(setup: Setup) -> None:
+    """--abort during the mirror leaves a partly written disk (documented); nothing else is
+    left behind, and a new live restore makes the disk exact."""
+    daemon = setup.daemon
+    began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", setup.source.uri)
+    wait_step(daemon, began["id"], "mirror")
+    assert "still copying" in daemon.error("restore", "end", began["id"])
+    daemon.json("restore", "end", began["id"], "--abort")
+    assert daemon.json("restore", "list") == []
+    assert setup.overlays() == []
+    again = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", setup.source.uri)
+    assert wait_state(daemon, again["id"], "ready", "failed")["state"] == "ready"
+    daemon.json("restore", "end", again["id"])
+    assert sha(setup.disk_now()) == sha(setup.a)
 
 
 @pytest.mark.parametrize("fault", ["restore-disk-streamed", "restore-disk-pivot"])
