@@ -7,11 +7,12 @@ the disk's recording dirty bitmap sees every write. In the QEMU that holds the d
 
     source (nbd, read-only, reconnect-delay)  "rs-ID-src"
         ▲ backing
-    T (qcow2) "rs-ID"  ── writable export "rs-ID" (restore/ID relays to it)
-        │ file "rs-ID-file": IMAGE.restore-ID.qcow2, beside the disk's image
+    T (qcow2) "rs-ID-t"  ── writable export "rs-ID" (restore/ID relays to it)
+        │ file "rs-ID-tf": IMAGE.restore-ID.qcow2, beside the disk's image
         ╎ blockdev-mirror "rs-ID-mirror" (sync=full, copy-mode=write-blocking)
         ▼
-    the disk node (any node the caller names: an embedded VM's "diskN-live")
+    the disk node (any node the caller names: an embedded VM's "diskN-live", or a disk
+    opened in nbdsrv's own QSD as "rs-ID": T's names do not clash with it)
 
 Steps (``live_step`` of the restore record, written before each one begins):
 
@@ -38,6 +39,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from ..backup.crash_points import crash_point
@@ -127,7 +129,8 @@ class DiskLiveRestore:
         if step not in STEPS:
             raise RestoreError(f"unknown live restore step {step!r}")
         self.monitor = monitor
-        self.nodes = nodes
+        # The session's source, job, export and credential names; T's own node names.
+        self.nodes = replace(nodes, image=f"{nodes.image}-t", file=f"{nodes.image}-tf")
         self.disk_node = disk_node
         self.overlay = overlay
         self.size = size
