@@ -314,3 +314,18 @@ def test_a_raw_disk(nbdsrv_daemons: StartDaemon, short_dir: Path, tmp_path: Path
     live = f"nbd+unix:///disk0?socket={daemon.state_dir}/vm1.live.sock"
     assert sha(read_all(live, tmp_path / "now.raw")) == sha(bytes(data))
     assert list(tmp_path.glob("disk.raw.restore-*")) == []
+
+
+def test_the_source_goes_away_and_comes_back(setup: Setup) -> None:
+    daemon = setup.daemon
+    began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", setup.source.uri)
+    setup.source.kill()
+    info = wait_state(daemon, began["id"], "source unreachable", "ready", "failed")
+    assert info["state"] == "source unreachable", info
+    assert "still copying" in daemon.error("restore", "end", began["id"])
+    asyncio.run(setup.source.start())
+    info = wait_state(daemon, began["id"], "ready", "failed")
+    assert info["state"] == "ready", info
+    daemon.json("restore", "end", began["id"])
+    assert setup.overlays() == []
+    assert sha(setup.disk_now()) == sha(setup.a)
