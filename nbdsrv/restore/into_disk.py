@@ -43,7 +43,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..backup.crash_points import crash_point
-from ..qemu.errors import QEMUError
+from ..qemu.errors import QEMUError, QEMUGoneError
 from ..qemu.monitor import Monitor, QMPEvent
 from .errors import RestoreError
 from .source import Source
@@ -340,8 +340,8 @@ async def follow_job(
     look: Callable[[dict[str, Any]], Awaitable[None]] | None,
 ) -> dict[str, Any] | None:
     """Look at ``job`` at each of QEMU's events about it and every WATCH_INTERVAL until its
-    status is one of ``until`` (its last info) or it is gone (None); ``look`` sees each
-    info before that."""
+    status is one of ``until`` (its last info) or it is gone, QEMU included (None); ``look``
+    sees each info before that."""
     news = asyncio.Event()
 
     def about_the_job(event: QMPEvent) -> None:
@@ -354,6 +354,8 @@ async def follow_job(
             news.clear()
             try:
                 info = await job_info(monitor, job)
+            except QEMUGoneError:
+                return None  # the QEMU went away, and its jobs with it
             except QEMUError as e:
                 log.warning("cannot look at job %s: %s", job, e)
                 info = {}

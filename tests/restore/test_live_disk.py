@@ -265,7 +265,10 @@ def test_a_killed_daemon_finishes_the_restore(
     assert sha(setup.disk_now()) == sha(setup.a)
 
 
-def test_a_daemon_killed_mid_stream_resumes_with_the_writes(setup: Setup) -> None:
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_daemon_killed_or_stopped_mid_stream_resumes_with_the_writes(
+    setup: Setup, how: str
+) -> None:
     daemon = setup.daemon
     began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", setup.source.uri)
     offset, length, pattern = WRITES[0]
@@ -280,7 +283,10 @@ def test_a_daemon_killed_mid_stream_resumes_with_the_writes(setup: Setup) -> Non
         env=SYSTEM_PATH_FIRST,
     )
     assert daemon.json("restore", "list")[0]["state"] == "streaming"
-    daemon.kill()
+    if how == "kill":
+        daemon.kill()
+    else:
+        assert daemon.stop() == 0
     daemon.start()
     info = wait_state(daemon, began["id"], "ready", "failed")
     assert info["state"] == "ready", info
