@@ -11,6 +11,10 @@ something behind::
     "ending"   end has begun: a restarted daemon only removes the record (nbdsrv's QEMU
                died with it and closed the image).
     "ready"    (a field) the copy from the source completed: the source is not needed again.
+    "live_step" (a field) of a live restore into a disk: "stream", "mirror" or "pivot", the
+               step under way (nbdsrv/restore/into_disk.py); None once done. "overlay" names
+               its temporary overlay file, removed by a restarted daemon on "opening" and
+               "ending".
 """
 
 import os
@@ -37,6 +41,8 @@ class RestoreRecord:
     # The libvirt URI of a restore into a shut-off domain's disk (its image opened with the
     # backing chain its header names).
     libvirt: str | None = None
+    overlay: str | None = None
+    live_step: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, **asdict(self)}

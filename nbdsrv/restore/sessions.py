@@ -40,9 +40,17 @@ from ..qemu.images import detect_format, one_line
 from ..qemu.monitor import Monitor, QMPEvent
 from ..qemu.storage_daemon import StorageDaemon
 from .errors import RestoreError
+from .into_disk import (
+    STREAM,
+    DiskLiveRestore,
+    check_overlay_directory,
+    overlay_path,
+    remove_overlay,
+)
 from .libvirt_disk import LibvirtDisks
 from .records import RestoreRecord, RestoreRecords
 from .source import Source, TLSFiles, parse_source
+from .states import FAILED, READY, STREAMING, UNREACHABLE, WRITABLE
 from .target import (
     TargetNodes,
     add_tls_creds,
@@ -77,12 +85,6 @@ RESUME_INTERVAL = 2.0
 
 # Tries to open a session again while a dying QEMU still holds the image's lock.
 LOCK_RETRIES = 20
-# States of the contract (restore list).
-WRITABLE = "writable"
-STREAMING = "streaming"
-READY = "ready"
-UNREACHABLE = "source unreachable"
-FAILED = "failed"
 
 
 @dataclass
@@ -95,6 +97,7 @@ class RestoreSession:
     error: str | None = None
     streamed_bytes: int = 0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    live: DiskLiveRestore | None = field(default=None, repr=False)  # --source into a disk
 
     @property
     def id(self) -> str:
@@ -184,8 +187,10 @@ class RestoreSessions:
                 if record.created_image:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(record.image)
+                remove_overlay(record.overlay)
                 self.records.remove(record.id)
             elif record.step == "ending":
+                remove_overlay(record.overlay)
                 self.records.remove(record.id)
             else:
                 try:
@@ -259,10 +264,13 @@ class RestoreSessions:
             if session.monitor is not None and session.monitor.connected:
                 record = session.record
                 if record.vm is not None and record.disk is not None and record.libvirt is None:
+                    if session.live is not None and session.live.step is not None:
+                        await session.live.abort()
                     await remove_export(session.monitor, session.nodes.export)
                     await self._embedded(record.vm).open_live_export(record.disk)
                 else:
                     await self._close_target(session.monitor, session.nodes)
+            remove_overlay(session.record.overlay)
             del self.sessions[session_id]
             self.records.remove(session_id)
             await self._stop_idle_daemon()
@@ -345,17 +353,19 @@ class RestoreSessions:
             raise RestoreError("give --image PATH or VM --disk DISK, not both")
         if request.size is not None or request.format is not None:
             raise RestoreError("--size and --format are for a new image, not a VM's disk")
-        if request.source is not None:
-            raise RestoreError(
-                "live restore (--source) into a VM's disk is not offered; "
-                "restore into a new image with --image PATH --source URI"
-            )
+        if request.source is not None and parse_source(request.source).tls:
+            self._tls_directory()  # refuses now when there are no certificates
         image = self._embedded(request.vm).restore_image(request.disk)
         for other in self.sessions.values():
             if os.path.realpath(other.record.image) == os.path.realpath(image.path):
                 raise RestoreError(f"{image.path} is being restored already (restore {other.id})")
+        session_id = secrets.token_hex(4)
+        overlay = None
+        if request.source is not None:
+            check_overlay_directory(str(image.path))
+            overlay = overlay_path(str(image.path), session_id)
         return RestoreRecord(
-            id=secrets.token_hex(4),
+            id=session_id,
             image=str(image.path),
             format=image.format,
             size=0,
@@ -363,6 +373,9 @@ class RestoreSessions:
             created_image=False,
             vm=request.vm,
             disk=request.disk,
+            source=request.source,
+            overlay=overlay,
+            live_step=STREAM if overlay is not None else None,
         )
 
     def _is_libvirt(self, name: str) -> bool:
@@ -417,9 +430,10 @@ class RestoreSessions:
             )
         return vm
 
-    async def _open_disk(self, record: RestoreRecord) -> RestoreSession:
+    async def _open_disk(self, record: RestoreRecord, *, resumed: bool) -> RestoreSession:
         """A disk of an embedded VM: its live export is taken away (refused while a writer is
-        connected) and the restore export sits on the same live node, in the same QSD."""
+        connected) and the restore export sits on the same live node, in the same QSD (with
+        --source: on a temporary overlay until it is copied into that node, into_disk.py)."""
         assert record.vm is not None and record.disk is not None
         vm = self._embedded(record.vm)
         disk = record.disk
@@ -431,11 +445,22 @@ class RestoreSessions:
         async with vm.lock:
             await vm.close_live_export(disk)
             export: RestoreExport | None = None
+            live: DiskLiveRestore | None = None
             try:
                 size = await node_size(monitor, image.live_node)
-                await export_writable(monitor, image.live_node, nodes.export)
+                if record.live_step is not None:
+                    live = self._live_into_disk(record, monitor, image.live_node, size)
+                    await live.open(new=not resumed)
+                    if live.step is None:
+                        record = replace(record, live_step=None, ready=True)
+                else:
+                    await export_writable(monitor, image.live_node, nodes.export)
                 record = replace(record, size=size, step="open")
-                session = RestoreSession(record, nodes, monitor, None, WRITABLE)
+                copying = live is not None and live.step is not None
+                state = STREAMING if copying else _settled(record)
+                session = RestoreSession(record, nodes, monitor, None, state, live=live)
+                if record.ready:
+                    session.streamed_bytes = size
                 address = Address("unix", path=vm.live_socket)
                 export = RestoreExport(session.export_name, size, address, nodes.export)
                 self.catalog.add(export)
@@ -446,19 +471,56 @@ class RestoreSessions:
                     self.catalog.remove(export.name)
                 with contextlib.suppress(QEMUError):
                     await remove_export(monitor, nodes.export)
+                if live is not None:
+                    with contextlib.suppress(QEMUError):
+                        await (live.close() if resumed else live.abort())
                 with contextlib.suppress(QEMUError):
                     await vm.open_live_export(disk)
                 if isinstance(e, QEMUError):
                     raise RestoreError(qemu_words(e)) from e
                 raise
         self.sessions[record.id] = session
+        if live is not None and live.step is not None:
+            session.watcher = asyncio.create_task(
+                self._run_live(session, live), name=f"restore-live {record.id}"
+            )
         return session
+
+    def _live_into_disk(
+        self, record: RestoreRecord, monitor: Monitor, disk_node: str, size: int
+    ) -> DiskLiveRestore:
+        assert record.source is not None and record.overlay is not None
+        assert record.live_step is not None
+        return DiskLiveRestore(
+            monitor,
+            TargetNodes.of(record.id),
+            disk_node,
+            record.overlay,
+            size,
+            parse_source(record.source),
+            step=record.live_step,
+            tls_directory=self._tls_directory,
+            speed=self.stream_speed,
+            qemu_img=self.qemu_img,
+        )
+
+    async def _run_live(self, session: RestoreSession, live: DiskLiveRestore) -> None:
+        def report(state: str, streamed_bytes: int, error: str | None) -> None:
+            session.state, session.streamed_bytes, session.error = state, streamed_bytes, error
+            if error:
+                log.error("restore %s: %s", session.id, error)
+
+        def save_step(step: str | None) -> None:
+            session.record = replace(session.record, live_step=step, ready=step is None)
+            self.records.write(session.record)
+
+        await live.run(report, save_step)
 
     async def _open(self, record: RestoreRecord, *, resumed: bool) -> RestoreSession:
         """QEMU's side and the export of ``record`` (a new session, or one opened again after
         a restart); everything undone on failure."""
         if record.vm is not None and record.libvirt is None:
-            return await self._open_disk(record)
+            return await self._open_disk(record, resumed=resumed)
         qsd = await self._storage_daemon()
         monitor = qsd.monitor
         nodes = TargetNodes.of(record.id)
