@@ -263,9 +263,9 @@ class RestoreSessions:
                 await session.export.aclose()
             if session.monitor is not None and session.monitor.connected:
                 record = session.record
+                if session.live is not None and session.live.step is not None:
+                    await session.live.abort()
                 if record.vm is not None and record.disk is not None and record.libvirt is None:
-                    if session.live is not None and session.live.step is not None:
-                        await session.live.abort()
                     await remove_export(session.monitor, session.nodes.export)
                     await self._embedded(record.vm).open_live_export(record.disk)
                 else:
@@ -391,16 +391,18 @@ class RestoreSessions:
             raise RestoreError("restore into a VM's disk needs both VM and --disk DISK")
         if request.image is not None or request.size is not None or request.format is not None:
             raise RestoreError("--image, --size and --format are not for a libvirt domain's disk")
-        if request.source is not None:
-            raise RestoreError(
-                "live restore (--source) into a libvirt domain's disk is not offered; "
-                "restore into a new image with --image PATH --source URI"
-            )
+        if request.source is not None and parse_source(request.source).tls:
+            self._tls_directory()  # refuses now when there are no certificates
         assert request.vm is not None
         disk = await self.libvirt.resolve(request.vm, request.disk)
         self._not_restored_already(disk.path)
+        session_id = secrets.token_hex(4)
+        overlay = None
+        if request.source is not None:
+            check_overlay_directory(disk.path)
+            overlay = overlay_path(disk.path, session_id)
         return RestoreRecord(
-            id=secrets.token_hex(4),
+            id=session_id,
             image=disk.path,
             format=disk.format,
             size=0,
@@ -409,6 +411,9 @@ class RestoreSessions:
             vm=request.vm,
             disk=request.disk,
             libvirt=disk.uri,
+            source=request.source,
+            overlay=overlay,
+            live_step=STREAM if overlay is not None else None,
         )
 
     def _not_restored_already(self, image: str) -> None:
@@ -444,47 +449,79 @@ class RestoreSessions:
             raise RestoreError(f"VM {vm.name} is not running")
         async with vm.lock:
             await vm.close_live_export(disk)
+            address = Address("unix", path=vm.live_socket)
             export: RestoreExport | None = None
-            live: DiskLiveRestore | None = None
             try:
-                size = await node_size(monitor, image.live_node)
                 if record.live_step is not None:
-                    live = self._live_into_disk(record, monitor, image.live_node, size)
-                    await live.open(new=not resumed)
-                    if live.step is None:
-                        record = replace(record, live_step=None, ready=True)
+                    session = await self._serve_live_into_disk(
+                        record, monitor, image.live_node, address, resumed=resumed
+                    )
                 else:
+                    size = await node_size(monitor, image.live_node)
                     await export_writable(monitor, image.live_node, nodes.export)
-                record = replace(record, size=size, step="open")
-                copying = live is not None and live.step is not None
-                state = STREAMING if copying else _settled(record)
-                session = RestoreSession(record, nodes, monitor, None, state, live=live)
-                if record.ready:
-                    session.streamed_bytes = size
-                address = Address("unix", path=vm.live_socket)
-                export = RestoreExport(session.export_name, size, address, nodes.export)
-                self.catalog.add(export)
-                session.export = export
-                self.records.write(record)
+                    record = replace(record, size=size, step="open")
+                    session = RestoreSession(record, nodes, monitor, None, _settled(record))
+                    export = RestoreExport(session.export_name, size, address, nodes.export)
+                    self.catalog.add(export)
+                    session.export = export
+                    self.records.write(record)
             except BaseException as e:
                 if export is not None and self.catalog.find_export(export.name) is export:
                     self.catalog.remove(export.name)
                 with contextlib.suppress(QEMUError):
                     await remove_export(monitor, nodes.export)
-                if live is not None:
-                    with contextlib.suppress(QEMUError):
-                        await (live.close() if resumed else live.abort())
                 with contextlib.suppress(QEMUError):
                     await vm.open_live_export(disk)
                 if isinstance(e, QEMUError):
                     raise RestoreError(qemu_words(e)) from e
                 raise
-        self.sessions[record.id] = session
+        self._adopt(session)
+        return session
+
+    async def _serve_live_into_disk(
+        self,
+        record: RestoreRecord,
+        monitor: Monitor,
+        disk_node: str,
+        address: Address,
+        *,
+        resumed: bool,
+    ) -> RestoreSession:
+        """The steps of into_disk.py into ``disk_node`` and ``restore/ID`` on ``address``;
+        what this opened is undone on failure (the disk node stays)."""
+        size = await node_size(monitor, disk_node)
+        live = self._live_into_disk(record, monitor, disk_node, size)
+        await live.open(new=not resumed)
+        export: RestoreExport | None = None
+        try:
+            if live.step is None:
+                record = replace(record, live_step=None, ready=True)
+            record = replace(record, size=size, step="open")
+            state = STREAMING if live.step is not None else _settled(record)
+            nodes = TargetNodes.of(record.id)
+            session = RestoreSession(record, nodes, monitor, None, state, live=live)
+            if record.ready:
+                session.streamed_bytes = size
+            export = RestoreExport(session.export_name, size, address, session.nodes.export)
+            self.catalog.add(export)
+            session.export = export
+            self.records.write(record)
+        except BaseException:
+            if export is not None and self.catalog.find_export(export.name) is export:
+                self.catalog.remove(export.name)
+            with contextlib.suppress(QEMUError):
+                await (live.close() if resumed else live.abort())
+            raise
+        return session
+
+    def _adopt(self, session: RestoreSession) -> None:
+        """A session now open: listed, and its copy followed."""
+        self.sessions[session.id] = session
+        live = session.live
         if live is not None and live.step is not None:
             session.watcher = asyncio.create_task(
-                self._run_live(session, live), name=f"restore-live {record.id}"
+                self._run_live(session, live), name=f"restore-live {session.id}"
             )
-        return session
 
     def _live_into_disk(
         self, record: RestoreRecord, monitor: Monitor, disk_node: str, size: int
@@ -521,6 +558,8 @@ class RestoreSessions:
         a restart); everything undone on failure."""
         if record.vm is not None and record.libvirt is None:
             return await self._open_disk(record, resumed=resumed)
+        if record.live_step is not None:
+            return await self._open_libvirt_live(record, resumed=resumed)
         qsd = await self._storage_daemon()
         monitor = qsd.monitor
         nodes = TargetNodes.of(record.id)
@@ -602,6 +641,33 @@ class RestoreSessions:
             session.watcher = asyncio.create_task(
                 self._watch(session), name=f"restore-watch {record.id}"
             )
+        return session
+
+    async def _open_libvirt_live(self, record: RestoreRecord, *, resumed: bool) -> RestoreSession:
+        """A live restore into a shut-off libvirt domain's disk: the disk's image opened in
+        nbdsrv's own QSD (with its header's backing chain and its bitmaps) is the target of
+        into_disk.py's steps; the export sits on the overlay until the pivot."""
+        qsd = await self._storage_daemon()
+        monitor = qsd.monitor
+        nodes = TargetNodes.of(record.id)
+        try:
+            try:
+                await open_image(
+                    monitor, nodes, record.image, record.format, None, header_backing=True
+                )
+            except QEMUError as e:
+                raise RestoreError(f"cannot open {record.image}: {qemu_words(e)}") from e
+            address = Address("unix", path=str(qsd.live_socket))
+            session = await self._serve_live_into_disk(
+                record, monitor, nodes.image, address, resumed=resumed
+            )
+        except BaseException as e:
+            with contextlib.suppress(QEMUError):
+                await self._close_target(monitor, nodes)
+            if isinstance(e, QEMUError):
+                raise RestoreError(qemu_words(e)) from e
+            raise
+        self._adopt(session)
         return session
 
     def _tls_directory(self) -> str:

@@ -8,6 +8,8 @@ already; QEMU's image lock keeps the domain from starting meanwhile."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 
 from tests.harness.checksums import file_sha256
 from tests.harness.checksums import sha256 as sha
-from tests.harness.tools import SYSTEM_PATH_FIRST, require_tool, run, run_result
+from tests.harness.tools import SYSTEM_PATH_FIRST, require_tool, run, run_result, stop_process
 from tests.libvirt.domains import URI, Domain, DomainFactory, MiB
 from tests.libvirt.test_libvirt_vm import Nbdsrv, read_all, serving
 
@@ -226,3 +228,57 @@ def test_disks_libvirt_names_but_nbdsrv_cannot_open_are_refused(
         assert file_sha256(raw) == file_sha256(data)
     finally:
         dom.undefine()
+
+
+def test_live_restore_into_a_shut_off_domain(domains: DomainFactory, nbdsrv: Nbdsrv) -> None:
+    """``--source``: point A served read-only by qemu-nbd is live-restored into vda of the
+    shut-off domain (stream into an overlay beside the image, mirror into the image with
+    libvirt's bitmaps loaded); a write through restore/ID after ready stays; the mirror writes
+    every block, so ``--from b`` then shows the whole disk, and it reads as A + the write."""
+    domain = domains.create(disks=(("vda", "virtio"),), persistent=True)
+    vm = domain.name
+    nbdsrv.wait_vm(vm)
+    a, b = two_points(domain, nbdsrv, domains.dir)
+    image = domain.disks["vda"].image
+    domain.shut_off()
+    nbdsrv.wait_vm(vm, present=False)
+
+    socket = domains.dir / "source.sock"
+    source = subprocess.Popen(
+        [require_tool("qemu-nbd"), "-r", "-t", "-x", "backup", "-k", str(socket), "-f", "raw",
+         str(domains.dir / "a.raw")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not socket.exists():
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.05)
+        uri = f"nbd+unix:///backup?socket={socket}"
+        restore = nbdsrv.cli("restore", "begin", vm, "--disk", "vda", "--source", uri)
+        assert (restore["vm"], restore["disk"], restore["source"]) == (vm, "vda", uri)
+        assert restore["state"] in ("streaming", "ready")
+        while (state := nbdsrv.cli("restore", "list")[0])["state"] != "ready":
+            assert state["state"] == "streaming" and time.monotonic() < deadline + 90, state
+            time.sleep(0.2)
+        assert state["streamed_bytes"] == 16 * MiB
+        assert list(image.parent.glob(f"{image.name}.restore-*")) == []  # the overlay is gone
+    finally:
+        stop_process(source)
+    pattern = bytes([0x5A]) * (64 * K)
+    (domains.dir / "pattern.raw").write_bytes(bytes(2 * MiB) + pattern)
+    write_ranges(nbdsrv.uri(restore["export"]), domains.dir / "pattern.raw", [(2 * MiB, 64 * K)])
+    nbdsrv.cli("restore", "end", restore["id"])
+    expected = bytearray(a)
+    expected[2 * MiB : 2 * MiB + 64 * K] = pattern
+
+    domain.start()
+    nbdsrv.wait_vm(vm)
+    session = nbdsrv.cli("backup", "begin", vm, "--from", "b", "--no-checkpoint")
+    uri = nbdsrv.uri(f"{vm}/vda")
+    assert dirty_ranges(uri, "qemu:dirty-bitmap:b") == [(0, 16 * MiB)]
+    assert sha(read_all(uri)) == sha(bytes(expected))
+    nbdsrv.cli("backup", "end", vm, session["id"])
+    listed = nbdsrv.cli("checkpoint", "list", vm)
+    assert [(c["name"], c["valid"]) for c in listed] == [("a", True), ("b", True)]
+    assert b != a
