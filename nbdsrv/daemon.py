@@ -331,6 +331,7 @@ class Daemon:
 
     async def backup_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
+        self._no_restore(vm, "backup begin")
         request = BeginRequest(
             from_checkpoint=args.get("from"),
             checkpoint=args.get("checkpoint"),
@@ -376,13 +377,23 @@ class Daemon:
     async def snapshot_create(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         self._no_session(vm, "snapshot create")
+        self._no_restore(vm, "snapshot create")
         return {"vm": vm.name, "overlays": await vm.snapshot_create(args.get("dir"))}
 
     async def snapshot_commit(self, args: dict[str, Any]) -> dict[str, Any]:
         vm = self.vms.get(str(args["vm"]))
         self._no_session(vm, "snapshot commit")
+        self._no_restore(vm, "snapshot commit")
         return {"vm": vm.name, "committed": await vm.snapshot_commit()}
 
     def _no_session(self, vm: VMBackend, what: str) -> None:
         if self.sessions.has_session(vm):
             raise SessionError(f"{what}: VM {vm.name} has a backup session running; end it first")
+
+    def _no_restore(self, vm: VMBackend, what: str) -> None:
+        for restore in self.restores.sessions.values():
+            if restore.record.vm == vm.name:
+                raise SessionError(
+                    f"{what}: a restore into disk {restore.record.disk} of VM {vm.name} is "
+                    f"running (restore {restore.id}); end it first"
+                )

@@ -82,6 +82,13 @@ def test_restore_into_a_disk_keeps_checkpoints_exact(
     )
     nbdsh(restore["uri"], script + "\nh.flush()")
     assert daemon.json("restore", "list")[0]["written_bytes"] == sum(n for _, n in CHANGED)
+    # While the restore holds the disk, backups and snapshots of the VM wait for its end.
+    for command in (("backup", "begin", "vm1"), ("snapshot", "create", "vm1")):
+        message = daemon.error(*command)
+        assert message == (
+            f"{' '.join(command[:2])}: a restore into disk disk0 of VM vm1 is running "
+            f"(restore {restore['id']}); end it first"
+        ), message
     daemon.json("restore", "end", restore["id"])
 
     # The live export is back, and the disk now reads as point A.
