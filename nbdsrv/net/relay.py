@@ -9,7 +9,10 @@ through nbdsrv's memory: each is spliced from QEMU's socket into a pipe and from
 the client's socket, behind the chunk header nbdsrv writes. A data chunk carries DONE when
 QEMU's does and the reply is then known to be complete and correct (else the payload is
 dropped and an error sent); if QEMU's connection breaks in the middle of a payload that is
-half sent, the client connection is closed: it could not be told otherwise.
+half sent, the client connection is closed: it could not be told otherwise. When both ends
+speak the same header form, a reply that is one data chunk with DONE covering its READ goes
+on verbatim — QEMU's header is the client's, so header and payload are spliced into the
+pipe together — and such replies are gathered in the pipe and sent on with one splice.
 
 Otherwise (TLS) structured clients get the chunks as QEMU sent them (holes stay holes); the
 last chunk is held back until QEMU's reply is known to be complete and correct, so it can
