@@ -164,6 +164,7 @@ class _Link(asyncio.BufferedProtocol):
                         core.passed(n)
                 elif (
                     core.verbatim
+                    and core.reads
                     and sock.recv_into(peek, _PEEK, socket.MSG_PEEK) == _PEEK
                     and core.peeked(peek)
                 ):

@@ -377,6 +377,8 @@ class Transmission:
         self.passthrough = False
         """Whether sinks are asked :meth:`ReplySink.pass_data` (the I/O layer can move
         payloads)."""
+        self.reads = 0
+        """READs in flight (the I/O layer peeks only while there are)."""
         self.verbatim = False
         """Whether the I/O layer peeks at each reply's first bytes (:meth:`peeked`) to move
         whole replies on as they came (structured replies with compact headers only)."""
@@ -396,6 +398,8 @@ class Transmission:
         if cookie in self._pending:
             raise ValueError(f"cookie {cookie} is in flight already")
         self._pending[cookie] = _Pending(command, offset, length, sink)
+        if command == _READ:
+            self.reads += 1
         return request(cookie, command, flags, offset, length, extended=self.extended)
 
     def forwarded(self, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
@@ -409,6 +413,7 @@ class Transmission:
                     del pending[taken[0]]
                 return False
             pending[cookie] = _Pending(_READ, offset, length, sink)
+        self.reads += len(reads)
         return True
 
     def disconnect(self) -> bytes:
@@ -417,7 +422,7 @@ class Transmission:
     def fail_all(self, error: ReplyError) -> None:
         """Every request in flight ends with ``error`` (the connection is gone)."""
         pending, self._pending = self._pending, {}
-        self.passing = 0
+        self.passing = self.reads = 0
         for p in pending.values():
             p.sink.done(error)
 
@@ -710,4 +715,6 @@ class Transmission:
 
     def _complete(self, cookie: int) -> None:
         pending = self._pending.pop(cookie)
+        if pending.command == _READ:
+            self.reads -= 1
         pending.sink.done(pending.final_error())

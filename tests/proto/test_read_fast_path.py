@@ -14,7 +14,13 @@ import pytest
 
 from nbdsrv.proto import wire
 from nbdsrv.proto.client import Transmission
-from nbdsrv.proto.constants import MAX_READ_LENGTH, STRUCTURED_REPLY_MAGIC, ReplyFlag, ReplyType
+from nbdsrv.proto.constants import (
+    MAX_READ_LENGTH,
+    STRUCTURED_REPLY_MAGIC,
+    Command,
+    ReplyFlag,
+    ReplyType,
+)
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import ServerConnection
 from tests.net.recorder import Recorder
@@ -294,3 +300,19 @@ def test_nothing_is_peeked_while_bytes_are_staged() -> None:
     assert not core.peeked(head)
     receive(core, head[10:] + DATA[:8192])
     assert sink.ended and sink.result is None and sink.verbatim == []
+
+
+def test_reads_in_flight_are_counted_for_the_io_layer() -> None:
+    """The I/O layer peeks only while READs are in flight (a restore's WRITE replies are
+    never whole data chunks)."""
+    core = verbatim_transmission()
+    sink = Verbatim(0, 8192, cookie=3)
+    core.request(1, Command.WRITE, 0, 0, 4096, Passing(0, 0))
+    assert core.reads == 0
+    core.request(2, Command.READ, 0, 8192, 8192, Passing(8192, 8192))
+    assert core.forwarded([(3, 0, 8192, sink)])
+    assert core.reads == 2
+    receive(core, data_chunk(3, 0, 8192) + DATA[:8192])
+    assert core.reads == 1
+    core.fail_all(ReplyError(5, "gone"))
+    assert core.reads == 0
