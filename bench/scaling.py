@@ -10,7 +10,10 @@ time:
 
 Per row: the median time until the last nbdcopy finished, the aggregate throughput, its ratio
 to QEMU's, and the CPU seconds per GiB read of the nbdsrv daemon process and of the VMs'
-qemu-storage-daemons (``/proc/PID/stat`` utime + stime, before and after each timed group).
+qemu-storage-daemons (``/proc/PID/stat`` utime + stime, before and after each timed group)
+and of the nbdcopy processes (``getrusage(RUSAGE_CHILDREN)`` around the group). "CPU bound" is
+the ratio to QEMU that the CPU alone allows when every core is busy with these processes:
+the QEMU row's total CPU per GiB over this row's.
 Doors take turns within each round (the first rotating), after one untimed warm-up each; every
 export is first checked to read as the data before the writes made after the point in time.
 """
@@ -18,6 +21,7 @@ export is first checked to read as the data before the writes made after the poi
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +47,12 @@ def cpu_seconds(pids: Sequence[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
     return total
+
+
+def clients_cpu() -> float:
+    """User + system CPU seconds of this process's children reaped so far (the clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def children(pid: int) -> list[int]:
@@ -80,7 +90,7 @@ def scenario_scaling(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> d
         qemus = children(d.pid)
         times: dict[int, dict[str, list[float]]] = {n: {k: [] for k in DOORS} for n in counts}
         cpu: dict[int, dict[str, dict[str, list[float]]]] = {
-            n: {k: {"nbdsrv": [], "QEMU": []} for k in DOORS} for n in counts
+            n: {k: {"nbdsrv": [], "QEMU": [], "nbdcopy": []} for k in DOORS} for n in counts
         }
 
         def group(n: int, door: str) -> list[str]:
@@ -95,17 +105,23 @@ def scenario_scaling(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> d
                 for door in order:
                     d.server.check_alive()
                     ours0, qemu0 = cpu_seconds([d.pid]), cpu_seconds(qemus)
+                    clients0 = clients_cpu()
                     elapsed = run_together([c.split() for c in group(n, door)])
                     gib = n * size / GiB
                     times[n][door].append(elapsed)
                     cpu[n][door]["nbdsrv"].append((cpu_seconds([d.pid]) - ours0) / gib)
                     cpu[n][door]["QEMU"].append((cpu_seconds(qemus) - qemu0) / gib)
+                    cpu[n][door]["nbdcopy"].append((clients_cpu() - clients0) / gib)
             log(f"scaling round {rnd + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})")
         for vm, s in sessions.items():
             d.cli("backup", "end", vm, s["id"])
     rows = []
     for n in counts:
         reference = statistics.median(times[n]["QEMU"])
+
+        def total(door: str, n: int = n) -> float:
+            return sum(statistics.median(v) for v in cpu[n][door].values())
+
         for door in DOORS:
             s = stats(times[n][door])
             rows.append(
@@ -119,11 +135,13 @@ def scenario_scaling(base: Path, spec: SessionSpec, rounds: int, raw: Path) -> d
                     f"{reference / s['median']:.2f}",
                     f"{statistics.median(cpu[n][door]['nbdsrv']):.3f}",
                     f"{statistics.median(cpu[n][door]['QEMU']):.3f}",
+                    f"{statistics.median(cpu[n][door]['nbdcopy']):.3f}",
+                    f"{total('QEMU') / total(door):.2f}",
                 ]
             )
     headers = [
         "sessions", "door", "median s", "min s", "max s", "aggregate GiB/s", "x QEMU",
-        "nbdsrv CPU s/GiB", "QEMU CPU s/GiB",
+        "nbdsrv CPU s/GiB", "QEMU CPU s/GiB", "nbdcopy CPU s/GiB", "CPU bound",
     ]  # fmt: skip
     return {
         "size": size,

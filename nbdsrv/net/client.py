@@ -19,6 +19,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 
+from ..proto import wire
 from ..proto.client import Handshake, Negotiated, ReplySink, Transmission
 from ..proto.constants import Command, CommandFlag, Errno
 from ..proto.errors import NBDError, ProtocolError, ReplyError
@@ -38,6 +39,9 @@ DIRECT_READS_PER_WAKEUP = 32
 # moved (0: the socket reached its end), or None when it cannot take any now (it calls
 # NBDClient.resume_reading once it can).
 Mover = Callable[[int, int], int | None]
+# Called when a wake-up's reading ends: what the mover gathered may go on now.
+Flush = Callable[[], None]
+_PEEK = wire.DATA_CHUNK.size
 
 
 class ConnectionClosed(ReplyError):
@@ -63,6 +67,8 @@ class _Link(asyncio.BufferedProtocol):
         # Set once the link reads its socket itself (read_directly).
         self._direct: socket.socket | None = None
         self._mover: Mover | None = None
+        self._flush: Flush | None = None
+        self._peek = bytearray(_PEEK)
         self._reading = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,14 +117,16 @@ class _Link(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         return None
 
-    def read_directly(self, mover: Mover) -> None:
+    def read_directly(self, mover: Mover, flush: Flush | None = None) -> None:
         """From now on read the socket here, not through the transport, so that payloads
-        the sinks pass through can be moved by ``mover`` (splice) without being read."""
+        the sinks pass through can be moved by ``mover`` (splice) without being read;
+        ``flush`` is called after each wake-up's reads."""
         assert self.transport is not None and self.core is not None
         sock = self.transport.get_extra_info("socket")
         self._direct = socket.socket(fileno=os.dup(sock.fileno()))
         self._direct.setblocking(False)
         self._mover = mover
+        self._flush = flush
         self.transport.pause_reading()
         self.core.passthrough = True
         self.resume_reading()
@@ -134,8 +142,16 @@ class _Link(asyncio.BufferedProtocol):
             asyncio.get_running_loop().remove_reader(self._direct.fileno())
 
     def _readable(self) -> None:
+        try:
+            self._read_some()
+        finally:
+            if self._flush is not None:
+                self._flush()
+
+    def _read_some(self) -> None:
         core, sock, mover = self.core, self._direct, self._mover
         assert core is not None and sock is not None and mover is not None
+        peek = self._peek
         try:
             for _ in range(DIRECT_READS_PER_WAKEUP):
                 if core.passing:
@@ -146,6 +162,13 @@ class _Link(asyncio.BufferedProtocol):
                         return
                     if n:
                         core.passed(n)
+                elif (
+                    core.verbatim
+                    and core.reads
+                    and sock.recv_into(peek, _PEEK, socket.MSG_PEEK) == _PEEK
+                    and core.peeked(peek)
+                ):
+                    continue  # the whole reply is moved from the next round on
                 else:
                     buffer = core.get_buffer()
                     wanted = len(buffer)
@@ -226,6 +249,9 @@ class _Collect:
     def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
         return False
 
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
+        return False
+
     def data_buffer(self, offset: int, length: int) -> memoryview:
         if self.buffer is None:
             self.buffer = bytearray(self.length)
@@ -293,10 +319,18 @@ class NBDClient:
     def closed(self) -> bool:
         return self._link.closed is not None
 
-    def read_directly(self, mover: Mover) -> None:
+    def read_directly(self, mover: Mover, flush: Flush | None = None) -> None:
         """Read replies from the socket itself, and let ``mover`` move the data payloads
-        that sinks pass through (see :meth:`ReplySink.pass_data`)."""
-        self._link.read_directly(mover)
+        that sinks pass through (see :meth:`ReplySink.pass_data`); ``flush`` after each
+        wake-up's reads."""
+        self._link.read_directly(mover, flush)
+
+    def move_verbatim(self) -> None:
+        """Peek at each reply's first bytes and let the mover move whole replies as they
+        came, header included, when their sinks take them (:meth:`ReplySink.pass_reply`);
+        only with :meth:`read_directly`, on a link with structured, compact replies."""
+        assert self._link._direct is not None and self.structured and not self.extended
+        self._core.verbatim = True
 
     def resume_reading(self) -> None:
         """The mover can take bytes again."""

@@ -9,7 +9,10 @@ through nbdsrv's memory: each is spliced from QEMU's socket into a pipe and from
 the client's socket, behind the chunk header nbdsrv writes. A data chunk carries DONE when
 QEMU's does and the reply is then known to be complete and correct (else the payload is
 dropped and an error sent); if QEMU's connection breaks in the middle of a payload that is
-half sent, the client connection is closed: it could not be told otherwise.
+half sent, the client connection is closed: it could not be told otherwise. When both ends
+speak the same header form, a reply that is one data chunk with DONE covering its READ goes
+on verbatim — QEMU's header is the client's, so header and payload are spliced into the
+pipe together — and such replies are gathered in the pipe and sent on with one splice.
 
 Otherwise (TLS) structured clients get the chunks as QEMU sent them (holes stay holes); the
 last chunk is held back until QEMU's reply is known to be complete and correct, so it can
@@ -81,7 +84,13 @@ class ReadRelay:
         self.fatal = fatal
         self._pipe: tuple[int, int] | None = None
         self._pipe_size = 0
-        self._unqueued = 0  # bytes of the current chunk in the pipe, not queued yet
+        self._unqueued = 0  # bytes in the pipe, not queued for the client yet
+        # Whole replies moved verbatim are gathered in the pipe behind one open stream and
+        # queued for the client together when a wake-up's reads end (flush) or the pipe is
+        # full: one splice out for several replies.
+        self._gathering = False  # the writer's stream is open for gathered replies
+        self._moving = False  # a verbatim reply is half in the pipe
+        self._gathered = 0  # bytes of whole replies among the unqueued ones
         self.compact = not core.extended  # the client's chunk headers
         self.forwards = (
             writer is not None
@@ -98,7 +107,11 @@ class ReadRelay:
                 fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             self._pipe = (read_end, write_end)
             self._pipe_size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
-            upstream.read_directly(self._move)
+            upstream.read_directly(self._move, self.flush)
+            if self.forwards:
+                # Both ends speak the same header form and a forwarded READ keeps the
+                # client's cookie: a whole data reply's header is the one to send.
+                upstream.move_verbatim()
 
     def read(self, request: Request) -> None:
         sink: _Read
@@ -186,6 +199,7 @@ class ReadRelay:
         """A chunk whose payload will be spliced: ``head`` (its header, and any chunk held
         before it) goes into the pipe in front of the payload when there is room, so the
         client gets the whole chunk in one write."""
+        self._end_gathering(writer)
         writer.open_stream()
         pipe = self._pipe
         assert pipe is not None and not self._unqueued
@@ -193,6 +207,51 @@ class ReadRelay:
             self._unqueued = os.write(pipe[1], head)  # all or nothing: below PIPE_BUF
         except BlockingIOError:
             writer.stream([head])
+
+    def begin_verbatim(self, writer: DirectWriter) -> None:
+        """A whole reply is about to be moved into the pipe as it came, header included."""
+        if not self._gathering:
+            writer.open_stream()
+            self._gathering = True
+        self._moving = True
+
+    def end_verbatim(self) -> None:
+        """The reply begun last is all in the pipe."""
+        self._moving = False
+        self._gathered = self._unqueued
+
+    def flush(self) -> None:
+        """A wake-up's reads ended: the whole replies gathered go to the client; the stream
+        stays open only while a reply is half in the pipe. While one is, QEMU is sending
+        and the next wake-up is near: the replies before it wait for it (up to half the
+        pipe), so that one splice takes several to the client."""
+        writer, pipe = self.writer, self._pipe
+        if not self._gathering or writer is None or pipe is None:
+            return
+        if self._moving and self._gathered < self._pipe_size // 2:
+            return
+        if self._gathered:
+            writer.stream_pipe(pipe[0], self._gathered)
+            self._unqueued -= self._gathered
+            self._gathered = 0
+        if not self._moving:
+            self._gathering = False
+            writer.close_stream()
+
+    def end_stream(self, writer: DirectWriter) -> None:
+        """A chunk's payload stopped half way (QEMU's connection broke): the whole replies
+        gathered before it go, the stream is closed."""
+        self._moving = False
+        if self._gathering:
+            self.flush()
+        else:
+            writer.close_stream()
+
+    def _end_gathering(self, writer: DirectWriter) -> None:
+        if self._gathering and self._pipe is not None:
+            self._queue_unqueued(writer, self._pipe[0])
+            self._gathering = False
+            writer.close_stream()
 
     def _move(self, fd: int, n: int) -> int | None:
         """Splice up to ``n`` payload bytes from QEMU's socket ``fd`` into the pipe; they
@@ -215,7 +274,7 @@ class ReadRelay:
                 return None  # writable() resumes
             raise
         self._unqueued += moved
-        if moved in (n, room):
+        if moved == room or (moved == n and not self._gathering):
             self._queue_unqueued(writer, pipe[0])
         return moved
 
@@ -223,6 +282,7 @@ class ReadRelay:
         if self._unqueued:
             writer.stream_pipe(read_end, self._unqueued)
             self._unqueued = 0
+        self._gathered = 0
 
     def refusal(self) -> tuple[Errno, str] | None:
         """Why nothing more may be sent from upstream, if anything."""
@@ -244,6 +304,9 @@ class _Acknowledged:
         self.error: tuple[Errno, str] | None = None
 
     def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        return False
+
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
         return False
 
     def data_buffer(self, offset: int, length: int) -> memoryview:
@@ -288,6 +351,9 @@ class _Read(ABC):
         self.error: tuple[Errno, str] | None = None
 
     def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
+        return False
+
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
         return False
 
     def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
@@ -390,7 +456,21 @@ class _Spliced(_Streamed):
         self.held: bytearray | None = None
         self.writer = writer
         self.streaming = False  # a data chunk is half sent
+        self.verbatim = False  # that chunk is QEMU's whole reply, moved as it came
         self.ended = False  # a chunk with DONE was sent
+
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
+        # QEMU's header is the client's when the cookie is the client's (a forwarded READ;
+        # read() may have had to take another) and nothing is held to go before it.
+        if cookie != self.request.cookie or self.held is not None:
+            return False
+        if self.error is None:
+            self.error = self.relay.refusal()
+        if self.error is not None:
+            return False  # received and dropped: done() sends the error
+        self.relay.begin_verbatim(self.writer)
+        self.streaming = self.verbatim = self.ended = True
+        return True
 
     def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
         if self.error is None:
@@ -423,13 +503,16 @@ class _Spliced(_Streamed):
             super().data(offset, length)
             return
         self.streaming = False
-        self.writer.close_stream()
+        if self.verbatim:
+            self.relay.end_verbatim()  # flush() queues it with the others gathered
+        else:
+            self.writer.close_stream()
 
     def done(self, error: ReplyError | None) -> None:
         if self.streaming:
             # QEMU's connection broke in the middle of a payload that is half sent.
             self.streaming = False
-            self.writer.close_stream()
+            self.relay.end_stream(self.writer)
             if self.relay.fatal is not None:
                 self.relay.fatal(f"QEMU's connection broke during a READ reply: {error}")
             self.error = (Errno.EIO, f"reading from QEMU: {error}")

@@ -286,6 +286,11 @@ class ReplySink(Protocol):
         ``passthrough``; False: it is received into :meth:`data_buffer`). ``last``: the
         chunk ends the reply, and then ``error`` is how the reply ends (None: success)."""
 
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
+        """Whether the I/O layer moves this whole reply — one data chunk with DONE covering
+        the READ exactly, its header included — on as it came, unread (only asked with
+        ``verbatim``; False: the chunk takes the usual way)."""
+
     def data_buffer(self, offset: int, length: int) -> memoryview:
         """Memory of exactly ``length`` bytes for the data at ``offset`` (absolute); filled
         before :meth:`data` is called."""
@@ -372,8 +377,14 @@ class Transmission:
         self.passthrough = False
         """Whether sinks are asked :meth:`ReplySink.pass_data` (the I/O layer can move
         payloads)."""
+        self.reads = 0
+        """READs in flight (the I/O layer peeks only while there are)."""
+        self.verbatim = False
+        """Whether the I/O layer peeks at each reply's first bytes (:meth:`peeked`) to move
+        whole replies on as they came (structured replies with compact headers only)."""
         self.passing = 0
-        """Bytes of a data payload the I/O layer is to move now, not receive."""
+        """Bytes of a data payload (with ``verbatim``: or of a whole reply) the I/O layer is
+        to move now, not receive."""
 
     def __contains__(self, cookie: int) -> bool:
         return cookie in self._pending
@@ -387,6 +398,8 @@ class Transmission:
         if cookie in self._pending:
             raise ValueError(f"cookie {cookie} is in flight already")
         self._pending[cookie] = _Pending(command, offset, length, sink)
+        if command == _READ:
+            self.reads += 1
         return request(cookie, command, flags, offset, length, extended=self.extended)
 
     def forwarded(self, reads: Sequence[tuple[int, int, int, ReplySink]]) -> bool:
@@ -400,6 +413,7 @@ class Transmission:
                     del pending[taken[0]]
                 return False
             pending[cookie] = _Pending(_READ, offset, length, sink)
+        self.reads += len(reads)
         return True
 
     def disconnect(self) -> bytes:
@@ -408,7 +422,7 @@ class Transmission:
     def fail_all(self, error: ReplyError) -> None:
         """Every request in flight ends with ``error`` (the connection is gone)."""
         pending, self._pending = self._pending, {}
-        self.passing = 0
+        self.passing = self.reads = 0
         for p in pending.values():
             p.sink.done(error)
 
@@ -441,6 +455,39 @@ class Transmission:
             self._complete(self._cookie)
         if self._staged:
             self._parse_staged()
+
+    def peeked(self, head: bytes | bytearray | memoryview) -> bool:
+        """The I/O layer peeked at the next ``wire.DATA_CHUNK.size`` bytes of the stream
+        (still unread) with nothing staged or half received. True when they begin a whole
+        reply to a READ — one OFFSET_DATA chunk with DONE covering the request exactly —
+        whose sink takes it verbatim (:meth:`ReplySink.pass_reply`): then :attr:`passing`
+        is the whole chunk, header included, for the I/O layer to move. Else False and
+        nothing changed: the bytes are received and parsed as usual."""
+        if self._staged or self._dest is not None or self.passing or self.extended:
+            return False
+        magic, flags, rtype, cookie, length, offset = wire.DATA_CHUNK.unpack(head)
+        pending = self._pending.get(cookie)
+        if (
+            magic != STRUCTURED_REPLY_MAGIC
+            or rtype != _OFFSET_DATA
+            or flags != _DONE
+            or pending is None
+            or pending.covered
+            or pending.error is not None
+            or offset != pending.offset
+            or length <= wire.OFFSET_DATA.size
+            or length - wire.OFFSET_DATA.size != pending.length
+            or pending.command != _READ
+        ):
+            return False
+        if not pending.sink.pass_reply(cookie, offset, pending.length):
+            return False
+        self._cookie, self._chunk_flags = cookie, flags
+        self._data_at = offset
+        self._data_length = pending.length
+        self.passing = wire.DATA_CHUNK.size + pending.length
+        pending.covered.append((offset, pending.length))
+        return True
 
     def feed(self, data: bytes) -> None:
         """Bytes received some other way (e.g. right after the handshake)."""
@@ -668,4 +715,6 @@ class Transmission:
 
     def _complete(self, cookie: int) -> None:
         pending = self._pending.pop(cookie)
+        if pending.command == _READ:
+            self.reads -= 1
         pending.sink.done(pending.final_error())

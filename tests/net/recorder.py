@@ -17,6 +17,9 @@ class Recorder:
     def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
         return False  # every payload received here
 
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
+        return False
+
     def data_buffer(self, offset: int, length: int) -> memoryview:
         return memoryview(self.buffer)[offset - self.offset : offset - self.offset + length]
 

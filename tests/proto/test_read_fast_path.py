@@ -14,7 +14,13 @@ import pytest
 
 from nbdsrv.proto import wire
 from nbdsrv.proto.client import Transmission
-from nbdsrv.proto.constants import MAX_READ_LENGTH, STRUCTURED_REPLY_MAGIC, ReplyFlag, ReplyType
+from nbdsrv.proto.constants import (
+    MAX_READ_LENGTH,
+    STRUCTURED_REPLY_MAGIC,
+    Command,
+    ReplyFlag,
+    ReplyType,
+)
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.server import ServerConnection
 from tests.net.recorder import Recorder
@@ -135,6 +141,9 @@ class Passing(Recorder):
         self.offered.append((offset, length, last, error))
         return True
 
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
+        return False
+
     def done(self, error: ReplyError | None) -> None:
         assert not self.ended
         self.ended, self.result = True, error
@@ -213,3 +222,97 @@ def test_other_replies_to_a_forwarded_read_take_the_general_path(
         assert sink.result is None
     else:
         assert sink.result is not None and error in str(sink.result)
+
+
+class Verbatim(Passing):
+    """A sink that takes whole replies verbatim (and payloads passed through)."""
+
+    def __init__(self, offset: int, length: int, cookie: int) -> None:
+        super().__init__(offset, length)
+        self.cookie = cookie
+        self.verbatim: list[tuple[int, int]] = []
+
+    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
+        if cookie != self.cookie:
+            return False
+        self.verbatim.append((offset, length))
+        return True
+
+
+def verbatim_transmission() -> Transmission:
+    core = transmission()
+    core.verbatim = True
+    return core
+
+
+def test_a_peeked_whole_reply_is_moved_with_its_header() -> None:
+    core = verbatim_transmission()
+    sink = Verbatim(4096, 65536, cookie=3)
+    assert core.forwarded([(3, 4096, 65536, sink)])
+    assert core.peeked(data_chunk(3, 4096, 65536))
+    assert core.passing == 28 + 65536 and sink.verbatim == [(4096, 65536)]
+    core.passed(1000)
+    assert not sink.ended
+    core.passed(28 + 65536 - 1000)
+    assert sink.chunks == [("data", 4096, 65536)] and sink.offered == []
+    assert sink.ended and sink.result is None and len(core) == 0
+
+
+PEEKED_NOT_WHOLE = {
+    "not done": data_chunk(3, 0, 8192, flags=0),
+    "short": data_chunk(3, 0, 4096),
+    "elsewhere": data_chunk(3, 4096, 8192),
+    "another cookie": data_chunk(4, 0, 8192),
+    "a hole": hole_chunk(3, 0, 8192)[:28],
+    "bad magic": b"\0" * 28,
+}
+
+
+@pytest.mark.parametrize("head", PEEKED_NOT_WHOLE.values(), ids=list(PEEKED_NOT_WHOLE))
+def test_anything_but_a_whole_reply_is_left_to_the_parse(head: bytes) -> None:
+    core = verbatim_transmission()
+    sink = Verbatim(0, 8192, cookie=3)
+    assert core.forwarded([(3, 0, 8192, sink)])
+    assert not core.peeked(head)
+    assert core.passing == 0 and sink.verbatim == [] and 3 in core
+    # The general parse still reads the real reply as before.
+    receive(core, data_chunk(3, 0, 8192) + DATA[:8192])
+    assert sink.ended and sink.result is None
+
+
+def test_a_sink_that_refuses_leaves_the_reply_to_the_parse() -> None:
+    core = verbatim_transmission()
+    sink = Verbatim(0, 8192, cookie=99)  # its client's cookie is not the upstream one
+    assert core.forwarded([(3, 0, 8192, sink)])
+    assert not core.peeked(data_chunk(3, 0, 8192))
+    receive(core, data_chunk(3, 0, 8192) + DATA[:8192])
+    assert sink.offered == [(0, 8192, True, None)] and sink.ended and sink.result is None
+
+
+def test_nothing_is_peeked_while_bytes_are_staged() -> None:
+    core = verbatim_transmission()
+    sink = Verbatim(0, 8192, cookie=3)
+    assert core.forwarded([(3, 0, 8192, sink)])
+    head = data_chunk(3, 0, 8192)
+    buffer = core.get_buffer()
+    buffer[:10] = head[:10]
+    core.buffer_updated(10)
+    assert not core.peeked(head)
+    receive(core, head[10:] + DATA[:8192])
+    assert sink.ended and sink.result is None and sink.verbatim == []
+
+
+def test_reads_in_flight_are_counted_for_the_io_layer() -> None:
+    """The I/O layer peeks only while READs are in flight (a restore's WRITE replies are
+    never whole data chunks)."""
+    core = verbatim_transmission()
+    sink = Verbatim(0, 8192, cookie=3)
+    core.request(1, Command.WRITE, 0, 0, 4096, Passing(0, 0))
+    assert core.reads == 0
+    core.request(2, Command.READ, 0, 8192, 8192, Passing(8192, 8192))
+    assert core.forwarded([(3, 0, 8192, sink)])
+    assert core.reads == 2
+    receive(core, data_chunk(3, 0, 8192) + DATA[:8192])
+    assert core.reads == 1
+    core.fail_all(ReplyError(5, "gone"))
+    assert core.reads == 0
