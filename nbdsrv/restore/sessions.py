@@ -40,6 +40,7 @@ from ..qemu.images import detect_format, one_line
 from ..qemu.monitor import Monitor, QMPEvent
 from ..qemu.storage_daemon import StorageDaemon
 from .errors import RestoreError
+from .prefetch import Prefetch
 from .records import RestoreRecord, RestoreRecords
 from .source import Source, TLSFiles, parse_source
 from .target import (
@@ -94,6 +95,7 @@ class RestoreSession:
     error: str | None = None
     streamed_bytes: int = 0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    prefetch: Prefetch | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -485,6 +487,11 @@ class RestoreSessions:
             session.streamed_bytes = size
         self.sessions[record.id] = session
         if streaming:
+            if not self.stream_speed:  # a speed limit is block-stream's alone
+                qsd_socket = Address("unix", path=str(qsd.live_socket))
+                prefetch = Prefetch(monitor, nodes.image, qsd_socket, nodes.prefetch, size)
+                if await prefetch.start():
+                    session.prefetch = prefetch
             session.watcher = asyncio.create_task(
                 self._watch(session), name=f"restore-watch {record.id}"
             )
@@ -524,6 +531,9 @@ class RestoreSessions:
         await close_nodes(monitor, nodes)
 
     async def _stop_watching(self, session: RestoreSession) -> None:
+        prefetch, session.prefetch = session.prefetch, None
+        if prefetch is not None:
+            await prefetch.stop()
         watcher, session.watcher = session.watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
@@ -565,7 +575,10 @@ class RestoreSessions:
                 await self._copy_ended(session, info)
                 return
             if info:
-                session.streamed_bytes = int(info.get("offset", 0))
+                copied = int(info.get("offset", 0))
+                if session.prefetch is not None:
+                    copied = session.prefetch.copied(copied)
+                session.streamed_bytes = max(session.streamed_bytes, copied)
                 stopped = info.get("status") == "paused" or info.get("io-status", "ok") != "ok"
                 if stopped:
                     session.state = UNREACHABLE
@@ -581,6 +594,9 @@ class RestoreSessions:
     async def _copy_ended(self, session: RestoreSession, info: dict[str, Any] | None) -> None:
         monitor, nodes = session.monitor, session.nodes
         assert monitor is not None
+        prefetch, session.prefetch = session.prefetch, None
+        if prefetch is not None:
+            await prefetch.stop()
         error = info.get("error") if info is not None else None
         if info is None:
             error = "the copy job disappeared"
