@@ -5,6 +5,7 @@ gives an exact image. The source is nbdkit serving a raw file with its bandwidth
 so the copy lasts while the client writes. Checked by sha256."""
 
 import asyncio
+import json
 import random
 import subprocess
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import pytest
 
 from nbdsrv.restore.sessions import BeginRestore
 from tests.harness.tools import require_tool
-from tests.restore.conftest import Served, image_sha256, nbdsh
+from tests.restore.conftest import Served, image_sha256, nbdsh, tool
 from tests.restore.test_live import file_sha256_of, wait_state
 
 MiB = 1024 * 1024
@@ -143,3 +144,19 @@ async def test_source_lost_mid_prefetch_then_back(
     assert seen == sorted(seen) and seen[-1] == SIZE, seen  # monotonic, complete at ready
     await restore.sessions.end(began["id"])
     assert await image_sha256(image) == file_sha256_of(applied(data, writes), tmp_path)
+
+
+async def test_abort_mid_prefetch_leaves_nothing_of_ours(
+    restore: Served, slow_source: tuple[SlowSource, bytes], tmp_path: Path
+) -> None:
+    source, _ = slow_source
+    image = tmp_path / "partial.qcow2"
+    began = await restore.sessions.begin(BeginRestore(image=str(image), source=source.uri))
+    assert restore.sessions.sessions[began["id"]].prefetch is not None
+    await asyncio.sleep(1)  # the prefetch is under way
+    ended = await restore.sessions.end(began["id"], abort=True)
+    assert ended["state"] == "streaming" and restore.sessions.list() == []
+    # No QEMU of nbdsrv's holds the image: another one may open it read-write.
+    info = json.loads(await tool("qemu-img", "info", "--output=json", str(image)))
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    await tool("qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image))
