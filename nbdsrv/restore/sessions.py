@@ -48,6 +48,7 @@ from .into_disk import (
     remove_overlay,
 )
 from .libvirt_disk import LibvirtDisks
+from .prefetch import Prefetch
 from .records import RestoreRecord, RestoreRecords
 from .source import Source, TLSFiles, parse_source
 from .states import FAILED, READY, STREAMING, UNREACHABLE, WRITABLE
@@ -98,6 +99,7 @@ class RestoreSession:
     streamed_bytes: int = 0
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
     live: DiskLiveRestore | None = field(default=None, repr=False)  # --source into a disk
+    prefetch: Prefetch | None = field(default=None, repr=False)
 
     @property
     def id(self) -> str:
@@ -638,6 +640,11 @@ class RestoreSessions:
             session.streamed_bytes = size
         self.sessions[record.id] = session
         if streaming:
+            if not self.stream_speed:  # a speed limit is block-stream's alone
+                qsd_socket = Address("unix", path=str(qsd.live_socket))
+                prefetch = Prefetch(monitor, nodes.image, qsd_socket, nodes.prefetch, size)
+                if await prefetch.start():
+                    session.prefetch = prefetch
             session.watcher = asyncio.create_task(
                 self._watch(session), name=f"restore-watch {record.id}"
             )
@@ -704,6 +711,9 @@ class RestoreSessions:
         await close_nodes(monitor, nodes)
 
     async def _stop_watching(self, session: RestoreSession) -> None:
+        prefetch, session.prefetch = session.prefetch, None
+        if prefetch is not None:
+            await prefetch.stop()
         watcher, session.watcher = session.watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
@@ -745,7 +755,10 @@ class RestoreSessions:
                 await self._copy_ended(session, info)
                 return
             if info:
-                session.streamed_bytes = int(info.get("offset", 0))
+                copied = int(info.get("offset", 0))
+                if session.prefetch is not None:
+                    copied = session.prefetch.copied(copied)
+                session.streamed_bytes = max(session.streamed_bytes, copied)
                 stopped = info.get("status") == "paused" or info.get("io-status", "ok") != "ok"
                 if stopped:
                     session.state = UNREACHABLE
@@ -761,6 +774,9 @@ class RestoreSessions:
     async def _copy_ended(self, session: RestoreSession, info: dict[str, Any] | None) -> None:
         monitor, nodes = session.monitor, session.nodes
         assert monitor is not None
+        prefetch, session.prefetch = session.prefetch, None
+        if prefetch is not None:
+            await prefetch.stop()
         error = info.get("error") if info is not None else None
         if info is None:
             error = "the copy job disappeared"

@@ -41,11 +41,14 @@ class TargetNodes:
     job: str
     export: str
     tls_creds: str
+    prefetch: str  # the read-only export of the copy's prefetch (restore/prefetch.py)
 
     @classmethod
     def of(cls, session_id: str) -> "TargetNodes":
         base = f"rs-{session_id}"
-        return cls(base, f"{base}-file", f"{base}-src", f"{base}-stream", base, f"{base}-tls")
+        return cls(
+            base, f"{base}-file", f"{base}-src", f"{base}-stream", base, f"{base}-tls", f"{base}-pf"
+        )
 
 
 def qemu_words(error: QEMUError) -> str:
@@ -194,6 +197,7 @@ async def cancel_job(monitor: Monitor, job: str) -> None:
 
 async def close_nodes(monitor: Monitor, nodes: TargetNodes) -> None:
     """Close the image (QEMU flushes it) and the source; nodes already gone are fine."""
+    await remove_export(monitor, nodes.prefetch)  # if a prefetch left it: it holds the image
     for node in (nodes.image, nodes.file, nodes.source):
         with contextlib.suppress(QEMUError):
             await monitor.execute("blockdev-del", {"node-name": node})

@@ -1,0 +1,162 @@
+"""A live restore's parallel prefetch (nbdsrv.restore.prefetch) racing a client: writes made
+through ``restore/ID`` while the prefetch and block-stream copy from the source are never
+overwritten with source data, and a source that goes away and comes back mid-prefetch still
+gives an exact image. The source is nbdkit serving a raw file with its bandwidth limited,
+so the copy lasts while the client writes. Checked by sha256."""
+
+import asyncio
+import json
+import random
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nbdsrv.restore.sessions import BeginRestore
+from tests.harness.tools import require_tool
+from tests.restore.conftest import Served, image_sha256, nbdsh, tool
+from tests.restore.test_live import file_sha256_of, wait_state
+
+MiB = 1024 * 1024
+SIZE = 32 * MiB
+# The source's bandwidth in bits a second (nbdkit's rate filter): 2 MiB/s, a copy of ~16 s.
+SOURCE_RATE = "16M"
+
+
+class SlowSource:
+    """nbdkit serving ``raw`` read-only on ``socket``, at SOURCE_RATE."""
+
+    def __init__(self, raw: Path, socket: Path) -> None:
+        self.raw = raw
+        self.socket = socket
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *(require_tool("nbdkit"), "--foreground", "--readonly", "--exit-with-parent"),
+                *("--filter=rate", "-U", str(self.socket)),
+                *("file", str(self.raw), f"rate={SOURCE_RATE}"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            if self.socket.exists():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("nbdkit did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        self.socket.unlink(missing_ok=True)
+
+
+@pytest.fixture
+async def slow_source(tmp_path: Path, short_dir: Path) -> AsyncIterator[tuple[SlowSource, bytes]]:
+    data = bytearray(random.Random(11).randbytes(SIZE))
+    data[8 * MiB : 10 * MiB] = bytes(2 * MiB)  # zeroes in the source are copied too
+    raw = tmp_path / "backup.raw"
+    raw.write_bytes(data)
+    source = SlowSource(raw, short_dir / "slow.sock")
+    await source.start()
+    yield source, bytes(data)
+    source.kill()
+
+
+def patterns(seed: int, count: int) -> list[tuple[int, int, int]]:
+    """``(offset, length, byte)`` of writes all over the image, unaligned to clusters and
+    to the prefetch's chunks, some across a chunk's edge."""
+    rng = random.Random(seed)
+    writes = []
+    for i in range(count):
+        offset = rng.randrange(0, SIZE - 300 * 1024) // 512 * 512
+        if i % 4 == 0:  # across the edge of a 1 MiB chunk
+            offset = rng.randrange(1, SIZE // MiB) * MiB - 3 * 512
+        writes.append((offset, rng.randrange(1, 600) * 512, 1 + i % 255))
+    return writes
+
+
+def write_script(writes: list[tuple[int, int, int]]) -> str:
+    lines = [f"h.pwrite(bytes([{byte}]) * {length}, {offset})" for offset, length, byte in writes]
+    return "\n".join([*lines, "h.flush()"])
+
+
+def applied(data: bytes, writes: list[tuple[int, int, int]]) -> bytes:
+    expected = bytearray(data)
+    for offset, length, byte in writes:
+        expected[offset : offset + length] = bytes([byte]) * length
+    return bytes(expected)
+
+
+async def test_writes_during_the_prefetch_are_never_lost(
+    restore: Served, slow_source: tuple[SlowSource, bytes], tmp_path: Path
+) -> None:
+    source, data = slow_source
+    image = tmp_path / "restored.qcow2"
+    began = await restore.sessions.begin(BeginRestore(image=str(image), source=source.uri))
+    assert restore.sessions.sessions[began["id"]].prefetch is not None
+    uri = restore.uri(began["export"])
+    [before] = restore.sessions.list()
+    assert before["state"] == "streaming" and before["streamed_bytes"] < SIZE, before
+    # Partial clusters make QEMU read the rest of each from the source: the writes take as
+    # long as the copy, in the middle of the prefetch's requests.
+    writes = patterns(5, 60)
+    await nbdsh(uri, write_script(writes))
+    done = await wait_state(restore, began["id"], "ready", "failed", timeout=120)
+    assert done["state"] == "ready" and done["streamed_bytes"] == SIZE, done
+    await restore.sessions.end(began["id"])
+    assert await image_sha256(image) == file_sha256_of(applied(data, writes), tmp_path)
+
+
+async def test_source_lost_mid_prefetch_then_back(
+    restore: Served, slow_source: tuple[SlowSource, bytes], tmp_path: Path
+) -> None:
+    source, data = slow_source
+    image = tmp_path / "restored.qcow2"
+    began = await restore.sessions.begin(BeginRestore(image=str(image), source=source.uri))
+    uri = restore.uri(began["export"])
+    await asyncio.sleep(1)  # the prefetch is under way
+    seen = [restore.sessions.list()[0]["streamed_bytes"]]
+    source.kill()
+    lost = await wait_state(restore, began["id"], "source unreachable", "failed", "ready")
+    assert lost["state"] == "source unreachable", lost
+    seen.append(lost["streamed_bytes"])
+    # Whole clusters (64 KiB) need nothing from the source: written while it is away.
+    writes = [(offset, 128 * 1024, 0x5A) for offset in range(MiB, SIZE, 3 * MiB)]
+    await nbdsh(uri, write_script(writes))
+    await source.start()
+    for _ in range(1200):
+        [info] = restore.sessions.list()
+        seen.append(info["streamed_bytes"])
+        if info["state"] in ("ready", "failed"):
+            break
+        await asyncio.sleep(0.1)
+    assert info["state"] == "ready", info
+    assert seen == sorted(seen) and seen[-1] == SIZE, seen  # monotonic, complete at ready
+    await restore.sessions.end(began["id"])
+    assert await image_sha256(image) == file_sha256_of(applied(data, writes), tmp_path)
+
+
+async def test_abort_mid_prefetch_leaves_nothing_of_ours(
+    restore: Served, slow_source: tuple[SlowSource, bytes], tmp_path: Path
+) -> None:
+    source, _ = slow_source
+    image = tmp_path / "partial.qcow2"
+    began = await restore.sessions.begin(BeginRestore(image=str(image), source=source.uri))
+    assert restore.sessions.sessions[began["id"]].prefetch is not None
+    await asyncio.sleep(1)  # the prefetch is under way
+    ended = await restore.sessions.end(began["id"], abort=True)
+    assert ended["state"] == "streaming" and restore.sessions.list() == []
+    # No QEMU of nbdsrv's holds the image: another one may open it read-write.
+    info = json.loads(await tool("qemu-img", "info", "--output=json", str(image)))
+    assert info["format"] == "qcow2" and "backing-filename" not in info
+    await tool("qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image))
