@@ -83,6 +83,7 @@ class NBDConnection(asyncio.Protocol):
         self.dispatcher = RequestDispatcher(self)
         self.reads = ReadPaths(self)
         self.status = StatusPaths(self)
+        # data_received runs for every request a client maps one at a time: bound once.
         self._received = self.dispatcher.received
         self._poll_window = self.policy.poll_window
 
@@ -139,7 +140,7 @@ class NBDConnection(asyncio.Protocol):
         self.flow.writing_paused = False
         self.dispatcher.pump()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         if self.lost:
             return
         self.lost = True
