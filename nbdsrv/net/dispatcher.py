@@ -40,7 +40,20 @@ class RequestDispatcher:
         self.receive(data)
         return False
 
+    def bypass_allowed(self) -> bool:
+        """Whether received bytes may skip the general path (the fast paths of read_paths
+        and status_paths): nothing waits before them, the client takes our output, and
+        neither the connection nor the server is closing."""
+        connection = self._connection
+        return not (
+            self.pending
+            or connection.flow.writing_paused
+            or connection.closing
+            or connection.server.stopping
+        )
+
     def receive(self, data: bytes) -> None:
+        """The general path: events from the protocol core, requests queued and started."""
         connection = self._connection
         try:
             events = connection.core.receive(data, max(connection.flow.room(), 0))

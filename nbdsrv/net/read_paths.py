@@ -127,14 +127,9 @@ class ReadPaths:
         requests, nothing else waits and the limits leave room for all of them: no event,
         no pump; the dispatcher would relay the same requests."""
         connection = self._connection
-        flow = connection.flow
-        if (
-            connection.dispatcher.pending
-            or flow.writing_paused
-            or connection.closing
-            or connection.server.stopping
-        ):
+        if not connection.dispatcher.bypass_allowed():
             return False
+        flow = connection.flow
         requests = connection.core.read_requests(data)
         if requests is None:
             return False

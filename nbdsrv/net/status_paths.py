@@ -8,11 +8,12 @@ general path would."""
 import errno
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..exports.export import Export, ExportGone
 from ..proto.errors import nbd_errno
-from ..proto.extents import StatusSource
+from ..proto.extents import Extent, PackedExtents, StatusSource
 from ..proto.server import Request, extent_limit
 
 if TYPE_CHECKING:
@@ -67,11 +68,8 @@ class StatusPaths:
         export = connection.export
         assert export is not None and self.sources is not None
         if (
-            connection.dispatcher.pending
-            or connection.flow.writing_paused
-            or connection.closing
+            not connection.dispatcher.bypass_allowed()
             or export.closed
-            or connection.server.stopping
             or export.broken() is not None
         ):
             return False
@@ -106,8 +104,7 @@ class StatusPaths:
                 per_context.append((cid, packed))
         except OSError as e:
             return connection.core.error_reply(request, nbd_errno(e), str(e))
-        connection.dispatcher.answered(export, request, 0)
-        return connection.core.block_status_reply(request, per_context)
+        return self._reply(export, request, per_context)
 
     async def answer(self, export: Export, request: Request) -> None:
         connection = self._connection
@@ -120,8 +117,17 @@ class StatusPaths:
             raise ExportGone()
         if not all(extents for _, extents in per_context):
             raise OSError(errno.EIO, "the export reported no extent")
-        connection.output.send(connection.core.block_status_reply(request, per_context))
-        connection.dispatcher.answered(export, request, 0)
+        connection.output.send(self._reply(export, request, per_context))
+
+    def _reply(
+        self,
+        export: Export,
+        request: Request,
+        per_context: Sequence[tuple[int, Sequence[Extent] | PackedExtents]],
+    ) -> bytes:
+        """The reply of every context's extents, at once or awaited; the request answered."""
+        self._connection.dispatcher.answered(export, request, 0)
+        return self._connection.core.block_status_reply(request, per_context)
 
     def poll_next(self) -> None:
         """After block status answered at once: poll for the next request, unless windows
