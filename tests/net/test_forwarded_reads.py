@@ -14,8 +14,9 @@ import pytest
 
 from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.net.client import NBDClient
+from nbdsrv.net.read_paths import ReadPaths
 from nbdsrv.net.relay import ReadRelay
-from nbdsrv.net.server import NBDConnection, ServerPolicy
+from nbdsrv.net.server import ServerPolicy
 from nbdsrv.proto.constants import Command, CommandFlag
 from nbdsrv.proto.errors import ReplyError
 from tests.net.recorder import Recorder
@@ -136,13 +137,13 @@ def test_the_in_flight_limit_holds_for_forwarded_reads(
     path (queued, started as others finish); never more than 4 relayed at once."""
     paths = Forwards(monkeypatch)
     most = [0]
-    relayed_done = NBDConnection._relayed_done
+    relayed_done = ReadPaths.relayed_done
 
-    def watching(connection: NBDConnection, *args: Any) -> None:
-        most[0] = max(most[0], connection._relayed)
-        relayed_done(connection, *args)
+    def watching(reads: ReadPaths, *args: Any) -> None:
+        most[0] = max(most[0], reads._connection.flow.relayed)
+        relayed_done(reads, *args)
 
-    monkeypatch.setattr(NBDConnection, "_relayed_done", watching)
+    monkeypatch.setattr(ReadPaths, "relayed_done", watching)
 
     async def main() -> None:
         async with attached(tmp_path, ServerPolicy(max_in_flight=4)) as (_, client):

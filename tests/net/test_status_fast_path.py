@@ -25,9 +25,9 @@ from nbdsrv.exports.dirty_bitmap import DirtyBitmap
 from nbdsrv.exports.upstream import UpstreamExport
 from nbdsrv.net.address import Address
 from nbdsrv.net.client import NBDClient
-from nbdsrv.net.fast_paths import MAX_POLL_BACKOFF
 from nbdsrv.net.limits import POLL_WINDOW
-from nbdsrv.net.server import NBDConnection, ServerPolicy
+from nbdsrv.net.server import ServerPolicy
+from nbdsrv.net.status_paths import MAX_POLL_BACKOFF, StatusPaths
 from nbdsrv.proto.constants import Command
 from nbdsrv.proto.errors import ReplyError
 from nbdsrv.proto.extents import StatusSource
@@ -382,7 +382,7 @@ def test_a_client_that_only_maps_opens_no_upstream_connection(
 
 def poll_rounds(answers: int) -> int:
     """How many answers poll for a next request when every window passes empty: the rule
-    of NBDConnection._poll (the next 1, 2, 4 … 64 answers skip polling after a miss)."""
+    of StatusPaths.poll_next (the next 1, 2, 4 … 64 answers skip polling after a miss)."""
     polls, skip, backoff = 0, 0, 1
     for _ in range(answers):
         if skip:
@@ -403,13 +403,13 @@ def test_a_client_slower_than_the_poll_window_is_polled_less_and_less(
     """A client in the server's own event loop cannot answer while the server polls, so
     every window passes empty: polling backs off (and never runs with a window of 0)."""
     polls: list[int] = []
-    real = NBDConnection._poll
+    real = StatusPaths._poll
 
-    def counting(connection: NBDConnection) -> None:
+    def counting(status: StatusPaths) -> None:
         polls.append(1)
-        real(connection)
+        real(status)
 
-    monkeypatch.setattr(NBDConnection, "_poll", counting)
+    monkeypatch.setattr(StatusPaths, "_poll", counting)
     answered = spy_on_the_fast_path(monkeypatch)
 
     async def main() -> None:

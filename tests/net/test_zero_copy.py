@@ -61,7 +61,7 @@ async def test_sparse_file_reads_back_with_holes_as_holes(
     client = await NBDClient.connect(address, "disk")
     await client.read(0, 4096)
     # Plain connections write their replies themselves (and so can sendfile), unless not.
-    assert [c._writer is not None for c in server.connections] == [zero_copy]
+    assert [c.output.writer is not None for c in server.connections] == [zero_copy]
     sink = Recorder(0, SIZE)
     client.submit(Command.READ, 0, 0, SIZE, sink)
     assert await sink.future is None
