@@ -3,11 +3,11 @@ host, and a backup server's connection opened before goes on working."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,18 +147,32 @@ def test_garbage_after_the_handshake_is_answered_and_the_connection_goes_on(
 def test_a_20_mb_request_line_is_refused(
     host: Host, fleet_certs: FleetCerts, unaffected: Client
 ) -> None:
-    with tls_connection(host, context(fleet_certs.backup)) as sock:
-        line = b'{"op": "checkpoint-create", "args": {"vm": "web", "name": "' + b"x" * (20 << 20)
+    line = b'{"op": "checkpoint-create", "args": {"vm": "web", "name": "' + b"x" * (20 << 20)
 
-        def send() -> None:
+    async def refused() -> bytes:
+        # asyncio's TLS reads while it writes, in one thread (an ssl.SSLSocket must not be
+        # read and written by two threads at once).
+        tls = context(fleet_certs.backup)
+        reader, writer = await asyncio.open_connection(
+            host.ip, host.remote_port, ssl=tls, server_hostname=host.ip
+        )
+
+        async def send() -> None:
             # The daemon may close the connection before the end: its answer came first.
             with contextlib.suppress(OSError):
-                sock.sendall(line + b'"}}\n')
+                writer.write(line + b'"}}\n')
+                await writer.drain()
 
-        sender = threading.Thread(target=send)
-        sender.start()
-        answer = json.loads(sock.makefile("rb").readline())
-        sender.join(60)
+        sender = asyncio.create_task(send())
+        try:
+            return await asyncio.wait_for(reader.readline(), 60)
+        finally:
+            sender.cancel()
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    answer = json.loads(asyncio.run(refused()))
     assert answer["error"] == {
         "code": "limit",
         "message": "request line longer than 1048576 bytes",
