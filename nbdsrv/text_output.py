@@ -158,4 +158,7 @@ def restores(args: Args, sessions: list[dict[str, Any]]) -> str:
 
 
 def restore_ended(args: Args, result: dict[str, Any]) -> str:
+    if result.get("vm") is not None:
+        where = f"{result['vm']}/{result['disk']} ({result['image']})"
+        return f"restore {result['id']} ended: {where} is the VM's again"
     return f"restore {result['id']} ended: {result['image']} is closed"
