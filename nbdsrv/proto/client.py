@@ -466,19 +466,8 @@ class Transmission:
         if self._staged or self._dest is not None or self.passing or self.extended:
             return False
         magic, flags, rtype, cookie, length, offset = wire.DATA_CHUNK.unpack(head)
-        pending = self._pending.get(cookie)
-        if (
-            magic != STRUCTURED_REPLY_MAGIC
-            or rtype != _OFFSET_DATA
-            or flags != _DONE
-            or pending is None
-            or pending.covered
-            or pending.error is not None
-            or offset != pending.offset
-            or length <= wire.OFFSET_DATA.size
-            or length - wire.OFFSET_DATA.size != pending.length
-            or pending.command != _READ
-        ):
+        pending = self._whole_read(flags, rtype, cookie, length, offset)
+        if magic != STRUCTURED_REPLY_MAGIC or pending is None:
             return False
         if not pending.sink.pass_reply(cookie, offset, pending.length):
             return False
@@ -547,12 +536,11 @@ class Transmission:
             else:
                 raise ProtocolError(f"bad reply magic 0x{magic:x}")
 
-    def _whole(self) -> bool:
-        """The fast path of a pass-through reader: the staged bytes are exactly the header
-        and offset of one data chunk that is the whole reply to a READ (DONE, covering its
-        request), and its sink passes the payload through. Anything else: False, the
-        general parse follows."""
-        _, flags, rtype, cookie, length, offset = wire.DATA_CHUNK.unpack_from(self._stage)
+    def _whole_read(
+        self, flags: int, rtype: int, cookie: int, length: int, offset: int
+    ) -> "_Pending | None":
+        """The READ in flight whose whole reply is the data chunk with these header fields
+        (DONE, covering the request exactly, nothing received for it yet), or None."""
         pending = self._pending.get(cookie)
         if (
             rtype != _OFFSET_DATA
@@ -565,6 +553,17 @@ class Transmission:
             or length - wire.OFFSET_DATA.size != pending.length
             or pending.command != _READ
         ):
+            return None
+        return pending
+
+    def _whole(self) -> bool:
+        """The fast path of a pass-through reader: the staged bytes are exactly the header
+        and offset of one data chunk that is the whole reply to a READ (DONE, covering its
+        request), and its sink passes the payload through. Anything else: False, the
+        general parse follows."""
+        _, flags, rtype, cookie, length, offset = wire.DATA_CHUNK.unpack_from(self._stage)
+        pending = self._whole_read(flags, rtype, cookie, length, offset)
+        if pending is None:
             return False
         if not pending.sink.pass_data(offset, pending.length, True, None):
             return False

@@ -16,8 +16,8 @@ nbdsrv's holds the image. A session still copying from its source is ended only 
 ``abort``.
 
 The copy's state is read from QEMU at each of QEMU's events about the job, and every
-WATCH_INTERVAL: ``streaming`` while the job runs, ``source unreachable`` while it stands
-stopped on a read error (it is resumed every RESUME_INTERVAL: QEMU's nbd client reconnects
+WATCH_INTERVAL (into_disk.py): ``streaming`` while the job runs, ``source unreachable`` while
+it stands stopped on a read error (it is resumed every RESUME_INTERVAL: QEMU's nbd client reconnects
 on the next request), ``ready`` once it has completed and QEMU dropped the backing link,
 ``failed`` if it ended with an error.
 """
@@ -37,13 +37,15 @@ from ..exports.restore import RestoreExport
 from ..net.address import Address
 from ..qemu.errors import QEMUError
 from ..qemu.images import detect_format, one_line
-from ..qemu.monitor import Monitor, QMPEvent
+from ..qemu.monitor import Monitor
 from ..qemu.storage_daemon import StorageDaemon
 from .errors import RestoreError
 from .into_disk import (
+    RESUME_INTERVAL,
     STREAM,
     DiskLiveRestore,
     check_overlay_directory,
+    follow_job,
     overlay_path,
     remove_overlay,
 )
@@ -59,7 +61,6 @@ from .target import (
     close_nodes,
     create_image,
     export_writable,
-    job_info,
     node_size,
     open_image,
     open_source,
@@ -77,12 +78,6 @@ audit = logging.getLogger("nbdsrv.audit")
 
 FORMATS = ("qcow2", "raw")
 EXPORT_PREFIX = "restore/"
-# Seconds between looks at a live restore's copy job.
-WATCH_INTERVAL = 0.5
-# QEMU's news of a job: its state changed, it stopped on an error, it ended.
-JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
-# Seconds between attempts to resume a copy stopped by an unreachable source.
-RESUME_INTERVAL = 2.0
 
 # Tries to open a session again while a dying QEMU still holds the image's lock.
 LOCK_RETRIES = 20
@@ -358,23 +353,29 @@ class RestoreSessions:
         if request.source is not None and parse_source(request.source).tls:
             self._tls_directory()  # refuses now when there are no certificates
         image = self._embedded(request.vm).restore_image(request.disk)
-        for other in self.sessions.values():
-            if os.path.realpath(other.record.image) == os.path.realpath(image.path):
-                raise RestoreError(f"{image.path} is being restored already (restore {other.id})")
+        return self._disk_record(request, str(image.path), image.format)
+
+    def _disk_record(
+        self, request: BeginRestore, image: str, fmt: str, libvirt: str | None = None
+    ) -> RestoreRecord:
+        """The record of a restore into the disk whose image is ``image`` (with --source, its
+        overlay beside it); refused when that image is being restored already."""
+        self._not_restored_already(image)
         session_id = secrets.token_hex(4)
         overlay = None
         if request.source is not None:
-            check_overlay_directory(str(image.path))
-            overlay = overlay_path(str(image.path), session_id)
+            check_overlay_directory(image)
+            overlay = overlay_path(image, session_id)
         return RestoreRecord(
             id=session_id,
-            image=str(image.path),
-            format=image.format,
+            image=image,
+            format=fmt,
             size=0,
             step="opening",
             created_image=False,
             vm=request.vm,
             disk=request.disk,
+            libvirt=libvirt,
             source=request.source,
             overlay=overlay,
             live_step=STREAM if overlay is not None else None,
@@ -397,26 +398,7 @@ class RestoreSessions:
             self._tls_directory()  # refuses now when there are no certificates
         assert request.vm is not None
         disk = await self.libvirt.resolve(request.vm, request.disk)
-        self._not_restored_already(disk.path)
-        session_id = secrets.token_hex(4)
-        overlay = None
-        if request.source is not None:
-            check_overlay_directory(disk.path)
-            overlay = overlay_path(disk.path, session_id)
-        return RestoreRecord(
-            id=session_id,
-            image=disk.path,
-            format=disk.format,
-            size=0,
-            step="opening",
-            created_image=False,
-            vm=request.vm,
-            disk=request.disk,
-            libvirt=disk.uri,
-            source=request.source,
-            overlay=overlay,
-            live_step=STREAM if overlay is not None else None,
-        )
+        return self._disk_record(request, disk.path, disk.format, libvirt=disk.uri)
 
     def _not_restored_already(self, image: str) -> None:
         for other in self.sessions.values():
@@ -723,53 +705,29 @@ class RestoreSessions:
     # -- the copy from the source ----------------------------------------------------------------
 
     async def _watch(self, session: RestoreSession) -> None:
+        """Follow the copy (progress, a stopped job resumed while the source is away) until
+        it ends."""
         monitor, job = session.monitor, session.nodes.job
         assert monitor is not None
-        news = asyncio.Event()
-
-        def about_the_job(event: QMPEvent) -> None:
-            if event.data.get("device") == job or event.data.get("id") == job:
-                news.set()
-
-        unsubscribe = monitor.subscribe(JOB_EVENTS, about_the_job)
-        try:
-            await self._follow(session, monitor, job, news)
-        finally:
-            unsubscribe()
-
-    async def _follow(
-        self, session: RestoreSession, monitor: Monitor, job: str, news: asyncio.Event
-    ) -> None:
-        """Look at the job when QEMU sends news of it, and every WATCH_INTERVAL (the
-        progress, and the safety net)."""
-        last_resume = 0.0
         loop = asyncio.get_running_loop()
-        while True:
-            news.clear()
-            try:
-                info = await job_info(monitor, job)
-            except QEMUError as e:
-                log.warning("restore %s: cannot look at the copy: %s", session.id, e)
-                info = {}
-            if info is None or info.get("status") == "concluded":
-                await self._copy_ended(session, info)
-                return
-            if info:
-                copied = int(info.get("offset", 0))
-                if session.prefetch is not None:
-                    copied = session.prefetch.copied(copied)
-                session.streamed_bytes = max(session.streamed_bytes, copied)
-                stopped = info.get("status") == "paused" or info.get("io-status", "ok") != "ok"
-                if stopped:
-                    session.state = UNREACHABLE
-                    if loop.time() - last_resume >= RESUME_INTERVAL:
-                        last_resume = loop.time()
-                        with contextlib.suppress(QEMUError):
-                            await monitor.execute("block-job-resume", {"device": job})
-                else:
-                    session.state = STREAMING
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(news.wait(), WATCH_INTERVAL)
+        last_resume = 0.0
+
+        async def look(info: dict[str, Any]) -> None:
+            nonlocal last_resume
+            copied = int(info.get("offset", 0))
+            if session.prefetch is not None:
+                copied = session.prefetch.copied(copied)
+            session.streamed_bytes = max(session.streamed_bytes, copied)
+            if info.get("status") == "paused" or info.get("io-status", "ok") != "ok":
+                session.state = UNREACHABLE
+                if loop.time() - last_resume >= RESUME_INTERVAL:
+                    last_resume = loop.time()
+                    with contextlib.suppress(QEMUError):
+                        await monitor.execute("block-job-resume", {"device": job})
+            else:
+                session.state = STREAMING
+
+        await self._copy_ended(session, await follow_job(monitor, job, ("concluded",), look))
 
     async def _copy_ended(self, session: RestoreSession, info: dict[str, Any] | None) -> None:
         monitor, nodes = session.monitor, session.nodes

@@ -34,20 +34,21 @@ class Source:
     def uri(self) -> str:
         return f"nbd+unix:///backup?socket={self.socket}"
 
+    def argv(self) -> list[str]:
+        return [
+            *(require_tool("qemu-nbd"), "-r", "-t", "-x", "backup"),
+            *("-k", str(self.socket), "-f", "qcow2", str(self.image)),
+        ]
+
     async def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                *(require_tool("qemu-nbd"), "-r", "-t", "-x", "backup"),
-                *("-k", str(self.socket), "-f", "qcow2", str(self.image)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         for _ in range(200):
             if self.socket.exists():
                 return
             await asyncio.sleep(0.05)
-        raise AssertionError("qemu-nbd did not start")
+        raise AssertionError(f"{self.argv()[0]} did not start")
 
     def kill(self) -> None:
         if self.proc is not None:

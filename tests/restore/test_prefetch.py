@@ -7,7 +7,6 @@ so the copy lasts while the client writes. Checked by sha256."""
 import asyncio
 import json
 import random
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from nbdsrv.restore.sessions import BeginRestore
 from tests.harness.tools import require_tool
 from tests.restore.conftest import Served, image_sha256, nbdsh, tool
-from tests.restore.test_live import file_sha256_of, wait_state
+from tests.restore.test_live import Source, file_sha256_of, wait_state
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -24,40 +23,19 @@ SIZE = 32 * MiB
 SOURCE_RATE = "16M"
 
 
-class SlowSource:
-    """nbdkit serving ``raw`` read-only on ``socket``, at SOURCE_RATE."""
-
-    def __init__(self, raw: Path, socket: Path) -> None:
-        self.raw = raw
-        self.socket = socket
-        self.proc: subprocess.Popen[bytes] | None = None
+class SlowSource(Source):
+    """nbdkit serving ``image`` (raw) read-only on ``socket``, at SOURCE_RATE."""
 
     @property
     def uri(self) -> str:
         return f"nbd+unix:///?socket={self.socket}"
 
-    async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                *(require_tool("nbdkit"), "--foreground", "--readonly", "--exit-with-parent"),
-                *("--filter=rate", "-U", str(self.socket)),
-                *("file", str(self.raw), f"rate={SOURCE_RATE}"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            if self.socket.exists():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("nbdkit did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-        self.socket.unlink(missing_ok=True)
+    def argv(self) -> list[str]:
+        return [
+            *(require_tool("nbdkit"), "--foreground", "--readonly", "--exit-with-parent"),
+            *("--filter=rate", "-U", str(self.socket)),
+            *("file", str(self.image), f"rate={SOURCE_RATE}"),
+        ]
 
 
 @pytest.fixture
