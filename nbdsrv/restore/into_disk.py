@@ -18,7 +18,8 @@ Steps (``live_step`` of the restore record, written before each one begins):
 
 ``stream``  T is exported at once (reads as the source; writes land in T) and
             ``block-stream`` (job "rs-ID-stream", ``on-error=stop``) pulls every block not
-            yet in T, as a live restore into an image does. The disk is not touched.
+            yet in T, as a live restore into an image does, with prefetch.py's parallel
+            copy-on-read beside it (stopped when the stream ends). The disk is not touched.
 ``mirror``  T stands alone; the source's node is gone. ``blockdev-mirror`` copies all of T
             into the disk node; the export's writes go to T and, write-blocking, to the disk.
 ``pivot``   the mirror converged (READY: with write-blocking every acknowledged write is in
@@ -43,9 +44,11 @@ from dataclasses import replace
 from typing import Any
 
 from ..backup.crash_points import crash_point
+from ..net.address import Address
 from ..qemu.errors import QEMUError, QEMUGoneError
 from ..qemu.monitor import Monitor, QMPEvent
 from .errors import RestoreError
+from .prefetch import Prefetch
 from .source import Source
 from .states import FAILED, READY, STREAMING, UNREACHABLE
 from .target import (
@@ -125,6 +128,7 @@ class DiskLiveRestore:
         tls_directory: Callable[[], str],
         speed: int = 0,
         qemu_img: str = "qemu-img",
+        prefetch_address: Address | None = None,
     ) -> None:
         if step not in STEPS:
             raise RestoreError(f"unknown live restore step {step!r}")
@@ -140,6 +144,10 @@ class DiskLiveRestore:
         self.speed = speed
         self.qemu_img = qemu_img
         self.mirror_job = f"{nodes.image}-mirror"
+        # Where the QEMU's NBD server listens: the stream gets prefetch.py's parallel
+        # copy-on-read there (not with a speed limit, which is block-stream's alone).
+        self.prefetch_address = prefetch_address
+        self.prefetch: Prefetch | None = None
 
     # -- opening (begin, or again after a restart) -----------------------------------------------
 
@@ -194,6 +202,13 @@ class DiskLiveRestore:
             await self._open_overlay(backing=self.nodes.source)
             await export_writable(self.monitor, self.nodes.image, self.nodes.export)
             await start_stream(self.monitor, self.nodes, self.speed)
+            if self.prefetch_address is not None and not self.speed:
+                prefetch = Prefetch(
+                    self.monitor, self.nodes.image, self.prefetch_address, self.nodes.prefetch,
+                    self.size,
+                )  # fmt: skip
+                if await prefetch.start():
+                    self.prefetch = prefetch
         except BaseException:
             if created:
                 remove_overlay(self.overlay)
@@ -251,9 +266,14 @@ class DiskLiveRestore:
         loop = asyncio.get_running_loop()
         last_resume = 0.0
 
+        streamed = 0
+
         async def look(info: dict[str, Any]) -> None:
-            nonlocal last_resume
+            nonlocal last_resume, streamed
             offset = int(info.get("offset", 0))
+            if self.prefetch is not None:
+                offset = self.prefetch.copied(offset)
+            streamed = offset = max(streamed, offset)
             if info.get("status") == "paused" or info.get("io-status", "ok") != "ok":
                 report(UNREACHABLE, offset, None)
                 if loop.time() - last_resume >= RESUME_INTERVAL:
@@ -264,6 +284,7 @@ class DiskLiveRestore:
                 report(STREAMING, offset, None)
 
         info = await follow_job(self.monitor, self.nodes.job, ("concluded",), look)
+        await self._stop_prefetch()
         error = await self._ended(self.nodes.job, info)
         if error:
             report(FAILED, 0, f"copy from the source failed: {error}")
@@ -325,8 +346,14 @@ class DiskLiveRestore:
         await self.close()
         remove_overlay(self.overlay)
 
+    async def _stop_prefetch(self) -> None:
+        prefetch, self.prefetch = self.prefetch, None
+        if prefetch is not None:
+            await prefetch.stop()
+
     async def close(self) -> None:
         """Take QEMU's side away (jobs, export, T's and the source's nodes); T's file stays."""
+        await self._stop_prefetch()
         await cancel_job(self.monitor, self.nodes.job)
         await cancel_job(self.monitor, self.mirror_job)
         await remove_export(self.monitor, self.nodes.export)

@@ -474,7 +474,7 @@ class RestoreSessions:
         """The steps of into_disk.py into ``disk_node`` and ``restore/ID`` on ``address``;
         what this opened is undone on failure (the disk node stays)."""
         size = await node_size(monitor, disk_node)
-        live = self._live_into_disk(record, monitor, disk_node, size)
+        live = self._live_into_disk(record, monitor, disk_node, size, address)
         await live.open(new=not resumed)
         export: RestoreExport | None = None
         try:
@@ -508,7 +508,7 @@ class RestoreSessions:
             )
 
     def _live_into_disk(
-        self, record: RestoreRecord, monitor: Monitor, disk_node: str, size: int
+        self, record: RestoreRecord, monitor: Monitor, disk_node: str, size: int, address: Address
     ) -> DiskLiveRestore:
         assert record.source is not None and record.overlay is not None
         assert record.live_step is not None
@@ -523,6 +523,7 @@ class RestoreSessions:
             tls_directory=self._tls_directory,
             speed=self.stream_speed,
             qemu_img=self.qemu_img,
+            prefetch_address=address,
         )
 
     async def _run_live(self, session: RestoreSession, live: DiskLiveRestore) -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from nbdsrv.restore.sessions import BeginRestore
+from tests.conftest import StartDaemon
 from tests.harness.tools import require_tool
 from tests.restore.conftest import Served, image_sha256, nbdsh, tool
 from tests.restore.test_live import Source, file_sha256_of, wait_state
+from tests.restore.test_live_disk import read_all
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -138,3 +140,37 @@ async def test_abort_mid_prefetch_leaves_nothing_of_ours(
     info = json.loads(await tool("qemu-img", "info", "--output=json", str(image)))
     assert info["format"] == "qcow2" and "backing-filename" not in info
     await tool("qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image))
+
+
+async def test_writes_during_the_prefetch_into_a_disk_are_never_lost(
+    nbdsrv_daemons: StartDaemon,
+    short_dir: Path,
+    tmp_path: Path,
+    slow_source: tuple[SlowSource, bytes],
+) -> None:
+    """``VM --disk DISK --source``: the stream into the overlay has the prefetch too; writes
+    racing it land, and the disk ends as the source with the writes."""
+    source, data = slow_source
+    disk = tmp_path / "disk.qcow2"
+    await tool("qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(SIZE))
+    daemon = nbdsrv_daemons("--listen", f"unix:{short_dir / 'nbd.sock'}", "--image", f"vm1={disk}")
+    began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", source.uri)
+    assert began["state"] == "streaming", began
+    # The prefetch's own export sits beside the restore's on the QSD that holds the disk.
+    qsd = f"nbd+unix:///?socket={daemon.state_dir}/vm1.live.sock"
+    listed = json.loads(await tool("nbdinfo", "--list", "--json", qsd))
+    assert f"rs-{began['id']}-pf" in [e["export-name"] for e in listed["exports"]], listed
+    writes = patterns(7, 40)
+    await nbdsh(began["uri"], write_script(writes))
+    [during] = daemon.json("restore", "list")
+    assert during["state"] == "streaming", during
+    for _ in range(1200):
+        [info] = daemon.json("restore", "list")
+        if info["state"] in ("ready", "failed"):
+            break
+        await asyncio.sleep(0.1)
+    assert info["state"] == "ready" and info["streamed_bytes"] == SIZE, info
+    daemon.json("restore", "end", began["id"])
+    live = f"nbd+unix:///disk0?socket={daemon.state_dir}/vm1.live.sock"
+    assert read_all(live, tmp_path / "now.raw") == applied(data, writes)
+    assert "no prefetch" not in daemon.log_path.read_text()
