@@ -294,9 +294,9 @@ class ReadRelay:
         return None
 
 
-class _Acknowledged:
-    """The reply to a relayed write, zeroes, trim, flush or cache request: QEMU's errno
-    passes through (ENOSPC, ENOTSUP for a FAST_ZERO it cannot do fast, …)."""
+class _Sink:
+    """What every reply sink of the relay has: its request, the first error it saw, and no
+    pass-through unless a subclass offers one."""
 
     def __init__(self, relay: ReadRelay, request: Request) -> None:
         self.relay = relay
@@ -308,6 +308,11 @@ class _Acknowledged:
 
     def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
         return False
+
+
+class _Acknowledged(_Sink):
+    """The reply to a relayed write, zeroes, trim, flush or cache request: QEMU's errno
+    passes through (ENOSPC, ENOTSUP for a FAST_ZERO it cannot do fast, …)."""
 
     def data_buffer(self, offset: int, length: int) -> memoryview:
         self.error = (Errno.EIO, "data in the reply to a write")  # QEMU never sends it
@@ -342,19 +347,8 @@ class _Acknowledged:
 _ERRNOS = frozenset(int(code) for code in Errno if code != Errno.OK)
 
 
-class _Read(ABC):
+class _Read(_Sink, ABC):
     """The reply to one relayed READ (a ReplySink of the upstream client)."""
-
-    def __init__(self, relay: ReadRelay, request: Request) -> None:
-        self.relay = relay
-        self.request = request
-        self.error: tuple[Errno, str] | None = None
-
-    def pass_data(self, offset: int, length: int, last: bool, error: ReplyError | None) -> bool:
-        return False
-
-    def pass_reply(self, cookie: int, offset: int, length: int) -> bool:
-        return False
 
     def block_status(self, context_id: int, extents: list[tuple[int, int]]) -> None:
         self.error = (Errno.EIO, "block status in a READ reply")  # QEMU never sends it
