@@ -140,17 +140,20 @@ def restore(args: Args, session: dict[str, Any]) -> str:
 
 
 def restores(args: Args, sessions: list[dict[str, Any]]) -> str:
-    rows = [("RESTORE", "STATE", "INTO", "WRITTEN", "STREAMED", "OF")]
+    rows = [("RESTORE", "STATE", "STEP", "INTO", "WRITTEN", "STREAMED", "MIRRORED", "OF")]
     for session in sessions:
         into = f"{session['vm']}/{session['disk']}" if session.get("vm") else session["image"]
         streamed = str(session["streamed_bytes"]) if session.get("source") else "-"
+        mirrored = session.get("mirrored_bytes")
         rows.append(
             (
                 session["id"],
                 session["state"],
+                session.get("step") or "-",
                 into,
                 str(session["written_bytes"]),
                 streamed,
+                "-" if mirrored is None else str(mirrored),
                 str(session["size"]),
             )
         )

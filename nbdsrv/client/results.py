@@ -123,6 +123,8 @@ class Restore(TypedDict):
     error: str | None
     written_bytes: int
     streamed_bytes: int
+    step: str | None
+    mirrored_bytes: int | None
 
 
 class RestoreEnded(Restore):

@@ -27,6 +27,10 @@ Steps (``live_step`` of the restore record, written before each one begins):
             disk node. From here on the disk is the restored one.
 ``None``    done: T's nodes and file are gone; the export sits on the disk node.
 
+``restore list`` shows the step (``step``) and, from the mirror on, how far the copy into the
+disk is (``mirrored_bytes``, from the mirror job at each look); ``state`` stays ``streaming``
+until the pivot is done.
+
 A restarted daemon (its QEMU died with it) repeats the step: ``stream`` streams again into T
 (blocks already in T are not copied again), ``mirror`` mirrors all of T again, ``pivot`` is
 done (the disk holds everything; T is removed).
@@ -75,6 +79,10 @@ STEPS = (STREAM, MIRROR, PIVOT)
 
 # Seconds between looks at a job (QEMU's events wake the look earlier).
 WATCH_INTERVAL = 0.5
+# The mirror's buffer under a speed limit: a quarter second's worth, within one request of
+# QEMU's (1 MiB) and QEMU's own default (16 MiB).
+MIRROR_BUFFER_MIN = 1 << 20
+MIRROR_BUFFER_MAX = 16 << 20
 # Seconds between attempts to resume a copy stopped by an unreachable source.
 RESUME_INTERVAL = 2.0
 JOB_EVENTS = (
@@ -144,6 +152,9 @@ class DiskLiveRestore:
         self.speed = speed
         self.qemu_img = qemu_img
         self.mirror_job = f"{nodes.image}-mirror"
+        # How far the copy into the disk is, in bytes of the disk (restore list's
+        # mirrored_bytes): 0 until the mirror runs, the size once the disk is in sync.
+        self.mirrored_bytes = 0
         # Where the QEMU's NBD server listens: the stream gets prefetch.py's parallel
         # copy-on-read there (not with a speed limit, which is block-stream's alone).
         self.prefetch_address = prefetch_address
@@ -169,6 +180,7 @@ class DiskLiveRestore:
                 # The pivot was asked: the disk holds every acknowledged write.
                 remove_overlay(self.overlay)
                 self.step = None
+                self.mirrored_bytes = self.size
                 await export_writable(self.monitor, self.disk_node, self.nodes.export)
         except BaseException as e:
             with contextlib.suppress(QEMUError):
@@ -225,7 +237,9 @@ class DiskLiveRestore:
         # sync=full: blocks the stream left unallocated in T (a source's hole that QEMU did
         # not take for zeroes) read as zeroes and must overwrite the disk too; sync=top would
         # skip them.
-        # speed: NBDSRV_RESTORE_SPEED limits this copy too (it is part of the background copy).
+        # speed: NBDSRV_RESTORE_SPEED limits this copy too (it is part of the background copy);
+        # buf-size: with QEMU's default (16 MiB in flight) the job copies 16 MiB at once and
+        # then sleeps off the limit, so a limit gets a buffer of a quarter second's worth.
         # write-blocking: once READY, every acknowledged write is in T and in the disk, so a
         # kill during the pivot loses nothing whichever side QEMU's export was on.
         await self.monitor.execute(
@@ -238,6 +252,7 @@ class DiskLiveRestore:
                 "copy-mode": "write-blocking",
                 "auto-dismiss": False,
                 "speed": self.speed,
+                **({"buf-size": mirror_buffer(self.speed)} if self.speed else {}),
             },
         )
 
@@ -298,11 +313,15 @@ class DiskLiveRestore:
         return True
 
     async def _mirror(self, report: Report, save_step: SaveStep) -> bool:
-        info = await follow_job(self.monitor, self.mirror_job, ("ready", "concluded"), None)
+        async def look(info: dict[str, Any]) -> None:
+            self.mirrored_bytes = max(self.mirrored_bytes, mirror_progress(info, self.size))
+
+        info = await follow_job(self.monitor, self.mirror_job, ("ready", "concluded"), look)
         if info is None or info.get("status") != "ready":
             error = await self._ended(self.mirror_job, info) or "it ended before it converged"
             report(FAILED, self.size, f"copy into the disk failed: {error}")
             return False
+        self.mirrored_bytes = self.size  # in sync: every block of T is in the disk
         save_step(PIVOT)
         self.step = PIVOT
         crash_point("restore-disk-pivot")
@@ -358,6 +377,21 @@ class DiskLiveRestore:
         await cancel_job(self.monitor, self.mirror_job)
         await remove_export(self.monitor, self.nodes.export)
         await close_nodes(self.monitor, self.nodes)
+
+
+def mirror_buffer(speed: int) -> int:
+    """blockdev-mirror's buf-size under a limit of ``speed`` bytes a second."""
+    return min(MIRROR_BUFFER_MAX, max(MIRROR_BUFFER_MIN, speed // 4))
+
+
+def mirror_progress(info: dict[str, Any], size: int) -> int:
+    """The mirror job's progress (``offset`` of ``len`` in query-block-jobs) in bytes of a
+    disk of ``size``. ``len`` is not the disk's size: it grows when writes make copied blocks
+    dirty again and by each write the export passes through to the disk (write-blocking)."""
+    done, total = int(info.get("offset", 0)), int(info.get("len", 0))
+    if total <= 0:
+        return 0
+    return min(size, size * done // total)
 
 
 async def follow_job(

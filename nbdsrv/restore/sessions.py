@@ -293,6 +293,8 @@ class RestoreSessions:
             "error": session.error,
             "written_bytes": export.written_bytes if export is not None else 0,
             "streamed_bytes": session.streamed_bytes,
+            "step": _live_step(record),
+            "mirrored_bytes": _mirrored_bytes(session),
         }
 
     # -- begin --------------------------------------------------------------------------------
@@ -768,6 +770,26 @@ def stream_speed_from_environment() -> int:
     if value < 0:
         raise RestoreError("NBDSRV_RESTORE_SPEED must not be negative")
     return value
+
+
+def _live_step(record: RestoreRecord) -> str | None:
+    """The copy a live restore is at: ``stream`` (from the source), into a disk then
+    ``mirror`` and ``pivot`` (into_disk.py); None when no copy is left (or none was asked)."""
+    if record.overlay is not None:
+        return record.live_step
+    if record.source is not None and not record.ready:
+        return STREAM
+    return None
+
+
+def _mirrored_bytes(session: RestoreSession) -> int | None:
+    """Bytes of the disk the copy from the overlay has passed (a live restore into a disk)."""
+    record = session.record
+    if record.overlay is None:
+        return None
+    if session.live is not None:
+        return session.live.mirrored_bytes
+    return record.size if record.ready else 0
 
 
 def _settled(record: RestoreRecord) -> str:

@@ -11,7 +11,7 @@ from tests.restore.conftest import file_sha256
 MiB = 1024 * 1024
 CONTRACT_FIELDS = {
     "id", "image", "vm", "disk", "format", "size", "export", "uri", "uris", "source", "state",
-    "error", "written_bytes", "streamed_bytes",
+    "error", "written_bytes", "streamed_bytes", "step", "mirrored_bytes",
 }  # fmt: skip
 
 
