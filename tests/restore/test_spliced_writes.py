@@ -16,6 +16,7 @@ import uvloop
 from nbdsrv.exports.catalog import ExportCatalog
 from nbdsrv.net import write_intake
 from nbdsrv.net.address import Address
+from nbdsrv.net.client import NBDClient
 from nbdsrv.net.server import NBDServer, ServerPolicy
 from nbdsrv.net.tls import server_context
 from nbdsrv.proto.server import TLSMode
@@ -135,6 +136,28 @@ async def test_mixed_requests_on_one_connection(
     await restore.sessions.end(began["id"])
     assert await image_sha256(image) == file_sha256(expected)
     assert 5 in spliced and any(n > 1 * MiB for n in spliced)
+
+
+async def test_extended_headers(restore: Served, tmp_path: Path, spliced: list[int]) -> None:
+    """A client with 64-bit headers (nbdsrv's NBDClient): WRITEs with PAYLOAD_LEN, one FUA;
+    QEMU's link has compact headers."""
+    began = await restore.sessions.begin(
+        BeginRestore(image=str(tmp_path / "t.qcow2"), size=8 * MiB)
+    )
+    client = await NBDClient.connect(Address("unix", path=restore.socket), began["export"])
+    try:
+        assert client.extended
+        await client.flush()  # opens the upstream link
+        first, second = random.Random(4).randbytes(3 * MiB + 7), random.Random(5).randbytes(999)
+        await client.write(12345, first)
+        await client.write(5 * MiB + 1, second, flags=1)  # FUA
+        assert await client.read(12345, len(first)) == first
+        assert await client.read(5 * MiB + 1, len(second)) == second
+    finally:
+        await client.close()
+    assert spliced == [len(first), len(second)]
+    assert restore.sessions.list()[0]["written_bytes"] == len(first) + len(second)
+    await restore.sessions.end(began["id"])
 
 
 async def _connected(restore: Served, export: str) -> RawClient:
