@@ -231,22 +231,41 @@ async def test_qemu_gone_in_the_middle_of_a_payload(
     assert await image_sha256(image) == file_sha256(tmp_path / "expected.raw")
 
 
-@pytest.fixture
-async def restore_tls(short_dir: Path, certs: Certs) -> AsyncIterator[Served]:
-    server = NBDServer(
-        ExportCatalog(),
-        ServerPolicy(
-            tls=TLSMode.REQUIRE,
-            tls_context=server_context(
-                str(certs.server / "server-cert.pem"), str(certs.server / "server-key.pem")
-            ),
-        ),
-    )
-    socket = str(short_dir / "tls.nbd")
+async def _served(short_dir: Path, policy: ServerPolicy) -> Served:
+    server = NBDServer(ExportCatalog(), policy)
+    socket = str(short_dir / "custom.nbd")
     await server.listen(Address("unix", path=socket))
     state_dir = str(short_dir / "state")
     sessions = RestoreSessions(server.catalog, server.addresses, state_dir)
-    served = Served(sessions, server, socket, state_dir)
+    return Served(sessions, server, socket, state_dir)
+
+
+async def test_writes_wait_for_the_limits(
+    short_dir: Path, tmp_path: Path, spliced: list[int]
+) -> None:
+    """Limits so tight that WRITE headers wait, held, for replies before their payloads
+    are moved (and reading stops and starts again)."""
+    served = await _served(short_dir, ServerPolicy(max_in_flight=3, max_buffered=300 * 1024))
+    try:
+        size = 24 * MiB
+        source = tmp_path / "random.raw"
+        source.write_bytes(random.Random(9).randbytes(size))
+        image = tmp_path / "restored.qcow2"
+        began = await served.sessions.begin(BeginRestore(image=str(image), size=size))
+        await tool("nbdcopy", "--connections=1", str(source), served.uri(began["export"]))
+        await served.sessions.end(began["id"])
+        assert await image_sha256(image) == file_sha256(source)
+        assert sum(spliced) >= size - MiB
+    finally:
+        await stop(served)
+
+
+@pytest.fixture
+async def restore_tls(short_dir: Path, certs: Certs) -> AsyncIterator[Served]:
+    context = server_context(
+        str(certs.server / "server-cert.pem"), str(certs.server / "server-key.pem")
+    )
+    served = await _served(short_dir, ServerPolicy(tls=TLSMode.REQUIRE, tls_context=context))
     try:
         yield served
     finally:
