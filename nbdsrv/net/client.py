@@ -414,10 +414,6 @@ class NBDClient:
         writer = self._link.writer
         return writer.pipe_bytes if writer is not None else 0
 
-    @property
-    def writes_directly(self) -> bool:
-        return self._link.writer is not None
-
     # -- requests -------------------------------------------------------------------------
 
     def submit(
