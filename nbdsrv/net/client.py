@@ -25,6 +25,7 @@ from ..proto.constants import Command, CommandFlag, Errno
 from ..proto.errors import NBDError, ProtocolError, ReplyError
 from ..proto.extents import Extent
 from .address import Address
+from .direct_writer import DirectWriter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class _Link(asyncio.BufferedProtocol):
         self._flush: Flush | None = None
         self._peek = bytearray(_PEEK)
         self._reading = False
+        # Set once requests are written to the socket here, not through the transport
+        # (write_directly); _wake is called when it can take more or the link is gone.
+        self.writer: DirectWriter | None = None
+        self._wake: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -130,6 +135,27 @@ class _Link(asyncio.BufferedProtocol):
         self.transport.pause_reading()
         self.core.passthrough = True
         self.resume_reading()
+
+    def write_directly(self, wake: Callable[[], None]) -> bool:
+        """From now on write requests to the socket here, so that payloads can be spliced
+        into it (False, nothing changed, while the transport still holds bytes)."""
+        transport = self.transport
+        if self.closed is not None or transport is None or transport.get_write_buffer_size():
+            return False
+        self.writer = DirectWriter(
+            transport.get_extra_info("socket"),
+            on_drained=wake,
+            on_pressure=lambda high: None,  # bounded by the caller: headers and its pipe
+            on_failed=lambda e: self.abort(ConnectionClosed(f"writing to the server: {e}")),
+        )
+        self._wake = wake
+        return True
+
+    def send(self, items: Sequence[bytes]) -> None:
+        if self.writer is not None:
+            self.writer.write(items)
+        elif self.transport is not None:
+            self.transport.writelines(items)
 
     def resume_reading(self) -> None:
         if self._direct is not None and not self._reading and self.closed is None:
@@ -210,6 +236,10 @@ class _Link(asyncio.BufferedProtocol):
             self._pause_reading()
             self._direct.close()
             self._direct = None
+        if self.writer is not None and not self.writer.closed:
+            self.writer.close()
+            if self._wake is not None:
+                asyncio.get_running_loop().call_soon(self._wake)
         if not self.ready.done():
             self.ready.set_exception(
                 error if isinstance(error, NBDError) else ConnectionClosed(str(error))
@@ -336,6 +366,54 @@ class NBDClient:
         """The mover can take bytes again."""
         self._link.resume_reading()
 
+    def write_directly(self, wake: Callable[[], None]) -> bool:
+        """Write requests to the socket itself from now on, so that a WRITE's payload can
+        be spliced in behind its header (:meth:`begin_write`); ``wake`` is called when
+        payload bytes queued (:attr:`pipe_bytes`) have left, or the link is gone. False,
+        nothing changed, when that cannot be now."""
+        return self._link.write_directly(wake)
+
+    def begin_write(
+        self, flags: int, offset: int, length: int, sink: ReplySink, cookie: int
+    ) -> None:
+        """Send a WRITE's header whose ``length`` bytes of payload the caller sends next
+        with :meth:`write_payload`, then :meth:`end_write`; nothing else goes out in
+        between. Only with :meth:`write_directly`. Raises ConnectionClosed as submit."""
+        link = self._link
+        writer = link.writer
+        assert writer is not None and self._corked is None
+        if link.closed is not None or writer.closed:
+            raise ConnectionClosed(f"connection closed: {link.closed}")
+        if cookie in self._core:
+            cookie = next(self._cookies)
+            while cookie in self._core:
+                cookie = next(self._cookies)
+        flags &= ~_PAYLOAD_LEN
+        if self.extended:
+            flags |= _PAYLOAD_LEN
+        header = self._core.request(cookie, Command.WRITE, flags, offset, length, sink)
+        writer.open_stream()
+        writer.stream((header,))
+
+    def write_payload(self, fd: int, length: int) -> None:
+        """``length`` bytes of the WRITE begun, waiting in the pipe ``fd``."""
+        writer = self._link.writer
+        assert writer is not None
+        if not writer.closed:
+            writer.stream_pipe(fd, length)
+
+    def end_write(self) -> None:
+        writer = self._link.writer
+        assert writer is not None
+        if not writer.closed:
+            writer.close_stream()
+
+    @property
+    def pipe_bytes(self) -> int:
+        """Payload bytes handed to :meth:`write_payload` that have not left yet."""
+        writer = self._link.writer
+        return writer.pipe_bytes if writer is not None else 0
+
     # -- requests -------------------------------------------------------------------------
 
     def submit(
@@ -383,8 +461,7 @@ class NBDClient:
         if self._corked is not None:
             self._corked.append(data)
         else:
-            assert self._link.transport is not None
-            self._link.transport.write(data)
+            self._link.send((data,))
 
     def cork(self) -> None:
         """Hold requests until :meth:`uncork`, to send a burst in one write."""
@@ -396,9 +473,9 @@ class NBDClient:
         if corked and self._link.closed is None and self._link.transport is not None:
             if self._corked_payloads:
                 # WRITE payloads: handed over as they are, not copied into one buffer.
-                self._link.transport.writelines(corked)
+                self._link.send(corked)
             else:
-                self._link.transport.write(b"".join(corked))
+                self._link.send((b"".join(corked),))
         self._corked_payloads = False
 
     async def _call(
@@ -451,7 +528,7 @@ class NBDClient:
             await link._drained
         transport = link.transport
         if link.closed is None and transport is not None:
-            transport.write(self._core.disconnect())
+            link.send((self._core.disconnect(),))
             link.closed = ConnectionClosed("closed by client")
             transport.close()
         if transport is not None and not transport.is_closing():

@@ -53,7 +53,7 @@ class FlowControl:
         self.relayed = 0
         # Reply bytes the requests in flight may hold (request_cost).
         self.in_flight_bytes = 0
-        self.reading_paused = False
+        self.reading_paused: bool = False
         self.writing_paused = False
         self.tls_handshake = False
 
@@ -91,11 +91,13 @@ class FlowControl:
             or connection.core.backlog
             or self.full()
         )
+        # A connection whose writes are spliced reads its socket itself (write_intake).
+        reader = connection.reads.intake or transport
         if want_pause and not self.reading_paused:
-            transport.pause_reading()
+            reader.pause_reading()
             self.reading_paused = True
-        elif not want_pause and self.reading_paused and not transport.is_closing():
-            transport.resume_reading()
+        elif not want_pause and self.reading_paused and not reader.is_closing():
+            reader.resume_reading()
             self.reading_paused = False
 
     def pause_for_tls(self, transport: asyncio.Transport) -> None:

@@ -15,6 +15,7 @@ from ..proto.server import Request
 from .dispatcher import COMMAND_NAMES
 from .flow_control import request_cost
 from .relay import ReadRelay
+from .write_intake import WriteIntake
 
 if TYPE_CHECKING:
     from .server import NBDConnection
@@ -35,6 +36,9 @@ class ReadPaths:
         # Opened at the first READ (or write): a client that only maps (nbdinfo, qemu-img
         # map) costs neither nbdsrv nor QEMU an upstream handshake.
         self.upstream_wanted = False
+        # Reads the client's socket itself once the relay is there, to splice WRITE
+        # payloads upstream (plain connections to a writable export; write_intake).
+        self.intake: WriteIntake | None = None
 
     def reply(self, export: Export, request: Request, segments: list[Segment]) -> None:
         """Answer a READ with what the export returned for it."""
@@ -103,6 +107,8 @@ class ReadPaths:
             writer=connection.output.writer,
             fatal=self._reply_cut,
         )
+        if export.writable and connection.policy.zero_copy:
+            self.intake = WriteIntake.start(connection, self.relay)
 
     def _reply_cut(self, reason: str) -> None:
         connection = self._connection
@@ -180,3 +186,5 @@ class ReadPaths:
             self.attaching.cancel()
         if self.relay is not None:
             self.relay.close()
+        if self.intake is not None:
+            self.intake.close()

@@ -162,6 +162,24 @@ class ReadRelay:
         except ConnectionClosed as e:
             asyncio.get_running_loop().call_soon(sink.done, e)
 
+    def begin_write(self, request: Request) -> bool:
+        """Relay a WRITE whose payload the caller then moves to the upstream link itself
+        (NBDClient.write_payload, end_write). False when it cannot go: its error reply is
+        on its way and the payload is the caller's to throw away."""
+        sink = _Acknowledged(self, request)
+        sink.error = self.refusal()
+        if sink.error is not None:
+            asyncio.get_running_loop().call_soon(sink.done, None)
+            return False
+        try:
+            self.upstream.begin_write(
+                int(request.flags), request.offset, request.length, sink, request.cookie
+            )
+        except ConnectionClosed as e:
+            asyncio.get_running_loop().call_soon(sink.done, e)
+            return False
+        return True
+
     def forward(self, data: bytes, requests: list[Request]) -> bool:
         """Relay plain READs (``requests``, parsed from ``data``; see :attr:`forwards`) by
         sending ``data`` upstream as it is: same cookies, same header form, no request built

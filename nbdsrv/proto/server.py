@@ -611,6 +611,62 @@ class ServerConnection:
             return
         events.append(request)
 
+    @property
+    def request_header_size(self) -> int:
+        return wire.EXTENDED_REQUEST.size if self.extended else wire.REQUEST.size
+
+    def wanted(self) -> int:
+        """Bytes that complete the message partly buffered (a request's header, a WRITE's
+        payload waited for, a refused payload still to be thrown away); 0 when nothing or
+        only whole messages are buffered. For an I/O layer that reads the socket itself
+        and hands over only the bytes this core is to parse (:meth:`write_request`)."""
+        if self.phase is not Phase.TRANSMISSION:
+            return 0
+        if self._drain:
+            return max(self._drain - self._available(), 0)
+        available = self._available()
+        if not available:
+            return 0
+        header = self.request_header_size
+        if available < header:
+            return header - available
+        _, ctype, payload = self._unpack(self._buf, self._pos)
+        if self._taken(ctype, payload):
+            return max(header + payload - available, 0)
+        return 0
+
+    def write_request(self, header: bytes | bytearray | memoryview) -> Request | None:
+        """The WRITE that ``header`` (one whole request header) asks for if it is valid and
+        the export takes its payload, with nothing buffered before it: the caller moves the
+        payload itself (the Request carries no data) and must answer it as any request.
+        Otherwise None, nothing is consumed, and ``header`` goes to :meth:`receive`."""
+        if self._buf or self._drain or self.phase is not Phase.TRANSMISSION:
+            return None
+        (magic, flags, ctype, cookie, offset, length), _, payload = self._unpack(header)
+        expected = EXTENDED_REQUEST_MAGIC if self.extended else REQUEST_MAGIC
+        if magic != expected or not self._taken(ctype, payload):
+            return None
+        if self.request_error(ctype, flags, offset, length, payload) is not None:
+            return None  # the general path answers it, and throws the payload away
+        flag_value = _FLAG_VALUES.get(flags)
+        if flag_value is None:
+            flag_value = _FLAG_VALUES[flags] = CommandFlag(flags)
+        return Request(cookie, Command.WRITE, flag_value, offset, length)
+
+    def _unpack(
+        self, buffer: bytes | bytearray | memoryview, at: int = 0
+    ) -> tuple[tuple[int, int, int, int, int, int], int, int]:
+        """The fields of the request header at ``at``, its command and the payload that
+        follows it."""
+        header = wire.EXTENDED_REQUEST if self.extended else wire.REQUEST
+        fields = header.unpack_from(buffer, at)
+        _, flags, ctype, _, _, length = fields
+        if self.extended:
+            payload = length if flags & _PAYLOAD_LEN else 0
+        else:
+            payload = length if ctype == _WRITE else 0
+        return fields, ctype, payload
+
     def _taken(self, ctype: int, payload: int) -> bool:
         """Whether a request's payload is read whole before the request is handled (a WRITE
         a writable export may take); any other payload is thrown away after the error."""
