@@ -161,9 +161,13 @@ async def test_writes_during_the_prefetch_into_a_disk_are_never_lost(
     listed = json.loads(await tool("nbdinfo", "--list", "--json", qsd))
     assert f"rs-{began['id']}-pf" in [e["export-name"] for e in listed["exports"]], listed
     writes = patterns(7, 40)
-    await nbdsh(began["uri"], write_script(writes))
+    # Each write's partial clusters are read from the slow source first: the writes take
+    # seconds, and the copy from the source goes on while they are made.
+    writing = asyncio.create_task(nbdsh(began["uri"], write_script(writes)))
+    await asyncio.sleep(0.5)
     [during] = daemon.json("restore", "list")
-    assert during["state"] == "streaming", during
+    assert during["state"] == "streaming" and during["step"] == "stream", during
+    await writing
     for _ in range(1200):
         [info] = daemon.json("restore", "list")
         if info["state"] in ("ready", "failed"):
