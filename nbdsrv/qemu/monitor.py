@@ -53,6 +53,9 @@ from .errors import (
 
 log = logging.getLogger(__name__)
 
+# Seconds before the second attempt of connect(); each later one waits twice as long.
+FIRST_CONNECT_RETRY = 0.005
+
 EventPredicate = Callable[["QMPEvent"], bool]
 EventCallback = Callable[["QMPEvent"], object]
 """Called for each matching event; may be a coroutine function (then run as a task)."""
@@ -238,7 +241,9 @@ class Monitor:
             await self.wait_connected(timeout)
             return
         deadline = time.monotonic() + timeout
-        delay = self.backoff_initial
+        # A QEMU started a moment ago has its socket up within milliseconds: a first retry
+        # at backoff_initial (0.1 s) would add that to every start.
+        delay = min(FIRST_CONNECT_RETRY, self.backoff_initial)
         while True:
             try:
                 client = await self._open()
