@@ -47,6 +47,14 @@ def dirty_ranges(uri: str, context: str) -> list[tuple[int, int]]:
     return [(e["offset"], e["length"]) for e in json.loads(out) if e["type"] & 1]
 
 
+def write_with_nbdsh(
+    uri: str, offset: int, length: int, pattern: int, *, flush: bool = False
+) -> None:
+    """``length`` bytes of ``pattern`` at ``offset`` through nbdsh (then a FLUSH if asked)."""
+    script = f"h.pwrite(bytes([{pattern}]) * {length}, {offset})" + ("\nh.flush()" if flush else "")
+    run([require_tool("nbdsh"), "-u", uri, "-c", script], env=SYSTEM_PATH_FIRST)
+
+
 def wait_state(daemon: DaemonProcess, session_id: str, *states: str) -> dict[str, Any]:
     deadline = time.monotonic() + 120
     while True:
@@ -142,16 +150,7 @@ def test_live_restore_into_a_disk(setup: Setup) -> None:
     wait_step(daemon, began["id"], "mirror")
     assert daemon.json("restore", "list")[0]["state"] == "streaming"
     offset, length, pattern = MIRRORING_WRITE
-    run(
-        [
-            require_tool("nbdsh"),
-            "-u",
-            began["uri"],
-            "-c",
-            f"h.pwrite(bytes([{pattern}]) * {length}, {offset})",
-        ],
-        env=SYSTEM_PATH_FIRST,
-    )
+    write_with_nbdsh(began["uri"], offset, length, pattern)
     expected[offset : offset + length] = bytes([pattern]) * length
 
     info = wait_state(daemon, began["id"], "ready", "failed")
@@ -263,16 +262,7 @@ def test_a_killed_daemon_finishes_the_restore(setup: Setup, fault: str) -> None:
     if fault == "restore-disk-pivot":
         wait_step(daemon, began["id"], "mirror")
         offset, length, pattern = MIRRORING_WRITE
-        run(
-            [
-                require_tool("nbdsh"),
-                "-u",
-                began["uri"],
-                "-c",
-                f"h.pwrite(bytes([{pattern}]) * {length}, {offset})",
-            ],
-            env=SYSTEM_PATH_FIRST,
-        )
+        write_with_nbdsh(began["uri"], offset, length, pattern)
         expected[offset : offset + length] = bytes([pattern]) * length
     assert daemon.proc is not None and daemon.proc.wait(60) == -signal.SIGKILL
     daemon.start()
@@ -290,16 +280,7 @@ def test_a_daemon_killed_or_stopped_mid_stream_resumes_with_the_writes(
     daemon = setup.daemon
     began = daemon.json("restore", "begin", "vm1", "--disk", "disk0", "--source", setup.source.uri)
     offset, length, pattern = WRITES[0]
-    run(
-        [
-            require_tool("nbdsh"),
-            "-u",
-            began["uri"],
-            "-c",
-            f"h.pwrite(bytes([{pattern}]) * {length}, {offset})\nh.flush()",
-        ],
-        env=SYSTEM_PATH_FIRST,
-    )
+    write_with_nbdsh(began["uri"], offset, length, pattern, flush=True)
     assert daemon.json("restore", "list")[0]["state"] == "streaming"
     if how == "kill":
         daemon.kill()

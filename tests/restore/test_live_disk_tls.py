@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import StartDaemon
-from tests.harness.tools import SYSTEM_PATH_FIRST, require_tool, run, stop_process
-from tests.restore.test_live_disk import read_all, sha, wait_state
+from tests.harness.tools import require_tool, run, stop_process
+from tests.restore.test_live_disk import read_all, sha, wait_state, write_with_nbdsh
 from tests.security.certs import Certs
 
 KiB = 1024
@@ -101,16 +101,7 @@ def test_live_restore_into_a_disk_from_an_nbds_source(
         # Reads as the source at once; a write lands while the copy goes on.
         assert sha(read_all(began["uri"], tmp_path / "early.raw")) == sha(bytes(data))
         offset, length, pattern = WRITE
-        run(
-            [
-                require_tool("nbdsh"),
-                "-u",
-                began["uri"],
-                "-c",
-                f"h.pwrite(bytes([{pattern}]) * {length}, {offset})\nh.flush()",
-            ],
-            env=SYSTEM_PATH_FIRST,
-        )
+        write_with_nbdsh(began["uri"], offset, length, pattern, flush=True)
         [during] = daemon.json("restore", "list")
         assert during["state"] == "streaming", during  # the write was made during the copy
         data[offset : offset + length] = bytes([pattern]) * length
