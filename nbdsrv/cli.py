@@ -89,11 +89,31 @@ def _add_argument(parser: argparse.ArgumentParser, arg: Arg) -> None:
             arg.flag,
             dest=arg.name,
             metavar=arg.metavar,
-            type=int if arg.kind == "int" else str,
+            type=_ARGUMENT_TYPES.get(arg.kind, str),
             choices=arg.choices or None,
             required=arg.required,
             help=arg.help,
         )
+
+
+_BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_count(text: str) -> int:
+    """A number of bytes: digits, optionally followed by K, M, G or T (powers of 1024, as
+    qemu-img takes them; a trailing B or iB is allowed: 64M, 64MB, 64MiB)."""
+    number = text.strip()
+    upper = number.upper().removesuffix("IB").removesuffix("B")
+    suffix = upper[-1:] if upper[-1:] in _BYTE_SUFFIXES else ""
+    digits = upper[: len(upper) - len(suffix)]
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a number of bytes (digits, optionally with K, M, G or T)"
+        )
+    return int(digits) * _BYTE_SUFFIXES[suffix]
+
+
+_ARGUMENT_TYPES: dict[str, Callable[[str], object]] = {"int": int, "bytes": byte_count}
 
 
 def _add_operation(parser: argparse.ArgumentParser, op: Operation) -> None:

@@ -20,6 +20,7 @@ _TYPES: dict[str, tuple[type, str]] = {
     "str": (str, "a string"),
     "path": (str, "a string"),
     "int": (int, "an integer"),
+    "bytes": (int, "an integer (bytes)"),
     "bool": (bool, "true or false"),
 }
 
@@ -67,7 +68,7 @@ def check_arguments(op: Operation, args: Mapping[str, Any]) -> None:
         python_type, described = _TYPES[arg.kind]
         if value is None and not arg.required:
             continue
-        if not isinstance(value, python_type) or (arg.kind == "int" and isinstance(value, bool)):
+        if not isinstance(value, python_type) or (python_type is int and isinstance(value, bool)):
             raise BadRequestError(f"control operation '{op.name}': '{name}' must be {described}")
         if arg.choices and value not in arg.choices:
             raise BadRequestError(

@@ -48,8 +48,10 @@ class Arg(NamedTuple):
     name: str
     """The request's field (``vm``, ``from``, ``no_checkpoint``)."""
     kind: str
-    """``str``, ``int``, ``bool`` (a flag on the command line) or ``path`` (a string the CLI
-    makes absolute, since the daemon's working directory is not the user's)."""
+    """``str``, ``int``, ``bytes`` (an integer on the wire; the command line also takes a K,
+    M, G or T suffix, powers of 1024, as qemu-img does), ``bool`` (a flag on the command
+    line) or ``path`` (a string the CLI makes absolute, since the daemon's working directory
+    is not the user's)."""
     help: str
     required: bool = False
     positional: bool = False
@@ -124,7 +126,7 @@ OPERATIONS: tuple[Operation, ...] = (
         (
             _vm(),
             Arg("name", "str", "the checkpoint's name (default: ckpt-<UTC time>)", metavar="NAME"),
-            Arg("granularity", "int", "bitmap granularity (default 65536)", metavar="BYTES"),
+            Arg("granularity", "bytes", "bitmap granularity (default 65536)", metavar="BYTES"),
             _QUIESCE,
         ),
         text_output.checkpoint_created,
@@ -231,7 +233,7 @@ OPERATIONS: tuple[Operation, ...] = (
             Arg("vm", "str", "restore into a disk of this VM (with --disk)", positional=True),
             Arg("image", "path", "the image to restore into", metavar="PATH", exclusive="into"),
             Arg("disk", "str", "the VM's disk to restore into", metavar="DISK", exclusive="into"),
-            Arg("size", "int", "size of an image to create", metavar="BYTES"),
+            Arg("size", "bytes", "size of an image to create", metavar="BYTES"),
             Arg(
                 "format",
                 "str",

@@ -92,6 +92,18 @@ def test_client_options_after_the_command_win() -> None:
     assert parse(["--control", "/a", "daemon"])["control"] == "/a"
 
 
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [("1073741824", 1 << 30), ("64M", 64 << 20), ("64MiB", 64 << 20), ("1g", 1 << 30), ("0", 0)],
+)
+def test_a_byte_count_takes_the_suffixes_qemu_img_takes(given: str, sent: int) -> None:
+    op = next(op for op in OPERATIONS if op.name == "restore-begin")
+    args = cli.build_parser().parse_args(["restore", "begin", "--image", "i", "--size", given])
+    assert cli._request(op, args)["size"] == sent
+    args = cli.build_parser().parse_args(["checkpoint", "create", "vm", "--granularity", given])
+    assert args.granularity == sent
+
+
 USAGE_ERRORS = [
     [],
     ["bogus"],
@@ -101,6 +113,8 @@ USAGE_ERRORS = [
     ["checkpoint"],
     ["checkpoint", "create"],
     ["checkpoint", "create", "vm", "--granularity", "x"],
+    ["restore", "begin", "--image", "i", "--size", "1.5G"],
+    ["restore", "begin", "--image", "i", "--size", "64X"],
     ["backup", "begin", "vm", "--checkpoint", "a", "--no-checkpoint"],
     ["backup", "end", "vm"],
     ["daemon", "--tls", "bogus"],

@@ -28,7 +28,7 @@ def test_arguments_are_well_formed(op: Operation) -> None:
     names = [arg.name for arg in op.args]
     assert len(names) == len(set(names))
     for arg in op.args:
-        assert arg.kind in ("str", "path", "int", "bool")
+        assert arg.kind in ("str", "path", "int", "bytes", "bool")
         assert not (arg.positional and arg.kind == "bool")
         assert not (arg.positional and arg.exclusive)
         assert arg.help
