@@ -278,27 +278,12 @@ class DiskLiveRestore:
         report(READY, self.size, None)
 
     async def _stream(self, report: Report) -> bool:
-        loop = asyncio.get_running_loop()
-        last_resume = 0.0
-
-        streamed = 0
-
-        async def look(info: dict[str, Any]) -> None:
-            nonlocal last_resume, streamed
-            offset = int(info.get("offset", 0))
-            if self.prefetch is not None:
-                offset = self.prefetch.copied(offset)
-            streamed = offset = max(streamed, offset)
-            if info.get("status") == "paused" or info.get("io-status", "ok") != "ok":
-                report(UNREACHABLE, offset, None)
-                if loop.time() - last_resume >= RESUME_INTERVAL:
-                    last_resume = loop.time()
-                    with contextlib.suppress(QEMUError):
-                        await self.monitor.execute("block-job-resume", {"device": self.nodes.job})
-            else:
-                report(STREAMING, offset, None)
-
-        info = await follow_job(self.monitor, self.nodes.job, ("concluded",), look)
+        info = await follow_stream(
+            self.monitor,
+            self.nodes.job,
+            lambda: self.prefetch,
+            lambda state, copied: report(state, copied, None),
+        )
         await self._stop_prefetch()
         error = await self._ended(self.nodes.job, info)
         if error:
@@ -392,6 +377,40 @@ def mirror_progress(info: dict[str, Any], size: int) -> int:
     if total <= 0:
         return 0
     return min(size, size * done // total)
+
+
+async def follow_stream(
+    monitor: Monitor,
+    job: str,
+    prefetch: Callable[[], Prefetch | None],
+    report: Callable[[str, int], None],
+) -> dict[str, Any] | None:
+    """Follow the copy from a live restore's source (the ``block-stream`` job ``job``) until
+    it concludes (follow_job's result). ``report(state, copied)`` at each look: ``streaming``,
+    or ``source unreachable`` while the job stands stopped on the source's errors (resumed
+    every RESUME_INTERVAL); ``copied`` counts what the prefetch has copied beyond the job's
+    offset too, and never goes down."""
+    loop = asyncio.get_running_loop()
+    last_resume = 0.0
+    copied = 0
+
+    async def look(info: dict[str, Any]) -> None:
+        nonlocal last_resume, copied
+        offset = int(info.get("offset", 0))
+        accelerator = prefetch()
+        if accelerator is not None:
+            offset = accelerator.copied(offset)
+        copied = max(copied, offset)
+        if info.get("status") == "paused" or info.get("io-status", "ok") != "ok":
+            report(UNREACHABLE, copied)
+            if loop.time() - last_resume >= RESUME_INTERVAL:
+                last_resume = loop.time()
+                with contextlib.suppress(QEMUError):
+                    await monitor.execute("block-job-resume", {"device": job})
+        else:
+            report(STREAMING, copied)
+
+    return await follow_job(monitor, job, ("concluded",), look)
 
 
 async def follow_job(

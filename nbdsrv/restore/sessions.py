@@ -41,11 +41,10 @@ from ..qemu.monitor import Monitor
 from ..qemu.storage_daemon import StorageDaemon
 from .errors import RestoreError
 from .into_disk import (
-    RESUME_INTERVAL,
     STREAM,
     DiskLiveRestore,
     check_overlay_directory,
-    follow_job,
+    follow_stream,
     overlay_path,
     remove_overlay,
 )
@@ -712,25 +711,13 @@ class RestoreSessions:
         it ends."""
         monitor, job = session.monitor, session.nodes.job
         assert monitor is not None
-        loop = asyncio.get_running_loop()
-        last_resume = 0.0
 
-        async def look(info: dict[str, Any]) -> None:
-            nonlocal last_resume
-            copied = int(info.get("offset", 0))
-            if session.prefetch is not None:
-                copied = session.prefetch.copied(copied)
+        def report(state: str, copied: int) -> None:
             session.streamed_bytes = max(session.streamed_bytes, copied)
-            if info.get("status") == "paused" or info.get("io-status", "ok") != "ok":
-                session.state = UNREACHABLE
-                if loop.time() - last_resume >= RESUME_INTERVAL:
-                    last_resume = loop.time()
-                    with contextlib.suppress(QEMUError):
-                        await monitor.execute("block-job-resume", {"device": job})
-            else:
-                session.state = STREAMING
+            session.state = state
 
-        await self._copy_ended(session, await follow_job(monitor, job, ("concluded",), look))
+        info = await follow_stream(monitor, job, lambda: session.prefetch, report)
+        await self._copy_ended(session, info)
 
     async def _copy_ended(self, session: RestoreSession, info: dict[str, Any] | None) -> None:
         monitor, nodes = session.monitor, session.nodes
