@@ -62,6 +62,15 @@ Write = Callable[[Sequence[bytes | bytearray | memoryview]], None]  # writelines
 Fatal = Callable[[str], None]
 
 
+def open_pipe() -> tuple[tuple[int, int], int]:
+    """A non-blocking pipe for splicing, (read end, write end), and the bytes it holds:
+    PIPE_SIZE when the kernel grants it, its default otherwise."""
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return (read_end, write_end), fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+
+
 class ReadRelay:
     """READs of one client connection, relayed over ``upstream``."""
 
@@ -102,11 +111,7 @@ class ReadRelay:
         """Whether plain READs may go through :meth:`forward`: replies are spliced, and
         both ends speak structured replies with compact headers."""
         if writer is not None:
-            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            self._pipe = (read_end, write_end)
-            self._pipe_size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+            self._pipe, self._pipe_size = open_pipe()
             upstream.read_directly(self._move, self.flush)
             if self.forwards:
                 # Both ends speak the same header form and a forwarded READ keeps the

@@ -17,15 +17,13 @@ breaks in the middle of a payload, the WRITE's reply is an error and the rest of
 is read and thrown away (the next requests fail as on any broken link).
 """
 
-import contextlib
-import fcntl
 import os
 import socket
 from typing import TYPE_CHECKING
 
 from ..proto.server import Request
 from .direct_writer import SPLICE_FLAGS
-from .relay import PIPE_SIZE, ReadRelay
+from .relay import ReadRelay, open_pipe
 
 if TYPE_CHECKING:
     from .server import NBDConnection
@@ -53,11 +51,7 @@ class WriteIntake:
         self._sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         self._sock.setblocking(False)
         self._fd = self._sock.fileno()
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        self._pipe = (read_end, write_end)
-        self._pipe_size = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        self._pipe, self._pipe_size = open_pipe()
         self._header = bytearray(self._core.request_header_size)
         self._view = memoryview(self._header)
         self._have = 0  # bytes of the next request header received
